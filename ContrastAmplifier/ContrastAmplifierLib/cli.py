@@ -1,0 +1,123 @@
+"""``contrast-amplifier`` command line: one verb per pipeline stage (nnU-Net style).
+
+Heavy imports (torch, SimpleITK pipelines, HD-BET) happen inside the commands, so ``--help``
+stays instant and the Slicer module can probe the CLI cheaply.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .progress import Cancelled, make_progress
+
+app = typer.Typer(
+    name="contrast-amplifier",
+    help="Amplify gadolinium contrast on brain MRI (Bone, Ammari et al. 2022): phantom, preprocess, demo, bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ProgressOpt = typer.Option("bar", "--progress", help="bar (tqdm on stderr), json (one JSON object per line on stdout, read by Slicer) or none.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+@app.command()
+def phantom(
+    out_dir: Path = typer.Argument(..., help="Folder that receives case_NNN/ sub-folders."),
+    cases: int = typer.Option(1, "--cases", min=1, help="Number of cases."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first case; case i uses seed + i. Same seed, same bytes."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Isotropic spacing (mm) of the T1/T1c grids; default 1 mm. Coarser = faster, for tests."),
+    size: Optional[List[int]] = typer.Option(None, "--size", help="T1c grid size in voxels (x y z, or one value for a cube); default covers the head at --spacing."),
+    field_strength: float = typer.Option(1.5, "--field-strength", help="1.5 or 3 (tesla): picks relaxation times and Table 1 sequence parameters."),
+    progress: str = ProgressOpt,
+) -> None:
+    """Generate synthetic brain phantom cases (physics-based; for tests, demos and benchmarks only)."""
+    from .phantom import generate_cohort
+
+    if size is not None and len(size) not in (1, 3):
+        _fail(f"--size takes one value or three (x y z), got {len(size)}: {size}")
+    report = make_progress(progress)
+    paths = generate_cohort(
+        out_dir, cases=cases, seed=seed, spacing=spacing,
+        size=None if size is None else tuple(size * 3 if len(size) == 1 else size),
+        field_strength=field_strength, progress=report,
+    )
+    getattr(report, "close", lambda: None)()
+    for path in paths:
+        typer.echo(str(path), err=progress == "json")
+
+
+@app.command()
+def preprocess(
+    case_dir: Path = typer.Argument(..., help="Folder with t1, flair, adc and t1c images (NIfTI/NRRD/MHA or DICOM sub-folders)."),
+    out_dir: Path = typer.Argument(..., help="Output folder (normalised images on the atlas crop grid, transforms, preprocess.json)."),
+    spacing: float = typer.Option(1.0, "--spacing", help="Atlas-space voxel spacing in mm (paper: 1 mm)."),
+    crop: List[int] = typer.Option([160, 192, 160], "--crop", help="Centre-crop size in voxels, x y z (paper: 160 192 160)."),
+    skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode: fast (CPU default) or accurate (GPU, with mirroring)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (HD-BET)."),
+    qc: bool = typer.Option(False, "--qc", help="Also write qc.png: mid slices of each registered modality with the template brain outline."),
+    progress: str = ProgressOpt,
+) -> None:
+    """Run the paper's preprocessing on one case: skull-strip, register to ICBM 2009a, resample, crop, normalise."""
+    from .imageio import ImageValidationError
+    from .preprocessing import Geometry, preprocess_case_dir
+
+    if len(crop) != 3:
+        _fail(f"--crop takes three values (x y z), got {crop}")
+    report = make_progress(progress)
+    try:
+        result = preprocess_case_dir(
+            case_dir, out_dir, Geometry(spacing=(spacing,) * 3, crop_size=tuple(crop)),
+            skull_strip_mode=skull_strip, device=device, qc=qc, progress=report,
+        )
+    except ImageValidationError as exc:
+        _fail(str(exc))
+    except Cancelled:
+        _fail("cancelled; nothing was written", code=130)
+    getattr(report, "close", lambda: None)()
+    typer.echo(f"wrote {out_dir} ({result.timings_s.get('total', float('nan')):.1f} s)", err=progress == "json")
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Argument(Path("demo-output"), help="Where the demo writes its case, outputs and figures."),
+    spacing: float = typer.Option(1.0, "--spacing", help="Phantom and atlas spacing in mm."),
+    seed: int = typer.Option(20260, "--seed", help="Phantom seed (the demo's own; training phantoms use other seeds)."),
+) -> None:
+    """End-to-end demo on a bundled synthetic phantom case (never clinical data)."""
+    from .demo import run_demo
+
+    run_demo(out_dir, spacing=spacing, seed=seed)
+
+
+@app.command()
+def bench(
+    out_dir: Path = typer.Argument(Path("bench-output"), help="Where the bench writes its phantom case and results.json."),
+    ants_python: Optional[Path] = typer.Option(None, "--ants-python", help="Python of a separate venv with antspyx, for the ANTs peer timings."),
+    spacing: float = typer.Option(1.0, "--spacing", help="Phantom spacing in mm (the issue asks for 1 mm)."),
+) -> None:
+    """Benchmarks (ratios within one run; this machine is shared and noisy)."""
+    from .bench import run_bench
+
+    run_bench(out_dir, ants_python=ants_python, spacing=spacing)
+
+
+def main() -> None:  # console-script entry point
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
