@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -36,21 +36,24 @@ def phantom(
     cases: int = typer.Option(1, "--cases", min=1, help="Number of cases."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first case; case i uses seed + i. Same seed, same bytes."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Isotropic spacing (mm) of the T1/T1c grids; default 1 mm. Coarser = faster, for tests."),
-    size: Optional[List[int]] = typer.Option(None, "--size", help="T1c grid size in voxels (x y z, or one value for a cube); default covers the head at --spacing."),
+    size: Optional[Tuple[int, int, int]] = typer.Option(None, "--size", help="T1c grid size in voxels (x y z); default covers the head at --spacing."),
     field_strength: float = typer.Option(1.5, "--field-strength", help="1.5 or 3 (tesla): picks relaxation times and Table 1 sequence parameters."),
     progress: str = ProgressOpt,
 ) -> None:
     """Generate synthetic brain phantom cases (physics-based; for tests, demos and benchmarks only)."""
     from .phantom import generate_cohort
 
-    if size is not None and len(size) not in (1, 3):
-        _fail(f"--size takes one value or three (x y z), got {len(size)}: {size}")
     report = make_progress(progress)
-    paths = generate_cohort(
-        out_dir, cases=cases, seed=seed, spacing=spacing,
-        size=None if size is None else tuple(size * 3 if len(size) == 1 else size),
-        field_strength=field_strength, progress=report,
-    )
+    try:
+        paths = generate_cohort(
+            out_dir, cases=cases, seed=seed, spacing=spacing,
+            size=None if size is None else tuple(int(v) for v in size),
+            field_strength=field_strength, progress=report,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    except Cancelled:
+        _fail("cancelled; unfinished cases were removed", code=130)
     getattr(report, "close", lambda: None)()
     for path in paths:
         typer.echo(str(path), err=progress == "json")

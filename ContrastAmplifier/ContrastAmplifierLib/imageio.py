@@ -142,3 +142,34 @@ def write_text_atomic(text: str, path: Union[str, os.PathLike]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def find_case_inputs(case_dir: Union[str, os.PathLike], names=("t1", "flair", "adc", "t1c")) -> dict:
+    """Locate each named input in ``case_dir``: ``<name>.nii.gz|.nii|.nrrd|.nhdr|.mha|.mhd`` or a ``<name>/`` DICOM folder.
+
+    Names match case-insensitively (``T1c.nii.gz`` is the T1c). Nothing is read here; see
+    :func:`read_image`.
+
+    Raises:
+        ImageValidationError: the folder is missing, or a modality is missing or ambiguous.
+    """
+    folder = Path(case_dir)
+    if not folder.is_dir():
+        raise ImageValidationError(f"case folder not found: {folder}. Pass a folder holding {', '.join(names)} images.")
+    entries = {p.name.lower(): p for p in folder.iterdir() if not p.name.startswith(".")}
+    found = {}
+    for name in names:
+        hits = [entries[name + s] for s in IMAGE_SUFFIXES if name + s in entries]
+        if name in entries and entries[name].is_dir():
+            hits.append(entries[name])
+        if not hits:
+            raise ImageValidationError(
+                f"{name.upper()} is missing in {folder}: expected {name}.nii.gz (or .nii/.nrrd/.mha) or a {name}/ DICOM "
+                f"folder. Rename the {name.upper()} file, or add it. Found: {sorted(entries) or 'nothing'}."
+            )
+        if len(hits) > 1:
+            raise ImageValidationError(
+                f"{name.upper()} is ambiguous in {folder}: {[h.name for h in hits]}; keep only one."
+            )
+        found[name] = hits[0]
+    return found

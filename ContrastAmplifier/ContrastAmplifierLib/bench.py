@@ -1,0 +1,281 @@
+"""``contrast-amplifier bench`` / ``make bench``: preprocessing timings and the ANTs peer.
+
+Two measurements, both on this machine and within one run (the machine is shared: compare
+ratios, not absolute seconds):
+
+1. Registration accuracy/speed, issue 3's protocol: the 1 mm ICBM 2009a template moved by a
+   known affine (10 degrees, 10 mm, scale 1.05) is registered back with our
+   :func:`registration.register_affine` and with ANTsPy ``Affine`` and ``AffineFast``; each
+   result is scored by its mean error in mm over the template brain against the known truth.
+   ANTsPy (``antspyx==0.6.3``) downgrades numpy, so it runs in its own virtual environment
+   (``--ants-python``) as a subprocess; images and transforms are exchanged as files.
+2. The whole preprocessing of one 1 mm phantom case: HD-BET time, registration time, total.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .imageio import write_text_atomic
+from .registration import AffineSettings, Template, load_template, mask_points_mm, mean_point_error_mm, register_affine
+
+__all__ = ["known_affine", "moved_template", "synthetic_head_case", "run_ants", "run_bench"]
+
+#: Issue 3 reference misalignment.
+KNOWN_ROTATION_DEG = 10.0
+KNOWN_TRANSLATION_MM = 10.0
+KNOWN_SCALE = 1.05
+
+ANTS_SCRIPT = r"""
+import json, sys, time
+import ants
+fixed = ants.image_read(sys.argv[1])
+moving = ants.image_read(sys.argv[2])
+kind, out = sys.argv[3], sys.argv[4]
+start = time.perf_counter()
+result = ants.registration(fixed, moving, type_of_transform=kind, random_seed=1)
+seconds = time.perf_counter() - start
+tx = ants.read_transform(result["fwdtransforms"][0])
+json.dump({"seconds": seconds, "parameters": [float(v) for v in tx.parameters],
+           "fixed_parameters": [float(v) for v in tx.fixed_parameters], "type": kind}, open(out, "w"))
+"""
+
+
+def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def known_affine(center: Tuple[float, float, float], rotation_deg: float = KNOWN_ROTATION_DEG,
+                 translation_mm: float = KNOWN_TRANSLATION_MM, scale: float = KNOWN_SCALE,
+                 axis=(1.0, 1.0, 1.0)) -> sitk.AffineTransform:
+    """Rotation about ``axis`` by ``rotation_deg``, isotropic ``scale``, ``translation_mm`` along ``axis``."""
+    transform = sitk.AffineTransform(3)
+    transform.SetCenter(tuple(float(c) for c in center))
+    transform.SetMatrix(tuple((_rotation(axis, rotation_deg) * scale).ravel()))
+    direction = np.asarray(axis, float) / np.linalg.norm(axis)
+    transform.SetTranslation(tuple(float(v) for v in direction * translation_mm))
+    return transform
+
+
+def _brain_centre(template: Template) -> Tuple[float, float, float]:
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(template.brain_mask)
+    return stats.GetCentroid(1)
+
+
+def moved_template(template: Template, transform: sitk.Transform) -> Tuple[sitk.Image, sitk.Image]:
+    """The template brain and its mask resampled through ``transform`` (moving(y) = template(T(y))).
+
+    The registration truth (atlas -> moving points) is then ``transform.GetInverse()``.
+    """
+    moving = sitk.Resample(template.image, template.image, transform, sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
+    mask = sitk.Resample(template.brain_mask, template.image, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return moving, mask
+
+
+def _head(template: Template) -> Tuple[sitk.Image, sitk.Image]:
+    """Template brain plus a CSF gap, a dark skull and a bright scalp, on a padded grid (T1-like)."""
+    pad = [20, 20, 20]
+    brain = sitk.ConstantPad(template.image, pad, pad, 0.0)
+    mask = sitk.ConstantPad(template.brain_mask, pad, pad, 0)
+    dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False,
+                                                               useImageSpacing=True))
+    head = sitk.GetArrayFromImage(brain)
+    head = np.where((dist > 0) & (dist <= 3), 0.08, head)  # CSF
+    head = np.where((dist > 3) & (dist <= 8), 0.03, head)  # skull
+    head = np.where((dist > 8) & (dist <= 13), 0.85, head)  # scalp fat
+    out = sitk.GetImageFromArray(head.astype(np.float32))
+    out.CopyInformation(brain)
+    return out, mask
+
+
+def synthetic_head_case(out_dir: Union[str, os.PathLike], spacing: float = 2.0, seed: int = 0,
+                        template: Optional[Template] = None) -> Path:
+    """A template-based head case with known poses (used by the bench when no phantom is available).
+
+    Writes ``t1, flair, adc, t1c .nii.gz`` (each on its own grid and pose), ``brain_mask.nii.gz`` on
+    the T1c grid and ``truth.json`` with ``atlas_to_t1c`` and ``t1c_to_<m>`` (ITK parameters).
+    """
+    template = template or load_template(1)
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    head, mask = _head(template)
+    arr = sitk.GetArrayFromImage(head)
+    brain = sitk.GetArrayFromImage(mask) > 0
+    contrasts = {
+        "t1c": arr,
+        "t1": arr ** 1.2,
+        "flair": np.where(brain, 1.0 - 0.8 * arr, np.where(arr > 0.5, 0.6, arr)),
+        "adc": np.where(brain, 1.2 - arr, 0.0),
+    }
+    centre = np.array(_brain_centre(template))
+    truth: Dict[str, dict] = {}
+    poses: Dict[str, sitk.Transform] = {}
+    for name, values in contrasts.items():
+        # native -> atlas pose: the T1c gets an affine like the issue's; the others the same head
+        # (same scale) moved by a random rigid offset in native space, so T1c -> modality is rigid.
+        if name == "t1c":
+            pose = known_affine(centre, 8.0, 6.0, 1.0 / KNOWN_SCALE)
+        else:
+            rigid = known_affine(centre, float(rng.uniform(4, 8)), float(rng.uniform(4, 8)), 1.0, axis=rng.normal(size=3))
+            pose = _as_affine(sitk.CompositeTransform([poses["t1c"], rigid]))
+        poses[name] = pose
+        image = sitk.GetImageFromArray(values.astype(np.float32))
+        image.CopyInformation(head)
+        sp = (spacing, spacing, spacing * (2.5 if name == "flair" else 1.0))
+        size = [int(np.ceil(n * s0 / s1)) for n, s0, s1 in zip(head.GetSize(), head.GetSpacing(), sp)]
+        grid = sitk.Image(size, sitk.sitkFloat32)
+        grid.SetSpacing(sp)
+        grid.SetOrigin(head.GetOrigin())
+        grid.SetDirection(head.GetDirection())
+        native = sitk.Resample(sitk.SmoothingRecursiveGaussian(image, spacing / 2.0), grid, pose, sitk.sitkLinear, 0.0)
+        noise = rng.normal(0, 0.02, size=sitk.GetArrayViewFromImage(native).shape).astype(np.float32)
+        native = sitk.GetImageFromArray(np.abs(sitk.GetArrayFromImage(native) + noise) * 1000.0)
+        native.CopyInformation(grid)
+        sitk.WriteImage(native, str(out / f"{name}.nii.gz"))
+        if name == "t1c":
+            sitk.WriteImage(sitk.Resample(mask, grid, pose, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8),
+                            str(out / "brain_mask.nii.gz"))
+    atlas_to_t1c = poses["t1c"].GetInverse()
+    truth["atlas_to_t1c"] = _params(atlas_to_t1c)
+    for name in contrasts:
+        if name != "t1c":
+            # native t1c point -> atlas (pose_t1c) -> native m (pose_m inverse)
+            t = sitk.CompositeTransform([poses[name].GetInverse(), poses["t1c"]])
+            truth[f"t1c_to_{name}"] = _params(_as_affine(t))
+    write_text_atomic(json.dumps(truth, indent=2), out / "truth.json")
+    return out
+
+
+def _params(transform: sitk.Transform) -> dict:
+    t = sitk.AffineTransform(_as_affine(transform))
+    return {"matrix": list(t.GetMatrix()), "translation": list(t.GetTranslation()), "center": list(t.GetCenter())}
+
+
+def _as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
+    """Collapse any composition of linear transforms into one AffineTransform (centre 0)."""
+    origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
+    columns = [np.array(transform.TransformPoint(tuple(np.eye(3)[i]))) - origin for i in range(3)]
+    out = sitk.AffineTransform(3)
+    out.SetMatrix(tuple(np.stack(columns, axis=1).ravel()))
+    out.SetTranslation(tuple(origin))
+    return out
+
+
+def affine_from_params(params: dict) -> sitk.AffineTransform:
+    """Inverse of :func:`_params` (as stored in ``truth.json``)."""
+    t = sitk.AffineTransform(3)
+    t.SetCenter(params["center"])
+    t.SetMatrix(params["matrix"])
+    t.SetTranslation(params["translation"])
+    return t
+
+
+def run_ants(python: Union[str, os.PathLike], fixed: Path, moving: Path, kind: str, work: Path,
+             threads: int = 2) -> Tuple[float, sitk.AffineTransform]:
+    """Run ``ants.registration(fixed, moving, type_of_transform=kind)`` in ``python``'s venv.
+
+    Returns:
+        (seconds spent in ``ants.registration`` alone, the forward transform: fixed -> moving points).
+    """
+    script = work / "ants_register.py"
+    script.write_text(ANTS_SCRIPT, encoding="utf-8")
+    out = work / f"ants_{kind}.json"
+    env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    subprocess.run([str(python), str(script), str(fixed), str(moving), kind, str(out)], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    data = json.loads(out.read_text(encoding="utf-8"))
+    t = sitk.AffineTransform(3)
+    p = data["parameters"]
+    t.SetMatrix(p[:9])
+    t.SetTranslation(p[9:12])
+    t.SetCenter(data["fixed_parameters"][:3])
+    return float(data["seconds"]), t
+
+
+def _phantom_case(work: Path, spacing: float) -> Tuple[Path, str]:
+    try:
+        from .phantom import generate_cohort  # written by the phantom engineer
+    except ImportError:
+        return synthetic_head_case(work / "case", spacing=spacing), "template head (phantom module not available)"
+    paths = generate_cohort(work / "phantom", cases=1, seed=20261, spacing=spacing)
+    return Path(paths[0]), "synthetic phantom (phantom.py)"
+
+
+def run_bench(out_dir: Union[str, os.PathLike], ants_python: Optional[Union[str, os.PathLike]] = None,
+              spacing: float = 1.0, threads: int = 2, skip_pipeline: bool = False) -> dict:
+    """Run both benchmarks, print a table, write ``out_dir/results.json``; return the results."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=out))
+    template = load_template(1)
+    truth_fwd = known_affine(_brain_centre(template))
+    moving, _ = moved_template(template, truth_fwd)
+    truth = truth_fwd.GetInverse()  # atlas points -> moving points
+    points = mask_points_mm(template.brain_mask, 20000)
+    results: dict = {"machine_threads": threads, "protocol": "1 mm ICBM 2009a brain moved by 10 deg, 10 mm, scale 1.05"}
+
+    # Ours (the preprocessing's own call, moving mask from the moved template as HD-BET would give).
+    moving_mask = sitk.Cast(moving > 0.05, sitk.sitkUInt8)
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        est = register_affine(template.image, moving, template.brain_mask, moving_mask, AffineSettings(threads=threads))
+        seconds.append(time.perf_counter() - start)
+    ours = {"seconds": float(np.median(seconds)), "seconds_all": seconds,
+            "mean_error_mm": mean_point_error_mm(est, truth, points), "settings": AffineSettings().__dict__}
+    results["ours_affine"] = ours
+    print(f"registration (ours, SimpleITK affine):  {ours['seconds']:6.2f} s   mean error {ours['mean_error_mm']:.3f} mm")
+
+    if ants_python:
+        fixed_path, moving_path = work / "fixed.nii.gz", work / "moving.nii.gz"
+        sitk.WriteImage(template.image, str(fixed_path))
+        sitk.WriteImage(moving, str(moving_path))
+        for kind in ("Affine", "AffineFast"):
+            secs, tx = run_ants(ants_python, fixed_path, moving_path, kind, work, threads)
+            err = mean_point_error_mm(tx, truth, points)
+            results[f"ants_{kind}"] = {"seconds": secs, "mean_error_mm": err, "ours_speedup": secs / ours["seconds"]}
+            print(f"registration (ANTsPy {kind:10s}):      {secs:6.2f} s   mean error {err:.3f} mm   "
+                  f"ours is {secs / ours['seconds']:.1f}x faster")
+    else:
+        print("ANTsPy peer skipped (pass --ants-python; `make bench` builds .bench-venv)")
+
+    if not skip_pipeline:
+        from .preprocessing import preprocess_case_dir
+
+        case_dir, source = _phantom_case(work, spacing)
+        case = preprocess_case_dir(case_dir, out / "preprocessed", skull_strip_mode="fast", device="cpu", qc=True)
+        t = case.timings_s
+        pipeline = {"case": str(case_dir), "source": source, "spacing_mm": spacing, "timings_s": t}
+        mask_path = case_dir / "brain_mask.nii.gz"
+        if mask_path.exists():
+            ref = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))) > 0
+            got = sitk.GetArrayFromImage(case.native_brain_mask) > 0
+            pipeline["hdbet_dice"] = float(2 * (ref & got).sum() / max(ref.sum() + got.sum(), 1))
+        results["pipeline"] = pipeline
+        print(f"skull strip (HD-BET fast, CPU):         {t['skull_strip']:6.2f} s"
+              + (f"   Dice vs phantom mask {pipeline['hdbet_dice']:.3f}" if "hdbet_dice" in pipeline else ""))
+        print(f"registration (affine + 3 rigid):        {t['registration']:6.2f} s")
+        print(f"total preprocessing ({spacing:g} mm case):       {t['total']:6.2f} s   ({source})")
+    write_text_atomic(json.dumps(results, indent=2, default=float), out / "results.json")
+    print(f"wrote {out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run_bench(sys.argv[1] if len(sys.argv) > 1 else "bench-output")

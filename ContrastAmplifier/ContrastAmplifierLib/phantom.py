@@ -1,0 +1,560 @@
+"""Synthetic brain phantom: physics-based multi-sequence MRI cases with known lesions and poses.
+
+SYNTHETIC PHANTOM, NOT CLINICAL DATA. It stands in for patients in tests, the demo and
+benchmarks (issue 3 section 2). Per case (``case_NNN/``):
+
+* anatomy: ICBM 2009a GM/WM/brain mask from nilearn, CSF = mask - GM - WM, a scalp-fat and skull
+  shell, dural sinuses, vessel-like tubes and choroid plexus (:mod:`.phantom_anatomy`);
+* 0-25 lesions, metastasis-like or glioma-like (:mod:`.phantom_lesions`);
+* per-tissue T1/T2/PD/ADC drawn inside ``shared/PHANTOM.md`` ranges; signals from the
+  :mod:`.mr_signal` equations with the paper's Table 1 parameters; gadolinium shortens T1/T2
+  where the blood-brain barrier is broken and in vessels, at doses 0 / 0.025 / 0.1 / 0.4 mmol/kg;
+* acquisition: per-sequence pose and voxel size, slab partial volume, bias field, Rician noise
+  (:mod:`.phantom_acquisition`).
+
+Entry points: :func:`generate_case` and :func:`generate_cohort` (CLI ``contrast-amplifier phantom``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from . import mr_signal as mr
+from .imageio import write_image_atomic, write_text_atomic
+from .phantom_acquisition import (NativeGrid, apply_affine, bias_field, native_image, plan_grid,
+                                  resample_to_native, sample_case_pose, sample_motion, sequence_spacing,
+                                  supersampling, world_image, FOV_MARGIN_MM)
+from .phantom_anatomy import (TemplateAnatomy, choroid_plexus, dural_sinuses, head_distance_maps, head_shell,
+                              load_template_anatomy, random_curve, tube_fraction)
+from .phantom_lesions import (Lesion, LesionMaps, measure_lesion, place_lesions, rasterise_lesions,
+                              sample_lesion_count, sample_lesion_shape)
+from .progress import CancelToken, ProgressCallback, check_cancel, null_progress
+
+SYNTHETIC_LABEL = "synthetic phantom \u2014 not clinical data"
+SEQUENCES = ("t1", "flair", "adc", "t1c_low", "t1c", "t1c_x4", "t1c_vfa")
+#: Arbitrary receiver gain so images look like scanner units (WM signal 0.045 -> 450); images are
+#: stored as int16 like scanner exports (rounding step 1 is well below the noise, sigma >= 10).
+SCANNER_GAIN = 10000.0
+#: ADC maps are written in 1e-6 mm^2/s (the usual scanner unit).
+ADC_UNIT = 1e-6
+ADC_B_VALUE = 1000.0
+
+Range = Tuple[float, float]
+#: Tissue parameter ranges, PHANTOM.md "Relaxation, proton density, diffusion" table:
+#: (T1 at 1.5 T, T1 at 3 T, T2, PD, ADC in 1e-3 mm^2/s). Values for blood (vessels) and choroid
+#: plexus are not in PHANTOM.md: literature blood T1 ~1.45 s (1.5 T) / ~1.65 s (3 T), T2 ~150-250 ms;
+#: plexus is taken as grey-matter-like tissue without a blood-brain barrier. Skull T1 is not given
+#: (PD 0.05 and T2 < 1 ms make its signal ~0 whatever T1 is).
+TISSUE_RANGES: Dict[str, Dict[str, Range]] = {
+    "wm": {"t1_1.5": (650, 800), "t1_3": (830, 1100), "t2": (70, 85), "pd": (0.65, 0.72), "adc": (0.65, 0.80)},
+    "gm": {"t1_1.5": (1050, 1250), "t1_3": (1300, 1800), "t2": (90, 110), "pd": (0.78, 0.85), "adc": (0.75, 0.90)},
+    "csf": {"t1_1.5": (3500, 4500), "t1_3": (3800, 4500), "t2": (1500, 2200), "pd": (1.0, 1.0), "adc": (2.9, 3.2)},
+    "enhancing": {"t1_1.5": (1000, 1400), "t1_3": (1300, 1800), "t2": (90, 130), "pd": (0.80, 0.90), "adc": (0.7, 1.3)},
+    "necrosis": {"t1_1.5": (1800, 3000), "t1_3": (2000, 3500), "t2": (150, 400), "pd": (0.90, 0.95), "adc": (1.8, 2.6)},
+    "oedema": {"t1_1.5": (1100, 1500), "t1_3": (1400, 2000), "t2": (120, 200), "pd": (0.85, 0.95), "adc": (1.2, 1.7)},
+    "fat": {"t1_1.5": (250, 300), "t1_3": (350, 400), "t2": (60, 80), "pd": (0.9, 1.0), "adc": (0.1, 0.3)},
+    "skull": {"t1_1.5": (250, 250), "t1_3": (250, 250), "t2": (0.5, 0.9), "pd": (0.05, 0.05), "adc": (0.0, 0.0)},
+    "vessel": {"t1_1.5": (1400, 1500), "t1_3": (1600, 1700), "t2": (150, 250), "pd": (0.85, 0.90), "adc": (2.0, 3.0)},
+    "plexus": {"t1_1.5": (1050, 1250), "t1_3": (1300, 1800), "t2": (90, 110), "pd": (0.80, 0.90), "adc": (1.0, 1.5)},
+}
+TISSUES = tuple(TISSUE_RANGES)
+#: T2* = factor x T2 for the gradient echo, PHANTOM.md "Signal equations".
+T2STAR_FACTOR = (0.6, 0.8)
+#: Plasma gadolinium at the standard dose (vessels, sinuses), PHANTOM.md "Gadolinium" (mmol/L).
+PLASMA_CONC_STD = (0.5, 1.0)
+#: Choroid plexus (fenestrated capillaries, no barrier): a fraction of plasma concentration.
+PLEXUS_CONC_STD = (0.3, 0.5)
+#: Noise levels: SNR in white matter, PHANTOM.md "Noise" for 3D GRE (15-40); others chosen alike.
+SNR_RANGES = {"gre": (15.0, 40.0), "flair": (15.0, 30.0), "t1c_vfa": (20.0, 40.0), "dwi": (20.0, 40.0)}
+#: Shell thicknesses (mm): extra-axial CSF, skull, scalp (fat).
+SHELL_MM = {"csf": (1.0, 3.0), "skull": (4.0, 8.0), "scalp": (3.0, 6.0)}
+#: Fat-saturated diffusion EPI keeps this fraction of the fat signal.
+DWI_FAT_SUPPRESSION = 0.1
+
+
+@dataclass
+class TissueFractions:
+    """Partial-volume fractions on the world grid; they sum to <= 1 (the rest is air)."""
+
+    maps: Dict[str, np.ndarray]
+    conc_standard_dose: np.ndarray  # mmol/L inside enhancing lesion tissue at 0.1 mmol/kg
+
+
+@dataclass
+class CaseResult:
+    """What :func:`generate_case` wrote (paths) and its ground truth (lesions, poses)."""
+
+    case_dir: Path
+    lesions: List[dict]
+    parameters: dict = field(repr=False, default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+def sample_tissue_parameters(rng: np.random.Generator, field_strength: float) -> Dict[str, Dict[str, float]]:
+    """Per-case T1 (ms), T2 (ms), PD, ADC (1e-3 mm^2/s) for every tissue inside PHANTOM.md ranges."""
+    key = "t1_1.5" if float(field_strength) == 1.5 else "t1_3"
+    out: Dict[str, Dict[str, float]] = {}
+    for tissue, ranges in TISSUE_RANGES.items():
+        out[tissue] = {
+            "t1_ms": float(rng.uniform(*ranges[key])), "t2_ms": float(rng.uniform(*ranges["t2"])),
+            "pd": float(rng.uniform(*ranges["pd"])), "adc_1e-3_mm2_s": float(rng.uniform(*ranges["adc"])),
+        }
+    return out
+
+
+def _streams(seed: int) -> Dict[str, np.random.Generator]:
+    """Independent random streams per concern, so changing one part never reshuffles the others."""
+    names = ("tissues", "pose", "lesions", "vessels", "noise", "acquisition")
+    children = np.random.SeedSequence(int(seed)).spawn(len(names))
+    return {n: np.random.default_rng(c) for n, c in zip(names, children)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Anatomy composition
+# ---------------------------------------------------------------------------------------------
+
+def vessel_fraction(anatomy: TemplateAnatomy, rng: np.random.Generator, signed_mm: np.ndarray,
+                    csf_mm: float) -> Tuple[np.ndarray, dict]:
+    """Dural sinuses plus 4-8 vessel-like tubes inside the brain (flowing blood)."""
+    sinus_width = float(rng.uniform(5.0, 8.0))
+    vessels = dural_sinuses(anatomy, signed_mm, csf_mm, sinus_width)
+    idx = np.flatnonzero((anatomy.gm + anatomy.wm > 0.5) & anatomy.brain)
+    z, y, x = anatomy.axis_coordinates()
+    tubes = []
+    for _ in range(int(rng.integers(4, 9))):
+        ends = []
+        for _ in range(2):
+            k, j, i = np.unravel_index(int(idx[rng.integers(idx.size)]), anatomy.shape)
+            ends.append(np.array([x[0, 0, i], y[0, j, 0], z[k, 0, 0]], dtype=np.float64))
+        length = float(np.linalg.norm(ends[1] - ends[0]))
+        if length > 70.0:  # keep tubes vessel-like, not brain-spanning
+            ends[1] = ends[0] + (ends[1] - ends[0]) * 70.0 / length
+        radius = float(rng.uniform(0.7, 1.5))
+        curve = random_curve(rng, ends[0], ends[1], bend_mm=15.0)
+        sl, frac = tube_fraction(anatomy, curve, radius)
+        vessels[sl] = np.maximum(vessels[sl], frac * anatomy.brain[sl])
+        tubes.append({"start_lps": ends[0].round(3).tolist(), "end_lps": ends[1].round(3).tolist(),
+                      "radius_mm": round(radius, 4)})
+    return vessels, {"sinus_width_mm": round(sinus_width, 4), "tubes": tubes}
+
+
+def compose_fractions(anatomy: TemplateAnatomy, shell: Dict[str, np.ndarray], lesions: LesionMaps,
+                      vessels: np.ndarray, plexus: np.ndarray) -> TissueFractions:
+    """Mix tissues: lesions replace brain tissue, plexus replaces CSF, vessels replace everything."""
+    healthy = np.clip(1.0 - lesions.enhancing - lesions.necrosis - lesions.oedema, 0.0, 1.0)
+    keep = 1.0 - vessels
+    maps = {
+        "wm": anatomy.wm * healthy * keep,
+        "gm": anatomy.gm * healthy * keep,
+        "csf": (np.clip(anatomy.csf * healthy - plexus, 0, 1) + shell["csf"]) * keep,
+        "plexus": plexus * healthy * keep,
+        "enhancing": lesions.enhancing * keep,
+        "necrosis": lesions.necrosis * keep,
+        "oedema": lesions.oedema * keep,
+        "fat": shell["fat"] * keep,
+        "skull": shell["skull"] * keep,
+        "vessel": vessels,
+    }
+    return TissueFractions({k: v.astype(np.float32) for k, v in maps.items()}, lesions.conc_standard_dose)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals on the world grid
+# ---------------------------------------------------------------------------------------------
+
+def tissue_concentrations(dose: float, plasma_std: float, plexus_std: float) -> Dict[str, float]:
+    """Gadolinium (mmol/L) per tissue class at ``dose`` (mmol/kg), linear in dose (PHANTOM.md)."""
+    k = dose / mr.STANDARD_DOSE
+    return {t: 0.0 for t in TISSUES} | {"vessel": plasma_std * k, "plexus": plexus_std * k}
+
+
+def tissue_signal(name: str, p: Dict[str, float], protocol: mr.Protocol, conc: float, field_strength: float,
+                  t2star_factor: float) -> float:
+    """Noise-free signal of one tissue with ``conc`` mmol/L of gadolinium (PD 1 = fully relaxed water)."""
+    t1, t2 = mr.relax_with_gadolinium(p["t1_ms"], p["t2_ms"], conc, field_strength)
+    if isinstance(protocol, mr.GradientEcho):
+        return float(mr.spoiled_gre(p["pd"], t1, t2 * t2star_factor, protocol))
+    if isinstance(protocol, mr.InversionRecovery):
+        return float(mr.inversion_recovery(p["pd"], t1, t2, protocol))
+    return float(mr.spin_echo(p["pd"], t1, t2, protocol))
+
+
+def mix_signal(fractions: TissueFractions, per_tissue: Dict[str, float],
+               enhancing_signal: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+    """Partial-volume signal ``sum_k f_k S_k``; enhancing tissue may depend on its voxel concentration."""
+    out = np.zeros_like(fractions.maps["wm"])
+    for tissue, f in fractions.maps.items():
+        if tissue == "enhancing" and enhancing_signal is not None:
+            continue
+        s = per_tissue[tissue]
+        if s != 0.0:
+            out += np.float32(s) * f
+    if enhancing_signal is not None:
+        f = fractions.maps["enhancing"]
+        idx = np.nonzero(f > 0)
+        out[idx] += (f[idx] * enhancing_signal(fractions.conc_standard_dose[idx])).astype(np.float32)
+    return out
+
+
+@dataclass
+class PhysicsModel:
+    """Everything needed to turn tissue fractions into one sequence's noise-free signal."""
+
+    tissues: Dict[str, Dict[str, float]]
+    protocols: Dict[str, mr.Protocol]
+    field_strength: float
+    t2star_factor: float
+    plasma_conc_std: float
+    plexus_conc_std: float
+
+    def per_tissue(self, sequence: str, dose: float, protocol: Optional[mr.Protocol] = None,
+                   black_blood: bool = False) -> Dict[str, float]:
+        protocol = protocol or self.protocols[sequence]
+        conc = tissue_concentrations(dose, self.plasma_conc_std, self.plexus_conc_std)
+        out = {t: tissue_signal(t, self.tissues[t], protocol, conc[t], self.field_strength, self.t2star_factor)
+               for t in TISSUES}
+        if black_blood:  # flowing blood leaves the slice before the refocusing pulses: flow void
+            out["vessel"] = 0.0
+        return out
+
+    def enhancing_signal(self, protocol: mr.Protocol, dose: float) -> Callable[[np.ndarray], np.ndarray]:
+        p = self.tissues["enhancing"]
+
+        def signal(conc_std: np.ndarray) -> np.ndarray:
+            conc = conc_std.astype(np.float64) * (dose / mr.STANDARD_DOSE)
+            t1, t2 = mr.relax_with_gadolinium(p["t1_ms"], p["t2_ms"], conc, self.field_strength)
+            if isinstance(protocol, mr.GradientEcho):
+                return mr.spoiled_gre(p["pd"], t1, t2 * self.t2star_factor, protocol)
+            return mr.spin_echo(p["pd"], t1, t2, protocol)
+
+        return signal
+
+    def world_signals(self, fractions: TissueFractions) -> Dict[str, np.ndarray]:
+        """Noise-free world-grid signals: GRE at four doses, FLAIR, T1c-vfa, DWI b=0 and b=1000."""
+        out: Dict[str, np.ndarray] = {}
+        for seq, dose in mr.DOSES_MMOL_PER_KG.items():
+            proto = self.protocols[seq]
+            out[seq] = mix_signal(fractions, self.per_tissue(seq, dose), self.enhancing_signal(proto, dose))
+        out["flair"] = mix_signal(fractions, self.per_tissue("flair", 0.0, black_blood=True))
+        vfa = self.protocols["t1c_vfa"]
+        out["t1c_vfa"] = mix_signal(fractions, self.per_tissue("t1c_vfa", mr.STANDARD_DOSE, black_blood=True),
+                                    self.enhancing_signal(vfa, mr.STANDARD_DOSE))
+        b0 = self.per_tissue("adc", 0.0, black_blood=True)
+        b0["fat"] *= DWI_FAT_SUPPRESSION
+        bval = self.protocols["adc"].b_value
+        b1000 = {t: s * float(mr.diffusion_attenuation(self.tissues[t]["adc_1e-3_mm2_s"] * 1e-3, bval))
+                 for t, s in b0.items()}
+        out["dwi_b0"] = mix_signal(fractions, b0)
+        out["dwi_b1000"] = mix_signal(fractions, b1000)
+        return out
+
+
+def adc_from_dwi(b0: np.ndarray, b1000: np.ndarray, b_value: float, threshold: float) -> np.ndarray:
+    """ADC (mm^2/s) = ln(S0 / Sb) / b where S0 exceeds ``threshold``; 0 elsewhere (scanner-style mask)."""
+    valid = (b0 > threshold) & (b1000 > 0)
+    adc = np.zeros(b0.shape, dtype=np.float32)
+    adc[valid] = np.log(b0[valid] / b1000[valid]) / b_value
+    return np.clip(adc, 0.0, 4e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Case generation
+# ---------------------------------------------------------------------------------------------
+
+def _truth_resolution(spacing: float) -> int:
+    return 1 if spacing < 1.5 else 2
+
+
+def _head_extent(anatomy: TemplateAnatomy, shell_total_mm: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Bounding box (world LPS) of the brain grown by the shell, and the brain centre."""
+    z, y, x = anatomy.axis_coordinates()
+    idx = np.nonzero(anatomy.brain)
+    lo = np.array([x.ravel()[idx[2].min()], y.ravel()[idx[1].min()], z.ravel()[idx[0].min()]])
+    hi = np.array([x.ravel()[idx[2].max()], y.ravel()[idx[1].max()], z.ravel()[idx[0].max()]])
+    centre = (lo + hi) / 2.0
+    grow = shell_total_mm + 2.0
+    corners = np.array([[a, b, c] for a in (lo[0] - grow, hi[0] + grow) for b in (lo[1] - grow, hi[1] + grow)
+                        for c in (lo[2] - grow, hi[2] + grow)])
+    return corners, centre
+
+
+def plan_acquisition(rng: np.random.Generator, anatomy: TemplateAnatomy, shell_total_mm: float, spacing: float,
+                     size: Optional[Tuple[int, int, int]]) -> Tuple[Dict[str, np.ndarray], Dict[str, NativeGrid], dict]:
+    """Per-sequence world->native matrices and native grids (t1c_x4 shares t1c's)."""
+    corners, centre = _head_extent(anatomy, shell_total_mm)
+    case_pose, case_info = sample_case_pose(rng, centre)
+    centre_scanner = apply_affine(case_pose, centre)
+    scanner_corners = apply_affine(case_pose, corners)
+    fov = scanner_corners.max(0) - scanner_corners.min(0) + 2 * FOV_MARGIN_MM
+    fov_centre = (scanner_corners.max(0) + scanner_corners.min(0)) / 2.0
+    t1c_grid = plan_grid(fov_centre, fov, sequence_spacing("t1c", spacing), size)
+    fov = np.asarray(t1c_grid.size) * np.asarray(t1c_grid.spacing)
+    poses: Dict[str, np.ndarray] = {}
+    grids: Dict[str, NativeGrid] = {}
+    motion_info = {}
+    for seq in SEQUENCES:
+        if seq == "t1c_x4":
+            continue
+        motion, motion_info[seq] = sample_motion(rng, centre_scanner)
+        poses[seq] = motion @ case_pose
+        grids[seq] = t1c_grid if seq == "t1c" else plan_grid(fov_centre, fov, sequence_spacing(seq, spacing))
+    poses["t1c_x4"], grids["t1c_x4"], motion_info["t1c_x4"] = poses["t1c"], t1c_grid, "same as t1c"
+    info = {"case_pose": case_info, "motion": motion_info, "scanner_head_centre_lps": centre_scanner.round(6).tolist()}
+    return poses, grids, info
+
+
+def _lesion_truth(rng: np.random.Generator, anatomy: TemplateAnatomy, depth: np.ndarray, t1c_grid: NativeGrid,
+                  t1c_pose: np.ndarray) -> Tuple[str, List[Lesion]]:
+    case_type, count = sample_lesion_count(rng)
+    kind = "glioma" if case_type == "glioma" else "metastasis"
+    shapes = [sample_lesion_shape(rng, kind, i + 1) for i in range(count)]
+
+    def inside_fov(points: np.ndarray, margin: float) -> np.ndarray:
+        return t1c_grid.contains(apply_affine(t1c_pose, points), margin)
+
+    return case_type, place_lesions(rng, anatomy, depth, shapes, inside_fov)
+
+
+def _matrix_json(m: np.ndarray) -> List[List[float]]:
+    return [[round(float(v), 9) for v in row] for row in m]
+
+
+def _write(image: sitk.Image, path: Path) -> None:
+    write_image_atomic(image, path, compress=True)
+
+
+def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float] = None,
+                  size: Optional[Tuple[int, int, int]] = None, field_strength: float = 1.5, noise: bool = True,
+                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> CaseResult:
+    """Generate one phantom case into ``case_dir`` (written in place; see :func:`generate_cohort`).
+
+    Args:
+        case_dir: output folder (created).
+        seed: the case's seed; the same seed gives the same bytes.
+        spacing: isotropic T1/T1c voxel size in mm (default 1); other sequences keep their nominal,
+            coarser voxels but never finer than this.
+        size: T1c grid size (x, y, z) in voxels; default covers the whole head.
+        field_strength: 1.5 or 3 (T).
+        noise: add Rician noise (``False`` gives the noise-free images, for physics checks).
+        progress, cancel: see :mod:`.progress`.
+
+    Returns:
+        :class:`CaseResult` with the lesions as written to ``lesions.json``.
+    """
+    started = time.perf_counter()
+    report = progress or null_progress
+    spacing = 1.0 if spacing is None else float(spacing)
+    if not 0.5 <= spacing <= 8.0:
+        raise ValueError(f"--spacing {spacing} mm is outside 0.5-8 mm; use 1 for realistic cases or 2-4 for fast tests.")
+    if size is not None and (len(size) != 3 or min(size) < 8):
+        raise ValueError(f"--size {size} must be three voxel counts >= 8 (x y z).")
+    fs = mr._check_field_strength(field_strength)
+    case_dir = Path(case_dir)
+    rng = _streams(seed)
+
+    report("phantom", 0.02, "anatomy")
+    resolution = _truth_resolution(spacing)
+    anatomy = load_template_anatomy(resolution)
+    signed, depth = head_distance_maps(resolution)
+    h = anatomy.spacing
+    tissues = sample_tissue_parameters(rng["tissues"], fs)
+    shell_mm = {k: float(rng["tissues"].uniform(*r)) for k, r in SHELL_MM.items()}
+    t2star = float(rng["tissues"].uniform(*T2STAR_FACTOR))
+    plasma = float(rng["tissues"].uniform(*PLASMA_CONC_STD))
+    plexus_c = plasma * float(rng["tissues"].uniform(*PLEXUS_CONC_STD))
+    shell = head_shell(signed, anatomy.brain, shell_mm["csf"], shell_mm["skull"], shell_mm["scalp"], h)
+    poses, grids, pose_info = plan_acquisition(rng["pose"], anatomy, sum(shell_mm.values()), spacing, size)
+    check_cancel(cancel)
+
+    report("phantom", 0.15, "lesions and vessels")
+    case_type, lesions = _lesion_truth(rng["lesions"], anatomy, depth, grids["t1c"], poses["t1c"])
+    lesion_maps = rasterise_lesions(anatomy, lesions)
+    vessels, vessel_info = vessel_fraction(anatomy, rng["vessels"], signed, shell_mm["csf"])
+    plexus_radius = float(rng["vessels"].uniform(3.0, 5.0))
+    plexus = choroid_plexus(anatomy, rng["vessels"], plexus_radius)
+    fractions = compose_fractions(anatomy, shell, lesion_maps, vessels, plexus)
+    del shell, vessels, plexus
+    check_cancel(cancel)
+
+    report("phantom", 0.3, "signals")
+    model = PhysicsModel(tissues, mr.table1_protocols(fs), fs, t2star, plasma, plexus_c)
+    signals = model.world_signals(fractions)
+    wm_signal = {seq: model.per_tissue(seq, 0.0)["wm"] for seq in ("t1", "flair", "t1c_vfa", "adc")}
+    snr = {k: float(rng["acquisition"].uniform(*r)) for k, r in SNR_RANGES.items()}
+    sigma = {"gre": wm_signal["t1"] / snr["gre"], "flair": wm_signal["flair"] / snr["flair"],
+             "t1c_vfa": wm_signal["t1c_vfa"] / snr["t1c_vfa"], "dwi": wm_signal["adc"] / snr["dwi"]}
+    bias_coeffs = rng["acquisition"].normal(0.0, 0.07, 9)
+    centre_scanner = np.asarray(pose_info["scanner_head_centre_lps"])
+    check_cancel(cancel)
+
+    tmp_files = case_dir
+    tmp_files.mkdir(parents=True, exist_ok=True)
+    outputs: Dict[str, dict] = {}
+    steps = list(SEQUENCES)
+    for n, seq in enumerate(steps):
+        report("phantom", 0.35 + 0.5 * n / len(steps), f"acquiring {seq}")
+        grid, pose = grids[seq], poses[seq]
+        sub = supersampling(grid.spacing, h)
+        bias = bias_field(grid, centre_scanner, bias_coeffs)
+        noise_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1000 + n]))
+        if seq == "adc":
+            b0 = resample_to_native(world_image(signals["dwi_b0"], anatomy.origin, h), grid, pose, sub=sub) * bias
+            b1 = resample_to_native(world_image(signals["dwi_b1000"], anatomy.origin, h), grid, pose, sub=sub) * bias
+            s = sigma["dwi"] if noise else 0.0
+            b0 = mr.add_rician_noise(b0, s, noise_rng)
+            b1 = mr.add_rician_noise(b1, s, noise_rng)
+            threshold = max(4.0 * s, 0.1 * wm_signal["adc"])
+            array = adc_from_dwi(b0, b1, model.protocols["adc"].b_value, threshold) / ADC_UNIT
+            seq_sigma, unit = s, "1e-6 mm^2/s (ADC from b=0 and b=1000 images)"
+        else:
+            key = "gre" if seq in mr.DOSES_MMOL_PER_KG else seq
+            signal = resample_to_native(world_image(signals[seq], anatomy.origin, h), grid, pose, sub=sub) * bias
+            seq_sigma = sigma[key] if noise else 0.0
+            array = mr.add_rician_noise(signal, seq_sigma, noise_rng) * np.float32(SCANNER_GAIN)
+            unit = f"arbitrary scanner units (signal x {SCANNER_GAIN:g}, rounded to int16)"
+        _write(native_image(to_int16(array), grid), case_dir / f"{seq}.nii.gz")
+        outputs[seq] = {
+            "file": f"{seq}.nii.gz", "grid": grid.to_json(), "world_to_native_lps": _matrix_json(pose),
+            "native_to_world_lps": _matrix_json(np.linalg.inv(pose)),
+            "protocol": mr.protocol_dict(model.protocols[seq]),
+            "dose_mmol_per_kg": mr.DOSES_MMOL_PER_KG.get(seq, mr.STANDARD_DOSE if seq == "t1c_vfa" else 0.0),
+            "noise_sigma_signal_units": round(float(seq_sigma), 8), "supersampling_xyz": list(sub), "unit": unit,
+            "black_blood": seq in ("t1c_vfa", "flair", "adc"),
+        }
+        check_cancel(cancel)
+    del signals
+
+    report("phantom", 0.88, "labels")
+    grid, pose = grids["t1c"], poses["t1c"]
+    sub = supersampling(grid.spacing, h)
+    mask = resample_to_native(world_image(anatomy.brain.astype(np.float32), anatomy.origin, h), grid, pose, sub=sub)
+    _write(native_image((mask >= 0.5).astype(np.uint8), grid), case_dir / "brain_mask.nii.gz")
+    labels = lesion_labels_on_grid(lesion_maps, anatomy, lesions, grid, pose)
+    _write(native_image(labels, grid), case_dir / "lesion_labels.nii.gz")
+    lesion_entries = []
+    for lesion in lesions:
+        entry = measure_lesion(labels, lesion.id, grid.origin, grid.spacing)
+        if entry is not None:
+            lesion_entries.append({"id": entry["id"], "kind": lesion.kind, **{k: v for k, v in entry.items() if k != "id"}})
+    write_text_atomic(json.dumps({"lesions": lesion_entries}, indent=2) + "\n", case_dir / "lesions.json")
+
+    parameters = {
+        "label": SYNTHETIC_LABEL,
+        "generator": f"ContrastAmplifierLib.phantom {__version__}",
+        "seed": int(seed), "field_strength_t": fs, "spacing_mm": spacing, "size_xyz": None if size is None else list(size),
+        "noise": bool(noise), "case_type": case_type, "n_lesions": len(lesion_entries),
+        "world": {
+            "description": "ICBM 2009a nonlinear symmetric template space (nilearn), LPS millimetres "
+                           "(SimpleITK physical coordinates); RAS = (-x, -y, z).",
+            "truth_grid": {"resolution_mm": resolution, "origin_lps": list(anatomy.origin), "size_xyz": list(anatomy.shape[::-1])},
+        },
+        "pose_convention": "world_to_native_lps is a 4x4 matrix A with p_native = A @ [p_world, 1] (LPS mm); "
+                           "each native image samples I(p_native) = truth(inverse(A) @ p_native). "
+                           "A = motion(sequence) @ case_pose; t1c_x4 has exactly t1c's grid and pose. "
+                           "To map sequence s onto t1c: p_t1c = A_t1c @ inverse(A_s) @ p_s.",
+        "pose": pose_info,
+        "sequences": outputs,
+        "labels_grid": "t1c (brain_mask.nii.gz, lesion_labels.nii.gz)",
+        "tissues": {t: {k: round(v, 6) for k, v in p.items()} for t, p in tissues.items()},
+        "tissue_ranges_source": "shared/PHANTOM.md table (vessel/plexus/skull T1: see phantom.py TISSUE_RANGES)",
+        "t2star_over_t2": round(t2star, 6),
+        "gadolinium": {
+            "agent": "gadoterate meglumine", "r1_l_per_mmol_s": mr.RELAXIVITY_R1[fs], "r2_l_per_mmol_s": mr.RELAXIVITY_R2,
+            "doses_mmol_per_kg": mr.DOSES_MMOL_PER_KG, "plasma_conc_mmol_l_at_standard_dose": round(plasma, 6),
+            "plexus_conc_mmol_l_at_standard_dose": round(plexus_c, 6),
+            "scaling": "C(dose) = C_standard * dose / 0.1, non-zero only in enhancing lesion tissue, vessels and plexus",
+        },
+        "shell_mm": {k: round(v, 4) for k, v in shell_mm.items()},
+        "vessels": vessel_info | {"choroid_plexus_radius_mm": round(plexus_radius, 4)},
+        "snr_white_matter": {k: round(v, 4) for k, v in snr.items()},
+        "bias_field": {"model": "exp(sum c_k m_k), monomials x y z x2 y2 z2 xy xz yz of scanner coordinates "
+                                "relative to scanner_head_centre_lps, in units of 100 mm",
+                       "coefficients": bias_coeffs.round(8).tolist()},
+        "scanner_gain": SCANNER_GAIN,
+        "lesions_truth": [lesion.to_json() for lesion in lesions],
+        "elapsed_s_not_hashed": None,
+    }
+    parameters.pop("elapsed_s_not_hashed")
+    write_text_atomic(json.dumps(parameters, indent=2) + "\n", case_dir / "phantom.json")
+    report("phantom", 1.0, f"done in {time.perf_counter() - started:.1f} s")
+    return CaseResult(case_dir, lesion_entries, parameters)
+
+
+def to_int16(array: np.ndarray) -> np.ndarray:
+    """Round to the nearest integer and store as int16 (saturating), like scanner exports."""
+    return np.clip(np.rint(array), -32768, 32767).astype(np.int16)
+
+
+def lesion_labels_on_grid(maps: LesionMaps, anatomy: TemplateAnatomy, lesions: Sequence[Lesion],
+                          grid: NativeGrid, pose: np.ndarray) -> np.ndarray:
+    """Lesion ids on a native grid: body fraction >= 0.5, owner by nearest neighbour.
+
+    A lesion too small to reach 0.5 anywhere gets the voxel holding its centre, so every placed
+    lesion has at least one voxel (and a lesions.json entry).
+    """
+    sub = supersampling(grid.spacing, anatomy.spacing)
+    body = resample_to_native(world_image(maps.body, anatomy.origin, anatomy.spacing), grid, pose, sub=sub)
+    owner = resample_to_native(world_image(maps.owner, anatomy.origin, anatomy.spacing), grid, pose,
+                               interpolator=sitk.sitkNearestNeighbor)
+    labels = np.where(body >= 0.5, owner, 0).astype(np.uint8)
+    present = set(np.unique(labels).tolist())
+    for lesion in lesions:
+        if lesion.id in present:
+            continue
+        p = apply_affine(pose, lesion.centre_lps)
+        i, j, k = np.rint((p - np.asarray(grid.origin)) / np.asarray(grid.spacing)).astype(int)
+        if 0 <= i < grid.size[0] and 0 <= j < grid.size[1] and 0 <= k < grid.size[2]:
+            labels[k, j, i] = lesion.id
+    return labels
+
+
+def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, spacing: Optional[float] = None,
+                    size: Optional[Tuple[int, int, int]] = None, field_strength: float = 1.5,
+                    progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+                    noise: bool = True) -> List[Path]:
+    """Generate ``cases`` phantom cases ``OUT_DIR/case_NNN`` (case ``i`` uses ``seed + i``).
+
+    Each case is built in a hidden temporary folder and renamed into place when complete, so a
+    cancel or crash never leaves half a case (an existing case folder is replaced).
+
+    Returns:
+        The case folders, in order.
+    """
+    if cases < 1:
+        raise ValueError(f"--cases must be >= 1, got {cases}.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = progress or null_progress
+    paths = []
+    for i in range(cases):
+        check_cancel(cancel)
+        final = out_dir / f"case_{i:03d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out_dir))
+        tmp.chmod(0o755)
+        try:
+            def sub_progress(stage: str, fraction: float, message: str = "", _i: int = i) -> None:
+                report(stage, (_i + fraction) / cases, f"case {_i + 1}/{cases}: {message}")
+
+            generate_case(tmp, seed + i, spacing, size, field_strength, noise=noise, progress=sub_progress, cancel=cancel)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        paths.append(final)
+    report("phantom", 1.0, f"{cases} case(s) written to {out_dir}")
+    return paths

@@ -1,0 +1,183 @@
+"""Phantom acquisition geometry: head pose, per-sequence motion, native grids, resampling, bias field.
+
+Convention (written into ``phantom.json``): ``world`` is the ICBM 2009a template space in LPS mm
+(SimpleITK physical coordinates of the nilearn template). For every sequence a 4x4 matrix
+``world_to_native_lps`` maps a world point to the physical (LPS, scanner) point where the same
+anatomy lies in that sequence's native image: ``p_native = A @ [p_world, 1]``. The native image
+is sampled as ``I(p_native) = truth(A^-1 p_native)``. ``A = M_sequence @ A_case``: a per-case head
+pose and size (rotation, translation, per-axis scale) followed by per-sequence rigid motion.
+Native grids are axial (identity direction), centred on the head in scanner space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+#: Native voxel sizes (mm) at 1 mm T1c: issue 3 section 2 and paper Table 1 (T1c-vfa 1.2 mm,
+#: ADC 4 mm slices); FLAIR 5 mm slices exercise slab partial volume.
+NOMINAL_SPACING_MM: Dict[str, Tuple[float, float, float]] = {
+    "t1": (1.0, 1.0, 1.0), "t1c_low": (1.0, 1.0, 1.0), "t1c": (1.0, 1.0, 1.0), "t1c_x4": (1.0, 1.0, 1.0),
+    "flair": (1.0, 1.0, 5.0), "adc": (2.0, 2.0, 4.0), "t1c_vfa": (1.2, 1.2, 1.2),
+}
+#: Head pose ranges: rotation (deg), translation (mm), per-axis scale (subject head size).
+CASE_ROTATION_DEG = 8.0
+CASE_TRANSLATION_MM = 10.0
+CASE_SCALE = (0.94, 1.06)
+#: Per-sequence rigid motion between acquisitions.
+MOTION_ROTATION_DEG = 2.0
+MOTION_TRANSLATION_MM = 2.0
+FOV_MARGIN_MM = 6.0
+MAX_SUPERSAMPLING = 6
+
+
+@dataclass(frozen=True)
+class NativeGrid:
+    """An axial (identity-direction) image grid in scanner LPS coordinates."""
+
+    size: Tuple[int, int, int]
+    spacing: Tuple[float, float, float]
+    origin: Tuple[float, float, float]
+
+    def to_json(self) -> dict:
+        return {"size_xyz": list(self.size), "spacing_mm": [round(s, 6) for s in self.spacing],
+                "origin_lps": [round(o, 6) for o in self.origin], "direction": np.eye(3).ravel().tolist()}
+
+    def contains(self, points_lps: np.ndarray, margin_mm: float) -> np.ndarray:
+        lo = np.asarray(self.origin) + margin_mm
+        hi = np.asarray(self.origin) + (np.asarray(self.size) - 1) * np.asarray(self.spacing) - margin_mm
+        return np.all((points_lps >= lo) & (points_lps <= hi), axis=-1)
+
+    def reference(self, dtype=sitk.sitkFloat32) -> sitk.Image:
+        image = sitk.Image([int(s) for s in self.size], dtype)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        return image
+
+
+def rotation_matrix(angles_deg: Sequence[float]) -> np.ndarray:
+    """Rotation ``Rz @ Ry @ Rx`` from angles about x, y, z (degrees)."""
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def affine_about(centre: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
+                 scale: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """4x4 matrix of ``p -> centre + translation + R diag(scale) (p - centre)``."""
+    linear = rotation @ np.diag(scale)
+    out = np.eye(4)
+    out[:3, :3] = linear
+    out[:3, 3] = centre + translation - linear @ centre
+    return out
+
+
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 matrix to (..., 3) points."""
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def sample_case_pose(rng: np.random.Generator, head_centre: np.ndarray) -> Tuple[np.ndarray, dict]:
+    """Per-case head pose and size in the scanner (world -> scanner), with its parameters."""
+    angles = rng.uniform(-CASE_ROTATION_DEG, CASE_ROTATION_DEG, 3)
+    shift = rng.uniform(-CASE_TRANSLATION_MM, CASE_TRANSLATION_MM, 3)
+    scale = rng.uniform(*CASE_SCALE, 3)
+    matrix = affine_about(head_centre, rotation_matrix(angles), shift, scale)
+    return matrix, {"rotation_deg_xyz": angles.round(6).tolist(), "translation_mm": shift.round(6).tolist(),
+                    "scale_xyz": scale.round(6).tolist(), "centre_lps_world": head_centre.round(6).tolist()}
+
+
+def sample_motion(rng: np.random.Generator, centre_scanner: np.ndarray) -> Tuple[np.ndarray, dict]:
+    """Small rigid motion of the head between two acquisitions (scanner -> scanner)."""
+    angles = rng.uniform(-MOTION_ROTATION_DEG, MOTION_ROTATION_DEG, 3)
+    shift = rng.uniform(-MOTION_TRANSLATION_MM, MOTION_TRANSLATION_MM, 3)
+    return affine_about(centre_scanner, rotation_matrix(angles), shift), {
+        "rotation_deg_xyz": angles.round(6).tolist(), "translation_mm": shift.round(6).tolist()}
+
+
+def sequence_spacing(name: str, spacing: float) -> Tuple[float, float, float]:
+    """Native voxel size: the nominal one, coarsened to at least ``spacing`` (``--spacing``)."""
+    return tuple(float(max(spacing, s)) for s in NOMINAL_SPACING_MM[name])  # type: ignore[return-value]
+
+
+def plan_grid(centre_scanner: np.ndarray, fov_mm: np.ndarray, spacing: Sequence[float],
+              size: Sequence[int] | None = None) -> NativeGrid:
+    """Axial grid centred on ``centre_scanner`` covering ``fov_mm`` (or of explicit ``size``)."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    n = np.asarray(size, dtype=int) if size is not None else np.maximum(np.ceil(fov_mm / sp).astype(int), 2)
+    origin = centre_scanner - (n - 1) / 2.0 * sp
+    return NativeGrid(tuple(int(v) for v in n), tuple(float(v) for v in sp), tuple(float(v) for v in origin))
+
+
+def supersampling(spacing: Sequence[float], truth_spacing: float) -> Tuple[int, int, int]:
+    """Sub-samples per native voxel and axis so thick slices average their slab (partial volume)."""
+    return tuple(int(min(MAX_SUPERSAMPLING, max(1, round(s / truth_spacing)))) for s in spacing)  # type: ignore
+
+
+def resample_to_native(world: sitk.Image, grid: NativeGrid, world_to_native: np.ndarray,
+                       interpolator: int = sitk.sitkLinear, sub: Sequence[int] = (1, 1, 1)) -> np.ndarray:
+    """Sample a world-grid image on a native grid, averaging ``sub`` sub-samples per voxel.
+
+    Returns the (z, y, x) float32 array of the native grid.
+    """
+    inverse = np.linalg.inv(world_to_native)
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix([float(v) for v in inverse[:3, :3].ravel()])
+    transform.SetTranslation([float(v) for v in inverse[:3, 3]])
+    sub = np.asarray(sub, dtype=int)
+    sp = np.asarray(grid.spacing)
+    fine_sp = sp / sub
+    fine_origin = np.asarray(grid.origin) - sp / 2.0 + fine_sp / 2.0
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([int(v) for v in np.asarray(grid.size) * sub])
+    resampler.SetOutputSpacing([float(v) for v in fine_sp])
+    resampler.SetOutputOrigin([float(v) for v in fine_origin])
+    resampler.SetOutputDirection(np.eye(3).ravel().tolist())
+    resampler.SetTransform(transform)
+    resampler.SetInterpolator(interpolator)
+    resampler.SetDefaultPixelValue(0.0)
+    resampler.SetOutputPixelType(world.GetPixelID())
+    fine = sitk.GetArrayFromImage(resampler.Execute(world))
+    if tuple(sub) == (1, 1, 1):
+        return fine
+    nx, ny, nz = grid.size
+    blocks = fine.reshape(nz, sub[2], ny, sub[1], nx, sub[0]).astype(np.float32)
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def bias_field(grid: NativeGrid, centre_scanner: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """Smooth multiplicative receive-coil bias, fixed in scanner space (so it moves with no head).
+
+    ``exp(sum c_k m_k)`` over the 9 monomials of degree 1-2 in coordinates scaled by 100 mm.
+    """
+    axes = [(np.asarray(grid.origin[a]) + grid.spacing[a] * np.arange(grid.size[a]) - centre_scanner[a]) / 100.0
+            for a in range(3)]
+    x = axes[0].reshape(1, 1, -1)
+    y = axes[1].reshape(1, -1, 1)
+    z = axes[2].reshape(-1, 1, 1)
+    terms = (x, y, z, x * x, y * y, z * z, x * y, x * z, y * z)
+    log_field = np.zeros((grid.size[2], grid.size[1], grid.size[0]), dtype=np.float32)
+    for c, term in zip(coefficients, terms):
+        log_field += np.float32(c) * term.astype(np.float32)
+    return np.exp(log_field)
+
+
+def world_image(array_zyx: np.ndarray, origin: Sequence[float], spacing: float) -> sitk.Image:
+    """Wrap a world-grid array as a SimpleITK image (identity direction, LPS)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    image.SetSpacing((spacing,) * 3)
+    return image
+
+
+def native_image(array_zyx: np.ndarray, grid: NativeGrid) -> sitk.Image:
+    """Wrap a native-grid array as a SimpleITK image with the grid's geometry."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
+    image.SetOrigin(grid.origin)
+    image.SetSpacing(grid.spacing)
+    return image

@@ -1,0 +1,286 @@
+"""``contrast-amplifier-train``: fit the five-fold ensemble and export it as a model bundle.
+
+Verbs (nnU-Net style, one per stage)::
+
+    contrast-amplifier-train prepare MANIFEST OUT_DIR            # preprocess into OUT_DIR/cache + plan.json
+    contrast-amplifier-train fit MANIFEST OUT_DIR --folds 0 1 2 3 4 --epochs 300
+    contrast-amplifier-train export OUT_DIR BUNDLE_DIR --name my-model
+
+``--folds`` takes several values after one flag (``--folds 0 1 2``) or comma-separated
+(``--folds 0,1,2``). With ``--progress json`` every line on stdout is one JSON object with
+``stage``, ``fraction`` (0-1 over the whole job) and ``message``; ``"stage": "epoch"`` lines also
+carry ``fold``, ``epoch``, ``epochs``, ``train_loss``, ``val_loss``, ``val_psnr``, ``val_ssim``,
+``seconds``; the last line is ``"stage": "done"`` (or ``"stage": "error"`` / ``"cancelled"``).
+SIGTERM or Ctrl-C stops between cases; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import typer
+
+from ContrastAmplifierLib.progress import CancelToken, Cancelled, make_progress
+
+app = typer.Typer(
+    name="contrast-amplifier-train",
+    help="Train the contrast-amplification ensemble (Bone, Ammari et al. 2022) and export model bundles.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MULTI_VALUE_OPTIONS = ("--folds",)
+
+
+def _fail(message: str, progress: str, code: int = 2) -> None:
+    if progress == "json":
+        _json_line({"stage": "error", "fraction": 0.0, "message": message})
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+_json_lock = threading.Lock()
+
+
+def _json_line(obj: Dict[str, Any]) -> None:
+    with _json_lock:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+
+def _install_sigterm(cancel: CancelToken) -> None:
+    """SIGTERM (the Slicer module's Stop) sets the cancel flag: the job stops between cases."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: cancel.cancel())
+
+
+def _parse_folds(values: Optional[List[str]]) -> Optional[List[int]]:
+    if not values:
+        return None
+    folds: List[int] = []
+    for value in values:
+        for part in str(value).replace(",", " ").split():
+            try:
+                folds.append(int(part))
+            except ValueError:
+                raise typer.BadParameter(f"--folds takes integers (e.g. --folds 0 1 2), got {part!r}") from None
+    return sorted(set(folds))
+
+
+def expand_multi_value_options(argv: Sequence[str], options: Sequence[str] = MULTI_VALUE_OPTIONS) -> List[str]:
+    """Rewrite ``--folds 0 1 2`` as ``--folds 0 --folds 1 --folds 2`` (click takes one value per flag)."""
+    out: List[str] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        token = argv[i]
+        out.append(token)
+        i += 1
+        if token in options:
+            first = True
+            while i < len(argv) and (first or argv[i].replace(",", "").isdigit()):
+                if not first:
+                    out.append(token)
+                out.append(argv[i])
+                first = False
+                i += 1
+    return out
+
+
+def _network_config(base_channels: int, levels: int):
+    from ContrastAmplifierLib.network import NetworkConfig
+
+    return NetworkConfig(base_channels=base_channels, levels=levels)
+
+
+ProgressOpt = typer.Option("bar", "--progress", help="bar (tqdm on stderr), json (JSON lines on stdout, read by Slicer) or none.")
+SpacingOpt = typer.Option(1.0, "--spacing", help="Atlas voxel spacing in mm (paper: 1).")
+CropOpt = typer.Option((160, 192, 160), "--crop", help="Centre-crop size x y z in voxels (paper: 160 192 160).")
+
+
+@app.command()
+def prepare(
+    manifest: Path = typer.Argument(..., help="Cohort: manifest CSV (case_id,patient_id,t1,flair,adc,t1c_low,t1c[,split]) or a folder of case folders."),
+    out_dir: Path = typer.Argument(..., help="Run folder: the cache goes to OUT_DIR/cache."),
+    spacing: float = SpacingOpt,
+    crop: Tuple[int, int, int] = CropOpt,
+    simulate_low_dose: bool = typer.Option(False, "--simulate-low-dose", help="Synthesise T1c-low from T1 and T1c (approximation; see README)."),
+    skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode: fast or accurate."),
+    device: str = typer.Option("cpu", "--device", help="Device for HD-BET during preprocessing (cpu or cuda)."),
+    progress: str = ProgressOpt,
+) -> None:
+    """Preprocess every case once into OUT_DIR/cache (fit does this too; run it first for array jobs)."""
+    from .cache import prepare_cases
+
+    cancel = CancelToken()
+    _install_sigterm(cancel)
+    report = make_progress(progress)
+    try:
+        cases = prepare_cases(manifest, out_dir / "cache", spacing=(spacing,) * 3, crop_size=tuple(crop),
+                              simulate_low_dose=simulate_low_dose, skull_strip=skull_strip, device=device,
+                              progress=report, cancel=cancel)
+    except Cancelled:
+        _fail("cancelled; rerun to continue (finished cases are kept)", progress, code=130)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc), progress)
+    getattr(report, "close", lambda: None)()
+    if progress == "json":
+        _json_line({"stage": "done", "fraction": 1.0, "message": f"{len(cases)} cases cached in {out_dir / 'cache'}"})
+    else:
+        typer.echo(f"{len(cases)} cases cached in {out_dir / 'cache'}", err=True)
+
+
+@app.command()
+def fit(
+    manifest: Path = typer.Argument(..., help="Cohort: manifest CSV, a folder of case folders, or a folder of cached *.npz cases."),
+    out_dir: Path = typer.Argument(..., help="Run folder (plan, cache, fold_K/ checkpoints and logs). Rerun to resume."),
+    folds: Optional[List[str]] = typer.Option(None, "--folds", "--fold", help="Folds to train, e.g. --folds 0 1 2 3 4 (default all) or --fold 3 for one array job."),
+    n_folds: int = typer.Option(5, "--n-folds", min=2, help="Number of folds of the patient-wise split (paper: 5)."),
+    epochs: int = typer.Option(300, "--epochs", min=1, help="Epochs per fold (paper: 300)."),
+    learning_rate: float = typer.Option(1e-3, "--lr", help="Adam learning rate (paper: 1e-3)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of weights, case order and mirroring."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the patient-wise fold split."),
+    base_channels: int = typer.Option(16, "--base-channels", min=1, help="Channels of the first level, doubled per level."),
+    levels: int = typer.Option(4, "--levels", min=1, help="Resolution levels of the UNet."),
+    no_mirror: bool = typer.Option(False, "--no-mirror", help="Disable random mirroring (the paper mirrors all three axes)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16."),
+    cudnn_benchmark: bool = typer.Option(True, "--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning on CUDA (faster, not bit-reproducible)."),
+    spacing: float = SpacingOpt,
+    crop: Tuple[int, int, int] = CropOpt,
+    simulate_low_dose: bool = typer.Option(False, "--simulate-low-dose", help="Synthesise T1c-low from T1 and T1c (approximation; see README)."),
+    skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode for preprocessing: fast or accurate."),
+    progress: str = ProgressOpt,
+) -> None:
+    """Train one network per fold (Adam 1e-3, batch 1, MSE, random mirroring), resuming if OUT_DIR has a run."""
+    from .cache import prepare_cases
+    from .fit import PlanMismatchError, fit_cases
+    from .trainer import TrainConfig
+
+    fold_list = _parse_folds(folds)
+    cancel = CancelToken()
+    _install_sigterm(cancel)
+    report = make_progress(progress)
+    try:
+        config = TrainConfig(
+            epochs=epochs, learning_rate=learning_rate, seed=seed, mirror=not no_mirror,
+            network=_network_config(base_channels, levels), device=device, precision=precision,
+            cudnn_benchmark=cudnn_benchmark,
+        )
+        config.resolved_precision(config.resolved_device())
+    except ValueError as exc:
+        _fail(str(exc), progress)
+    requested = fold_list if fold_list is not None else list(range(n_folds))
+
+    def on_epoch(row: Dict[str, Any]) -> None:
+        done = requested.index(row["fold"]) + row["epoch"] / epochs
+        message = (f"fold {row['fold']} epoch {row['epoch']}/{epochs}: train {row['train_loss']:.5f}, val {row['val_loss']:.5f}, "
+                   f"PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.4f} ({row['seconds']:.1f} s)")
+        if progress == "json":
+            _json_line({"stage": "epoch", "fraction": round(done / len(requested), 4), "message": message, "epochs": epochs, **row})
+        elif progress == "bar":
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    try:
+        cases = prepare_cases(manifest, out_dir / "cache", spacing=(spacing,) * 3, crop_size=tuple(crop),
+                              simulate_low_dose=simulate_low_dose, skull_strip=skull_strip,
+                              device="cpu" if config.resolved_device().type != "cuda" else "cuda",
+                              progress=report, cancel=cancel)
+        results = fit_cases(cases, out_dir, folds=fold_list, n_folds=n_folds, split_seed=split_seed, config=config,
+                            simulate_low_dose=simulate_low_dose, source=str(manifest), progress=report,
+                            cancel=cancel, on_epoch=on_epoch)
+    except Cancelled:
+        getattr(report, "close", lambda: None)()
+        if progress == "json":
+            _json_line({"stage": "cancelled", "fraction": 0.0, "message": "stopped; rerun the same command to resume"})
+        typer.secho("stopped; rerun the same command to resume from the last finished epoch", err=True)
+        raise typer.Exit(130)
+    except (PlanMismatchError, ValueError, FileNotFoundError) as exc:
+        getattr(report, "close", lambda: None)()
+        _fail(str(exc), progress)
+    getattr(report, "close", lambda: None)()
+    summary = ", ".join(f"fold {r.fold}: val PSNR {r.metrics.get('val_psnr', float('nan')):.2f} dB" for r in results)
+    if progress == "json":
+        _json_line({"stage": "done", "fraction": 1.0, "message": summary, "out_dir": str(out_dir),
+                    "folds": [r.fold for r in results]})
+    else:
+        typer.echo(f"finished {summary}; export with: contrast-amplifier-train export {out_dir} BUNDLE_DIR", err=True)
+
+
+@app.command()
+def export(
+    out_dir: Path = typer.Argument(..., help="Run folder written by fit."),
+    bundle_dir: Path = typer.Argument(..., help="Bundle folder to write (bundle.json + fold<K>.safetensors)."),
+    folds: Optional[List[str]] = typer.Option(None, "--folds", help="Folds to include (default: every finished fold)."),
+    name: str = typer.Option("contrast-amplifier", "--name", help="Bundle name in the model registry."),
+    version: str = typer.Option("1.0.0", "--version", help="Bundle version."),
+    description: Optional[str] = typer.Option(None, "--description", help="One-paragraph description."),
+    intended_use: str = typer.Option("research only - not for clinical use", "--intended-use", help="Intended use statement."),
+    training_data: Optional[str] = typer.Option(None, "--training-data", help="Cohort description (default: counts and source)."),
+) -> None:
+    """Write a model bundle (SHA-256 per file, validated bundle.json) from a finished run."""
+    from ContrastAmplifierLib.bundle import BundleError
+
+    from .export import export_bundle
+
+    kwargs = {} if description is None else {"description": description}
+    try:
+        bundle = export_bundle(out_dir, bundle_dir, folds=_parse_folds(folds), name=name, version=version,
+                               intended_use=intended_use, training_data=training_data, **kwargs)
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc), "bar")
+    typer.echo(f"wrote bundle {bundle.name!r} with folds {bundle.folds} to {bundle.path}")
+
+
+@app.command("demo-model")
+def demo_model(
+    work_dir: Path = typer.Argument(Path("build/demo-model"), help="Working folder (phantoms, cache, run); reused to resume."),
+    bundle_dir: Path = typer.Option(Path("Resources/Models/phantom-demo"), "--bundle-dir", help="Where the demo bundle is written."),
+    cases: int = typer.Option(20, "--cases", min=5, help="Training phantom cases."),
+    eval_cases: int = typer.Option(4, "--eval-cases", min=1, help="Held-out phantom cases for the evaluation."),
+    spacing: float = typer.Option(2.0, "--spacing", help="Atlas spacing in mm (phantoms are generated at this spacing too)."),
+    crop: Tuple[int, int, int] = typer.Option((80, 96, 80), "--crop", help="Crop size x y z in voxels."),
+    base_channels: int = typer.Option(8, "--base-channels", min=1, help="UNet base channels."),
+    levels: int = typer.Option(4, "--levels", min=1, help="UNet levels."),
+    epochs: int = typer.Option(15, "--epochs", min=1, help="Epochs per fold."),
+    seed: int = typer.Option(0, "--seed", help="Training seed."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    progress: str = ProgressOpt,
+) -> None:
+    """Train the synthetic-phantom demo ensemble and evaluate it against identity and linear baselines."""
+    from .demo_model import build_demo_model
+
+    cancel = CancelToken()
+    _install_sigterm(cancel)
+    report = make_progress(progress)
+    try:
+        bundle, metrics = build_demo_model(work_dir, bundle_dir, cases=cases, eval_cases=eval_cases, spacing=spacing,
+                                           crop_size=tuple(crop), base_channels=base_channels, levels=levels, epochs=epochs,
+                                           seed=seed, device=device, progress=report, cancel=cancel)
+    except Cancelled:
+        _fail("stopped; rerun the same command to resume", progress, code=130)
+    getattr(report, "close", lambda: None)()
+    lines = [f"{method:12s} NRMSE {m['nrmse']:.4f}  PSNR {m['psnr']:.2f} dB" for method, m in metrics.items()]
+    typer.echo(f"bundle {bundle.path}; held-out phantoms (T1c-low -> T1c):\n" + "\n".join(lines))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``contrast-amplifier-train``)."""
+    args = expand_multi_value_options(sys.argv[1:] if argv is None else argv)
+    try:
+        app(args=args, prog_name="contrast-amplifier-train")
+    except KeyboardInterrupt:
+        typer.secho("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

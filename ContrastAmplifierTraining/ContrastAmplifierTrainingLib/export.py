@@ -1,0 +1,96 @@
+"""Export a finished run (``OUT_DIR`` of ``fit``) as a model bundle (see ContrastAmplifierLib.bundle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+from ContrastAmplifierLib.bundle import ModelBundle, write_bundle
+from ContrastAmplifierLib.network import NetworkConfig
+
+from .data import BUNDLE_MODALITIES
+from .fit import read_plan
+
+DEFAULT_INTENDED_USE = "research only - not for clinical use"
+
+
+def finished_folds(out_dir: Path) -> Dict[int, Dict[str, Any]]:
+    """Fold index -> ``done.json`` content, for every fold whose final weights exist."""
+    done = {}
+    for path in sorted(Path(out_dir).glob("fold_*/done.json")):
+        if (path.parent / "final.safetensors").is_file():
+            info = json.loads(path.read_text(encoding="utf-8"))
+            done[int(info["fold"])] = info
+    return done
+
+
+def export_bundle(
+    out_dir: Path,
+    bundle_dir: Path,
+    folds: Optional[Sequence[int]] = None,
+    name: str = "contrast-amplifier",
+    version: str = "1.0.0",
+    description: str = "Residual 3D UNet ensemble amplifying gadolinium contrast on brain MRI (Bone, Ammari et al., Invest Radiol 2022).",
+    intended_use: str = DEFAULT_INTENDED_USE,
+    training_data: Optional[str] = None,
+    extra_training: Optional[Dict[str, Any]] = None,
+) -> ModelBundle:
+    """Write the bundle of ``folds`` (default: every finished fold) of the run in ``out_dir``.
+
+    Raises:
+        FileNotFoundError: no plan in ``out_dir``.
+        ValueError: a requested fold is unfinished, or none is finished.
+    """
+    from safetensors.torch import load_file
+
+    plan = read_plan(out_dir)
+    done = finished_folds(out_dir)
+    if folds is None:
+        folds = sorted(done)
+        if not folds:
+            raise ValueError(f"no fold of {out_dir} has finished; run `contrast-amplifier-train fit` to the end first.")
+    missing = [k for k in folds if k not in done]
+    if missing:
+        raise ValueError(
+            f"folds {missing} of {out_dir} have not finished (finished: {sorted(done)}); "
+            "finish them with `contrast-amplifier-train fit ... --folds K` or export only finished folds with --folds."
+        )
+    states = {k: load_file(str(Path(out_dir) / f"fold_{k}" / "final.safetensors")) for k in folds}
+    geometry = plan["geometry"]
+    n_patients = len({c["patient_id"] for c in plan["cases"]})
+    training: Dict[str, Any] = {
+        "paper": "Bone, Ammari et al., Invest Radiol 2022;57(8):527-535",
+        "optimizer": "Adam",
+        "learning_rate": plan["learning_rate"],
+        "batch_size": 1,
+        "loss": "MSE",
+        "mirroring": plan["mirror"],
+        "epochs": {str(k): done[k]["epochs"] for k in folds},
+        "seed": plan["seed"],
+        "n_folds": plan["n_folds"],
+        "split_seed": plan["split_seed"],
+        "cases": len(plan["cases"]),
+        "patients": n_patients,
+        "simulate_low_dose": plan["simulate_low_dose"],
+        "final_validation": {str(k): done[k].get("metrics", {}) for k in folds},
+    }
+    if extra_training:
+        training.update(extra_training)
+    return write_bundle(
+        bundle_dir,
+        states,
+        name=name,
+        version=version,
+        description=description,
+        intended_use=intended_use,
+        training_data=training_data or f"{len(plan['cases'])} cases of {n_patients} patients from {plan.get('source') or 'an unnamed cohort'}",
+        modalities=BUNDLE_MODALITIES,
+        spacing=geometry["spacing"],
+        crop_size=geometry["crop_size"],
+        percentiles=geometry["percentiles"],
+        percentile_levels=geometry.get("percentile_levels", (1.0, 99.0)),
+        network=NetworkConfig.from_dict(plan["network"]),
+        training=training,
+        extra={"citation": "Bone A, Ammari S, et al. From dose reduction to contrast maximization. Invest Radiol. 2022;57(8):527-535."},
+    )

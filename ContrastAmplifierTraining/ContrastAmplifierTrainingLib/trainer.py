@@ -1,0 +1,290 @@
+"""One fold's fit loop: Adam, batch 1, MSE, random mirroring, per-epoch validation and checkpoints.
+
+Hyper-parameters (paper, "Training and evaluating the model"): "300 Adam epochs with a learning
+rate of 1/1000 and a mini-batch size of 1, [...] to minimize the mean square error between
+their predictions and the routine T1c sequences. Random mirroring was used for all three axes".
+
+Resume and determinism:
+
+* after every epoch the fold folder gets ``checkpoint.pt`` (model + Adam state + metric history,
+  written to a temporary file then renamed, read back with ``torch.load(weights_only=True)``),
+  ``log.csv`` (rewritten from the history, so a crash never leaves a row of an unsaved epoch)
+  and, once the last epoch is done, ``final.safetensors`` + ``done.json``;
+* a rerun restarts after the last saved epoch; an epoch that was interrupted is redone from its
+  start and finished epochs or folds are never repeated;
+* every random choice (case order, mirroring) comes from ``numpy.random.default_rng((seed,
+  fold, epoch))`` and the initial weights from ``torch.manual_seed``; with deterministic
+  algorithms on CPU, an interrupted-and-resumed run and an uninterrupted one end with
+  identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ContrastAmplifierLib.imageio import write_text_atomic
+from ContrastAmplifierLib.network import NetworkConfig, ResidualUNet3D, count_parameters
+from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, check_cancel, null_progress
+
+from .data import TrainingCase
+from .metrics import mse, psnr, ssim3d
+
+LOG_COLUMNS = ("fold", "epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "seconds")
+EpochCallback = Callable[[Dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fit settings; the defaults are the paper's.
+
+    Attributes:
+        epochs: paper: 300 Adam epochs.
+        learning_rate: paper: 1/1000 (Adam).
+        seed: seeds weights, case order and mirroring.
+        mirror: paper: "random mirroring [...] for all three axes".
+        network: widths/depth (not given in the paper; bundle parameters).
+        device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        precision: ``fp32``, ``bf16`` (autocast; CUDA fast path) or ``auto`` (bf16 on CUDA, fp32 elsewhere).
+        cudnn_benchmark: let cuDNN pick the fastest kernels (CUDA; makes runs non-deterministic).
+        deterministic: use deterministic algorithms (on by default on CPU).
+    """
+
+    epochs: int = 300
+    learning_rate: float = 1e-3
+    seed: int = 0
+    mirror: bool = True
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    device: str = "auto"
+    precision: str = "auto"
+    cudnn_benchmark: bool = True
+    deterministic: bool = True
+
+    def resolved_device(self) -> torch.device:
+        from ContrastAmplifierLib.ensemble import resolve_device
+
+        return resolve_device(self.device)
+
+    def resolved_precision(self, device: torch.device) -> str:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")
+        if self.precision == "auto":
+            return "bf16" if device.type == "cuda" else "fp32"
+        return self.precision
+
+
+@dataclass
+class FoldResult:
+    """What a finished fold leaves: its weights file and the last epoch's metrics."""
+
+    fold: int
+    epochs: int
+    weights: Path
+    metrics: Dict[str, float]
+    history: List[Dict[str, Any]] = field(repr=False, default_factory=list)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_log(history: Sequence[Dict[str, Any]], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_text_atomic(buffer.getvalue(), path)
+
+
+@contextlib.contextmanager
+def _torch_settings(device: torch.device, config: TrainConfig) -> Iterator[None]:
+    """Deterministic algorithms on CPU, cuDNN benchmark on CUDA; restored afterwards."""
+    previous_det = torch.are_deterministic_algorithms_enabled()
+    previous_bench = torch.backends.cudnn.benchmark
+    try:
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(config.cudnn_benchmark)
+            torch.use_deterministic_algorithms(bool(config.deterministic and not config.cudnn_benchmark), warn_only=True)
+        else:
+            torch.use_deterministic_algorithms(bool(config.deterministic), warn_only=True)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous_det)
+        torch.backends.cudnn.benchmark = previous_bench
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _mirror(tensor: torch.Tensor, axes: np.ndarray) -> torch.Tensor:
+    dims = [d + 1 for d in range(3) if axes[d]]  # tensors are (C, Z, Y, X): spatial dims 1..3
+    return torch.flip(tensor, dims) if dims else tensor
+
+
+def epoch_plan(seed: int, fold: int, epoch: int, n_cases: int, mirror: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Case order and per-case mirrored axes of one epoch (a pure function of its arguments)."""
+    rng = np.random.default_rng((seed, fold, epoch))
+    order = rng.permutation(n_cases)
+    axes = rng.integers(0, 2, size=(n_cases, 3)).astype(bool)
+    return order, axes if mirror else np.zeros_like(axes)
+
+
+def evaluate(model: ResidualUNet3D, cases: Sequence[TrainingCase], device: torch.device, precision: str) -> Dict[str, float]:
+    """Mean MSE, PSNR and SSIM of the model's predictions on ``cases`` (no mirroring)."""
+    if not cases:
+        return {"val_loss": math.nan, "val_psnr": math.nan, "val_ssim": math.nan}
+    model.eval()
+    losses, psnrs, ssims = [], [], []
+    with torch.inference_mode():
+        for case in cases:
+            with _autocast(device, precision):
+                prediction = model(case.inputs[None].to(device))[0].float()
+            target = case.target.to(device)
+            losses.append(mse(prediction, target))
+            psnrs.append(psnr(prediction, target))
+            ssims.append(ssim3d(prediction, target))
+    return {"val_loss": float(np.mean(losses)), "val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims))}
+
+
+def fit_fold(
+    fold: int,
+    train_cases: Sequence[TrainingCase],
+    val_cases: Sequence[TrainingCase],
+    fold_dir: Path,
+    config: TrainConfig,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    on_epoch: Optional[EpochCallback] = None,
+) -> FoldResult:
+    """Train (or resume, or skip if finished) the network of one fold.
+
+    Args:
+        fold: fold index (seeds the weights and the epoch plans).
+        train_cases: the other folds' cases.
+        val_cases: the held-out fold's cases (validation loss, PSNR, SSIM each epoch).
+        fold_dir: where checkpoint, log and final weights go.
+        config: see :class:`TrainConfig`.
+        progress: ``(stage, fraction, message)`` with fraction over this fold's epochs.
+        cancel: checked between cases; a cancel loses at most the current epoch.
+        on_epoch: receives each finished epoch's log row.
+
+    Returns:
+        The fold's :class:`FoldResult` (weights in ``fold_dir / "final.safetensors"``).
+    """
+    from safetensors.torch import save_file
+
+    if not train_cases:
+        raise ValueError(f"fold {fold} has no training cases; the cohort needs at least two folds' worth of patients.")
+    progress = progress or null_progress
+    fold_dir = Path(fold_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = fold_dir / "checkpoint.pt"
+    final_path = fold_dir / "final.safetensors"
+    done_path = fold_dir / "done.json"
+    device = config.resolved_device()
+    precision = config.resolved_precision(device)
+
+    with _torch_settings(device, config):
+        torch.manual_seed(config.seed * 1000 + fold)
+        model = ResidualUNet3D(config.network).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        history: List[Dict[str, Any]] = []
+        start_epoch = 0
+        if checkpoint_path.is_file():
+            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+            if state.get("network") != config.network.to_dict():
+                raise ValueError(
+                    f"{checkpoint_path} was made with network {state.get('network')}, not {config.network.to_dict()}; "
+                    "use a new output folder or the original network options."
+                )
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            history = list(state["history"])
+            start_epoch = int(state["epoch"])
+        if start_epoch >= config.epochs and final_path.is_file():
+            progress("fit", 1.0, f"fold {fold} already finished ({start_epoch} epochs)")
+            return FoldResult(fold, start_epoch, final_path, dict(history[-1]) if history else {}, history)
+
+        train_data = [c.to(device) for c in train_cases]
+        val_data = [c.to(device) for c in val_cases]
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            order, axes = epoch_plan(config.seed, fold, epoch, len(train_data), config.mirror)
+            model.train()
+            total = 0.0
+            for step, index in enumerate(order):
+                check_cancel(cancel)
+                case = train_data[index]
+                x = _mirror(case.inputs, axes[index])[None]
+                y = _mirror(case.target, axes[index])[None]
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(device, precision):
+                    prediction = model(x)
+                loss = F.mse_loss(prediction.float(), y)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+                fraction = (epoch + (step + 1) / len(order)) / config.epochs
+                progress("fit", fraction, f"fold {fold} epoch {epoch + 1}/{config.epochs} case {step + 1}/{len(order)}")
+            check_cancel(cancel)
+            row: Dict[str, Any] = {"fold": fold, "epoch": epoch + 1, "train_loss": total / len(order)}
+            row.update(evaluate(model, val_data, device, precision))
+            row["seconds"] = time.perf_counter() - started
+            history.append(row)
+            _atomic_torch_save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "network": config.network.to_dict(),
+                },
+                checkpoint_path,
+            )
+            _write_log(history, fold_dir / "log.csv")
+            if on_epoch is not None:
+                on_epoch(dict(row))
+        tmp = fold_dir / ".final.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, final_path)
+        write_text_atomic(
+            json.dumps(
+                {"fold": fold, "epochs": config.epochs, "parameters": count_parameters(model), "metrics": history[-1] if history else {}},
+                indent=2,
+            )
+            + "\n",
+            done_path,
+        )
+    progress("fit", 1.0, f"fold {fold} finished")
+    return FoldResult(fold, config.epochs, final_path, dict(history[-1]) if history else {}, history)
+
+
+def config_record(config: TrainConfig) -> Dict[str, Any]:
+    """JSON-ready record of a config (for plan.json and the bundle's ``training`` entry)."""
+    record = asdict(config)
+    record["network"] = config.network.to_dict()
+    return record

@@ -1,0 +1,103 @@
+"""Long-format CSV exports of a study's reads: ``grades.csv`` and ``lesions.csv``.
+
+These files are the contract with the analysis (paper sections "Performance metrics" and
+"Statistical analysis", ``lesion-reader analyze``) and with other tools. Headers are fixed:
+
+- ``grades.csv``: ``reader,phase,case,grade,seconds,excluded``, one row per confirmed case;
+- ``lesions.csv``: ``reader,phase,case,lesion,long_mm,short_mm,`` then the long and short axis
+  end points and the lesion centre, in RAS mm; a case read with no lesion has a grades row
+  and no lesions rows.
+
+``excluded`` is 1 on every row of a case that any reader flagged "too many lesions" in any
+phase (paper: such cases "were excluded from the downstream statistical analysis"; exclusion is
+a property of the case, so all readers and phases drop it together and comparisons stay paired).
+``case`` is the case id from ``study.json`` (not the blinded label): exports are for the
+investigators, not the readers.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
+
+from .session import lesion_from_row
+from .storage import ReadsDatabase
+from .study import StudyError, load_study
+
+GRADES_HEADER: Tuple[str, ...] = ("reader", "phase", "case", "grade", "seconds", "excluded")
+LESIONS_HEADER: Tuple[str, ...] = (
+    "reader", "phase", "case", "lesion", "long_mm", "short_mm",
+    "long_x1", "long_y1", "long_z1", "long_x2", "long_y2", "long_z2",
+    "short_x1", "short_y1", "short_z1", "short_x2", "short_y2", "short_z2",
+    "center_x", "center_y", "center_z",
+)
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    text = f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def collect_rows(study_dir: Union[str, os.PathLike]) -> Tuple[List[List[str]], List[List[str]]]:
+    """The grades and lesions rows of a study (without headers), in study order of readers and phases."""
+    study = load_study(study_dir)
+    reader_rank = {r: i for i, r in enumerate(study.readers)}
+    phase_rank = {p.name: i for i, p in enumerate(study.phases)}
+    with ReadsDatabase(study.database_path) as db:
+        reads = db.rows("SELECT * FROM case_reads WHERE status = 'done'")
+        excluded_cases = {row["case_id"] for row in db.rows("SELECT DISTINCT case_id FROM case_reads WHERE too_many_lesions = 1")}
+        lesion_rows = db.rows("SELECT * FROM lesions ORDER BY id")
+    key = lambda r: (reader_rank.get(r["reader"], len(reader_rank)), r["reader"], phase_rank.get(r["phase"], len(phase_rank)), r["phase"], r["case_id"])  # noqa: E731
+    grades: List[List[str]] = []
+    confirmed = set()
+    for row in sorted(reads, key=key):
+        confirmed.add((row["reader"], row["phase"], row["case_id"]))
+        grades.append([
+            row["reader"], row["phase"], row["case_id"], str(int(row["grade"])), _fmt(float(row["seconds"]), 3),
+            "1" if row["case_id"] in excluded_cases else "0",
+        ])
+    by_case: Dict[Tuple[str, str, str], list] = {}
+    for row in lesion_rows:
+        by_case.setdefault((row["reader"], row["phase"], row["case_id"]), []).append(row)
+    lesions: List[List[str]] = []
+    for case_key in sorted(by_case, key=lambda k: (reader_rank.get(k[0], 99), k[0], phase_rank.get(k[1], 99), k[1], k[2])):
+        if case_key not in confirmed:
+            continue  # an unconfirmed case is still being read: neither its grade nor its lesions are exported
+        for number, row in enumerate(by_case[case_key], start=1):
+            lesion = lesion_from_row(row, number)
+            coords = [*lesion.long_axis[0], *lesion.long_axis[1], *lesion.short_axis[0], *lesion.short_axis[1], *lesion.center]
+            lesions.append([*case_key, str(number), _fmt(lesion.long_mm, 3), _fmt(lesion.short_mm, 3), *(_fmt(c) for c in coords)])
+    return grades, lesions
+
+
+def export_study(study_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike]) -> List[Path]:
+    """Write ``OUT_DIR/grades.csv`` and ``OUT_DIR/lesions.csv`` (atomically; see module doc).
+
+    Only confirmed cases are exported, so an export taken during a phase holds finished reads only.
+
+    Returns:
+        The two paths written.
+
+    Raises:
+        StudyError: no valid study in ``study_dir``, or ``out_dir`` is a file.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"export folder {out} is a file; give a folder path")
+    grades, lesions = collect_rows(study_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grades_path, lesions_path = out / "grades.csv", out / "lesions.csv"
+    _write_csv(grades_path, GRADES_HEADER, grades)
+    _write_csv(lesions_path, LESIONS_HEADER, lesions)
+    return [grades_path, lesions_path]

@@ -1,0 +1,754 @@
+"""A reader's session on one phase of a study: the state machine behind the Slicer module.
+
+Paper, "Reader study protocol": readers "independently graded the general image quality on
+4-point scales and marked the major and minor axes of all visible enhancing lesions"; "reading
+times were automatically recorded by the annotation tool". Per reader and phase::
+
+    open -> case shown -> grade (1-4) -> mark lesions (long + short axis each) -> next (confirms)
+         ^                                                                          |
+         +---------------- previous / go_to (revisit until the phase is submitted) -+
+    pause / resume at any time; submit_phase() once every case is confirmed.
+
+Every call that changes something is committed to the study database before it returns
+(:mod:`LesionReaderLib.storage`). Active reading time accrues to the shown case while the
+session is open and not paused; it is flushed into the database with every action, so a crash
+loses only the seconds since the last action.
+
+Blinding: nothing a reader sees (:attr:`ReaderSession.case_label`, :meth:`ReaderSession.state`,
+:meth:`ReaderSession.lesions`) carries a case id, a file name or another phase's answers. Only
+:meth:`ReaderSession.volumes` returns paths, for the viewer to load, not to display.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from .storage import ReadsDatabase, from_iso, to_iso
+from .study import (
+    GRADE_LABELS,
+    Axis,
+    as_utc_aware,
+    Clock,
+    Study,
+    StudyError,
+    WashoutError,
+    case_label,
+    case_order,
+    format_duration,
+    format_time,
+    load_study,
+    utc_now,
+)
+
+#: Short axis: angle to the long axis must be within 90 deg +/- this tolerance ("roughly perpendicular").
+PERPENDICULAR_TOLERANCE_DEG = 20.0
+#: Shortest axis accepted (mm): below this a click was taken for a drag.
+MIN_AXIS_MM = 0.5
+
+
+class SessionError(StudyError):
+    """A reader action is not possible now; the message says why and what to do."""
+
+
+class LesionAxisError(SessionError):
+    """The drawn long/short axes do not describe a lesion (bidirectional measurement rules)."""
+
+
+Point = Tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class LesionRecord:
+    """One lesion as stored: long and short axes in RAS mm.
+
+    Attributes:
+        id: database id (stable; use it with ``remove_lesion``/``update_lesion``).
+        number: 1-based rank within the case for this reader and phase (what the reader sees).
+        long_axis, short_axis: ``((x1, y1, z1), (x2, y2, z2))`` in RAS mm.
+    """
+
+    id: int
+    number: int
+    long_axis: Axis
+    short_axis: Axis
+
+    @property
+    def long_mm(self) -> float:
+        return _length(self.long_axis)
+
+    @property
+    def short_mm(self) -> float:
+        return _length(self.short_axis)
+
+    @property
+    def center(self) -> Point:
+        """Centroid of the four end points (= mean of the two axes' midpoints), used for matching."""
+        pts = (*self.long_axis, *self.short_axis)
+        return tuple(sum(p[i] for p in pts) / 4.0 for i in range(3))  # type: ignore[return-value]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """UI-facing view (no case id)."""
+        return {
+            "id": self.id, "number": self.number, "long_mm": round(self.long_mm, 2), "short_mm": round(self.short_mm, 2),
+            "long_axis": [list(p) for p in self.long_axis], "short_axis": [list(p) for p in self.short_axis],
+            "center": list(self.center),
+        }
+
+
+def _length(axis: Axis) -> float:
+    (a, b) = axis
+    return math.sqrt(sum((b[i] - a[i]) ** 2 for i in range(3)))
+
+
+def _as_axis(value: Any, name: str) -> Axis:
+    try:
+        p1, p2 = value
+        axis = (tuple(float(c) for c in p1), tuple(float(c) for c in p2))
+    except (TypeError, ValueError):
+        raise LesionAxisError(f"{name} must be two RAS points ((x1, y1, z1), (x2, y2, z2)) in mm, got {value!r}") from None
+    if any(len(p) != 3 for p in axis) or not all(math.isfinite(c) for p in axis for c in p):
+        raise LesionAxisError(f"{name} must be two finite 3D points in RAS mm, got {value!r}")
+    return axis  # type: ignore[return-value]
+
+
+def _segment_distance(a: Axis, b: Axis) -> float:
+    """Shortest distance between two 3D segments (clamped closest points)."""
+    p, q = list(a[0]), list(b[0])
+    d1 = [a[1][i] - a[0][i] for i in range(3)]
+    d2 = [b[1][i] - b[0][i] for i in range(3)]
+    r = [p[i] - q[i] for i in range(3)]
+    dot = lambda u, v: sum(u[i] * v[i] for i in range(3))  # noqa: E731
+    aa, ee, ff = dot(d1, d1), dot(d2, d2), dot(d2, r)
+    c, bb = dot(d1, r), dot(d1, d2)
+    denom = aa * ee - bb * bb
+    s = min(max((bb * ff - c * ee) / denom, 0.0), 1.0) if denom > 1e-12 else 0.0
+    t = (bb * s + ff) / ee
+    if t < 0.0:
+        t, s = 0.0, min(max(-c / aa, 0.0), 1.0)
+    elif t > 1.0:
+        t, s = 1.0, min(max((bb - c) / aa, 0.0), 1.0)
+    c1 = [p[i] + d1[i] * s for i in range(3)]
+    c2 = [q[i] + d2[i] * t for i in range(3)]
+    return math.sqrt(sum((c1[i] - c2[i]) ** 2 for i in range(3)))
+
+
+def validate_lesion_axes(long_axis: Any, short_axis: Any, tolerance_deg: float = PERPENDICULAR_TOLERANCE_DEG) -> Tuple[Axis, Axis]:
+    """Check a bidirectional lesion measurement and return the axes as float tuples.
+
+    Rules (the paper's "major and minor axes"): both axes longer than ``MIN_AXIS_MM``; the short
+    axis no longer than the long one; roughly perpendicular (90 deg +/- ``tolerance_deg``); and
+    the short axis crosses or nearly touches the long one (within half the long axis), so the two
+    belong to the same lesion.
+
+    Raises:
+        LesionAxisError: which rule failed, with the measured values and how to redraw.
+    """
+    long_axis = _as_axis(long_axis, "long_axis")
+    short_axis = _as_axis(short_axis, "short_axis")
+    long_mm, short_mm = _length(long_axis), _length(short_axis)
+    if long_mm < MIN_AXIS_MM:
+        raise LesionAxisError(f"long axis is {long_mm:.2f} mm long (< {MIN_AXIS_MM} mm); drag across the lesion's largest extent")
+    if short_mm < MIN_AXIS_MM:
+        raise LesionAxisError(f"short axis is {short_mm:.2f} mm long (< {MIN_AXIS_MM} mm); drag across the lesion's width")
+    if short_mm > long_mm * (1 + 1e-9):
+        raise LesionAxisError(
+            f"short axis ({short_mm:.1f} mm) is longer than the long axis ({long_mm:.1f} mm); "
+            "draw the lesion's largest extent first, or swap the two lines"
+        )
+    u = [(long_axis[1][i] - long_axis[0][i]) / long_mm for i in range(3)]
+    v = [(short_axis[1][i] - short_axis[0][i]) / short_mm for i in range(3)]
+    angle = math.degrees(math.acos(min(1.0, abs(sum(u[i] * v[i] for i in range(3))))))
+    if angle < 90.0 - tolerance_deg:
+        raise LesionAxisError(
+            f"short axis makes {angle:.0f} deg with the long axis; it must be roughly perpendicular "
+            f"(90 +/- {tolerance_deg:g} deg): redraw it across the lesion, at right angles to the long axis"
+        )
+    gap = _segment_distance(long_axis, short_axis)
+    if gap > 0.5 * long_mm:
+        raise LesionAxisError(
+            f"short axis passes {gap:.1f} mm from the long axis (more than half its {long_mm:.1f} mm); "
+            "draw both axes on the same lesion, the short one crossing the long one"
+        )
+    return long_axis, short_axis
+
+
+def phase_opens_at(db: ReadsDatabase, study: Study, reader: str, phase: str) -> Tuple[Optional[datetime], str]:
+    """When ``phase`` opens for ``reader``: ``(time, reason)``; time ``None`` = not yet known.
+
+    The first phase is always open. Phase k+1 opens ``washout_days`` after the reader submitted
+    phase k (paper: "a minimal delay of 10 days was enforced between each reading phase").
+    """
+    index = study.phase_index(phase)
+    if index == 0:
+        return datetime.min.replace(tzinfo=utc_now().tzinfo), "first phase"
+    previous = study.phases[index - 1].name
+    row = db.row("SELECT submitted_at FROM phase_reads WHERE reader = ? AND phase = ?", (reader, previous))
+    if row is None or row["submitted_at"] is None:
+        return None, f"after phase {previous} is submitted, plus {study.washout_days:g} days"
+    submitted = from_iso(row["submitted_at"])
+    assert submitted is not None
+    return submitted + timedelta(days=study.washout_days), f"{study.washout_days:g} days after phase {previous} was submitted on {format_time(submitted)}"
+
+
+class ReaderSession:
+    """One reader reading one phase. Create with :meth:`open`; every mutating call is committed.
+
+    Example:
+        >>> session = ReaderSession.open("study", reader="R1", phase="T1c")
+        >>> session.grade(3)
+        >>> lesion_id = session.add_lesion(long_axis=((0, 0, 0), (10, 0, 0)), short_axis=((5, -3, 0), (5, 3, 0)))
+        >>> session.next_case()
+    """
+
+    def __init__(self, study: Study, db: ReadsDatabase, reader: str, phase: str, clock: Clock, token: str):
+        self.study = study
+        self.reader = reader
+        self.phase = phase
+        self._phase = study.phase(phase)
+        self._db: Optional[ReadsDatabase] = db
+        self._clock = clock
+        self._token = token
+        row = db.row("SELECT * FROM phase_reads WHERE reader = ? AND phase = ?", (reader, phase))
+        self._order: List[str] = json.loads(row["case_order"])
+        self._position: int = int(row["position"])
+        self._paused = bool(row["paused"])
+        self._active_since: Optional[datetime] = None if self._paused else clock()
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        study_dir: Union[str, os.PathLike],
+        reader: str,
+        phase: str,
+        clock: Optional[Clock] = None,
+    ) -> "ReaderSession":
+        """Open (or resume) ``reader``'s reading of ``phase``.
+
+        Args:
+            study_dir: the study folder.
+            reader: a reader id from ``study.json``.
+            phase: a phase name from ``study.json``.
+            clock: callable returning the current timezone-aware time (default: UTC now);
+                inject a :class:`~LesionReaderLib.study.ManualClock` in tests and simulations.
+
+        Raises:
+            StudyError: unknown reader/phase, or the phase was already submitted.
+            WashoutError: the previous phase is too recent; ``opens_at`` says when this one opens.
+            SessionError: the previous phase has not been submitted.
+        """
+        base_clock = clock or utc_now
+        clock = lambda: as_utc_aware(base_clock())  # noqa: E731  (naive datetimes are taken as UTC)
+        study = load_study(study_dir)
+        study.check_reader(reader)
+        study.phase(phase)
+        db = ReadsDatabase(study.database_path)
+        try:
+            now = clock()
+            token = uuid.uuid4().hex
+            with db.transaction():
+                opens_at, reason = phase_opens_at(db, study, reader, phase)
+                if opens_at is None:
+                    previous = study.phases[study.phase_index(phase) - 1].name
+                    raise SessionError(
+                        f"reader {reader} cannot open phase {phase} yet: phase {previous} is not submitted. "
+                        f"Finish and submit {previous} first; {phase} then opens {study.washout_days:g} days later"
+                    )
+                if now < opens_at:
+                    raise WashoutError(
+                        f"wash-out: reader {reader} cannot open phase {phase} before {format_time(opens_at)} "
+                        f"({reason}); {format_duration((opens_at - now).total_seconds())} to go",
+                        opens_at,
+                    )
+                row = db.row("SELECT * FROM phase_reads WHERE reader = ? AND phase = ?", (reader, phase))
+                ids = sorted(c.id for c in study.cases)
+                if row is None:
+                    order = case_order(study, reader, phase)
+                    db.execute(
+                        "INSERT INTO phase_reads (reader, phase, case_order, position, opened_at, owner) VALUES (?, ?, ?, 0, ?, ?)",
+                        (reader, phase, json.dumps(order), to_iso(now), token),
+                    )
+                else:
+                    if row["submitted_at"] is not None:
+                        raise StudyError(
+                            f"reader {reader} submitted phase {phase} on {format_time(from_iso(row['submitted_at']))}; "
+                            "a submitted phase is final and cannot be reopened"
+                        )
+                    if sorted(json.loads(row["case_order"])) != ids:
+                        raise StudyError(
+                            f"the cases in {study.directory / 'study.json'} changed after reader {reader} started phase {phase}; "
+                            "restore the original case list (reads refer to it)"
+                        )
+                    db.execute("UPDATE phase_reads SET owner = ?, paused = 0 WHERE reader = ? AND phase = ?", (token, reader, phase))
+                session = cls(study, db, reader, phase, clock, token)
+                session._touch_case(now)
+                db.log(now, reader, phase, session._case_id, "open")
+            return session
+        except BaseException:
+            db.close()
+            raise
+
+    # -- read-only views -------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        return len(self._order)
+
+    @property
+    def position(self) -> int:
+        """0-based position of the shown case in this reader's order for this phase."""
+        return self._position
+
+    @property
+    def case_label(self) -> str:
+        """Neutral label of the shown case (``Case 07``): no id, no file name."""
+        return case_label(self._position, self.total)
+
+    @property
+    def marks_lesions(self) -> bool:
+        """Whether this reader marks lesions in this phase (else only grades)."""
+        return self._phase.reader_marks(self.reader)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def closed(self) -> bool:
+        return self._db is None
+
+    @property
+    def progress(self) -> Tuple[int, int]:
+        """``(done, total)``: confirmed cases and cases in the phase."""
+        row = self._require_db().row(
+            "SELECT COUNT(*) AS n FROM case_reads WHERE reader = ? AND phase = ? AND status = 'done'", (self.reader, self.phase)
+        )
+        return int(row["n"]), self.total
+
+    @property
+    def _case_id(self) -> str:
+        return self._order[self._position]
+
+    def volumes(self) -> Dict[str, Path]:
+        """What this phase shows for the shown case: ``{volume name: file}`` in layout order.
+
+        The paths are for the viewer to load; they must not be displayed (blinding).
+        """
+        return {name: self.study.volume_path(self._case_id, name) for name in self._phase.shows}
+
+    def _case_row(self) -> Any:
+        return self._require_db().row(
+            "SELECT * FROM case_reads WHERE reader = ? AND phase = ? AND case_id = ?", (self.reader, self.phase, self._case_id)
+        )
+
+    @property
+    def current_grade(self) -> Optional[int]:
+        row = self._case_row()
+        return None if row is None or row["grade"] is None else int(row["grade"])
+
+    @property
+    def too_many_lesions(self) -> bool:
+        row = self._case_row()
+        return bool(row is not None and row["too_many_lesions"])
+
+    @property
+    def case_done(self) -> bool:
+        row = self._case_row()
+        return bool(row is not None and row["status"] == "done")
+
+    def case_seconds(self) -> float:
+        """Active reading time of the shown case so far (stored + running)."""
+        row = self._case_row()
+        stored = float(row["seconds"]) if row is not None else 0.0
+        return stored + self._running_seconds(self._clock())
+
+    def phase_seconds(self) -> float:
+        """Active reading time over all cases of this phase so far."""
+        row = self._require_db().row(
+            "SELECT COALESCE(SUM(seconds), 0) AS s FROM case_reads WHERE reader = ? AND phase = ?", (self.reader, self.phase)
+        )
+        return float(row["s"]) + self._running_seconds(self._clock())
+
+    def lesions(self) -> List[LesionRecord]:
+        """The shown case's lesions for this reader and phase, in drawing order."""
+        rows = self._require_db().rows(
+            "SELECT * FROM lesions WHERE reader = ? AND phase = ? AND case_id = ? ORDER BY id",
+            (self.reader, self.phase, self._case_id),
+        )
+        return [lesion_from_row(row, number) for number, row in enumerate(rows, start=1)]
+
+    def state(self) -> Dict[str, Any]:
+        """Everything the reader's UI shows, as plain data (blinded: no case id, no paths)."""
+        done, total = self.progress
+        grade = self.current_grade
+        return {
+            "reader": self.reader,
+            "phase": self.phase,
+            "case_label": self.case_label,
+            "position": self._position,
+            "done": done,
+            "total": total,
+            "progress_text": f"case {self._position + 1} / {total}",
+            "case_done": self.case_done,
+            "grade": grade,
+            "grade_label": None if grade is None else GRADE_LABELS[grade],
+            "marks_lesions": self.marks_lesions,
+            "too_many_lesions": self.too_many_lesions,
+            "max_lesions": self.study.max_lesions,
+            "lesions": [lesion.to_dict() for lesion in self.lesions()],
+            "case_seconds": self.case_seconds(),
+            "phase_seconds": self.phase_seconds(),
+            "paused": self._paused,
+            "shows": list(self._phase.shows),
+        }
+
+    # -- actions ---------------------------------------------------------------------------
+    def grade(self, value: int) -> None:
+        """Grade the shown case's overall image quality: 1 poor, 2 average, 3 good, 4 excellent.
+
+        Raises:
+            SessionError: ``value`` is not an integer from 1 to 4.
+        """
+        if isinstance(value, bool) or not isinstance(value, int) or value not in GRADE_LABELS:
+            raise SessionError(f"grade must be an integer from 1 to 4 ({', '.join(f'{k} {v}' for k, v in GRADE_LABELS.items())}), got {value!r}")
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            db.execute(
+                "UPDATE case_reads SET grade = ?, updated_at = ? WHERE reader = ? AND phase = ? AND case_id = ?",
+                (value, to_iso(now), self.reader, self.phase, self._case_id),
+            )
+            db.log(now, self.reader, self.phase, self._case_id, "grade", grade=value)
+
+        self._act(apply)
+
+    def add_lesion(self, long_axis: Axis, short_axis: Axis) -> int:
+        """Record a lesion on the shown case from its long and short axes in RAS mm.
+
+        Returns:
+            The lesion's id (for :meth:`remove_lesion` / :meth:`update_lesion`).
+
+        Raises:
+            LesionAxisError: the axes are not a valid bidirectional measurement.
+            SessionError: this reader does not mark lesions in this phase, the case is flagged
+                "too many lesions", or it already holds ``max_lesions`` lesions.
+        """
+        long_axis, short_axis = validate_lesion_axes(long_axis, short_axis)
+        self._check_can_mark()
+        result: Dict[str, int] = {}
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            count = db.row(
+                "SELECT COUNT(*) AS n FROM lesions WHERE reader = ? AND phase = ? AND case_id = ?", (self.reader, self.phase, self._case_id)
+            )["n"]
+            if count >= self.study.max_lesions:
+                raise SessionError(
+                    f"{self.case_label} already has {count} lesions, the study's maximum ({self.study.max_lesions}); "
+                    "flag it 'too many lesions' instead: it is then excluded from the analysis (paper protocol)"
+                )
+            cursor = db.execute(
+                "INSERT INTO lesions (reader, phase, case_id, long_x1, long_y1, long_z1, long_x2, long_y2, long_z2, "
+                "short_x1, short_y1, short_z1, short_x2, short_y2, short_z2, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (self.reader, self.phase, self._case_id, *long_axis[0], *long_axis[1], *short_axis[0], *short_axis[1], to_iso(now), to_iso(now)),
+            )
+            result["id"] = int(cursor.lastrowid)
+            self._mark_updated(db, now)
+            db.log(now, self.reader, self.phase, self._case_id, "add_lesion", lesion=result["id"], long=long_axis, short=short_axis)
+
+        self._act(apply)
+        return result["id"]
+
+    def update_lesion(self, lesion_id: int, long_axis: Axis, short_axis: Axis) -> None:
+        """Replace a lesion's axes (the reader moved an end point).
+
+        Raises:
+            LesionAxisError: invalid axes (the stored lesion is kept).
+            SessionError: ``lesion_id`` is not a lesion of the shown case.
+        """
+        long_axis, short_axis = validate_lesion_axes(long_axis, short_axis)
+        self._check_can_mark()
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            self._check_lesion(db, lesion_id)
+            db.execute(
+                "UPDATE lesions SET long_x1 = ?, long_y1 = ?, long_z1 = ?, long_x2 = ?, long_y2 = ?, long_z2 = ?, "
+                "short_x1 = ?, short_y1 = ?, short_z1 = ?, short_x2 = ?, short_y2 = ?, short_z2 = ?, updated_at = ? WHERE id = ?",
+                (*long_axis[0], *long_axis[1], *short_axis[0], *short_axis[1], to_iso(now), int(lesion_id)),
+            )
+            self._mark_updated(db, now)
+            db.log(now, self.reader, self.phase, self._case_id, "update_lesion", lesion=int(lesion_id), long=long_axis, short=short_axis)
+
+        self._act(apply)
+
+    def remove_lesion(self, lesion_id: int) -> None:
+        """Delete a lesion of the shown case.
+
+        Raises:
+            SessionError: ``lesion_id`` is not a lesion of the shown case.
+        """
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            self._check_lesion(db, lesion_id)
+            db.execute("DELETE FROM lesions WHERE id = ?", (int(lesion_id),))
+            self._mark_updated(db, now)
+            db.log(now, self.reader, self.phase, self._case_id, "remove_lesion", lesion=int(lesion_id))
+
+        self._act(apply)
+
+    def flag_too_many_lesions(self, flag: bool = True) -> None:
+        """Flag (or unflag) the shown case as having more than ``max_lesions`` lesions.
+
+        Paper: "Cases with more than 20 lesions were not annotated and were excluded from the
+        downstream statistical analysis". A flagged case needs a grade but no lesion, and is
+        exported with ``excluded = 1``.
+        """
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            db.execute(
+                "UPDATE case_reads SET too_many_lesions = ?, updated_at = ? WHERE reader = ? AND phase = ? AND case_id = ?",
+                (int(bool(flag)), to_iso(now), self.reader, self.phase, self._case_id),
+            )
+            db.log(now, self.reader, self.phase, self._case_id, "too_many_lesions", flag=bool(flag))
+
+        self._act(apply)
+
+    def confirm_case(self) -> None:
+        """Confirm the shown case (graded; its lesions, possibly none, are complete).
+
+        Raises:
+            SessionError: the case has no grade yet.
+        """
+        if self.current_grade is None:
+            raise SessionError(f"grade {self.case_label} (1-4: poor, average, good, excellent) before confirming it")
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            db.execute(
+                "UPDATE case_reads SET status = 'done', confirmed_at = ?, updated_at = ? WHERE reader = ? AND phase = ? AND case_id = ?",
+                (to_iso(now), to_iso(now), self.reader, self.phase, self._case_id),
+            )
+            db.log(now, self.reader, self.phase, self._case_id, "confirm", lesions=len(self.lesions()))
+
+        self._act(apply)
+
+    def next_case(self) -> bool:
+        """Confirm the shown case and show the next one.
+
+        Returns:
+            ``False`` when the confirmed case was the last one (the session stays on it).
+
+        Raises:
+            SessionError: the shown case has no grade yet.
+        """
+        self.confirm_case()
+        if self._position + 1 >= self.total:
+            return False
+        self.go_to(self._position + 1)
+        return True
+
+    def previous_case(self) -> bool:
+        """Show the previous case (the shown one keeps its answers, confirmed or not).
+
+        Returns:
+            ``False`` on the first case (nothing changes).
+        """
+        if self._position == 0:
+            return False
+        self.go_to(self._position - 1)
+        return True
+
+    def go_to(self, position: int) -> None:
+        """Show the case at 0-based ``position`` (revisiting is allowed until the phase is submitted)."""
+        if not 0 <= int(position) < self.total:
+            raise SessionError(f"position {position} is out of range; this phase has cases 0 to {self.total - 1}")
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            self._position = int(position)
+            db.execute("UPDATE phase_reads SET position = ? WHERE reader = ? AND phase = ?", (self._position, self.reader, self.phase))
+            self._touch_case(now)
+            db.log(now, self.reader, self.phase, self._case_id, "show")
+
+        previous = self._position
+        try:
+            self._act(apply)
+        except BaseException:
+            self._position = previous
+            raise
+
+    def first_unconfirmed(self) -> Optional[int]:
+        """Position of the first case not yet confirmed (``None`` when all are)."""
+        done = {
+            row["case_id"]
+            for row in self._require_db().rows(
+                "SELECT case_id FROM case_reads WHERE reader = ? AND phase = ? AND status = 'done'", (self.reader, self.phase)
+            )
+        }
+        return next((i for i, case_id in enumerate(self._order) if case_id not in done), None)
+
+    def pause(self) -> None:
+        """Stop the reading clock (the reader left the case or took a break); answers are kept."""
+        if self._paused:
+            return
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            db.execute("UPDATE phase_reads SET paused = 1 WHERE reader = ? AND phase = ?", (self.reader, self.phase))
+            db.log(now, self.reader, self.phase, self._case_id, "pause")
+
+        self._act(apply, allow_paused=True)
+        self._paused = True
+        self._active_since = None
+
+    def resume(self) -> None:
+        """Restart the reading clock after :meth:`pause`."""
+        if not self._paused:
+            return
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            db.execute("UPDATE phase_reads SET paused = 0 WHERE reader = ? AND phase = ?", (self.reader, self.phase))
+            db.log(now, self.reader, self.phase, self._case_id, "resume")
+
+        self._act(apply, allow_paused=True)
+        self._paused = False
+        self._active_since = self._clock()
+
+    def submit_phase(self) -> datetime:
+        """Submit the phase: answers become final and the wash-out to the next phase starts.
+
+        Returns:
+            When the reader's next phase opens (the submission time if this was the last phase).
+
+        Raises:
+            SessionError: some cases are not confirmed (their labels are listed).
+        """
+        done = {
+            row["case_id"]
+            for row in self._require_db().rows(
+                "SELECT case_id FROM case_reads WHERE reader = ? AND phase = ? AND status = 'done'", (self.reader, self.phase)
+            )
+        }
+        missing = [case_label(i, self.total) for i, case_id in enumerate(self._order) if case_id not in done]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise SessionError(f"cannot submit phase {self.phase}: {len(missing)} case(s) not confirmed ({shown}); grade and confirm them first")
+        stamp: Dict[str, datetime] = {}
+
+        def apply(db: ReadsDatabase, now: datetime) -> None:
+            db.execute(
+                "UPDATE phase_reads SET submitted_at = ?, owner = NULL WHERE reader = ? AND phase = ?", (to_iso(now), self.reader, self.phase)
+            )
+            db.log(now, self.reader, self.phase, None, "submit")
+            stamp["now"] = now
+
+        self._act(apply, allow_paused=True)
+        self._release()
+        last = self.study.phase_index(self.phase) == len(self.study.phases) - 1
+        return stamp["now"] if last else stamp["now"] + timedelta(days=self.study.washout_days)
+
+    def close(self) -> None:
+        """Store the running time and release the session (idempotent; answers are already saved)."""
+        if self._db is None:
+            return
+        try:
+            row = self._db.row("SELECT owner FROM phase_reads WHERE reader = ? AND phase = ?", (self.reader, self.phase))
+            if row is None or row["owner"] != self._token:
+                return  # taken over elsewhere: the other session owns the clock now
+
+            def apply(db: ReadsDatabase, now: datetime) -> None:
+                db.execute(
+                    "UPDATE phase_reads SET owner = NULL WHERE reader = ? AND phase = ? AND owner = ?", (self.reader, self.phase, self._token)
+                )
+                db.log(now, self.reader, self.phase, self._case_id, "close")
+
+            self._act(apply, allow_paused=True, check_owner=False)
+        finally:
+            self._release()
+
+    def __enter__(self) -> "ReaderSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+    def _require_db(self) -> ReadsDatabase:
+        if self._db is None:
+            raise SessionError(f"this session (reader {self.reader}, phase {self.phase}) is closed; open a new one with ReaderSession.open")
+        return self._db
+
+    def _release(self) -> None:
+        if self._db is not None:
+            self._db.close()
+        self._db = None
+        self._active_since = None
+
+    def _running_seconds(self, now: datetime) -> float:
+        if self._paused or self._active_since is None:
+            return 0.0
+        return max(0.0, (now - self._active_since).total_seconds())
+
+    def _act(self, apply: Callable[[ReadsDatabase, datetime], None], *, allow_paused: bool = False, check_owner: bool = True) -> None:
+        """Run one reader action in one transaction, crediting the running time to the shown case first."""
+        db = self._require_db()
+        if self._paused and not allow_paused:
+            raise SessionError("the reading is paused; resume it first (the Resume button, or session.resume())")
+        now = self._clock()
+        with db.transaction():
+            if check_owner:
+                row = db.row("SELECT owner, submitted_at FROM phase_reads WHERE reader = ? AND phase = ?", (self.reader, self.phase))
+                if row["submitted_at"] is not None:
+                    raise SessionError(f"phase {self.phase} was submitted; its answers are final")
+                if row["owner"] != self._token:
+                    raise SessionError(
+                        f"reader {self.reader}'s phase {self.phase} was opened in another window or process since this one; "
+                        "close this one and continue there (nothing was lost)"
+                    )
+            elapsed = self._running_seconds(now)
+            if elapsed > 0:
+                db.execute(
+                    "UPDATE case_reads SET seconds = seconds + ? WHERE reader = ? AND phase = ? AND case_id = ?",
+                    (elapsed, self.reader, self.phase, self._case_id),
+                )
+            apply(db, now)
+        if not self._paused:
+            self._active_since = now
+
+    def _touch_case(self, now: datetime) -> None:
+        self._require_db().execute(
+            "INSERT OR IGNORE INTO case_reads (reader, phase, case_id, first_opened_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            (self.reader, self.phase, self._case_id, to_iso(now), to_iso(now)),
+        )
+
+    def _mark_updated(self, db: ReadsDatabase, now: datetime) -> None:
+        db.execute(
+            "UPDATE case_reads SET updated_at = ? WHERE reader = ? AND phase = ? AND case_id = ?", (to_iso(now), self.reader, self.phase, self._case_id)
+        )
+
+    def _check_can_mark(self) -> None:
+        if not self.marks_lesions:
+            markers = self._phase.markers
+            raise SessionError(
+                f"in phase {self.phase} only {', '.join(markers) if markers != 'all' else 'all readers'} mark lesions "
+                f"(the reference); reader {self.reader} only grades this phase"
+            )
+        if self.too_many_lesions:
+            raise SessionError(f"{self.case_label} is flagged 'too many lesions' (excluded); unflag it before marking lesions")
+
+    def _check_lesion(self, db: ReadsDatabase, lesion_id: int) -> None:
+        row = db.row("SELECT reader, phase, case_id FROM lesions WHERE id = ?", (int(lesion_id),))
+        if row is None or (row["reader"], row["phase"], row["case_id"]) != (self.reader, self.phase, self._case_id):
+            raise SessionError(f"lesion {lesion_id} is not a lesion of {self.case_label} in this reading; pick one from session.lesions()")
+
+
+def lesion_from_row(row: Any, number: int) -> LesionRecord:
+    """Build a :class:`LesionRecord` from a ``lesions`` table row."""
+    return LesionRecord(
+        id=int(row["id"]),
+        number=number,
+        long_axis=((row["long_x1"], row["long_y1"], row["long_z1"]), (row["long_x2"], row["long_y2"], row["long_z2"])),
+        short_axis=((row["short_x1"], row["short_y1"], row["short_z1"]), (row["short_x2"], row["short_y2"], row["short_z2"])),
+    )

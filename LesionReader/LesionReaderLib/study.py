@@ -1,0 +1,529 @@
+"""The study definition (``study.json``): cases, readers, phases, blinding, case order, wash-out.
+
+Paper, "Reader study protocol": three successive reading phases (T1c, T1c-pro, T1c-vfa) with the
+T2-FLAIR always shown and the routine T1c shown beside T1c-pro and T1c-vfa; at least 10 days
+between a reader's phases against recall bias; both readers grade every phase but lesions on
+T1c-vfa are marked once, by one reader, and become the reference; cases with more than 20
+lesions are not annotated and are excluded from the analysis.
+
+``study.json`` is the only place where file paths and case ids live. What a reader sees is
+derived from it through :func:`case_order` and :func:`case_label`, which never expose them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+#: Format tag written in every ``study.json``; bumped on incompatible changes.
+STUDY_FORMAT = "lesion-reader-study/1"
+STUDY_FILE = "study.json"
+DATABASE_FILE = "reads.sqlite"
+
+#: Paper defaults ("Reader study protocol").
+DEFAULT_WASHOUT_DAYS = 10.0
+DEFAULT_MAX_LESIONS = 20
+DEFAULT_PHASE_NAMES = ("T1c", "T1c-pro", "T1c-vfa")
+DEFAULT_REFERENCE_PHASE = "T1c-vfa"
+
+#: Image quality scale (paper: "general image quality on 4-point scales").
+GRADE_LABELS: Dict[int, str] = {1: "poor", 2: "average", 3: "good", 4: "excellent"}
+
+#: Canonical modality names and the file-name stems recognised for them in case folders
+#: (compared lower-case with "-", "_", "." and spaces removed).
+MODALITY_ALIASES: Dict[str, Tuple[str, ...]] = {
+    "T1": ("t1", "t1pre", "t1w", "t1native"),
+    "T2-FLAIR": ("t2flair", "flair", "t2wflair"),
+    "ADC": ("adc", "adcmap"),
+    "T1c": ("t1c", "t1ce", "t1gd", "t1post", "t1c+"),
+    "T1c-low": ("t1clow", "t1lowdose"),
+    "T1c-pro": ("t1cpro", "t1c+pro", "t1camplified"),
+    "T1c-vfa": ("t1cvfa", "t1vfa", "t1cse", "t1ctse"),
+}
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+Clock = Callable[[], datetime]
+Axis = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
+
+
+class StudyError(ValueError):
+    """A study cannot be created, opened or read; the message names the input and the fix."""
+
+
+class WashoutError(StudyError):
+    """A reader tried to open a phase before the wash-out delay has passed.
+
+    Attributes:
+        opens_at: when the phase opens for this reader (UTC).
+    """
+
+    def __init__(self, message: str, opens_at: datetime):
+        super().__init__(message)
+        self.opens_at = opens_at
+
+
+def utc_now() -> datetime:
+    """The default clock: the current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class ManualClock:
+    """A clock that only moves when told to: for tests and simulated studies.
+
+    Example:
+        >>> clock = ManualClock(datetime(2024, 1, 1, tzinfo=timezone.utc))
+        >>> clock.advance(days=10)
+    """
+
+    def __init__(self, start: Optional[datetime] = None):
+        self.now = as_utc_aware(start or datetime(2024, 1, 1, 9, 0, tzinfo=timezone.utc))
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float = 0.0, *, minutes: float = 0.0, hours: float = 0.0, days: float = 0.0) -> datetime:
+        """Move the clock forward and return the new time."""
+        delta = timedelta(seconds=seconds, minutes=minutes, hours=hours, days=days)
+        if delta < timedelta(0):
+            raise ValueError(f"ManualClock only moves forward (asked to move by {delta})")
+        self.now = self.now + delta
+        return self.now
+
+
+def as_utc_aware(moment: datetime) -> datetime:
+    """Treat a naive datetime as UTC; leave aware ones unchanged."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def format_time(moment: datetime) -> str:
+    """``2024-05-11 14:03 UTC``: how times are shown to readers and in errors."""
+    return as_utc_aware(moment).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def format_duration(seconds: float) -> str:
+    """``3 d 4 h``, ``2 h 05 min``, ``4 min 12 s``: compact human durations."""
+    seconds = max(0.0, float(seconds))
+    days, rest = divmod(int(round(seconds)), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+def canonical_modality(name: str) -> Optional[str]:
+    """Map a file stem or a user spelling (``t1c_pro``, ``FLAIR``...) to a canonical modality name."""
+    key = "".join(ch for ch in name.lower() if ch not in "-_. ")
+    for canonical, aliases in MODALITY_ALIASES.items():
+        if key == canonical.lower().replace("-", "") or key in aliases:
+            return canonical
+    return None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One reading phase.
+
+    Attributes:
+        name: phase name, also the volume it is dedicated to (``T1c-pro``).
+        shows: volume names displayed, in layout order (first = the phase's own volume).
+        markers: ``"all"`` or the reader ids who mark lesions in this phase (the others only grade).
+    """
+
+    name: str
+    shows: Tuple[str, ...]
+    markers: Union[str, Tuple[str, ...]] = "all"
+
+    def reader_marks(self, reader: str) -> bool:
+        """Whether ``reader`` marks lesions in this phase."""
+        return self.markers == "all" or reader in self.markers
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shows": list(self.shows), "markers": self.markers if self.markers == "all" else list(self.markers)}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: a private id (never shown to readers) and its volume files by modality."""
+
+    id: str
+    volumes: Mapping[str, str]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "volumes": dict(self.volumes)}
+
+
+def default_phase(name: str) -> Phase:
+    """Paper layout for a phase: its volume, the routine T1c (unless it is the T1c phase), T2-FLAIR."""
+    shows = [name]
+    if name != "T1c":
+        shows.append("T1c")
+    if name != "T2-FLAIR":
+        shows.append("T2-FLAIR")
+    return Phase(name=name, shows=tuple(shows))
+
+
+def parse_phase_spec(spec: str) -> Phase:
+    """Parse a CLI phase: ``NAME`` (paper layout) or ``NAME=VOL1+VOL2+...`` (explicit layout).
+
+    Raises:
+        StudyError: empty name or volume list.
+    """
+    if "=" not in spec:
+        if not spec.strip():
+            raise StudyError("--phases got an empty phase name; give NAME or NAME=VOL1+VOL2")
+        return default_phase(spec.strip())
+    name, _, shows = spec.partition("=")
+    volumes = tuple(v.strip() for v in shows.split("+") if v.strip())
+    if not name.strip() or not volumes:
+        raise StudyError(f"--phases entry {spec!r} is malformed; write NAME=VOL1+VOL2, e.g. T1c-pro=T1c-pro+T1c+T2-FLAIR")
+    return Phase(name=name.strip(), shows=volumes)
+
+
+@dataclass
+class Study:
+    """A loaded ``study.json`` (validated), rooted at ``directory``."""
+
+    directory: Path
+    name: str
+    readers: Tuple[str, ...]
+    phases: Tuple[Phase, ...]
+    cases: Tuple[Case, ...]
+    seed: int = 0
+    washout_days: float = DEFAULT_WASHOUT_DAYS
+    max_lesions: int = DEFAULT_MAX_LESIONS
+    reference_phase: Optional[str] = None
+    reference_reader: Optional[str] = None
+    _case_index: Dict[str, Case] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._case_index = {case.id: case for case in self.cases}
+
+    @property
+    def database_path(self) -> Path:
+        return self.directory / DATABASE_FILE
+
+    def phase(self, name: str) -> Phase:
+        """The phase called ``name``; a :class:`StudyError` lists the valid names otherwise."""
+        for phase in self.phases:
+            if phase.name == name:
+                return phase
+        raise StudyError(f"unknown phase {name!r} in study {self.directory}; phases are: {', '.join(p.name for p in self.phases)}")
+
+    def phase_index(self, name: str) -> int:
+        return [p.name for p in self.phases].index(self.phase(name).name)
+
+    def check_reader(self, reader: str) -> str:
+        """Return ``reader`` if registered, else raise a :class:`StudyError` naming the readers."""
+        if reader not in self.readers:
+            raise StudyError(
+                f"unknown reader {reader!r} in study {self.directory}; readers are: {', '.join(self.readers)} "
+                f"(add readers with 'lesion-reader init --force' before any read, or edit study.json)"
+            )
+        return reader
+
+    def case(self, case_id: str) -> Case:
+        try:
+            return self._case_index[case_id]
+        except KeyError:
+            raise StudyError(f"case {case_id!r} is not in {self.directory / STUDY_FILE}") from None
+
+    def volume_path(self, case_id: str, modality: str) -> Path:
+        """Absolute path of a case's volume (relative paths in ``study.json`` are relative to the study folder)."""
+        case = self.case(case_id)
+        if modality not in case.volumes:
+            raise StudyError(f"case {case_id!r} has no {modality} volume in {self.directory / STUDY_FILE}; add it under cases[].volumes")
+        path = Path(case.volumes[modality])
+        return path if path.is_absolute() else (self.directory / path)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": STUDY_FORMAT,
+            "name": self.name,
+            "seed": self.seed,
+            "washout_days": self.washout_days,
+            "max_lesions": self.max_lesions,
+            "readers": list(self.readers),
+            "reference": {"phase": self.reference_phase, "reader": self.reference_reader},
+            "phases": [p.to_dict() for p in self.phases],
+            "cases": [c.to_dict() for c in self.cases],
+        }
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise StudyError(message)
+
+
+def study_from_dict(data: Mapping, directory: Union[str, os.PathLike], *, check_files: bool = False) -> Study:
+    """Validate a ``study.json`` document and build a :class:`Study`.
+
+    Args:
+        data: the parsed JSON.
+        directory: the study folder (relative volume paths are resolved against it).
+        check_files: also check that every volume file exists.
+
+    Raises:
+        StudyError: the first problem found, naming the field and the fix.
+    """
+    where = Path(directory) / STUDY_FILE
+    _require(isinstance(data, Mapping), f"{where} must hold a JSON object")
+    _require(data.get("format") == STUDY_FORMAT, f"{where}: 'format' is {data.get('format')!r}, expected {STUDY_FORMAT!r}; recreate it with 'lesion-reader init'")
+    readers = data.get("readers")
+    _require(isinstance(readers, list) and readers and all(isinstance(r, str) and r.strip() for r in readers),
+             f"{where}: 'readers' must be a non-empty list of reader ids")
+    _require(len(set(readers)) == len(readers), f"{where}: reader ids repeat in 'readers': {readers}")
+    phases_raw = data.get("phases")
+    _require(isinstance(phases_raw, list) and phases_raw, f"{where}: 'phases' must be a non-empty list")
+    phases: List[Phase] = []
+    for i, raw in enumerate(phases_raw):
+        _require(isinstance(raw, Mapping) and isinstance(raw.get("name"), str) and raw["name"].strip(), f"{where}: phases[{i}] needs a 'name'")
+        shows = raw.get("shows")
+        _require(isinstance(shows, list) and shows and all(isinstance(s, str) for s in shows),
+                 f"{where}: phases[{i}] ({raw['name']}) needs 'shows', a non-empty list of volume names")
+        markers = raw.get("markers", "all")
+        if markers != "all":
+            _require(isinstance(markers, list) and all(m in readers for m in markers),
+                     f"{where}: phases[{i}].markers must be \"all\" or a list of reader ids among {readers}, got {markers!r}")
+            markers = tuple(markers)
+        phases.append(Phase(name=raw["name"], shows=tuple(shows), markers=markers))
+    names = [p.name for p in phases]
+    _require(len(set(names)) == len(names), f"{where}: phase names repeat: {names}")
+    reference = data.get("reference") or {}
+    ref_phase, ref_reader = reference.get("phase"), reference.get("reader")
+    _require(ref_phase is None or ref_phase in names, f"{where}: reference.phase {ref_phase!r} is not a phase ({', '.join(names)})")
+    _require(ref_reader is None or ref_reader in readers, f"{where}: reference.reader {ref_reader!r} is not a reader ({', '.join(readers)})")
+    cases_raw = data.get("cases")
+    _require(isinstance(cases_raw, list) and cases_raw, f"{where}: 'cases' must be a non-empty list")
+    cases: List[Case] = []
+    needed = sorted({v for p in phases for v in p.shows})
+    for i, raw in enumerate(cases_raw):
+        _require(isinstance(raw, Mapping) and isinstance(raw.get("id"), str) and raw["id"], f"{where}: cases[{i}] needs an 'id'")
+        volumes = raw.get("volumes")
+        _require(isinstance(volumes, Mapping), f"{where}: cases[{i}] ({raw['id']}) needs 'volumes', an object modality -> path")
+        missing = [v for v in needed if v not in volumes]
+        _require(not missing, f"{where}: case {raw['id']!r} lacks {', '.join(missing)}, shown in phases {', '.join(p.name for p in phases if set(p.shows) & set(missing))}; add the files or change the phases' 'shows'")
+        cases.append(Case(id=raw["id"], volumes={str(k): str(v) for k, v in volumes.items()}))
+    ids = [c.id for c in cases]
+    _require(len(set(ids)) == len(ids), f"{where}: case ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}")
+    washout = data.get("washout_days", DEFAULT_WASHOUT_DAYS)
+    _require(isinstance(washout, (int, float)) and washout >= 0, f"{where}: 'washout_days' must be a number >= 0, got {washout!r}")
+    max_lesions = data.get("max_lesions", DEFAULT_MAX_LESIONS)
+    _require(isinstance(max_lesions, int) and max_lesions >= 1, f"{where}: 'max_lesions' must be an integer >= 1, got {max_lesions!r}")
+    seed = data.get("seed", 0)
+    _require(isinstance(seed, int), f"{where}: 'seed' must be an integer, got {seed!r}")
+    study = Study(
+        directory=Path(directory).resolve(), name=str(data.get("name") or Path(directory).name),
+        readers=tuple(readers), phases=tuple(phases), cases=tuple(cases), seed=seed,
+        washout_days=float(washout), max_lesions=max_lesions, reference_phase=ref_phase, reference_reader=ref_reader,
+    )
+    if check_files:
+        missing_files = [f"{c.id}/{m}: {study.volume_path(c.id, m)}" for c in cases for m in needed if not study.volume_path(c.id, m).exists()]
+        if missing_files:
+            raise StudyError(f"{len(missing_files)} volume file(s) listed in {where} do not exist, e.g. {missing_files[0]}; fix the paths")
+    return study
+
+
+def load_study(study_dir: Union[str, os.PathLike]) -> Study:
+    """Read and validate ``STUDY_DIR/study.json``.
+
+    Raises:
+        StudyError: missing folder/file, invalid JSON or an invalid definition.
+    """
+    path = Path(study_dir) / STUDY_FILE
+    if not path.is_file():
+        raise StudyError(f"no study at {Path(study_dir)}: {path} is missing; create one with 'lesion-reader init {study_dir} --cases ... --readers ...'")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise StudyError(f"{path} is not valid JSON ({exc}); fix it or recreate it with 'lesion-reader init --force'") from None
+    return study_from_dict(data, study_dir)
+
+
+def _strip_suffix(name: str) -> Optional[str]:
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def discover_case_folder(folder: Path) -> Case:
+    """A case from a folder whose image files are named after their modality (``t1c_pro.nii.gz``).
+
+    Raises:
+        StudyError: the folder has no recognised image, or two files claim the same modality.
+    """
+    volumes: Dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        stem = _strip_suffix(path.name) if path.is_file() else None
+        modality = canonical_modality(stem) if stem else None
+        if modality is None:
+            continue
+        if modality in volumes:
+            raise StudyError(f"case folder {folder} has two {modality} images ({Path(volumes[modality]).name}, {path.name}); keep one")
+        volumes[modality] = str(path.resolve())
+    if not volumes:
+        raise StudyError(
+            f"case folder {folder} holds no image named after a modality; name files e.g. t1c.nii.gz, t1c_pro.nii.gz, "
+            f"t1c_vfa.nii.gz, flair.nii.gz (known: {', '.join(MODALITY_ALIASES)}), or list the cases in a CSV manifest"
+        )
+    return Case(id=folder.name, volumes=volumes)
+
+
+def read_case_manifest(path: Path) -> List[Case]:
+    """Cases from a CSV manifest with header ``case,<modality>,<modality>...`` (paths relative to the CSV)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "case" not in rows[0]:
+        raise StudyError(f"case manifest {path} needs a header row starting with 'case' followed by modality columns (e.g. case,T1c,T1c-pro,T2-FLAIR)")
+    cases = []
+    for line, row in enumerate(rows, start=2):
+        volumes = {}
+        for column, value in row.items():
+            if column == "case" or not value:
+                continue
+            modality = canonical_modality(column) or column
+            volume = Path(value)
+            volumes[modality] = str((volume if volume.is_absolute() else path.parent / volume).resolve())
+        if not row["case"]:
+            raise StudyError(f"case manifest {path}, line {line}: empty 'case' id")
+        cases.append(Case(id=row["case"], volumes=volumes))
+    return cases
+
+
+def collect_cases(sources: Iterable[Union[str, os.PathLike]]) -> List[Case]:
+    """Cases from case folders and/or CSV manifests (see :func:`discover_case_folder`, :func:`read_case_manifest`)."""
+    cases: List[Case] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            cases.append(discover_case_folder(path))
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            cases.extend(read_case_manifest(path))
+        else:
+            raise StudyError(f"--cases {path}: neither a case folder nor a .csv manifest; check the path")
+    return cases
+
+
+def _relative_if_inside(path: str, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def init_study(
+    study_dir: Union[str, os.PathLike],
+    cases: Sequence[Union[str, os.PathLike, Case]],
+    readers: Sequence[str],
+    phases: Optional[Sequence[Union[str, Phase]]] = None,
+    *,
+    reference_reader: Optional[str] = None,
+    reference_phase: Optional[str] = None,
+    washout_days: float = DEFAULT_WASHOUT_DAYS,
+    max_lesions: int = DEFAULT_MAX_LESIONS,
+    seed: int = 0,
+    name: Optional[str] = None,
+    force: bool = False,
+) -> Study:
+    """Create a study folder: validated ``study.json`` plus an empty reads database.
+
+    Paper defaults ("Reader study protocol"): phases T1c, T1c-pro, T1c-vfa with T2-FLAIR (and
+    T1c beside the processed images); in T1c-vfa only the reference reader marks lesions;
+    10 days' wash-out; cases with more than 20 lesions excluded.
+
+    Args:
+        study_dir: folder to create (may exist).
+        cases: case folders, CSV manifests or :class:`Case` objects.
+        readers: reader ids.
+        phases: reading order; names (paper layout) or :class:`Phase` objects. Default T1c, T1c-pro, T1c-vfa.
+        reference_reader: who marks the reference lesions (default: the last reader).
+        reference_phase: the phase only the reference reader marks (default ``T1c-vfa`` when present).
+        washout_days: minimum days between a reader's consecutive phases.
+        max_lesions: above this count a case is flagged "too many lesions" and excluded.
+        seed: seed of the case orders.
+        name: study title (default: the folder name).
+        force: replace an existing ``study.json`` (refused once reads exist).
+
+    Returns:
+        The loaded study.
+
+    Raises:
+        StudyError: invalid inputs, missing files, or an existing study (without ``force``, or with reads).
+    """
+    from .storage import ReadsDatabase  # storage imports study; keep the cycle one-way at import time
+
+    root = Path(study_dir).resolve()
+    if (root / STUDY_FILE).exists():
+        if not force:
+            raise StudyError(f"{root / STUDY_FILE} already exists; pass --force (force=True) to replace it, or pick another folder")
+        if (root / DATABASE_FILE).exists() and ReadsDatabase(root / DATABASE_FILE).has_reads():
+            raise StudyError(f"{root} already has reads in {DATABASE_FILE}; refusing to replace study.json under them. Start a new study folder")
+    case_list = [c if isinstance(c, Case) else None for c in cases]
+    paths = [c for c in cases if not isinstance(c, Case)]
+    collected = [c for c in case_list if c is not None] + collect_cases(paths)
+    phase_list = [p if isinstance(p, Phase) else default_phase(p) for p in (phases or DEFAULT_PHASE_NAMES)]
+    phase_names = [p.name for p in phase_list]
+    if reference_phase is None and DEFAULT_REFERENCE_PHASE in phase_names:
+        reference_phase = DEFAULT_REFERENCE_PHASE
+    if reference_phase is not None:
+        if reference_phase not in phase_names:
+            raise StudyError(f"--reference-phase {reference_phase!r} is not one of the phases ({', '.join(phase_names)})")
+        reference_reader = reference_reader or (readers[-1] if readers else None)
+    if reference_reader is not None and reference_reader not in readers:
+        raise StudyError(f"--reference-reader {reference_reader!r} is not one of the readers ({', '.join(readers)})")
+    phase_list = [
+        Phase(p.name, p.shows, (reference_reader,)) if p.name == reference_phase and p.markers == "all" else p
+        for p in phase_list
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": STUDY_FORMAT,
+        "name": name or root.name,
+        "seed": int(seed),
+        "washout_days": float(washout_days),
+        "max_lesions": int(max_lesions),
+        "readers": list(readers),
+        "reference": {"phase": reference_phase, "reader": reference_reader},
+        "phases": [p.to_dict() for p in phase_list],
+        "cases": [{"id": c.id, "volumes": {m: _relative_if_inside(v, root) for m, v in c.volumes.items()}} for c in collected],
+    }
+    study = study_from_dict(data, root, check_files=True)
+    tmp = root / (STUDY_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, root / STUDY_FILE)
+    ReadsDatabase(study.database_path).close()
+    return study
+
+
+def case_order(study: Study, reader: str, phase: str) -> List[str]:
+    """The case ids in the order ``reader`` reads them in ``phase``.
+
+    Shuffled from a seed derived from (study seed, reader, phase) with SHA-256, so the order is
+    the same at every restart and on every machine, yet differs between readers and phases
+    (no reader sees the cases in the order of another phase, which limits recall).
+    """
+    study.check_reader(reader)
+    study.phase(phase)
+    digest = hashlib.sha256(f"{study.seed}\0{reader}\0{phase}".encode()).digest()
+    ids = sorted(c.id for c in study.cases)
+    random.Random(int.from_bytes(digest[:8], "big")).shuffle(ids)
+    return ids
+
+
+def case_label(position: int, total: int) -> str:
+    """The neutral label of the case at 0-based ``position``: ``Case 07`` (no file name, no id)."""
+    width = max(2, len(str(total)))
+    return f"Case {position + 1:0{width}d}"

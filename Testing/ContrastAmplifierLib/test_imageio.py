@@ -1,0 +1,125 @@
+"""Input validation: every error names the file and the fix (issue 3, "Done when")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ContrastAmplifierLib.imageio import (
+    ImageValidationError,
+    find_case_inputs,
+    read_image,
+    write_image_atomic,
+)
+
+
+def _volume(shape=(12, 14, 10), value=None) -> sitk.Image:
+    rng = np.random.default_rng(0)
+    array = rng.random(shape, dtype=np.float32) if value is None else np.full(shape, value, np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.2, 2.0))
+    image.SetOrigin((3.0, -4.0, 5.0))
+    return image
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_read_formats_keep_geometry_and_values(tmp_path, suffix):
+    image = _volume()
+    path = tmp_path / f"t1c{suffix}"
+    sitk.WriteImage(image, str(path))
+    back = read_image(path, "T1c")
+    assert back.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+
+
+def test_read_dicom_series_folder(tmp_path):
+    image = sitk.Cast(_volume() * 1000, sitk.sitkInt16)
+    folder = tmp_path / "t1c"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        s = image[:, :, k]
+        s.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")  # one series UID
+        s.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        s.SetMetaData("0020|0013", str(k))
+        s.SetMetaData("0008|0060", "MR")
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(s)
+    back = read_image(folder, "T1c")
+    assert back.GetSize() == image.GetSize()
+    assert back.GetSpacing()[2] == pytest.approx(2.0, abs=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image).astype(np.float32))
+    assert find_case_inputs(tmp_path, ("t1c",))["t1c"] == folder
+
+
+def test_missing_modality_names_it_and_the_folder(tmp_path):
+    for name in ("t1", "flair", "t1c"):
+        sitk.WriteImage(_volume(), str(tmp_path / f"{name}.nii.gz"))
+    with pytest.raises(ImageValidationError, match=r"ADC is missing in .*adc\.nii\.gz"):
+        find_case_inputs(tmp_path)
+
+
+def test_case_names_are_case_insensitive_and_unique(tmp_path):
+    for name in ("T1", "FLAIR", "adc", "T1c"):
+        sitk.WriteImage(_volume(), str(tmp_path / f"{name}.nii.gz"))
+    found = find_case_inputs(tmp_path)
+    assert found["t1c"].name == "T1c.nii.gz"
+    sitk.WriteImage(_volume(), str(tmp_path / "t1.nrrd"))
+    with pytest.raises(ImageValidationError, match="T1 is ambiguous"):
+        find_case_inputs(tmp_path)
+
+
+def test_2d_image(tmp_path):
+    path = tmp_path / "adc.nii.gz"
+    sitk.WriteImage(_volume((1, 64, 64)), str(path))
+    with pytest.raises(ImageValidationError, match=r"ADC \(.*adc\.nii\.gz\) is 2D \(64x64x1\); a 3D volume is required"):
+        read_image(path, "ADC")
+    flat = sitk.GetImageFromArray(np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    with pytest.raises(ImageValidationError, match="is 2D"):
+        read_image(flat, "FLAIR")
+
+
+def test_nans(tmp_path):
+    array = sitk.GetArrayFromImage(_volume())
+    array[2, 3, 4] = np.nan
+    array[5, 5, 5] = np.inf
+    image = sitk.GetImageFromArray(array)
+    # ITK's NIfTI reader already turns NaN into 0; NRRD/MHA keep them, as do in-memory images.
+    path = tmp_path / "t1.nrrd"
+    sitk.WriteImage(image, str(path))
+    with pytest.raises(ImageValidationError, match=r"T1 \(.*t1\.nrrd\) contains 2 NaN/infinite voxels; fix the export"):
+        read_image(path, "T1")
+    with pytest.raises(ImageValidationError, match="contains 2 NaN/infinite voxels"):
+        read_image(image, "T1")
+
+
+def test_empty_image(tmp_path):
+    path = tmp_path / "flair.nii.gz"
+    sitk.WriteImage(_volume(value=0.0), str(path))
+    with pytest.raises(ImageValidationError, match=r"FLAIR .* is empty \(every voxel equals 0\); load the right series"):
+        read_image(path, "FLAIR")
+
+
+def test_unreadable_and_missing_file(tmp_path):
+    path = tmp_path / "t1c.nii.gz"
+    path.write_bytes(b"this is not a NIfTI file")
+    with pytest.raises(ImageValidationError, match=r"T1c file .*t1c\.nii\.gz could not be read .*Supported: NIfTI"):
+        read_image(path, "T1c")
+    with pytest.raises(ImageValidationError, match=r"T1c volume not found: .*nope\.nii\.gz"):
+        read_image(tmp_path / "nope.nii.gz", "T1c")
+
+
+def test_implausible_spacing():
+    image = _volume()
+    image.SetSpacing((0.001, 0.001, 0.001))
+    with pytest.raises(ImageValidationError, match="implausible voxel spacing"):
+        read_image(image, "T1")
+
+
+def test_atomic_write_leaves_no_temporary_file(tmp_path):
+    path = write_image_atomic(_volume(), tmp_path / "sub" / "x.nii.gz")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.nii.gz"]

@@ -1,0 +1,175 @@
+"""End-to-end preprocessing on a case with known poses (registration round trip, to_native, outputs).
+
+HD-BET is exercised in test_skullstrip.py; here the case's own brain mask is passed in so the
+registration and resampling are measured without the 20 s network.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ContrastAmplifierLib.bench import affine_from_params, synthetic_head_case
+from ContrastAmplifierLib.imageio import ImageValidationError
+from ContrastAmplifierLib.preprocessing import Geometry, PreprocessedCase, preprocess_case, preprocess_case_dir
+from ContrastAmplifierLib.progress import CancelToken, Cancelled
+from ContrastAmplifierLib.registration import mask_points_mm, mean_point_error_mm
+
+SPACING = 2.0
+GEOMETRY = Geometry(spacing=(SPACING,) * 3, crop_size=(80, 96, 80), percentiles={"t1c": (-2.0, 4.0)})
+
+
+@pytest.fixture(scope="module")
+def case_dir(tmp_path_factory):
+    return synthetic_head_case(tmp_path_factory.mktemp("case") / "case_000", spacing=SPACING, seed=3)
+
+
+@pytest.fixture(scope="module")
+def truth(case_dir):
+    return json.loads((case_dir / "truth.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def case(case_dir):
+    inputs = {m: case_dir / f"{m}.nii.gz" for m in ("t1", "flair", "adc", "t1c")}
+    return preprocess_case(inputs, GEOMETRY, brain_mask=case_dir / "brain_mask.nii.gz")
+
+
+def test_round_trip_error_below_one_voxel(case, truth, case_dir):
+    native_mask = sitk.ReadImage(str(case_dir / "brain_mask.nii.gz"))
+    points = mask_points_mm(native_mask, 4000)  # native T1c brain
+    true_atlas_to_t1c = affine_from_params(truth["atlas_to_t1c"])
+    # native -> atlas with the truth, back to native with the estimate
+    atlas = [true_atlas_to_t1c.GetInverse().TransformPoint(tuple(p)) for p in points]
+    back = np.array([case.atlas_to_t1c.TransformPoint(a) for a in atlas])
+    error = float(np.linalg.norm(back - points, axis=1).mean())
+    print(f"\nT1c native -> atlas -> native: mean {error:.3f} mm over the brain ({SPACING} mm voxels)")
+    assert error < SPACING
+    for name in ("t1", "flair", "adc"):
+        err = mean_point_error_mm(case.t1c_to[name], affine_from_params(truth[f"t1c_to_{name}"]), points[:1000])
+        print(f"rigid {name} -> T1c: mean {err:.3f} mm")
+        assert err < SPACING
+
+
+def test_to_native_maps_atlas_coordinates_back(case, truth, case_dir):
+    # Fill the crop grid with its own atlas x/y/z coordinates, map to native with to_native, and
+    # compare with the true atlas coordinates of each native brain voxel (linear fields: exact
+    # interpolation, so this measures the mapping only).
+    grid = case.brain_mask
+    zyx = np.indices(sitk.GetArrayViewFromImage(grid).shape).reshape(3, -1)[::-1].T.astype(float)
+    direction = np.array(grid.GetDirection()).reshape(3, 3)
+    coords = np.array(grid.GetOrigin()) + (zyx * np.array(grid.GetSpacing())) @ direction.T
+    shape = sitk.GetArrayViewFromImage(grid).shape
+    native = [sitk.GetArrayFromImage(case.to_native(coords[:, i].reshape(shape).astype(np.float32))) for i in range(3)]
+    t1c = sitk.ReadImage(str(case_dir / "t1c.nii.gz"))
+    assert native[0].shape == sitk.GetArrayViewFromImage(t1c).shape
+    out = case.to_native(case.arrays["t1c"])
+    assert out.GetOrigin() == t1c.GetOrigin() and out.GetSpacing() == t1c.GetSpacing()
+    assert out.GetDirection() == t1c.GetDirection()
+    mask = sitk.ReadImage(str(case_dir / "brain_mask.nii.gz"))
+    idx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[::50]
+    got = np.stack([n[tuple(idx.T)] for n in native], axis=1)
+    points = np.array([t1c.TransformIndexToPhysicalPoint([int(i) for i in v[::-1]]) for v in idx])
+    true_inv = affine_from_params(truth["atlas_to_t1c"]).GetInverse()
+    expected = np.array([true_inv.TransformPoint(tuple(p)) for p in points])
+    error = float(np.linalg.norm(got - expected, axis=1).mean())
+    print(f"\nto_native: mean {error:.3f} mm over the native brain")
+    assert error < SPACING
+
+
+def test_outputs_are_normalised_on_the_crop_grid(case):
+    mask = case.mask_array
+    assert mask.shape == (80, 96, 80)
+    for name, array in case.arrays.items():
+        assert array.min() >= 0.0 and array.max() <= 1.0, name
+        assert np.all(array[~mask] == 0.0)
+        z = case.zscores[name][mask]
+        assert z.mean() == pytest.approx(0.0, abs=1e-3) and z.std() == pytest.approx(1.0, abs=1e-3)
+    z = case.zscores["t1c"][mask]
+    np.testing.assert_allclose(case.arrays["t1c"][mask], (np.clip(z, -2, 4) + 2) / 6, atol=1e-6)
+    assert case.brain_mask.GetSpacing() == (2.0, 2.0, 2.0)
+    assert set(case.timings_s) >= {"read", "skull_strip", "register_affine", "register_rigid", "total"}
+
+
+def test_case_dir_writes_everything_and_reloads(case_dir, tmp_path):
+    stages = []
+    out = tmp_path / "out"
+    result = preprocess_case_dir(case_dir, out, GEOMETRY, qc=True, brain_mask=case_dir / "brain_mask.nii.gz",
+                                 progress=lambda s, f, m="": stages.append((s, f)))
+    names = {p.name for p in out.iterdir()}
+    assert names >= {"t1.nii.gz", "flair.nii.gz", "adc.nii.gz", "t1c.nii.gz", "brain_mask.nii.gz",
+                     "atlas_to_t1c.tfm", "t1c_to_t1.tfm", "t1c_to_flair.tfm", "t1c_to_adc.tfm", "preprocess.json", "qc.png"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    meta = json.loads((out / "preprocess.json").read_text())
+    assert meta["geometry"]["crop_size"] == [80, 96, 80] and meta["timings_s"]["total"] > 0
+    assert result.timings_s["total"] >= result.timings_s["registration"]
+    fractions = [f for _, f in stages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {"read", "register", "resample", "write", "done"} <= {s for s, _ in stages}
+    written = sitk.ReadImage(str(out / "t1c.nii.gz"))
+    np.testing.assert_allclose(written.GetOrigin(), result.brain_mask.GetOrigin(), atol=1e-4)
+    loaded = PreprocessedCase.load(out)
+    np.testing.assert_allclose(loaded.atlas_to_t1c.GetParameters(), result.atlas_to_t1c.GetParameters(), atol=1e-6)
+    assert loaded.to_native(loaded.arrays["t1c"]).GetSize() == result.native_grid.size
+
+
+def test_cancel_leaves_nothing(case_dir, tmp_path):
+    token = CancelToken()
+
+    def progress(stage, fraction, message=""):
+        if stage == "register":
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        preprocess_case_dir(case_dir, tmp_path / "out", GEOMETRY, brain_mask=case_dir / "brain_mask.nii.gz",
+                            progress=progress, cancel=token)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_modality_and_bad_input(case_dir, tmp_path):
+    for name in ("t1", "flair", "t1c"):
+        (tmp_path / f"{name}.nii.gz").symlink_to(case_dir / f"{name}.nii.gz")
+    with pytest.raises(ImageValidationError, match="ADC is missing"):
+        preprocess_case_dir(tmp_path, tmp_path / "out", GEOMETRY)
+    flat = sitk.Image([64, 64, 1], sitk.sitkFloat32) + 1.0
+    with pytest.raises(ImageValidationError, match="ADC is 2D"):
+        preprocess_case({"t1c": case_dir / "t1c.nii.gz", "adc": flat}, GEOMETRY)
+    with pytest.raises(ImageValidationError, match="no T1C given"):
+        preprocess_case({"t1": case_dir / "t1.nii.gz"}, GEOMETRY)
+
+
+def test_cli_preprocess(case_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ContrastAmplifierLib.cli import app
+
+    result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "case folder not found" in result.output
+
+
+def test_phantom_round_trip_with_known_poses(tmp_path_factory):
+    """Issue 3: native -> atlas -> native mean error over the brain below one voxel, on the phantom."""
+    from ContrastAmplifierLib.phantom import generate_cohort
+
+    case_dir = generate_cohort(tmp_path_factory.mktemp("phantom"), cases=1, seed=7, spacing=SPACING)[0]
+    meta = json.loads((case_dir / "phantom.json").read_text())
+    world_to_native = {k: np.array(v["world_to_native_lps"]) for k, v in meta["sequences"].items()}
+    inputs = {m: case_dir / f"{m}.nii.gz" for m in ("t1", "flair", "adc", "t1c")}
+    case = preprocess_case(inputs, GEOMETRY, brain_mask=case_dir / "brain_mask.nii.gz")
+    native_mask = sitk.ReadImage(str(case_dir / "brain_mask.nii.gz"))
+    points = mask_points_mm(native_mask, 3000)
+    a_t1c = world_to_native["t1c"]
+    world = (np.linalg.inv(a_t1c) @ np.c_[points, np.ones(len(points))].T).T[:, :3]  # truth: native -> atlas
+    back = np.array([case.atlas_to_t1c.TransformPoint(tuple(p)) for p in world])  # estimate: atlas -> native
+    error = float(np.linalg.norm(back - points, axis=1).mean())
+    print(f"\nphantom T1c native -> atlas -> native: mean {error:.3f} mm ({SPACING} mm voxels)")
+    assert error < SPACING
+    for name in ("t1", "flair", "adc"):
+        truth = (world_to_native[name] @ np.linalg.inv(a_t1c) @ np.c_[points, np.ones(len(points))].T).T[:, :3]
+        est = np.array([case.t1c_to[name].TransformPoint(tuple(p)) for p in points])
+        err = float(np.linalg.norm(est - truth, axis=1).mean())
+        print(f"phantom rigid {name} -> T1c: mean {err:.3f} mm")
+        assert err < SPACING

@@ -1,0 +1,143 @@
+"""Fit loop on toy 32^3 cases: end to end with export, determinism, resume after a kill."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ContrastAmplifierLib.bundle import BundleError, load_bundle
+from ContrastAmplifierLib.network import NetworkConfig
+from ContrastAmplifierTrainingLib.data import save_cached_case
+from ContrastAmplifierTrainingLib.export import export_bundle
+from ContrastAmplifierTrainingLib.fit import PlanMismatchError, fit_cases
+from ContrastAmplifierTrainingLib.toy import toy_cohort
+from ContrastAmplifierTrainingLib.trainer import TrainConfig
+
+torch.set_num_threads(1)
+NET = NetworkConfig(base_channels=8, levels=3)
+SHAPE = (32, 32, 32)
+
+
+def _config(epochs: int, seed: int = 0) -> TrainConfig:
+    return TrainConfig(epochs=epochs, seed=seed, network=NET, device="cpu")
+
+
+def _weights(out_dir: Path, fold: int) -> dict:
+    return load_file(str(out_dir / f"fold_{fold}" / "final.safetensors"))
+
+
+def test_end_to_end_two_folds_export_reload_and_tamper(tmp_path):
+    cases = toy_cohort(4, SHAPE, seed=1)
+    rows = []
+    results = fit_cases(cases, tmp_path / "run", n_folds=2, config=_config(2), on_epoch=rows.append)
+    assert [r.fold for r in results] == [0, 1]
+    assert [(r["fold"], r["epoch"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    for row in rows:
+        assert row["train_loss"] > 0 and row["val_loss"] > 0 and 0 < row["val_ssim"] <= 1 and row["val_psnr"] > 0
+    with open(tmp_path / "run" / "fold_1" / "log.csv") as handle:
+        log = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in log] == [1, 2]
+    assert set(log[0]) == {"fold", "epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "seconds"}
+    seconds = [float(r["seconds"]) for r in log]
+    print(f"\nseconds per epoch (2 training cases of 32^3, base 8 x 3 levels, 1 thread): {seconds}")
+
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert {c["fold"] for c in plan["cases"]} == {0, 1}
+    bundle = export_bundle(tmp_path / "run", tmp_path / "bundle", name="toy", intended_use="tests only - not for clinical use",
+                           training_data="toy arrays")
+    again = load_bundle(tmp_path / "bundle")
+    assert again.folds == [0, 1] and again.modalities == ["t1", "flair", "adc", "t1c"]
+    assert again.crop_size == (32, 32, 32) and again.network_config == NET
+    assert again.percentiles == {k: tuple(v) for k, v in plan["geometry"]["percentiles"].items()}
+    model = again.load_model(1)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, _weights(tmp_path / "run", 1)[name])
+    with torch.no_grad():
+        out = model(torch.rand(1, 4, 31, 29, 27))
+    assert out.shape == (1, 1, 31, 29, 27) and 0 <= float(out.min()) <= float(out.max()) <= 1
+
+    weights = tmp_path / "bundle" / "fold0.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="fold0.safetensors"):
+        load_bundle(bundle.path)
+
+
+def test_two_seeded_cpu_runs_give_identical_weights(tmp_path):
+    cases = toy_cohort(4, SHAPE, seed=2)
+    for name in ("a", "b"):
+        fit_cases(cases, tmp_path / name, folds=[1], n_folds=2, config=_config(2, seed=7))
+    a, b = _weights(tmp_path / "a", 1), _weights(tmp_path / "b", 1)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fit_cases(cases, tmp_path / "c", folds=[1], n_folds=2, config=_config(2, seed=8))
+    c = _weights(tmp_path / "c", 1)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_rerun_skips_finished_folds_and_refuses_other_settings(tmp_path):
+    cases = toy_cohort(4, SHAPE, seed=3)
+    fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=_config(1))
+    before = (tmp_path / "run" / "fold_0" / "final.safetensors").stat().st_mtime_ns
+    rows = []
+    fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=_config(1), on_epoch=rows.append)
+    assert rows == [] and (tmp_path / "run" / "fold_0" / "final.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(PlanMismatchError, match="seed"):
+        fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=_config(1, seed=5))
+
+
+def _cli(*args: str) -> list:
+    return [sys.executable, "-m", "ContrastAmplifierTrainingLib.cli", *args]
+
+
+def test_resume_after_killing_the_process_mid_epoch(tmp_path):
+    cache = tmp_path / "cache"
+    for case in toy_cohort(6, SHAPE, seed=4):
+        save_cached_case(case, cache / f"{case.case_id}.npz")
+    args = ["fit", str(cache), None, "--n-folds", "2", "--folds", "0", "1", "--epochs", "3", "--base-channels", "8",
+            "--levels", "3", "--device", "cpu", "--progress", "json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out: Path, kill_at: str | None = None) -> list:
+        cmd = _cli(*[str(out) if a is None else a for a in args])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        events = []
+        for line in proc.stdout:
+            event = json.loads(line)
+            events.append(event)
+            if kill_at is not None and kill_at in event.get("message", ""):
+                proc.send_signal(signal.SIGKILL)  # no chance to clean up: worst case
+                break
+        proc.wait(timeout=600)
+        stderr = proc.stderr.read()
+        if kill_at is None:
+            assert proc.returncode == 0, stderr
+        else:
+            assert proc.returncode == -signal.SIGKILL, stderr
+        return events
+
+    killed = tmp_path / "killed"
+    first = run(killed, kill_at="fold 1 epoch 2/3 case 2/3")
+    assert [(e["fold"], e["epoch"]) for e in first if e["stage"] == "epoch"] == [(0, 1), (0, 2), (0, 3), (1, 1)]
+    second = run(killed)
+    epochs = [(e["fold"], e["epoch"]) for e in second if e["stage"] == "epoch"]
+    assert epochs == [(1, 2), (1, 3)], "finished folds and epochs must not be repeated"
+    assert second[-1]["stage"] == "done" and second[-1]["folds"] == [0, 1]
+    with open(killed / "fold_1" / "log.csv") as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
+
+    straight = tmp_path / "straight"
+    run(straight)
+    for fold in (0, 1):
+        a, b = _weights(killed, fold), _weights(straight, fold)
+        assert all(torch.equal(a[k], b[k]) for k in a), "resumed training must equal an uninterrupted run"

@@ -1,0 +1,335 @@
+"""``analyze`` on simulated studies whose detection counts are known by construction."""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from LesionReaderLib.analysis import (
+    COMPARISON_COLUMNS,
+    DETECTION_COLUMNS,
+    GRADES_COLUMNS,
+    LESIONS_COLUMNS,
+    AnalysisError,
+    analyze,
+)
+
+SIZES = [3.0, 6.0, 12.0, 8.0, 4.0, 15.0, 5.0, 10.0, 2.5, 20.0]
+
+
+def _lesion_row(reader, phase, case, lesion, center, long_mm, short_mm):
+    """A lesions.csv row for axes drawn in the axial plane, crossing at ``center`` (RAS mm)."""
+    x, y, z = center
+    return {
+        "reader": reader, "phase": phase, "case": case, "lesion": str(lesion), "long_mm": long_mm, "short_mm": short_mm,
+        "long_x1": x - long_mm / 2, "long_y1": y, "long_z1": z, "long_x2": x + long_mm / 2, "long_y2": y, "long_z2": z,
+        "short_x1": x, "short_y1": y - short_mm / 2, "short_z1": z, "short_x2": x, "short_y2": y + short_mm / 2, "short_z2": z,
+        "center_x": x, "center_y": y, "center_z": z,
+    }
+
+
+@dataclass
+class SimulatedStudy:
+    """Ground truth of a simulated study (what ``analyze`` must find)."""
+
+    folder: Path
+    cases: List[str]
+    excluded: List[str]
+    reference: Dict[str, List[float]]  # case -> reference long axes
+    outcome: Dict[Tuple[str, str], Dict[Tuple[str, int], str]] = field(default_factory=dict)  # hit / miss / far
+    extra_fp: Dict[Tuple[str, str], Dict[str, List[float]]] = field(default_factory=dict)  # case -> FP long axes
+    grades: Dict[Tuple[str, str], Dict[str, Tuple[int, float]]] = field(default_factory=dict)
+
+    def expected(self, reader, phase, threshold, cases=None):
+        cases = [c for c in (cases or self.cases) if c not in self.excluded]
+        out = self.outcome[(reader, phase)]
+        n_ref = tp = fp = 0
+        fp_case = []
+        for c in cases:
+            k = 0
+            for i, long_mm in enumerate(self.reference[c]):
+                if long_mm >= threshold:
+                    n_ref += 1
+                    tp += out[(c, i)] == "hit"
+                    k += out[(c, i)] == "far"
+            k += sum(1 for l in self.extra_fp[(reader, phase)].get(c, []) if l >= threshold)
+            fp += k
+            fp_case.append(k)
+        return n_ref, tp, fp, np.array(fp_case, float)
+
+
+def simulate_reads(folder: Path, n_cases: int = 16, readers=("R1", "R2"), phases=("T1c", "T1c-pro"),
+                   reference=("R2", "T1c-vfa"), hit_rate=None, seed: int = 0, n_excluded: int = 1) -> SimulatedStudy:
+    """Write grades.csv + lesions.csv of a study with known detections.
+
+    Reference lesions sit 60 mm apart (no cross-talk). For every (reader, phase) and reference
+    lesion the outcome is drawn: "hit" (a mark 0.4 x the matching radius away), "miss" (no mark)
+    or "far" (a mark 1.25 x the radius away: one false negative plus one false positive). Extra
+    false positives are placed 200 mm away from every lesion.
+    """
+    rng = random.Random(seed)
+    hit_rate = hit_rate or {p: 0.5 + 0.3 * k for k, p in enumerate(phases)}
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = [f"case_{i:03d}" for i in range(n_cases)]
+    excluded = cases[-n_excluded:] if n_excluded else []
+    sim = SimulatedStudy(folder, cases, excluded, {})
+    lesions, grades = [], []
+    s = 0
+    for i, c in enumerate(cases):
+        n = i % 4 if c not in excluded else 3
+        sim.reference[c] = []
+        for j in range(n):
+            long_mm = SIZES[s % len(SIZES)]
+            s += 1
+            sim.reference[c].append(long_mm)
+            lesions.append(_lesion_row(*reference, c, j + 1, (60.0 * j, 0.0, 10.0 * i), long_mm, 0.6 * long_mm))
+    all_reads = [(r, p) for r in readers for p in phases]
+    for r, p in all_reads:
+        out, extra = {}, {}
+        for c in cases:
+            for j, long_mm in enumerate(sim.reference[c]):
+                u = rng.random()
+                kind = "hit" if u < hit_rate[p] else ("far" if u < hit_rate[p] + 0.1 else "miss")
+                out[(c, j)] = kind
+                radius = 0.5 * (2 * long_mm + 2 * 0.6 * long_mm) / 4  # mark drawn with the lesion's size
+                if kind != "miss":
+                    off = 0.4 * radius if kind == "hit" else 1.25 * radius
+                    lesions.append(_lesion_row(r, p, c, f"m{j}", (60.0 * j + off, 0.0, 10.0 * i_of(c)), long_mm, 0.6 * long_mm))
+            if rng.random() < 0.3:
+                extra[c] = [rng.choice([3.0, 7.0, 11.0]) for _ in range(rng.choice([1, 2]))]
+                for k, long_mm in enumerate(extra[c]):
+                    lesions.append(_lesion_row(r, p, c, f"fp{k}", (200.0 + 30 * k, 200.0, 10.0 * i_of(c)), long_mm, 0.5 * long_mm))
+        sim.outcome[(r, p)] = out
+        sim.extra_fp[(r, p)] = extra
+    for r, p in dict.fromkeys(all_reads + [reference, (readers[0], reference[1])]):
+        sim.grades[(r, p)] = {}
+        for c in cases:
+            g = min(4, max(1, round(rng.gauss(2.5 + 0.5 * (p == "T1c-pro") + 0.3 * (r == "R2"), 0.7))))
+            sec = max(10.0, rng.gauss(100 + 60 * (p == "T1c-pro") + 10 * len(sim.reference[c]), 30))
+            sim.grades[(r, p)][c] = (g, round(sec, 3))
+            grades.append({"reader": r, "phase": p, "case": c, "grade": g, "seconds": round(sec, 3), "excluded": int(c in excluded)})
+    with open(folder / "grades.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, GRADES_COLUMNS)
+        w.writeheader()
+        w.writerows(grades)
+    with open(folder / "lesions.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, LESIONS_COLUMNS)
+        w.writeheader()
+        w.writerows(lesions)
+    return sim
+
+
+def i_of(case: str) -> int:
+    return int(case.split("_")[1])
+
+
+def read_csv(path: Path):
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+def _row(rows, **match):
+    hits = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(hits) == 1, (match, hits)
+    return hits[0]
+
+
+@pytest.fixture
+def simulated(tmp_path):
+    return simulate_reads(tmp_path / "reads", seed=3)
+
+
+def test_detection_counts_known_by_construction(simulated, tmp_path):
+    out = tmp_path / "out"
+    result = analyze(simulated.folder, out)
+    assert result.reference_reader == "R2" and result.reference_phase == "T1c-vfa"
+    header, rows = read_csv(out / "detection.csv")
+    assert tuple(header) == DETECTION_COLUMNS
+    for t in (0.0, 5.0, 10.0):
+        for r in ("R1", "R2"):
+            for p in ("T1c", "T1c-pro"):
+                n_ref, tp, fp, fp_case = simulated.expected(r, p, t)
+                row = _row(rows, threshold_mm=f"{t:g}", reader=r, phase=p)
+                assert (int(row["tp"]), int(row["fn"]), int(row["fp"]), int(row["n_cases"])) == (tp, n_ref - tp, fp, len(simulated.cases) - 1)
+                assert float(row["sensitivity"]) == pytest.approx(tp / n_ref)
+                lo, hi = st.beta.ppf(0.025, tp, n_ref - tp + 1) if tp else 0.0, st.beta.ppf(0.975, tp + 1, n_ref - tp) if tp < n_ref else 1.0
+                assert (float(row["sensitivity_ci_low"]), float(row["sensitivity_ci_high"])) == pytest.approx((lo, hi))
+                assert float(row["fdr_per_case"]) == pytest.approx(fp_case.mean())
+                if fp_case.std() > 0:
+                    ci = st.t.interval(0.95, len(fp_case) - 1, loc=fp_case.mean(), scale=st.sem(fp_case))
+                    assert (float(row["fdr_ci_low"]), float(row["fdr_ci_high"])) == pytest.approx(ci)
+                ppv = tp / (tp + fp)
+                assert float(row["ppv"]) == pytest.approx(ppv)
+                assert float(row["f1"]) == pytest.approx(2 * (tp / n_ref) * ppv / ((tp / n_ref) + ppv))
+            # reader average rows: mean TP over the reference count, CI on the non-integer count
+        for p in ("T1c", "T1c-pro"):
+            e1, e2 = simulated.expected("R1", p, t), simulated.expected("R2", p, t)
+            row = _row(rows, threshold_mm=f"{t:g}", reader="average", phase=p)
+            mean_tp = (e1[1] + e2[1]) / 2
+            assert float(row["tp"]) == pytest.approx(mean_tp)
+            assert float(row["sensitivity"]) == pytest.approx(mean_tp / e1[0])
+            assert float(row["sensitivity_ci_low"]) == pytest.approx(st.beta.ppf(0.025, mean_tp, e1[0] - mean_tp + 1))
+            avg_fp = (e1[3] + e2[3]) / 2
+            assert float(row["fdr_per_case"]) == pytest.approx(avg_fp.mean())
+    # the reference itself and R1's grade-only T1c-vfa read are not evaluated
+    assert not [r for r in rows if r["phase"] == "T1c-vfa"]
+
+
+def test_comparisons_match_independent_tests(simulated, tmp_path):
+    out = tmp_path / "out"
+    analyze(simulated.folder, out)
+    header, rows = read_csv(out / "comparisons.csv")
+    assert tuple(header) == COMPARISON_COLUMNS
+    cases = [c for c in simulated.cases if c not in simulated.excluded]
+    keys = [(c, j) for c in cases for j, l in enumerate(simulated.reference[c]) if l >= 5.0]
+    a = [simulated.outcome[("R1", "T1c")][k] == "hit" for k in keys]
+    b = [simulated.outcome[("R1", "T1c-pro")][k] == "hit" for k in keys]
+    nb, nc = sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
+    n = nb + nc
+    expected = st.binomtest(min(nb, nc), n, 0.5).pvalue - st.binom.pmf(min(nb, nc), n, 0.5) if nb != nc else 1 - 0.5 * st.binom.pmf(nb, n, 0.5)
+    row = _row(rows, table="table5", threshold_mm="5", metric="sensitivity", reader_a="R1", reader_b="R1", phase_a="T1c", phase_b="T1c-pro")
+    assert row["test"] == "mcnemar_midp" and float(row["p_value"]) == pytest.approx(expected)
+    # reader vs reader, same phase
+    row = _row(rows, table="table5", threshold_mm="0", metric="fdr_per_case", reader_a="R1", reader_b="R2", phase_a="T1c", phase_b="T1c")
+    fa, fb = simulated.expected("R1", "T1c", 0)[3], simulated.expected("R2", "T1c", 0)[3]
+    assert row["test"] == "wilcoxon"
+    assert float(row["p_value"]) == pytest.approx(1.0 if np.all(fa == fb) else st.wilcoxon(fa, fb).pvalue)
+    # pooled reader-average McNemar exists
+    _row(rows, table="table5", threshold_mm="10", metric="sensitivity", reader_a="average", phase_a="T1c", phase_b="T1c-pro")
+    # grades: paired t-test per reader between phases, on the non-excluded cases
+    g1 = [simulated.grades[("R1", "T1c")][c][0] for c in cases]
+    g2 = [simulated.grades[("R1", "T1c-pro")][c][0] for c in cases]
+    row = _row(rows, table="table3", metric="grade", reader_a="R1", phase_a="T1c", phase_b="T1c-pro")
+    assert row["test"] == "ttest_rel" and float(row["p_value"]) == pytest.approx(st.ttest_rel(g1, g2).pvalue)
+    # grade-only reads count in Table 3 (R1 graded T1c-vfa) but not in the reading times (Table 6)
+    _row(rows, table="table3", metric="grade", reader_a="R1", reader_b="R2", phase_a="T1c-vfa", phase_b="T1c-vfa")
+    assert not [r for r in rows if r["table"] == "table6" and r["phase_a"] == "T1c-vfa" and r["reader_a"] == "R1"]
+    s1 = [simulated.grades[("R1", "T1c")][c][1] for c in cases]
+    s2 = [simulated.grades[("R2", "T1c")][c][1] for c in cases]
+    row = _row(rows, table="table6", metric="seconds", reader_a="R1", reader_b="R2", phase_a="T1c", phase_b="T1c")
+    assert float(row["p_value"]) == pytest.approx(st.ttest_rel(s1, s2).pvalue)
+    assert {r["test"] for r in rows} <= {"mcnemar_midp", "wilcoxon", "ttest_rel", "ttest_ind"}
+    assert {r["metric"] for r in rows} <= {"sensitivity", "fdr_per_case", "grade", "seconds", "cnr", "lbr", "cep"}
+
+
+def test_quality_and_times_tables(simulated, tmp_path):
+    out = tmp_path / "out"
+    analyze(simulated.folder, out)
+    cases = [c for c in simulated.cases if c not in simulated.excluded]
+    _, quality = read_csv(out / "quality.csv")
+    g = np.array([simulated.grades[("R2", "T1c-pro")][c][0] for c in cases], float)
+    row = _row(quality, reader="R2", phase="T1c-pro")
+    assert float(row["mean_grade"]) == pytest.approx(g.mean()) and float(row["sd_grade"]) == pytest.approx(g.std(ddof=1))
+    assert sum(int(row[f"n_grade_{k}"]) for k in range(1, 5)) == len(cases)
+    avg = np.mean([[simulated.grades[(r, "T1c")][c][0] for c in cases] for r in ("R1", "R2")], axis=0)
+    row = _row(quality, reader="average", phase="T1c")
+    assert float(row["mean_grade"]) == pytest.approx(avg.mean()) and float(row["sd_grade"]) == pytest.approx(avg.std(ddof=1))
+    _, times = read_csv(out / "times.csv")
+    row = _row(times, reader="R1", phase="T1c")
+    sec = np.array([simulated.grades[("R1", "T1c")][c][1] for c in cases])
+    n_marks = sum(simulated.outcome[("R1", "T1c")][(c, j)] != "miss" for c in cases for j in range(len(simulated.reference[c])))
+    n_marks += sum(len(v) for c, v in simulated.extra_fp[("R1", "T1c")].items() if c in cases)
+    assert float(row["mean_seconds"]) == pytest.approx(sec.mean())
+    assert float(row["n_marks"]) == n_marks
+    assert float(row["seconds_per_mark"]) == pytest.approx(sec.sum() / n_marks)
+    assert float(row["paper_seconds_per_lesion"]) == pytest.approx(sec.mean() / n_marks)
+    assert not [r for r in times if r["reader"] == "R1" and r["phase"] == "T1c-vfa"]
+
+
+def test_report_files_and_contrast_skipped_note(simulated, tmp_path):
+    out = tmp_path / "out"
+    result = analyze(simulated.folder, out)
+    for name in ("report.md", "report.html", "sensitivity_by_threshold.png", "grades.png", "reading_times.png", "contrast.csv", "matches.csv", "analysis.json"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert "Table 5: lesion detection" in md and "Table 3" in md and "Table 6" in md
+    assert "Contrast metrics (Table 4) skipped" in md
+    assert any("skipped" in n for n in result.notes)
+
+
+def test_reference_options_and_errors(tmp_path):
+    sim = simulate_reads(tmp_path / "reads", reference=("R9", "T1c-vfa"), readers=("R1", "R2"), seed=1)
+    grades = (sim.folder / "grades.csv").read_text().splitlines()
+    (sim.folder / "grades.csv").write_text("\n".join(g for g in grades if not g.startswith("R9,")) + "\n")
+    # R9 has marks but no grades rows: refused with a fix
+    with pytest.raises(AnalysisError, match="grades.csv row"):
+        analyze(sim.folder, tmp_path / "o1", report=False)
+    with pytest.raises(AnalysisError, match="reference phase 'T2'"):
+        analyze(sim.folder, tmp_path / "o2", reference_phase="T2", report=False)
+    # explicit reference on another phase works (R1 on T1c-pro as the reference)
+    res = analyze(sim.folder, tmp_path / "o3", reference_phase="T1c-pro", reference_reader="R1", report=False)
+    assert res.reference_reader == "R1" and all(r["phase"] != "T1c-pro" or r["reader"] != "R1" for r in res.detection)
+    with pytest.raises(AnalysisError, match="lacks column"):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "grades.csv").write_text("reader,phase,case,grade\n")
+        (tmp_path / "bad" / "lesions.csv").write_text(",".join(LESIONS_COLUMNS) + "\n")
+        analyze(tmp_path / "bad", tmp_path / "o4")
+    with pytest.raises(AnalysisError, match="missing"):
+        analyze(tmp_path / "o3", tmp_path / "o5")
+
+
+def test_ambiguous_reference_reader(tmp_path):
+    sim = simulate_reads(tmp_path / "reads", phases=("T1c", "T1c-vfa"), seed=2)
+    with pytest.raises(AnalysisError, match="--reference-reader"):
+        analyze(sim.folder, tmp_path / "out", report=False)
+
+
+def test_paper_table5_reader_average_interval(tmp_path):
+    """79 cases, 187 reference lesions; R1 finds 106 and R2 111 on T1c (Table 5, >= 0 mm)."""
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    per_case = np.zeros(79, int)
+    per_case[:52] = 1
+    per_case[rng.choice(52, 187 - 52, replace=True)] += 0
+    extra = 187 - 52
+    while extra:
+        i = rng.integers(52)
+        if per_case[i] < 15:
+            per_case[i] += 1
+            extra -= 1
+    lesions, grades = [], []
+    ids = [(f"c{i:02d}", j) for i in range(79) for j in range(per_case[i])]
+    assert len(ids) == 187
+    found = {"R1": set(rng.choice(187, 106, replace=False)), "R2": set(rng.choice(187, 111, replace=False))}
+    for n, (c, j) in enumerate(ids):
+        lesions.append(_lesion_row("R2", "T1c-vfa", c, j, (50.0 * j, 0, 0), 9.0, 5.0))
+        for r in ("R1", "R2"):
+            if n in found[r]:
+                lesions.append(_lesion_row(r, "T1c", c, j, (50.0 * j + 0.5, 0, 0), 9.0, 5.0))
+    for r, p in (("R1", "T1c"), ("R2", "T1c"), ("R2", "T1c-vfa")):
+        for i in range(79):
+            grades.append({"reader": r, "phase": p, "case": f"c{i:02d}", "grade": 3, "seconds": 100, "excluded": 0})
+    for name, cols, rows in (("grades.csv", GRADES_COLUMNS, grades), ("lesions.csv", LESIONS_COLUMNS, lesions)):
+        with open(folder / name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, cols)
+            w.writeheader()
+            w.writerows(rows)
+    res = analyze(folder, tmp_path / "out")
+    avg = next(d for d in res.detection if d["reader"] == "average" and d["threshold_mm"] == 0)
+    assert avg["tp"] == 108.5
+    assert (round(100 * avg["sensitivity_ci_low"]), round(100 * avg["sensitivity_ci_high"])) == (51, 65)  # paper: [51; 65]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "58% [51; 65]" in md and "57% (106/187)" in md and "59% (111/187)" in md
+
+
+def test_cli_analyze_bare_csv_folder(simulated, tmp_path):
+    from typer.testing import CliRunner
+
+    from LesionReaderLib.cli import app
+
+    out = tmp_path / "cli-out"
+    res = CliRunner().invoke(app, ["analyze", str(simulated.folder), "--out", str(out), "--reference-phase", "T1c-vfa", "--reference-reader", "R2"])
+    assert res.exit_code == 0, res.output
+    assert (out / "detection.csv").is_file() and (out / "report.html").is_file()
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert res.exit_code == 2 and "does not exist" in res.output
