@@ -114,6 +114,59 @@ def bench(
     run_bench(out_dir, ants_python=ants_python, spacing=spacing)
 
 
+models_app = typer.Typer(help="Model bundles: list, verify, import, path (per-user registry + shipped demo).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List installed bundles (user folder first, then the ones shipped with the extension)."""
+    from .registry import list_models
+
+    entries = list_models()
+    if not entries:
+        typer.echo("no model bundle installed; see `contrast-amplifier models import --help`")
+    for entry in entries:
+        typer.echo(f"{entry.name}\t{entry.version}\t{entry.source}\t{entry.intended_use}\t{entry.path}")
+
+
+@models_app.command("verify")
+def models_verify() -> None:
+    """Re-check the SHA-256 of every file of every bundle; exit 1 if any is modified."""
+    from .registry import verify_models
+
+    failed = 0
+    for entry, error in verify_models():
+        typer.echo(f"{'OK  ' if error is None else 'FAIL'} {entry.name} ({entry.path})" + ("" if error is None else f": {error}"))
+        failed += error is not None
+    if failed:
+        raise typer.Exit(1)
+
+
+@models_app.command("import")
+def models_import(
+    source: Path = typer.Argument(..., help="A bundle folder (with bundle.json) or a .zip of one."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an installed bundle of the same name."),
+) -> None:
+    """Verify a bundle's hashes and copy it into the per-user models folder."""
+    from .bundle import BundleError
+    from .registry import import_model
+
+    try:
+        bundle = import_model(source, overwrite=overwrite)
+    except BundleError as exc:
+        _fail(str(exc))
+    typer.echo(f"imported {bundle.name} {bundle.manifest['version']} -> {bundle.path}")
+
+
+@models_app.command("path")
+def models_path() -> None:
+    """Print the per-user models folder (set $CONTRAST_AMPLIFIER_MODELS to move it)."""
+    from .registry import user_models_dir
+
+    typer.echo(str(user_models_dir()))
+
+
 def main() -> None:  # console-script entry point
     try:
         app()
