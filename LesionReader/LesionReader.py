@@ -11,12 +11,9 @@ be imported headless (``slicer-core``) by tests and batch scripts.
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Dict, List, Optional
 
 import slicer
-import vtk
 
 try:  # GUI parts: present in the Slicer application, absent under slicer-core
     import ctk  # noqa: F401

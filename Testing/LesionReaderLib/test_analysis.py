@@ -333,3 +333,47 @@ def test_cli_analyze_bare_csv_folder(simulated, tmp_path):
     assert (out / "detection.csv").is_file() and (out / "report.html").is_file()
     res = CliRunner().invoke(app, ["analyze", str(tmp_path / "nowhere"), "--out", str(out)])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_analyze_part1_study_reads_study_json_and_database(make_study, clock, tmp_path):
+    """A real part-1 study (study.json + SQLite reads): reference taken from study.json."""
+    from LesionReaderLib.session import ReaderSession
+
+    study_dir = make_study(n_cases=4, readers=("R1", "R2"), phases=None, washout_days=10)
+    import json
+
+    study = json.loads((study_dir / "study.json").read_text())
+    assert study["reference"] == {"phase": "T1c-vfa", "reader": "R2"}
+    phases = [p["name"] for p in study["phases"]]
+
+    def lesion_at(x):
+        return ((x - 4.0, 0.0, 0.0), (x + 4.0, 0.0, 0.0)), ((x, -2.0, 0.0), (x, 2.0, 0.0))
+
+    found_by_r1 = {}
+    for reader in ("R1", "R2"):
+        for phase in phases:
+            session = ReaderSession.open(study_dir, reader, phase, clock=clock)
+            for _ in range(session.total):
+                case = session.volumes()["T1c"].parent.name
+                index = int(case[3:7]) - 1000
+                session.grade(3)
+                if session.marks_lesions:
+                    if reader == "R2" and phase == "T1c-vfa":
+                        session.add_lesion(*lesion_at(10.0 * index))
+                    elif phase == "T1c" and reader == "R1" and index % 2 == 0:
+                        session.add_lesion(*lesion_at(10.0 * index + 1.0))  # within 3 mm: a hit
+                        found_by_r1[case] = True
+                    elif phase == "T1c" and reader == "R1":
+                        session.add_lesion(*lesion_at(10.0 * index + 5.0))  # 5 mm off: FN + FP
+                clock.advance(minutes=1)
+                session.next_case()
+            session.submit_phase()
+            session.close()
+            clock.advance(days=11)
+    out = tmp_path / "out"
+    result = analyze(study_dir, out)
+    assert (result.reference_reader, result.reference_phase) == ("R2", "T1c-vfa")
+    assert (out / "reads" / "grades.csv").is_file()
+    r1 = next(d for d in result.detection if d["reader"] == "R1" and d["phase"] == "T1c" and d["threshold_mm"] == 0)
+    assert (r1["tp"], r1["fn"], r1["fp"], r1["n_cases"]) == (2, 2, 2, 4)
+    assert any("Contrast metrics skipped" in n for n in result.notes)  # fixture volumes have no T1

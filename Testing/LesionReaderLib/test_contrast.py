@@ -247,7 +247,7 @@ def test_phantom_cnr_orders_with_dose(phantom_case, tmp_path):
     roi = parallelogram_mask(labels, axes)
     assert roi.sum() == res["T1c"].n_lesion_voxels > 0
     inside = (sitk.GetArrayFromImage(labels) > 0)[roi].mean()
-    assert inside > 0.6
+    assert inside > 0.5  # a parallelogram around an ellipse is 79 % lesion at best; partial volume at 2 mm
 
 
 def test_phantom_contrast_through_analyze(phantom_case, tmp_path):
