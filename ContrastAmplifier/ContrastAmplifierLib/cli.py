@@ -114,6 +114,81 @@ def bench(
     run_bench(out_dir, ants_python=ants_python, spacing=spacing)
 
 
+QUALITY_HELP = "Mirrorings per fold: 8 (paper), or 1, 2, 4 for a quicker look."
+
+
+def _amplify_errors():
+    """Exceptions that are the user's input problem (reported in one line, exit 2)."""
+    from .bundle import BundleError
+    from .imageio import ImageValidationError
+
+    return (ImageValidationError, BundleError, ValueError)
+
+
+@app.command()
+def predict(
+    t1: Path = typer.Option(..., "--t1", help="Pre-contrast T1 (file or DICOM folder)."),
+    flair: Path = typer.Option(..., "--flair", help="T2-FLAIR."),
+    adc: Path = typer.Option(..., "--adc", help="ADC map."),
+    t1c: Path = typer.Option(..., "--t1c", help="Routine contrast-enhanced T1 (T1c); T1c-pro is written on its grid."),
+    out: Path = typer.Option(..., "--out", help="Output T1c-pro file (.nii.gz, .nrrd, .mha); written atomically."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder (default: first installed; see `models list`)."),
+    folds: Optional[List[int]] = typer.Option(None, "--folds", help="Fold models to average (repeat the option; default: all)."),
+    flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
+    skull_strip: Optional[str] = typer.Option(None, "--skull-strip", help="HD-BET fast or accurate (default: accurate on CUDA, fast on CPU)."),
+    brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    progress: str = ProgressOpt,
+) -> None:
+    """Amplify one case: T1, T2-FLAIR, ADC and T1c in, T1c-pro out (5 folds x 8 mirrorings by default)."""
+    from .inference import amplify_case
+
+    report = make_progress(progress)
+    try:
+        result = amplify_case(t1, flair, adc, t1c, bundle=model, out_path=out, folds=folds, n_mirrorings=flips,
+                              device=device, precision=precision, skull_strip_mode=skull_strip, brain_mask=brain_mask,
+                              threads=threads, progress=report)
+    except _amplify_errors() as exc:
+        _fail(str(exc))
+    except Cancelled:
+        _fail("cancelled; no output was written", code=130)
+    getattr(report, "close", lambda: None)()
+    typer.echo(f"wrote {result.output_path} ({result.n_predictions} predictions, {result.timings_s['total']:.1f} s)",
+               err=progress == "json")
+
+
+@app.command("predict-cohort")
+def predict_cohort(
+    cases_dir: Path = typer.Argument(..., help="Folder of case folders, each with t1, flair, adc, t1c images."),
+    out_dir: Path = typer.Argument(..., help="Receives <case>/T1c-pro.nii.gz and summary.csv."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder."),
+    folds: Optional[List[int]] = typer.Option(None, "--folds", help="Fold models to average (default: all)."),
+    flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists."),
+    progress: str = ProgressOpt,
+) -> None:
+    """Amplify every case of a folder; finished cases are skipped, a failing case does not stop the others."""
+    from .cohort import predict_cohort as run_cohort
+
+    report = make_progress(progress)
+    try:
+        rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
+                          precision=precision, overwrite=overwrite, progress=report)
+    except Cancelled:
+        _fail("cancelled; finished cases are kept, the current one was not written", code=130)
+    getattr(report, "close", lambda: None)()
+    failed = [r for r in rows if r["status"] == "failed"]
+    typer.echo(f"{len(rows)} cases: {sum(r['status'] == 'done' for r in rows)} done, "
+               f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {len(failed)} failed; see {out_dir / 'summary.csv'}",
+               err=progress == "json")
+    if failed:
+        raise typer.Exit(1)
+
+
 models_app = typer.Typer(help="Model bundles: list, verify, import, path (per-user registry + shipped demo).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
@@ -167,7 +242,16 @@ def models_path() -> None:
     typer.echo(str(user_models_dir()))
 
 
+def _terminate_as_interrupt(signum, frame):  # pragma: no cover - exercised through a child process
+    raise KeyboardInterrupt
+
+
 def main() -> None:  # console-script entry point
+    import signal
+
+    # The Slicer module cancels its child with SIGTERM: unwind like Ctrl-C so temporary files
+    # are removed and no half-written output is left behind.
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         app()
     except KeyboardInterrupt:

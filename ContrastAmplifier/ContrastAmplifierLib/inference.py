@@ -1,0 +1,185 @@
+"""``amplify_case``: T1, T2-FLAIR, ADC and T1c in, T1c-pro out, on the T1c's own grid.
+
+Paper, "Training and evaluating the model": the networks were trained on (T1, T2-FLAIR, ADC,
+T1c-low) -> T1c; at test time the routine T1c replaces T1c-low and the 5 fold models x 8
+mirrorings are averaged, giving the amplified "T1c-pro" image.
+
+Intensity mapping back to the T1c's scale (the network works on [0, 1] normalised images):
+
+1. the prediction ``p`` in [0, 1] is turned back into a brain z-score with the bundle's T1c clip
+   percentiles ``(lo, hi)``: ``z = lo + p * (hi - lo)`` (inverse of the input normalisation);
+2. ``z`` is mapped to the native grid (linear interpolation, inverse of the atlas affine);
+3. the z-score becomes intensity with the mean and SD of the *input* T1c inside its brain mask
+   (native grid): ``T1c-pro = mean_T1c + z * sd_T1c``. A voxel the network leaves unchanged thus
+   keeps its T1c value, up to clipping at the percentiles, and T1c-pro is windowed like the T1c.
+4. Outside the brain mask (skull, scalp, neck) T1c-pro holds the input T1c unchanged, so the
+   image reads like a whole head; ``outside_brain="zero"`` blanks it instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .bundle import ModelBundle
+from .ensemble import InferenceSettings, configure_cpu_threads, predict_ensemble
+from .imageio import ImageLike, read_image, write_image_atomic
+from .preprocessing import PreprocessedCase, preprocess_case
+from .progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
+
+#: Inputs of :func:`amplify_case`, in the paper's order (Figure 1).
+INPUT_MODALITIES = ("t1", "flair", "adc", "t1c")
+
+
+@dataclass
+class AmplifyResult:
+    """What :func:`amplify_case` produced.
+
+    Attributes:
+        image: T1c-pro on the native T1c grid (float32, T1c intensity scale).
+        atlas_prediction: mean ensemble prediction in [0, 1] on the atlas crop grid (z, y, x).
+        preprocessed: the preprocessing result (transforms, masks, normalised inputs).
+        output_path: where the image was written, if it was.
+        n_predictions: folds x mirrorings averaged.
+        timings_s: seconds per stage and ``"total"``.
+    """
+
+    image: sitk.Image
+    atlas_prediction: np.ndarray
+    preprocessed: PreprocessedCase
+    output_path: Optional[Path] = None
+    n_predictions: int = 0
+    timings_s: Dict[str, float] = field(default_factory=dict)
+
+
+def _resolve_bundle(bundle: Union[ModelBundle, str, os.PathLike, None]) -> ModelBundle:
+    if isinstance(bundle, ModelBundle):
+        return bundle
+    from .registry import resolve_model
+
+    return resolve_model(None if bundle is None else str(bundle))
+
+
+def brain_statistics(image: sitk.Image, mask: sitk.Image) -> tuple:
+    """Mean and SD of ``image`` inside ``mask`` (same grid)."""
+    values = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(mask) > 0].astype(np.float64)
+    if values.size < 2:
+        raise ValueError("the T1c brain mask is empty: skull stripping failed; check the QC picture")
+    return float(values.mean()), float(values.std())
+
+
+def prediction_to_native_intensity(
+    prediction: np.ndarray,
+    case: PreprocessedCase,
+    t1c_native: sitk.Image,
+    clip: tuple,
+    outside_brain: str = "t1c",
+) -> sitk.Image:
+    """Map an atlas-space [0, 1] prediction to T1c intensities on the native T1c grid (see module doc)."""
+    if outside_brain not in ("t1c", "zero"):
+        raise ValueError(f"outside_brain must be 't1c' or 'zero' (got {outside_brain!r})")
+    low, high = clip
+    z_atlas = (low + np.clip(prediction, 0.0, 1.0) * (high - low)).astype(np.float32)
+    z_native = sitk.GetArrayFromImage(case.to_native(z_atlas))
+    mean, sd = brain_statistics(t1c_native, case.native_brain_mask)
+    native_t1c = sitk.GetArrayFromImage(t1c_native).astype(np.float32)
+    # Brain voxels that the atlas crop covers get the prediction; everything else keeps the T1c.
+    covered = sitk.GetArrayFromImage(case.to_native(np.ones(z_atlas.shape, np.float32), default=0.0)) > 0.999
+    brain = (sitk.GetArrayViewFromImage(case.native_brain_mask) > 0) & covered
+    out = native_t1c.copy() if outside_brain == "t1c" else np.zeros_like(native_t1c)
+    out[brain] = mean + z_native[brain] * sd
+    image = sitk.GetImageFromArray(out.astype(np.float32))
+    image.CopyInformation(t1c_native)
+    return image
+
+
+def amplify_case(
+    t1: ImageLike,
+    flair: ImageLike,
+    adc: ImageLike,
+    t1c: ImageLike,
+    bundle: Union[ModelBundle, str, os.PathLike, None] = None,
+    out_path: Union[str, os.PathLike, None] = None,
+    folds: Optional[Sequence[int]] = None,
+    n_mirrorings: int = 8,
+    device: str = "auto",
+    precision: str = "auto",
+    skull_strip_mode: Optional[str] = None,
+    brain_mask: Optional[ImageLike] = None,
+    outside_brain: str = "t1c",
+    threads: Optional[int] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> AmplifyResult:
+    """Amplify the contrast of one case: the paper's T1c -> T1c-pro.
+
+    Args:
+        t1, flair, adc, t1c: images or paths (NIfTI/NRRD/MHA/DICOM folder), each on its own grid.
+        bundle: a loaded bundle, a registry name, a bundle folder, or ``None`` for the default.
+        out_path: if given, T1c-pro is written there atomically (temp file + rename).
+        folds: fold models to average (default: all of the bundle's).
+        n_mirrorings: 1, 2, 4 or 8 (paper: 8).
+        device: auto, cpu, cuda, cuda:N or mps (network and HD-BET).
+        precision: auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16 autocast).
+        skull_strip_mode: HD-BET fast/accurate; default accurate on CUDA, fast on CPU.
+        brain_mask: optional native-T1c brain mask that replaces HD-BET.
+        outside_brain: "t1c" (keep the input outside the brain) or "zero".
+        threads: CPU threads for torch (default: all cores).
+        progress: ``(stage, fraction, message)`` callback over the whole job.
+        cancel: checked between every step and every forward pass; nothing is written when set.
+
+    Returns:
+        :class:`AmplifyResult` with T1c-pro on the native T1c grid.
+    """
+    start = time.perf_counter()
+    report = progress or null_progress
+    timings: Dict[str, float] = {}
+    model_bundle = _resolve_bundle(bundle)
+    missing = [m for m in model_bundle.modalities if m not in INPUT_MODALITIES]
+    if missing:
+        raise ValueError(f"bundle {model_bundle.name!r} expects modalities {missing} that amplify_case does not take")
+    settings = InferenceSettings.create(device, precision)
+    if settings.device.type == "cpu":
+        configure_cpu_threads(threads)
+    hd_bet_device = "cpu" if settings.device.type != "cuda" else str(settings.device)
+    mode = skull_strip_mode or ("accurate" if settings.device.type == "cuda" else "fast")
+
+    t1c_image = read_image(t1c, "T1c")
+    inputs: Mapping[str, ImageLike] = {"t1": t1, "flair": flair, "adc": adc, "t1c": t1c_image}
+    t0 = time.perf_counter()
+    case = preprocess_case(
+        {m: inputs[m] for m in model_bundle.modalities}, model_bundle.geometry(), skull_strip_mode=mode,
+        device=hd_bet_device, brain_mask=brain_mask, progress=SubProgress(report, 0.0, 0.4), cancel=cancel,
+    )
+    timings["preprocess"] = time.perf_counter() - t0
+    check_cancel(cancel)
+
+    t0 = time.perf_counter()
+    report("load model", 0.4, f"{model_bundle.name}: folds {list(folds) if folds is not None else model_bundle.folds}")
+    models = model_bundle.load_models(folds)
+    arrays = case.arrays
+    stacked = np.stack([arrays[m] for m in model_bundle.modalities]).astype(np.float32)
+    prediction = predict_ensemble(models, stacked, n_mirrorings, settings, progress=SubProgress(report, 0.42, 0.92), cancel=cancel)
+    prediction[~case.mask_array] = 0.0
+    timings["ensemble"] = time.perf_counter() - t0
+    check_cancel(cancel)
+
+    t0 = time.perf_counter()
+    report("map back", 0.93, "atlas -> native T1c grid")
+    image = prediction_to_native_intensity(prediction, case, t1c_image, model_bundle.geometry().clip_for("t1c"), outside_brain)
+    timings["map_back"] = time.perf_counter() - t0
+    check_cancel(cancel)
+
+    written = None
+    if out_path is not None:
+        report("write", 0.97, str(out_path))
+        written = write_image_atomic(image, out_path)
+    timings["total"] = time.perf_counter() - start
+    report("done", 1.0, f"T1c-pro from {len(models) * n_mirrorings} predictions")
+    return AmplifyResult(image, prediction, case, written, len(models) * n_mirrorings, timings)
