@@ -146,7 +146,7 @@ def resample_to_native(world: sitk.Image, grid: NativeGrid, world_to_native: np.
     if tuple(sub) == (1, 1, 1):
         return fine
     nx, ny, nz = grid.size
-    blocks = fine.reshape(nz, sub[2], ny, sub[1], nx, sub[0]).astype(np.float32)
+    blocks = fine.reshape(nz, sub[2], ny, sub[1], nx, sub[0])
     return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
 
 

@@ -138,6 +138,13 @@ def head_distance_maps(resolution: int = 1) -> Tuple[np.ndarray, np.ndarray]:
     The intracranial volume is the brain mask smoothed (sulci filled) and slightly dilated.
     """
     anatomy = load_template_anatomy(resolution)
+    if resolution == 1:
+        # Distances are smooth: compute them on the 2 mm grid (8x fewer voxels) and interpolate.
+        # The 1 mm grid's voxel (0,0,0) sits 0.5 mm before the 2 mm one's, hence the offset.
+        coarse = load_template_anatomy(2)
+        signed2, depth2 = head_distance_maps(2)
+        offset = (np.asarray(anatomy.origin) - np.asarray(coarse.origin))[::-1] / coarse.spacing
+        return tuple(_upsample(a, anatomy.shape, offset) for a in (signed2, depth2))  # type: ignore[return-value]
     h = anatomy.spacing
     smooth = ndimage.gaussian_filter(anatomy.brain.astype(np.float32), sigma=2.5 / h)
     icv = ndimage.binary_fill_holes(smooth > 0.25)
@@ -147,12 +154,29 @@ def head_distance_maps(resolution: int = 1) -> Tuple[np.ndarray, np.ndarray]:
     return outside - inside, depth
 
 
+def _upsample(coarse: np.ndarray, shape: Tuple[int, int, int], offset_vox: np.ndarray) -> np.ndarray:
+    """Linear interpolation of a 2 mm (z, y, x) map onto a 1 mm grid starting at ``offset_vox`` (2 mm voxels)."""
+    axes = [offset_vox[a] + 0.5 * np.arange(shape[a]) for a in range(3)]
+    out = coarse
+    for a in range(3):  # separable: one axis at a time keeps it fast and low on memory
+        pos = np.clip(axes[a], 0, coarse.shape[a] - 1)
+        lo = np.minimum(np.floor(pos).astype(int), coarse.shape[a] - 2)
+        w = (pos - lo).astype(np.float32)
+        shape_w = [1, 1, 1]
+        shape_w[a] = -1
+        w = w.reshape(shape_w)
+        out = np.take(out, lo, axis=a) * (1 - w) + np.take(out, lo + 1, axis=a) * w
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 def soft_inside(distance_mm: np.ndarray, radius_mm: float, voxel_mm: float) -> np.ndarray:
     """Partial-volume fraction of a voxel whose centre lies ``distance_mm`` from a centre/surface.
 
     A linear ramp one voxel wide around ``radius_mm``: 1 well inside, 0 well outside.
     """
-    return np.clip((radius_mm - distance_mm) / voxel_mm + 0.5, 0.0, 1.0).astype(np.float32)
+    out = np.asarray(distance_mm, dtype=np.float32) * np.float32(-1.0 / voxel_mm)
+    out += np.float32(radius_mm / voxel_mm + 0.5)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def head_shell(signed_mm: np.ndarray, brain: np.ndarray, csf_mm: float, skull_mm: float, scalp_mm: float,

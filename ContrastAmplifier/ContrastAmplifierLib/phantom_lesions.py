@@ -7,7 +7,7 @@ necrotic core when larger than about 10 mm, surrounding oedema), gliomas are irr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,6 +22,7 @@ GLIOMA_LONG_MM = (15.0, 40.0)
 #: Enhancing tissue concentration at the standard dose, PHANTOM.md "Gadolinium" (mmol/L).
 LESION_CONC_STD = (0.1, 0.4)
 RING_THRESHOLD_MM = 10.0
+GLIOMA_INFLATION = 1.28
 
 
 @dataclass
@@ -209,7 +210,9 @@ def lesion_components(anatomy: TemplateAnatomy, lesion: Lesion) -> Tuple[Tuple[s
     if lesion.kind == "glioma":
         n1 = _smooth_noise(lesion.noise_seed, shape, sigma_vox=max(4.0 / h, 1.0))
         n2 = _smooth_noise(lesion.noise_seed + 1, shape, sigma_vox=max(3.0 / h, 1.0))
-        rho_irregular = rho * (1.0 + 0.22 * n1)
+        # Irregular outline kept inside the drawn ellipsoid (long axis <= 40 mm): the noise moves the
+        # surface between 1/1.28 and 1/1.28/0.78 ~ 1.0 of the semi-axes.
+        rho_irregular = rho * GLIOMA_INFLATION * (1.0 + 0.22 * np.clip(n1, -1.0, 1.0))
         body = _shell_fraction(rho_irregular, dist, 1.0, h)
         if lesion.pattern == "ring":
             inner = 1.0 - lesion.rim_mm / a
