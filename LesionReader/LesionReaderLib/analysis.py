@@ -12,7 +12,9 @@ T1c-vfa). Outputs (all in ``OUT_DIR``):
 
 - ``detection.csv`` (Table 5), ``comparisons.csv`` (every test of Tables 3-6),
 - ``quality.csv`` (Table 3), ``contrast.csv`` (Table 4, per case), ``times.csv`` (Table 6),
-- ``matches.csv`` (every reference lesion / mark pairing, for audit), ``analysis.json``.
+- ``matches.csv`` (every reference lesion / mark pairing, for audit), ``analysis.json``;
+- beyond the paper: ``agreement.csv`` (weighted Cohen's kappa between readers' grades) and
+  ``bootstrap.csv`` (case-level bootstrap interval of the reader-average sensitivity).
 
 Choices the paper leaves open, made here and listed in the README:
 
@@ -66,6 +68,10 @@ TIMES_COLUMNS = (
     "reader", "phase", "n_cases", "mean_seconds", "sd_seconds", "total_seconds", "n_marks",
     "seconds_per_mark", "paper_seconds_per_lesion",
 )
+AGREEMENT_COLUMNS = ("phase", "reader_a", "reader_b", "n_cases", "kappa_linear", "kappa_quadratic")
+BOOTSTRAP_COLUMNS = ("threshold_mm", "reader", "phase", "n_cases", "sensitivity", "ci_low", "ci_high", "n_boot", "seed")
+#: Case-level bootstrap replicates for the reader-average sensitivity (beyond the paper).
+DEFAULT_N_BOOT = 2000
 MATCHES_COLUMNS = ("reader", "phase", "case", "reference_lesion", "reference_long_mm", "mark_lesion", "mark_long_mm", "distance_mm")
 
 #: Size thresholds on the long axis, in mm (paper, "Performance metrics": 10, 5 and 0 mm).
@@ -365,6 +371,8 @@ class AnalysisResult:
     contrast: List[dict]
     per_case: Dict[str, Dict[Tuple[str, str], Dict[str, float]]]
     notes: List[str]
+    agreement: List[dict] = field(default_factory=list)
+    bootstrap: List[dict] = field(default_factory=list)
     files: Dict[str, Path] = field(default_factory=dict)
 
 
@@ -425,6 +433,8 @@ def analyze(
     contrast: bool = True,
     brain_margin_mm: float = 5.0,
     report: bool = True,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = 0,
     progress: Optional[Callable[[str, float, str], None]] = None,
 ) -> AnalysisResult:
     """Run the paper's analysis on a study folder and write the tables and the report.
@@ -440,6 +450,9 @@ def analyze(
         contrast: compute CNR/LBR/CEP when the volumes are known.
         brain_margin_mm: margin of the automatic healthy-brain ROI (deviation, see contrast.py).
         report: also write report.md / report.html / plots.
+        n_boot: case-level bootstrap replicates of the reader-average sensitivity (beyond the
+            paper; 0 to skip).
+        seed: seed of the bootstrap.
         progress: optional ``(stage, fraction, message)`` callback.
 
     Raises:
@@ -454,7 +467,8 @@ def analyze(
     say("read", 0.0, "reading the study")
     info = load_study_info(study_dir)
     reads_dir = study_dir
-    if (study_dir / "study.json").is_file() and not ((study_dir / "grades.csv").is_file() and (study_dir / "lesions.csv").is_file()):
+    # A study with a reads database is exported afresh (CSV files lying in the folder may be stale).
+    if (study_dir / "study.json").is_file() and (study_dir / "reads.sqlite").is_file():
         from .export import export_study
         from .study import StudyError
 
@@ -546,6 +560,7 @@ def analyze(
 
     detection_rows: List[dict] = []
     comparisons: List[dict] = []
+    bootstrap_rows: List[dict] = []
     det_phases = [p for p in reads.phases if any(k[1] == p for k in detections)]
     det_readers = [r for r in reads.readers if any(k[0] == r for k in detections)]
     for t in thresholds:
@@ -573,6 +588,20 @@ def analyze(
                 t, AVERAGE, phase, float(np.mean(tps)), len(keys), float(fps.sum(axis=1).mean()),
                 fps.mean(axis=0) if len(cases) else np.array([]),
             ))
+            if n_boot > 0 and cases:
+                # Beyond the paper: case-level bootstrap (lesions cluster within cases).
+                ref_n = np.array([sum(1 for m in reference[c] if m.long_mm >= t) for c in cases], dtype=float)
+                tp_case = np.array([[sum(detections[(r, phase)].detected[(c, m.lesion)] for m in reference[c] if m.long_mm >= t)
+                                     for c in cases] for r in rs], dtype=float)
+
+                def boot_stat(idx, ref_n=ref_n, tp_case=tp_case):
+                    n = ref_n[idx].sum()
+                    return tp_case[:, idx].sum(axis=1).mean() / n if n > 0 else math.nan
+
+                lo, hi = stats.bootstrap_ci(boot_stat, len(cases), n_boot=n_boot, seed=seed)
+                bootstrap_rows.append({"threshold_mm": t, "reader": AVERAGE, "phase": phase, "n_cases": len(cases),
+                                       "sensitivity": float(np.mean(tps)) / len(keys) if keys else math.nan,
+                                       "ci_low": lo, "ci_high": hi, "n_boot": n_boot, "seed": seed})
         # phase vs phase, per reader and for the average
         for reader in det_readers + [AVERAGE]:
             for pa, pb in itertools.combinations(det_phases, 2):
@@ -650,6 +679,21 @@ def analyze(
             # Per-case reader means are not grades: no distribution for the average rows.
             row[f"n_grade_{g}"] = "" if reader == AVERAGE else sum(1 for v in values.values() if v == g)
         quality_rows.append(row)
+    agreement_rows: List[dict] = []
+    for phase in reads.phases:
+        rs = [r for r in reads.readers if per_case["grade"].get((r, phase))]
+        for ra, rb in itertools.combinations(rs, 2):
+            ga, gb = per_case["grade"][(ra, phase)], per_case["grade"][(rb, phase)]
+            common = sorted(set(ga) & set(gb))
+            if len(common) < 2:
+                continue
+            xa, xb = [ga[c] for c in common], [gb[c] for c in common]
+            if any(float(g) not in (1.0, 2.0, 3.0, 4.0) for g in xa + xb):
+                notes.append(f"Weighted kappa skipped for {ra} vs {rb} on {phase}: grades are not all integers 1-4.")
+                continue
+            agreement_rows.append({"phase": phase, "reader_a": ra, "reader_b": rb, "n_cases": len(common),
+                                   "kappa_linear": stats.weighted_kappa(xa, xb, weights="linear"),
+                                   "kappa_quadratic": stats.weighted_kappa(xa, xb, weights="quadratic")})
     time_series = summarise("seconds", [k for k in reads.grades if k in timed_keys], "table6")
     for (reader, phase), values in _sorted_series(time_series, reads):
         mean, sd = _mean_sd(values.values())
@@ -689,6 +733,7 @@ def analyze(
         n_reference_lesions=n_ref_lesions, reference_long_mm=[m.long_mm for v in reference.values() for m in v],
         excluded_cases=excluded, detection=detection_rows, comparisons=comparisons, quality=quality_rows,
         times=times_rows, contrast=contrast_rows, per_case={"grade": grade_series, "seconds": time_series}, notes=notes,
+        agreement=agreement_rows, bootstrap=bootstrap_rows,
     )
     say("write", 0.9, "writing tables")
     result.files["detection"] = _write_csv(out_dir / "detection.csv", DETECTION_COLUMNS, detection_rows)
@@ -697,6 +742,8 @@ def analyze(
     result.files["quality"] = _write_csv(out_dir / "quality.csv", QUALITY_COLUMNS, quality_rows)
     result.files["times"] = _write_csv(out_dir / "times.csv", TIMES_COLUMNS, times_rows)
     result.files["matches"] = _write_csv(out_dir / "matches.csv", MATCHES_COLUMNS, match_rows)
+    result.files["agreement"] = _write_csv(out_dir / "agreement.csv", AGREEMENT_COLUMNS, agreement_rows)
+    result.files["bootstrap"] = _write_csv(out_dir / "bootstrap.csv", BOOTSTRAP_COLUMNS, bootstrap_rows)
     summary = {
         "reference_phase": ref_phase, "reference_reader": ref_reader, "reference_cases": len(ref_cases),
         "reference_lesions": n_ref_lesions, "excluded_cases": excluded, "thresholds_mm": list(thresholds),

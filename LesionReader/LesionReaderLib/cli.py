@@ -119,6 +119,8 @@ def analyze(
     thresholds: Optional[List[float]] = typer.Option(None, "--threshold", help="Long-axis size thresholds in mm, repeatable (paper: 0 5 10)."),
     contrast: bool = typer.Option(True, "--contrast/--no-contrast", help="Compute CNR/LBR/CEP when the study lists the volumes."),
     brain_margin_mm: float = typer.Option(5.0, "--brain-margin", min=0.0, help="Margin (mm) around lesions removed from the automatic healthy-brain ROI."),
+    n_boot: int = typer.Option(2000, "--n-boot", min=0, help="Case-level bootstrap replicates of the reader-average sensitivity (beyond the paper; 0 skips)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     progress: str = typer.Option("none", "--progress", help="none or json (one JSON object per line on stdout)."),
 ) -> None:
     """Paper's metrics and statistics (Tables 3-6): detection, contrast, grades, reading times, report."""
@@ -131,7 +133,8 @@ def analyze(
     try:
         result = run_analysis(
             study_dir, out, reference_phase=reference_phase, reference_reader=reference_reader,
-            thresholds=thresholds or (0.0, 5.0, 10.0), contrast=contrast, brain_margin_mm=brain_margin_mm, progress=report,
+            thresholds=thresholds or (0.0, 5.0, 10.0), contrast=contrast, brain_margin_mm=brain_margin_mm,
+            n_boot=n_boot, seed=seed, progress=report,
         )
     except AnalysisError as exc:
         fail(str(exc))

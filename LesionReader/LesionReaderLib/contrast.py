@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -253,7 +253,6 @@ class CaseVolumes:
     healthy_brain: Optional[PathLike] = None
     brain_mask: Optional[PathLike] = None
     lesion_labels: Optional[PathLike] = None
-    notes: List[str] = field(default_factory=list)
 
 
 def case_contrast(

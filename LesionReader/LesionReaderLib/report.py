@@ -235,6 +235,31 @@ def detection_table(result: "AnalysisResult") -> Table:
     return "Table 5: lesion detection", header, rows, caption
 
 
+def beyond_tables(result: "AnalysisResult") -> List[Table]:
+    """Beyond the paper: weighted kappa between readers' grades; bootstrap CIs of the average SE."""
+    tables: List[Table] = []
+    if result.agreement:
+        rows = [[r["phase"], f"{r['reader_a']} vs. {r['reader_b']}", str(r["n_cases"]),
+                 "n/a" if _nan(r["kappa_linear"]) else f"{r['kappa_linear']:.2f}",
+                 "n/a" if _nan(r["kappa_quadratic"]) else f"{r['kappa_quadratic']:.2f}"] for r in result.agreement]
+        tables.append(("Beyond the paper: agreement between readers' grades", ["Phase", "Readers", "cases", "linear kappa", "quadratic kappa"],
+                       rows, "Weighted Cohen's kappa on the 4-point image quality grades (1 = perfect agreement, 0 = chance)."))
+    if result.bootstrap:
+        clopper = {(d["threshold_mm"], d["phase"]): d for d in result.detection if d["reader"] == AVERAGE}
+        rows = []
+        for b in result.bootstrap:
+            d = clopper.get((b["threshold_mm"], b["phase"]))
+            cp = f"[{100 * d['sensitivity_ci_low']:.0f}; {100 * d['sensitivity_ci_high']:.0f}]" if d and not _nan(d["sensitivity_ci_low"]) else "n/a"
+            boot = "n/a" if _nan(b["ci_low"]) else f"[{100 * b['ci_low']:.0f}; {100 * b['ci_high']:.0f}]"
+            rows.append([_thr(b["threshold_mm"]), b["phase"], _pct(b["sensitivity"]), cp, boot])
+        n_boot = result.bootstrap[0]["n_boot"]
+        tables.append(("Beyond the paper: case-level bootstrap of the reader-average sensitivity",
+                       ["Threshold", "Phase", "SE", "Clopper-Pearson 95% (paper)", "Case bootstrap 95%"], rows,
+                       f"Percentile intervals from {n_boot} resamplings of cases (with all their lesions), which account for "
+                       "lesions clustering within cases; the paper's Clopper-Pearson interval treats lesions as independent."))
+    return tables
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -410,7 +435,7 @@ def write_report(result: "AnalysisResult") -> Dict[str, Path]:
         (detection_table(result), "sensitivity_plot"),
         (times_table(result), "times_plot"),
         (time_per_lesion_table(result), None),
-    ]
+    ] + [(t, None) for t in beyond_tables(result)]
     intro = (f"Reader study analysis (Bône, Ammari et al., Invest Radiol 2022, 'Performance metrics' and 'Statistical analysis'). "
              f"Reference lesions: reader {result.reference_reader}, phase {result.reference_phase}: "
              f"{result.n_reference_lesions} lesions in {result.n_reference_cases} cases. Readers: {', '.join(result.readers)}. "

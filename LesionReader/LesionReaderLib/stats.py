@@ -243,3 +243,83 @@ def format_p(p: float) -> str:
         return "P>.99"
     text = f"{p:.2f}" if p >= 0.01 else f"{p:.3f}"
     return f"P={text.lstrip('0')}{star}"
+
+
+# --------------------------------------------------------------------------- beyond the paper
+
+
+def weighted_kappa(a: Sequence[float], b: Sequence[float], categories: Sequence[float] = (1, 2, 3, 4), weights: str = "quadratic") -> float:
+    """Weighted Cohen's kappa between two readers' ordinal grades (beyond the paper).
+
+    ``kappa_w = 1 - sum(w * O) / sum(w * E)`` with disagreement weights
+    ``w_ij = |i - j|`` (``linear``) or ``(i - j)^2`` (``quadratic``, Fleiss-Cohen) over the
+    category scores, O the observed joint proportions and E the product of the marginals. The
+    paper compares readers' grades with t-tests only (Table 3); kappa adds their agreement.
+
+    Args:
+        a: grades of reader A, one per case.
+        b: grades of reader B, same cases in the same order.
+        categories: the scale (paper: 1-4).
+        weights: ``linear`` or ``quadratic``.
+
+    Returns:
+        kappa in [-1, 1]; 1.0 when the readers agree on every case and NaN when the expected
+        disagreement is zero otherwise (a single category used by both).
+
+    Raises:
+        ValueError: unequal lengths, an unknown weighting, or a grade outside ``categories``.
+    """
+    x, y = list(a), list(b)
+    if len(x) != len(y):
+        raise ValueError(f"weighted kappa needs paired grades of equal length, got {len(x)} and {len(y)}.")
+    if weights not in ("linear", "quadratic"):
+        raise ValueError(f"weights must be 'linear' or 'quadratic', got {weights!r}.")
+    cats = list(categories)
+    index = {c: i for i, c in enumerate(cats)}
+    table = np.zeros((len(cats), len(cats)))
+    for u, v in zip(x, y):
+        if u not in index or v not in index:
+            raise ValueError(f"grade pair ({u}, {v}) is outside the scale {cats}.")
+        table[index[u], index[v]] += 1
+    if table.sum() == 0:
+        return math.nan
+    observed = table / table.sum()
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0))
+    scores = np.asarray(cats, dtype=float)
+    diff = np.abs(scores[:, None] - scores[None, :])
+    w = diff if weights == "linear" else diff**2
+    denominator = float((w * expected).sum())
+    if denominator == 0:
+        return 1.0 if float((w * observed).sum()) == 0 else math.nan
+    return 1.0 - float((w * observed).sum()) / denominator
+
+
+def bootstrap_ci(
+    statistic, n_units: int, n_boot: int = 2000, alpha: float = ALPHA, seed: int = 0
+) -> Tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of resampled units (beyond the paper).
+
+    Used for a case-level bootstrap of the reader-average sensitivity: cases (with all their
+    lesions and both readers' detections) are drawn with replacement, so the interval accounts
+    for lesions clustering within cases, which the paper's Clopper-Pearson interval ignores.
+
+    Args:
+        statistic: ``f(indices) -> float`` evaluated on an array of resampled unit indices.
+        n_units: number of units (cases).
+        n_boot: bootstrap replicates.
+        alpha: two-tailed level.
+        seed: random seed (same seed, same interval).
+
+    Returns:
+        (low, high) percentiles; NaNs when no replicate is defined.
+    """
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        v = statistic(rng.integers(0, n_units, n_units))
+        if v is not None and not math.isnan(v):
+            values.append(v)
+    if not values:
+        return math.nan, math.nan
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)

@@ -377,3 +377,23 @@ def test_analyze_part1_study_reads_study_json_and_database(make_study, clock, tm
     r1 = next(d for d in result.detection if d["reader"] == "R1" and d["phase"] == "T1c" and d["threshold_mm"] == 0)
     assert (r1["tp"], r1["fn"], r1["fp"], r1["n_cases"]) == (2, 2, 2, 4)
     assert any("Contrast metrics skipped" in n for n in result.notes)  # fixture volumes have no T1
+
+
+def test_beyond_the_paper_outputs(simulated, tmp_path):
+    from LesionReaderLib import stats as lr_stats
+
+    out = tmp_path / "out"
+    result = analyze(simulated.folder, out, n_boot=300, seed=1)
+    header, rows = read_csv(out / "agreement.csv")
+    row = _row(rows, phase="T1c", reader_a="R1", reader_b="R2")
+    cases = [c for c in simulated.cases if c not in simulated.excluded]
+    a = [simulated.grades[("R1", "T1c")][c][0] for c in cases]
+    b = [simulated.grades[("R2", "T1c")][c][0] for c in cases]
+    assert float(row["kappa_quadratic"]) == pytest.approx(lr_stats.weighted_kappa(a, b))
+    header, rows = read_csv(out / "bootstrap.csv")
+    assert len(rows) == 3 * 2  # thresholds x phases with a reader average
+    boot = _row(rows, threshold_mm="0", phase="T1c-pro")
+    det = next(d for d in result.detection if d["reader"] == "average" and d["phase"] == "T1c-pro" and d["threshold_mm"] == 0)
+    assert float(boot["sensitivity"]) == pytest.approx(det["sensitivity"])
+    assert float(boot["ci_low"]) <= det["sensitivity"] <= float(boot["ci_high"])
+    assert "case-level bootstrap" in (out / "report.md").read_text(encoding="utf-8")

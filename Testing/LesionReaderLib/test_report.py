@@ -74,5 +74,5 @@ def test_report_files(result):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"({png})" in md and f'src="{png}"' in html
-    assert "<table>" in html and html.count("<h3>") == 5
+    assert "<table>" in html and html.count("<h3>") == 7  # Tables 3-6, time per lesion, kappa, bootstrap
     assert '<td class="sig">' in html or "*" not in md  # significant p-values are highlighted

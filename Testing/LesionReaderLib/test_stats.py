@@ -124,3 +124,31 @@ def test_ppv_f1_and_p_format():
     assert stats.format_p(0.995) == "P>.99"
     assert stats.format_p(0.008) == "P=.008*"
     assert stats.format_p(float("nan")) == "n/a"
+
+
+@pytest.mark.parametrize("wt", ["linear", "quadratic"])
+def test_weighted_kappa_against_statsmodels(wt):
+    from statsmodels.stats.inter_rater import cohens_kappa
+
+    rng = np.random.default_rng(5)
+    a = rng.integers(1, 5, 60)
+    b = np.clip(a + rng.integers(-1, 2, 60), 1, 4)
+    table = np.zeros((4, 4))
+    for u, v in zip(a, b):
+        table[u - 1, v - 1] += 1
+    ref = cohens_kappa(table, wt=wt, return_results=False)
+    assert stats.weighted_kappa(a, b, weights=wt) == pytest.approx(ref)
+    assert stats.weighted_kappa([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert stats.weighted_kappa([3, 3, 3], [3, 3, 3]) == 1.0
+    with pytest.raises(ValueError, match="outside the scale"):
+        stats.weighted_kappa([0, 1], [1, 1])
+
+
+def test_bootstrap_ci_is_seeded_and_covers_the_estimate():
+    x = np.random.default_rng(2).normal(10, 2, 50)
+    stat = lambda idx: float(x[idx].mean())  # noqa: E731
+    low, high = stats.bootstrap_ci(stat, len(x), n_boot=1000, seed=3)
+    assert (low, high) == stats.bootstrap_ci(stat, len(x), n_boot=1000, seed=3)
+    assert low < x.mean() < high
+    se = x.std(ddof=1) / np.sqrt(len(x))
+    assert high - low == pytest.approx(2 * 1.96 * se, rel=0.2)
