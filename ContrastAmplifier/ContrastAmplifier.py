@@ -252,6 +252,12 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             raise FileNotFoundError(f"Preprocessing finished but wrote no T1c in {job.outDir}; see the log.")
         return job.results
 
+    @staticmethod
+    def discardJobFiles(job: Optional[BackgroundJob]) -> None:
+        """Delete a finished job's exchange folder (exported inputs and outputs: patient data)."""
+        if job is not None and not job.process.running:
+            mrml_bridge.ExchangeFolder(job.workDir).cleanup()
+
     def qualityControlImage(self, job: BackgroundJob) -> Optional[Path]:
         """Path of the QC picture (``qc.png``) of a finished job, if it was written."""
         path = job.outDir / "qc.png"
@@ -260,8 +266,12 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
     def preprocess(self, t1, flair, adc, t1c, device: str = "cpu", skullStripMode: str = "fast",
                    qualityControl: bool = True, progressCallback: Optional[Callable[[process.ProgressEvent], None]] = None,
                    timeout: Optional[float] = None, spacing: Optional[float] = None,
-                   crop: Optional[Sequence[int]] = None) -> Dict[str, object]:
+                   crop: Optional[Sequence[int]] = None, keepFiles: bool = False) -> Dict[str, object]:
         """Synchronous preprocessing (batch mode): export, run, wait, load; returns the new nodes.
+
+        With ``keepFiles`` the exchange folder (inputs, outputs, transforms, ``qc.png``) is kept
+        and its path is in each result node's ``ContrastAmplifier.Folder`` attribute; otherwise
+        it is deleted once the results are loaded.
 
         Raises:
             ValueError: an input is missing or chosen twice (named in the message).
@@ -273,10 +283,17 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             job.process.on_progress = progressCallback
         try:
             job.process.wait(timeout=timeout)
+            results = self.loadPreprocessResults(job)
         except BaseException:
             job.process.cancel(wait=True)
+            self.discardJobFiles(job)
             raise
-        return self.loadPreprocessResults(job)
+        if keepFiles:
+            for node in results.values():
+                node.SetAttribute("ContrastAmplifier.Folder", str(job.outDir))
+        else:
+            self.discardJobFiles(job)
+        return results
 
     # Amplification (T1c-pro) is added by the inference work: the model selector (registry),
     # the quality/speed choice (folds x mirrorings) and an Apply action belong next to
@@ -362,6 +379,7 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def cleanup(self) -> None:
         if self._job is not None and self._job.process.running:
             self._job.process.cancel(wait=True)
+        self.logic.discardJobFiles(self._job)
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -433,18 +451,23 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         pn = self._parameterNode
         nodes = self.logic.inputNodes(pn)
-        with slicer.util.tryWithErrorDisplay("Preprocessing could not start.", waitCursor=True):
-            self._job = self.logic.startPreprocess(
-                nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"],
-                device=pn.GetParameter("Device"), skullStripMode=pn.GetParameter("SkullStripMode"),
-                qualityControl=pn.GetParameter("QualityControl") == "true",
-            )
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = "Preprocessing started..."
-            self.ui.qcImageLabel.clear()
-            self._timer.start()
-        self._updateButtons()
+        self.logic.discardJobFiles(self._job)  # the previous run's files (its results are in the scene)
+        try:
+            with slicer.util.tryWithErrorDisplay("Preprocessing could not start.", waitCursor=True):
+                self._job = self.logic.startPreprocess(
+                    nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"],
+                    device=pn.GetParameter("Device"), skullStripMode=pn.GetParameter("SkullStripMode"),
+                    qualityControl=pn.GetParameter("QualityControl") == "true",
+                )
+                self.ui.progressBar.value = 0
+                self.ui.progressBar.show()
+                self.ui.statusLabel.text = "Preprocessing started..."
+                self.ui.qcImageLabel.clear()
+                self._timer.start()
+        except Exception as exc:  # already shown to the user by tryWithErrorDisplay
+            self.ui.statusLabel.text = f"Not started: {exc}"
+        finally:
+            self._updateButtons()
 
     def onTimer(self) -> None:
         job = self._job
@@ -458,9 +481,10 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self._timer.stop()
         self.ui.progressBar.hide()
-        if job.process.state is process.ProcessState.CANCELLED:
-            self.ui.statusLabel.text = "Cancelled; nothing was loaded."
-        else:
+        try:
+            if job.process.state is process.ProcessState.CANCELLED:
+                self.ui.statusLabel.text = "Cancelled; nothing was loaded."
+                return
             with slicer.util.tryWithErrorDisplay("Preprocessing failed.", waitCursor=True):
                 nodes = self.logic.loadPreprocessResults(job)
                 slicer.util.setSliceViewerLayers(background=nodes["t1c"], fit=True)
@@ -468,9 +492,10 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 qcPath = self.logic.qualityControlImage(job)
                 if qcPath is not None:
                     self._showQualityControl(qcPath)
-            if job.process.state is not process.ProcessState.SUCCEEDED:
-                self.ui.statusLabel.text = f"Failed: {job.process.error_message()}"
-        self._updateButtons()
+        except Exception as exc:  # already shown to the user by tryWithErrorDisplay
+            self.ui.statusLabel.text = f"Failed: {exc}"
+        finally:
+            self._updateButtons()
 
     def _showQualityControl(self, path: Path) -> None:
         import qt

@@ -128,9 +128,9 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
         """Whether ``contrast-amplifier-train fit`` exists here, and a sentence for the user."""
         try:
             commands = process.available_cli_commands(self.CLI_MODULE)
-        except ImportError as exc:
-            return False, (f"The training command line ({self.CLI_NAME}) cannot be loaded ({exc}); "
-                           "press Start to install the missing Python packages, or reinstall the extension.")
+        except ImportError as exc:  # a dependency is missing: Start installs it, then checks again
+            return True, (f"The training command line needs Python packages that are not installed yet ({exc}); "
+                          "Start installs them first.")
         if "fit" not in commands:
             return False, (f"The training command line ({self.CLI_NAME} fit) is not part of this installation yet; "
                            "training cannot start. Update the ContrastAmplifier extension.")
@@ -193,6 +193,8 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
         available, reason = self.trainingAvailability()
         if not available:
             raise TrainingUnavailableError(reason)
+        if not {"fit"} <= process.available_cli_commands(self.CLI_MODULE):  # still unloadable after installing
+            raise TrainingUnavailableError(f"The training command line ({self.CLI_NAME} fit) cannot be loaded; reinstall the extension.")
         Path(outputFolder).mkdir(parents=True, exist_ok=True)
         logging.info("Contrast Amplifier Training: running %s", " ".join(command))
         env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
@@ -350,18 +352,22 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
 
     def onStartButton(self) -> None:
         pn = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
-            self._job = self.logic.startTraining(
-                pn.GetParameter("ManifestPath"), pn.GetParameter("OutputFolder"),
-                self.logic.parseFolds(pn.GetParameter("Folds")), int(float(pn.GetParameter("Epochs"))),
-                pn.GetParameter("Device"),
-            )
-            self.ui.logTextEdit.clear()
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = "Training started..."
-            self._timer.start()
-        self._updateButtons()
+        try:
+            with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
+                self._job = self.logic.startTraining(
+                    pn.GetParameter("ManifestPath"), pn.GetParameter("OutputFolder"),
+                    self.logic.parseFolds(pn.GetParameter("Folds")), int(float(pn.GetParameter("Epochs"))),
+                    pn.GetParameter("Device"),
+                )
+                self.ui.logTextEdit.clear()
+                self.ui.progressBar.value = 0
+                self.ui.progressBar.show()
+                self.ui.statusLabel.text = "Training started..."
+                self._timer.start()
+        except Exception as exc:  # already shown to the user by tryWithErrorDisplay
+            self.ui.statusLabel.text = f"Not started: {exc}"
+        finally:
+            self._updateButtons()
 
     def onStopButton(self) -> None:
         if self._job is not None and self._job.running:

@@ -153,6 +153,23 @@ def available_cli_commands(module: str) -> Set[str]:
     return {name} if name else set()
 
 
+#: Frame characters of the error boxes typer/rich print (stripped from messages).
+_BOX_CHARS = " \u2502\u256d\u256e\u2570\u256f\u2500"
+
+
+def _boxed_error(lines: List[str]) -> str:
+    """The text inside the last ``Error`` box of a typer/rich usage error, or ``""``."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("\u256d") and "Error" in line]
+    if not starts:
+        return ""
+    content = []
+    for line in lines[starts[-1] + 1:]:
+        if line.startswith("\u2570"):
+            break
+        content.append(line.strip(_BOX_CHARS))
+    return " ".join(part for part in content if part)
+
+
 class BackgroundProcess:
     """A child process whose JSON-lines progress is collected by polling (no Qt, no blocking).
 
@@ -398,6 +415,10 @@ class BackgroundProcess:
         errors = [line for line in lines if line.lower().startswith("error:")]
         if errors:
             return "\n".join(line[len("error:"):].strip() for line in errors)
+        boxed = _boxed_error(lines)
+        if boxed:
+            return boxed
+        lines = [line for line in (line.strip(_BOX_CHARS) for line in lines) if line]
         if lines:
             return lines[-1]
         if self.returncode is not None and self.returncode < 0:

@@ -117,6 +117,23 @@ def test_run_to_completion_honours_cancel_token(emitter):
     assert time.monotonic() - t0 < 8  # not the 10 s the child would have taken
 
 
+def test_error_box_of_a_cli_library_is_read(tmp_path):
+    """typer/click usage errors come in a box: the message is its content, not the frame."""
+    script = tmp_path / "box.py"
+    script.write_text(
+        "import sys\n"
+        "print('Usage: x phantom [OPTIONS]', file=sys.stderr)\n"
+        "print('\u256d\u2500 Error \u2500\u2500\u256e', file=sys.stderr)\n"
+        "print('\u2502 Invalid value for --size: not an  \u2502', file=sys.stderr)\n"
+        "print('\u2502 integer                            \u2502', file=sys.stderr)\n"
+        "print('\u2570\u2500\u2500\u2500\u256f', file=sys.stderr)\n"
+        "sys.exit(2)\n"
+    )
+    with pytest.raises(process.ProcessError) as info:
+        process.run_to_completion([sys.executable, str(script)], poll_interval=0.02)
+    assert str(info.value) == "Invalid value for --size: not an integer"
+
+
 def test_missing_program_is_a_clear_error(tmp_path):
     with pytest.raises(process.ProcessError, match="could not start"):
         process.BackgroundProcess([str(tmp_path / "no-such-program")]).start()
@@ -159,7 +176,7 @@ def test_real_phantom_cli_progress_and_cancel(tmp_path):
     env = process.child_environment({"OMP_NUM_THREADS": "1"})
     command = process.python_module_command(
         "ContrastAmplifierLib.cli", "phantom", tmp_path / "ph", "--cases", "1", "--seed", "5",
-        "--spacing", "4", "--size", "24", "--progress", "json",
+        "--spacing", "4", "--size", "24", "24", "24", "--progress", "json",
     )
     seen = []
     process.run_to_completion(command, on_progress=seen.append, env=env, timeout=300)
@@ -169,7 +186,7 @@ def test_real_phantom_cli_progress_and_cancel(tmp_path):
 
     many = process.python_module_command(
         "ContrastAmplifierLib.cli", "phantom", tmp_path / "many", "--cases", "50", "--seed", "5",
-        "--spacing", "4", "--size", "24", "--progress", "json",
+        "--spacing", "4", "--size", "24", "24", "24", "--progress", "json",
     )
     job = process.BackgroundProcess(many, env=env).start()
     t0 = time.monotonic()

@@ -8,7 +8,7 @@ node-level round trip export -> child process -> import against real MRML nodes.
 from __future__ import annotations
 
 import importlib.util
-import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -160,6 +160,25 @@ def test_background_preprocess_round_trip_with_real_nodes(ca, scene, tmp_path, m
         assert np.array_equal(sitk.GetArrayFromImage(mrml_bridge.volume_node_to_sitk(nodes[stem])),
                               sitk.GetArrayFromImage(mrml_bridge.volume_node_to_sitk(inputs[stem])))
     assert logic.qualityControlImage(job) is None
+    logic.discardJobFiles(job)
+    assert not (tmp_path / "work").exists(), "exported patient data must not linger in the temp folder"
+
+
+def test_synchronous_preprocess_for_batch_mode(ca, scene, tmp_path, monkeypatch):
+    script = tmp_path / "fake_preprocess.py"
+    script.write_text(FAKE_PREPROCESS)
+    logic = ca.ContrastAmplifierLogic()
+    monkeypatch.setattr(logic, "preprocessCommand", lambda case, out, *a, **k: [sys.executable, str(script), str(case), str(out)])
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "ensureDependencies", lambda self: None)
+    inputs = four_inputs(scene)
+    events = []
+    results = logic.preprocess(*inputs.values(), progressCallback=events.append, timeout=60, keepFiles=True)
+    assert [round(e.fraction, 1) for e in events] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    folder = Path(results["t1c"].GetAttribute("ContrastAmplifier.Folder"))
+    assert (folder / "t1c.nii.gz").is_file()
+    mrml_bridge.ExchangeFolder(folder.parent).cleanup()
+    results = logic.preprocess(*inputs.values(), timeout=60)
+    assert results["t1c"].GetAttribute("ContrastAmplifier.Folder") is None
 
 
 def test_failed_child_reports_its_error(ca, scene, tmp_path, monkeypatch):
@@ -182,7 +201,12 @@ def test_module_self_test_runs_headless(ca, scene):
 
 @pytest.mark.slow
 def test_real_preprocess_on_a_phantom(ca, scene, tmp_path):
-    """End to end with the real CLI on a coarse phantom (HD-BET + registration; slow)."""
+    """End to end with the real CLI on a coarse phantom (HD-BET + registration; many minutes on 2 busy cores).
+
+    Opt-in: set CONTRAST_AMPLIFIER_E2E=1.
+    """
+    if os.environ.get("CONTRAST_AMPLIFIER_E2E") != "1":
+        pytest.skip("set CONTRAST_AMPLIFIER_E2E=1 to run the real preprocessing through the module Logic")
     if importlib.util.find_spec("ContrastAmplifierLib.phantom") is None:
         pytest.skip("phantom not available")
     env = process.child_environment({"OMP_NUM_THREADS": "1"})
@@ -198,7 +222,8 @@ def test_real_preprocess_on_a_phantom(ca, scene, tmp_path):
     assert events and events[-1].fraction == pytest.approx(1.0, abs=0.02)
     t1c = mrml_bridge.volume_node_to_sitk(results["t1c"])
     assert t1c.GetSize() == (80, 96, 80)
-    assert json.loads((Path(results["t1c"].GetName()) if False else case).joinpath("lesions.json").read_text())
+    assert results["t1c"].GetName() == "t1c preprocessed T1c"
+    assert results["brain_mask"].IsA("vtkMRMLLabelMapVolumeNode")
 
 
 # -- ContrastAmplifierTraining ---------------------------------------------------------------

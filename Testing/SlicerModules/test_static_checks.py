@@ -185,7 +185,7 @@ def test_cmakelists_lists_every_file(name):
     rel = lambda p: p.relative_to(module.folder).as_posix()  # noqa: E731
     files = lib_files(module)
     unlisted_py = sorted(rel(p) for p in files if p.suffix == ".py" and rel(p) not in scripts)
-    assert not unlisted_py, f"add to MODULE_PYTHON_SCRIPTS in {name}/CMakeLists.txt: {unlisted_py}"
+    assert not unlisted_py, f"add to MODULE_PYTHON_SCRIPTS in {name}/CMakeLists.txt (or run Testing/SlicerModules/update_cmakelists.py): {unlisted_py}"
     unlisted_data = sorted(rel(p) for p in files if p.suffix != ".py" and rel(p) not in resources)
     assert not unlisted_data, f"add to MODULE_PYTHON_RESOURCES in {name}/CMakeLists.txt: {unlisted_data}"
     module_resources = sorted(rel(p) for p in (module.folder / "Resources").rglob("*") if p.is_file())
