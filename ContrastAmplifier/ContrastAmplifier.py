@@ -10,6 +10,7 @@ The Logic imports no Qt: it also runs without the Slicer application (``slicer-c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import unittest
@@ -74,6 +75,9 @@ class ContrastAmplifier(ScriptedLoadableModule):
 Amplifies the effect of gadolinium on brain MRI: from T1, T2-FLAIR, ADC and a routine post-contrast
 T1 (T1c), a 3D residual UNet ensemble predicts "T1c-pro", an image with the look of a higher contrast dose.
 <b>Research use only: not for clinical use.</b> The bundled demo model is trained on synthetic phantoms.
+<br>Apply runs the chosen model bundle (Quick: 1 fold x 1 mirroring; Balanced: all folds x 2; Paper: all folds x 8)
+in a background process (Cancel stops it and leaves nothing behind) and shows "&lt;T1c name&gt; T1c-pro" next to the T1c
+in linked side-by-side views.
 <br>Preprocess (QC) runs the paper's preprocessing (skull stripping, registration to the ICBM 2009a atlas,
 crop, normalisation) in a background process and loads the preprocessed volumes and a QC picture.
 See the <a href="https://github.com/SlicerContrastAmplifier/SlicerContrastAmplifier">extension documentation</a>.
@@ -109,23 +113,77 @@ class BackgroundJob:
     results: Dict[str, object] = field(default_factory=dict)
 
 
+@dataclass
+class AmplifyJob(BackgroundJob):
+    """A running ``contrast-amplifier predict`` and what it needs to load T1c-pro back.
+
+    Attributes:
+        outputPath: the T1c-pro file the command writes (atomically) on the T1c grid.
+        t1cNode: the input T1c (its name and space define the result's).
+        outputNode: the node to overwrite, or ``None`` for a new ``"<T1c name> T1c-pro"`` node.
+        command: the command line (for the log).
+        result: the loaded T1c-pro node once :meth:`ContrastAmplifierLogic.pollAmplify` saw success.
+        error: the failure message once the job failed or was cancelled.
+    """
+
+    outputPath: Optional[Path] = None
+    t1cNode: object = None
+    outputNode: object = None
+    command: List[str] = field(default_factory=list)
+    result: object = None
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    """A quality/speed choice: how many fold models and mirrorings are averaged.
+
+    Attributes:
+        label: text shown in the module (and stored in the parameter node).
+        allFolds: every fold of the bundle (paper: 5), else only the first one.
+        flips: mirrorings per fold (1, 2, 4 or 8; paper: 8).
+        summary: one line for the user.
+    """
+
+    label: str
+    allFolds: bool
+    flips: int
+    summary: str
+
+    def predictions(self, nFolds: int) -> int:
+        """Number of forward passes averaged for a bundle with ``nFolds`` folds."""
+        return (nFolds if self.allFolds else 1) * self.flips
+
+
+#: Quality/speed presets (keys are lower-case; the .ui shows the labels).
+QUALITY_PRESETS: Dict[str, QualityPreset] = {
+    "quick": QualityPreset("Quick", False, 1, "1 fold x 1 mirroring: a first look, seconds on a CPU"),
+    "balanced": QualityPreset("Balanced", True, 2, "all folds x 2 mirrorings"),
+    "paper": QualityPreset("Paper", True, 8, "all folds x 8 mirrorings, as in the paper (5 x 8 = 40 predictions)"),
+}
+
+
 class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
     """Everything the module does, usable from the Python console and batch mode (no widget needed).
 
     Example (``Slicer --no-main-window --python-script``)::
 
         logic = ContrastAmplifierLogic()
+        t1cPro = logic.process(t1, flair, adc, t1c, quality="paper", device="auto")  # waits, returns the node
         nodes = logic.preprocess(t1, flair, adc, t1c, device="cpu", qualityControl=True)
     """
 
     #: Parameter-node values and their defaults (every key the module uses is declared here).
     PARAMETERS: Dict[str, str] = {
-        "Device": "cpu",
+        "Model": "",
+        "Quality": "Paper",
+        "Device": "auto",
+        "Precision": "auto",
         "SkullStripMode": "fast",
         "QualityControl": "true",
     }
     #: Parameter-node node references (volume selectors).
-    NODE_REFERENCES = ("InputT1", "InputFLAIR", "InputADC", "InputT1c", "OutputVolume")
+    NODE_REFERENCES = ("InputT1", "InputFLAIR", "InputADC", "InputT1c", "InputBrainMask", "OutputVolume")
     #: File stem the Lib expects -> (node reference, name shown to the user).
     INPUTS = {
         "t1": ("InputT1", "T1"),
@@ -142,8 +200,17 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         "brain_mask": ("brain mask", True),
     }
     CLI_MODULE = "ContrastAmplifierLib.cli"
+    #: Devices of preprocessing (HD-BET); "auto" is resolved by :meth:`resolvePreprocessDevice`.
     DEVICES = ("cpu", "cuda")
+    #: Devices of amplification (resolved by the command line itself).
+    PREDICT_DEVICES = ("auto", "cpu", "cuda", "mps")
+    PRECISIONS = ("auto", "exact", "fast")
     SKULL_STRIP_MODES = ("fast", "accurate")
+    MIRRORINGS = (1, 2, 4, 8)
+    #: Suffix of the result node's name: "<T1c name> T1c-pro".
+    RESULT_SUFFIX = "T1c-pro"
+    #: Seconds between SIGTERM and SIGKILL on cancel (the CLI removes its temporary file on SIGTERM).
+    CANCEL_GRACE_S = 5.0
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -197,8 +264,9 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         ``spacing`` (mm) and ``crop`` (voxels, x y z) override the paper's 1 mm, 160 x 192 x 160
         geometry (a model bundle declares its own; coarse values make quick checks).
         """
+        device = self.resolvePreprocessDevice(device)
         if device not in self.DEVICES:
-            raise ValueError(f"Device must be one of {', '.join(self.DEVICES)} (got {device!r}).")
+            raise ValueError(f"Device must be one of {', '.join(self.DEVICES)} or auto (got {device!r}).")
         if skullStripMode not in self.SKULL_STRIP_MODES:
             raise ValueError(f"Skull-strip mode must be one of {', '.join(self.SKULL_STRIP_MODES)} (got {skullStripMode!r}).")
         args: List[object] = ["preprocess", caseDir, outDir, "--device", device, "--skull-strip", skullStripMode,
@@ -231,7 +299,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         outDir = folder / "preprocessed"
         command = self.preprocessCommand(folder / "case", outDir, device, skullStripMode, qualityControl, spacing, crop)
         logging.info("Contrast Amplifier: running %s", " ".join(command))
-        job = process.BackgroundProcess(command, env=process.child_environment(self._childEnv(device)))
+        job = process.BackgroundProcess(command, env=process.child_environment(self._childEnv(self.resolvePreprocessDevice(device))))
         return BackgroundJob(process=job.start(), workDir=folder, outDir=outDir, referenceName=t1c.GetName())
 
     def loadPreprocessResults(self, job: BackgroundJob) -> Dict[str, object]:
@@ -295,11 +363,373 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             self.discardJobFiles(job)
         return results
 
-    # Amplification (T1c-pro) is added by the inference work: the model selector (registry),
-    # the quality/speed choice (folds x mirrorings) and an Apply action belong next to
-    # ``OutputVolume`` and follow the same pattern as preprocessing: export inputs, run
-    # ``contrast-amplifier predict ... --progress json`` through ``process``, import the result
-    # with ``mrml_bridge.import_volume_file`` named "<T1c name> T1c-pro".
+    # -- amplification (T1c -> T1c-pro) -----------------------------------------------------
+
+    @staticmethod
+    def availableModels() -> list:
+        """Model bundles from the registry (``registry.list_models()``): user bundles first, then the shipped demo.
+
+        Returns an empty list when the registry cannot be imported yet (Python packages not
+        installed: Apply installs them first).
+        """
+        try:
+            from ContrastAmplifierLib.registry import list_models
+        except ImportError as exc:
+            logging.info("Contrast Amplifier: model registry not available yet (%s)", exc)
+            return []
+        try:
+            return list_models()
+        except Exception as exc:  # a broken Models.json must not break the module panel
+            logging.warning("Contrast Amplifier: could not list models: %s", exc)
+            return []
+
+    @staticmethod
+    def modelSummary(entry) -> str:
+        """One line for the model selector: name, version, intended use (e.g. "synthetic phantom demo - not for clinical use")."""
+        use = entry.intended_use or "intended use not stated"
+        return f"{entry.name} {entry.version}: {use}"
+
+    @staticmethod
+    def qualityPreset(quality: str) -> QualityPreset:
+        """The :class:`QualityPreset` for ``"quick"``, ``"balanced"`` or ``"paper"`` (any case).
+
+        Raises:
+            ValueError: unknown name; the message lists the choices.
+        """
+        preset = QUALITY_PRESETS.get(str(quality).strip().lower())
+        if preset is None:
+            choices = ", ".join(p.label for p in QUALITY_PRESETS.values())
+            raise ValueError(f"Quality must be one of {choices} (got {quality!r}).")
+        return preset
+
+    def bundleFolds(self, model: Optional[str] = None) -> List[int]:
+        """Fold indices of a bundle, read from its ``bundle.json`` (no weights loaded).
+
+        Args:
+            model: registry name, bundle folder, or ``None`` for the default (first listed) model.
+
+        Raises:
+            ValueError: no such model, or no model installed; the message says how to get one.
+        """
+        folder: Optional[Path] = None
+        if model and (Path(model) / "bundle.json").is_file():
+            folder = Path(model)
+        else:
+            entries = self.availableModels()
+            if not entries:
+                raise ValueError("No model bundle installed: import one with "
+                                 "'contrast-amplifier models import BUNDLE_DIR_OR_ZIP' or choose a bundle folder.")
+            matches = [e for e in entries if not model or e.name == model]
+            if not matches:
+                known = ", ".join(e.name for e in entries)
+                raise ValueError(f"Model {model!r} is not installed (installed: {known}); choose one in Model.")
+            folder = Path(matches[0].path)
+        try:
+            manifest = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
+            return [int(k) for k in manifest["folds"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"Model bundle {folder} has an unreadable bundle.json ({exc}); re-import the bundle.") from exc
+
+    def ensembleChoice(self, quality: str = "paper", model: Optional[str] = None, folds: Optional[Sequence[int]] = None,
+                       flips: Optional[int] = None) -> tuple:
+        """``(folds or None for all, flips)`` for a quality preset; explicit ``folds``/``flips`` win.
+
+        Raises:
+            ValueError: unknown quality, or a mirroring count other than 1, 2, 4, 8.
+        """
+        preset = self.qualityPreset(quality)
+        chosenFlips = preset.flips if flips is None else int(flips)
+        if chosenFlips not in self.MIRRORINGS:
+            raise ValueError(f"Mirrorings must be one of {', '.join(map(str, self.MIRRORINGS))} (got {flips}).")
+        if folds is not None:
+            return [int(k) for k in folds], chosenFlips
+        if preset.allFolds:
+            return None, chosenFlips
+        return self.bundleFolds(model)[:1], chosenFlips
+
+    def predictCommand(self, inputs: Dict[str, Path], outPath: Path, model: Optional[str] = None,
+                       folds: Optional[Sequence[int]] = None, flips: int = 8, device: str = "auto",
+                       precision: str = "auto", brainMask: Optional[Path] = None,
+                       threads: Optional[int] = None) -> List[str]:
+        """The ``contrast-amplifier predict ... --progress json`` command line run in the child process.
+
+        Args:
+            inputs: file stem (t1, flair, adc, t1c) -> exported image file.
+            outPath: the T1c-pro file to write.
+            model: registry name or bundle folder (``None``: the registry's default).
+            folds: fold models to average (``None``: all).
+            flips: mirrorings per fold.
+            device: auto, cpu, cuda or mps.
+            precision: auto, exact (fp32) or fast (bf16).
+            brainMask: brain mask on the T1c grid (skips HD-BET).
+            threads: CPU threads of the child (default: all cores).
+
+        Raises:
+            ValueError: an input file is missing or a setting is invalid (named in the message).
+        """
+        if device not in self.PREDICT_DEVICES:
+            raise ValueError(f"Device must be one of {', '.join(self.PREDICT_DEVICES)} (got {device!r}).")
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"Precision must be one of {', '.join(self.PRECISIONS)} (got {precision!r}).")
+        if int(flips) not in self.MIRRORINGS:
+            raise ValueError(f"Mirrorings must be one of {', '.join(map(str, self.MIRRORINGS))} (got {flips}).")
+        args: List[object] = ["predict"]
+        for stem in self.INPUTS:
+            if stem not in inputs:
+                raise ValueError(f"No {self.INPUTS[stem][1]} file for the command line; export all four inputs first.")
+            args += [f"--{stem}", inputs[stem]]
+        args += ["--out", outPath]
+        if model:
+            args += ["--model", model]
+        for fold in folds or ():
+            args += ["--folds", int(fold)]
+        args += ["--flips", int(flips), "--device", device, "--precision", precision]
+        if brainMask is not None:
+            args += ["--brain-mask", brainMask]
+        if threads is not None:
+            args += ["--threads", int(threads)]
+        args += ["--progress", "json"]
+        return process.python_module_command(self.CLI_MODULE, *args)
+
+    def validateBrainMask(self, brainMask, t1c) -> None:
+        """Check an optional brain mask lies on the T1c grid (the command line uses it voxel for voxel).
+
+        Raises:
+            ValueError: names the mask and the fix.
+        """
+        if brainMask is None:
+            return
+        if brainMask.GetImageData() is None:
+            raise ValueError(f"Brain mask '{brainMask.GetName()}' has no voxel data; load it again or clear the selector.")
+        if brainMask.GetID() == t1c.GetID():
+            raise ValueError("Brain mask and T1c are the same volume; select a mask or clear the Brain mask selector.")
+        maskDims, t1cDims = brainMask.GetImageData().GetDimensions(), t1c.GetImageData().GetDimensions()
+        sameGrid = tuple(maskDims) == tuple(t1cDims)
+        if sameGrid:
+            import numpy as np
+
+            sameGrid = np.allclose(mrml_bridge.ijk_to_ras_matrix(brainMask), mrml_bridge.ijk_to_ras_matrix(t1c), atol=1e-3)
+        if not sameGrid:
+            raise ValueError(
+                f"Brain mask '{brainMask.GetName()}' ({'x'.join(map(str, maskDims))}) is not on the grid of T1c "
+                f"'{t1c.GetName()}' ({'x'.join(map(str, t1cDims))}); resample it onto the T1c "
+                "(Resample Image (BRAINS) with the T1c as reference) or clear the selector to let HD-BET compute one."
+            )
+
+    def startAmplify(self, t1, flair, adc, t1c, output=None, model: Optional[str] = None, quality: str = "paper",
+                     device: str = "auto", precision: str = "auto", brainMask=None,
+                     folds: Optional[Sequence[int]] = None, flips: Optional[int] = None,
+                     threads: Optional[int] = None, workDir: Optional[Path] = None,
+                     installDependencies: bool = True) -> AmplifyJob:
+        """Export the inputs and start ``contrast-amplifier predict`` in a child process; returns at once.
+
+        Poll with :meth:`pollAmplify` (e.g. from a ``qt.QTimer``) until it returns True. No
+        output node is created or modified before the result file exists.
+
+        Raises:
+            ValueError: a missing, duplicate or mismatched input, or an invalid setting (named).
+        """
+        nodes = {"t1": t1, "flair": flair, "adc": adc, "t1c": t1c}
+        self.validateInputs(nodes)
+        self.validateBrainMask(brainMask, t1c)
+        if output is not None and output.GetID() in {n.GetID() for n in nodes.values()}:
+            raise ValueError(f"Output volume '{output.GetName()}' is one of the inputs; choose 'Create new volume' "
+                             "or another volume in T1c-pro output.")
+        if installDependencies:
+            self.ensureDependencies()
+        chosenFolds, chosenFlips = self.ensembleChoice(quality, model, folds, flips)
+        folder = Path(workDir) if workDir is not None else mrml_bridge.ExchangeFolder.create(parent=self._temporaryParent()).path
+        try:
+            # NRRD keeps the T1c geometry in double precision, so T1c-pro lands exactly on its grid.
+            files = mrml_bridge.export_volume_nodes(nodes, folder / "case", suffix=".nrrd")
+            maskFile = None
+            if brainMask is not None:
+                maskFile = mrml_bridge.export_volume_node(brainMask, folder / "case" / "brain_mask.nrrd")
+            outputPath = folder / "result" / "t1c_pro.nrrd"
+            outputPath.parent.mkdir(parents=True, exist_ok=True)
+            command = self.predictCommand(files, outputPath, model=model or None, folds=chosenFolds, flips=chosenFlips,
+                                          device=device, precision=precision, brainMask=maskFile, threads=threads)
+            logging.info("Contrast Amplifier: running %s", " ".join(command))
+            child = process.BackgroundProcess(command, env=process.child_environment(self._childEnv(device))).start()
+        except BaseException:
+            mrml_bridge.ExchangeFolder(folder).cleanup()
+            raise
+        return AmplifyJob(process=child, workDir=folder, outDir=outputPath.parent, referenceName=t1c.GetName(),
+                          outputPath=outputPath, t1cNode=t1c, outputNode=output, command=command)
+
+    def resultName(self, t1c) -> str:
+        """``"<T1c name> T1c-pro"``."""
+        return f"{t1c.GetName()} {self.RESULT_SUFFIX}"
+
+    def loadAmplifyResult(self, job: AmplifyJob):
+        """Load T1c-pro of a finished job into ``job.outputNode`` or a new node ``"<T1c name> T1c-pro"``.
+
+        The file is on the T1c's grid in world (RAS) coordinates, so the node gets no parent
+        transform; its geometry equals the T1c's.
+
+        Raises:
+            process.ProcessCancelled: the job was cancelled (nothing is created).
+            process.ProcessError: the command line failed; the message is its own error text.
+        """
+        job.process.raise_for_state()
+        name = job.outputNode.GetName() if job.outputNode is not None else self.resultName(job.t1cNode)
+        node = mrml_bridge.import_volume_file(job.outputPath, name, scene=job.t1cNode.GetScene(), node=job.outputNode)
+        if node.GetParentTransformNode() is not None:
+            node.SetAndObserveTransformNodeID(None)
+        node.SetAttribute("ContrastAmplifier.Source", job.t1cNode.GetID())
+        node.SetAttribute("ContrastAmplifier.Command", " ".join(job.command[3:]))
+        job.result = node
+        return node
+
+    def pollAmplify(self, job: AmplifyJob) -> bool:
+        """Forward new progress (``job.process.on_progress``) and, once the child has ended, finish the job.
+
+        Finishing loads the result (success) or records ``job.error`` (failure, cancel), then
+        deletes the exchange folder (exported patient data). Never blocks.
+
+        Returns:
+            True when the job is finished (``job.result`` or ``job.error`` is set).
+        """
+        job.process.poll()
+        if job.process.running:
+            return False
+        if job.result is None and job.error is None:
+            try:
+                self.loadAmplifyResult(job)
+            except Exception as exc:
+                job.error = str(exc) or type(exc).__name__
+            finally:
+                self.discardJobFiles(job)
+        return True
+
+    def cancelJob(self, job: Optional[BackgroundJob], wait: bool = False) -> None:
+        """Stop a running job (terminate, then kill after :attr:`CANCEL_GRACE_S`).
+
+        With ``wait`` it blocks until the child is gone and deletes the job's files; otherwise
+        the next :meth:`pollAmplify` (or timer tick) finishes it, so a GUI never waits.
+        """
+        if job is None:
+            return
+        job.process.cancel(grace_s=self.CANCEL_GRACE_S, wait=wait)
+        if wait:
+            if isinstance(job, AmplifyJob):
+                self.pollAmplify(job)
+            else:
+                self.discardJobFiles(job)
+
+    def process(self, t1, flair, adc, t1c, output=None, model: Optional[str] = None, quality: str = "paper",
+                device: str = "auto", precision: str = "auto", synchronous: bool = True,
+                progress: Optional[Callable] = None, brainMask=None,
+                folds: Optional[Sequence[int]] = None, flips: Optional[int] = None, threads: Optional[int] = None,
+                cancel=None, timeout: Optional[float] = None, installDependencies: bool = True):
+        """Amplify the contrast of one case: T1, T2-FLAIR, ADC and T1c nodes in, T1c-pro node out.
+
+        Runs ``contrast-amplifier predict`` in a child process (Slicer's GUI and Python stay
+        free); usable from the Python console and batch mode (``Slicer --no-main-window
+        --python-script``).
+
+        Args:
+            t1, flair, adc, t1c: scalar volume nodes (any grids; T1c-pro is computed on the T1c's).
+            output: volume node to overwrite; ``None`` creates ``"<T1c name> T1c-pro"`` (only on success).
+            model: registry name or bundle folder; ``None`` = first listed (``contrast-amplifier models list``).
+            quality: ``"quick"`` (1 fold x 1 mirroring), ``"balanced"`` (all folds x 2) or ``"paper"`` (all x 8).
+            device: auto, cpu, cuda or mps.
+            precision: auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16).
+            synchronous: wait and return the node; otherwise return the running :class:`AmplifyJob`
+                at once and call :meth:`pollAmplify` (e.g. from a ``qt.QTimer``) until it returns True.
+            progress: called with each :class:`ContrastAmplifierLib.process.ProgressEvent`
+                (``stage``, ``fraction`` of the whole job, ``message``).
+            brainMask: optional brain mask on the T1c grid; skips HD-BET skull stripping.
+            folds, flips: override the quality preset (e.g. ``folds=[0], flips=1``).
+            threads: CPU threads of the child (default: all cores).
+            cancel: a :class:`ContrastAmplifierLib.progress.CancelToken` checked while waiting (synchronous only).
+            timeout: seconds before a synchronous run is cancelled and ``TimeoutError`` raised.
+            installDependencies: install missing Python packages first (asks in the GUI).
+
+        Returns:
+            The T1c-pro volume node (synchronous) or the :class:`AmplifyJob` (asynchronous).
+
+        Raises:
+            ValueError: an input is missing, chosen twice, or a setting is invalid (named in the message).
+            process.ProcessCancelled: cancelled through ``cancel``; no node and no file are left.
+            process.ProcessError: the command line failed; the message is its own error text.
+        """
+        import time
+
+        job = self.startAmplify(t1, flair, adc, t1c, output=output, model=model, quality=quality, device=device,
+                                precision=precision, brainMask=brainMask, folds=folds, flips=flips, threads=threads,
+                                installDependencies=installDependencies)
+        job.process.on_progress = progress
+        if not synchronous:
+            return job
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self.pollAmplify(job):
+                if cancel is not None and cancel.cancelled:
+                    self.cancelJob(job, wait=True)
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    self.cancelJob(job, wait=True)
+                    raise TimeoutError(f"Contrast amplification ran past {timeout} s and was stopped; "
+                                       "choose a quicker quality or a GPU device.")
+                time.sleep(0.1)
+        except BaseException:
+            self.cancelJob(job, wait=True)
+            self.discardJobFiles(job)
+            raise
+        if job.result is None:
+            job.process.raise_for_state()  # the command line's own message (or "Cancelled by the user.")
+            raise process.ProcessError(job.error or "Contrast amplification produced no result; see the log.")
+        return job.result
+
+    def showSideBySide(self, t1c, t1cPro) -> None:
+        """Show T1c (left) and T1c-pro (right) in the side-by-side layout, linked, with the same window.
+
+        Does nothing without the Slicer application's views (batch mode, tests).
+        """
+        app = getattr(slicer, "app", None)
+        layoutManager = app.layoutManager() if app is not None and hasattr(app, "layoutManager") else None
+        if layoutManager is None:
+            return
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        for viewName, volume in (("Red", t1c), ("Yellow", t1cPro)):
+            sliceWidget = layoutManager.sliceWidget(viewName)
+            if sliceWidget is None:
+                continue
+            compositeNode = sliceWidget.mrmlSliceCompositeNode()
+            compositeNode.SetBackgroundVolumeID(volume.GetID())
+            compositeNode.SetForegroundVolumeID(None)
+            compositeNode.SetLabelVolumeID(None)
+            # Linked after the volumes are set (programmatic changes are not broadcast), so
+            # browsing, zooming and panning one view moves the other.
+            compositeNode.SetLinkedControl(True)
+            sliceWidget.sliceLogic().FitSliceToAll()
+        # T1c-pro is on the T1c's intensity scale: the same window shows the gain in enhancement.
+        source, target = t1c.GetDisplayNode(), t1cPro.GetDisplayNode()
+        if source is not None and target is not None:
+            target.SetAutoWindowLevel(False)
+            target.SetWindowLevel(source.GetWindow(), source.GetLevel())
+
+    @staticmethod
+    def resolvePreprocessDevice(device: str) -> str:
+        """``"auto"`` -> ``"cuda"`` when an NVIDIA GPU is usable, else ``"cpu"`` (other values unchanged).
+
+        Cheap on purpose (runs in the GUI thread): asks torch only if it is already imported,
+        otherwise looks for ``nvidia-smi``.
+        """
+        if device != "auto":
+            return device
+        import shutil
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            try:
+                return "cuda" if torch.cuda.is_available() else "cpu"
+            except Exception:
+                return "cpu"
+        return "cuda" if shutil.which("nvidia-smi") else "cpu"
+
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -339,9 +769,16 @@ def _parameterWidgets(uiWidget) -> list:
 
 
 class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI: binds the .ui to the parameter node, runs jobs in the background, Apply turns into Cancel."""
+    """GUI: binds the .ui to the parameter node, runs jobs in the background, Apply turns into Cancel.
+
+    One child process at a time (amplification or preprocessing); a ``qt.QTimer`` polls it, so
+    the GUI never waits. The widget holds no algorithm: it reads the parameter node and calls
+    the Logic, which runs the Lib's command line.
+    """
 
     TIMER_INTERVAL_MS = 200
+    APPLY_TEXT = "Apply"
+    PREPROCESS_TEXT = "Preprocess (QC)"
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -351,6 +788,7 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._updatingGUIFromParameterNode = False
         self._job: Optional[BackgroundJob] = None
         self._timer = None
+        self._models: list = []
 
     def setup(self) -> None:
         import qt
@@ -363,12 +801,15 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
         self.logic = ContrastAmplifierLogic()
         self.logic.confirmInstall = lambda message: slicer.util.confirmOkCancelDisplay(message, "Install Python packages")
+        self.refreshModels()
         self.parameterEditWidgets = _parameterWidgets(uiWidget)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         slicer.util.addParameterEditWidgetConnections(self.parameterEditWidgets, self.updateParameterNodeFromGUI)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.preprocessButton.connect("clicked(bool)", self.onPreprocessButton)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(self.TIMER_INTERVAL_MS)
@@ -378,7 +819,7 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def cleanup(self) -> None:
         if self._job is not None and self._job.process.running:
-            self._job.process.cancel(wait=True)
+            self.logic.cancelJob(self._job, wait=True)
         self.logic.discardJobFiles(self._job)
         if self._timer is not None:
             self._timer.stop()
@@ -404,6 +845,8 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def setParameterNode(self, parameterNode) -> None:
         if parameterNode is not None:
             self.logic.setDefaultParameters(parameterNode)
+            if not parameterNode.GetParameter("Model") and self._models:
+                parameterNode.SetParameter("Model", self._models[0].name)
         if self._parameterNode is not None:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = parameterNode
@@ -416,6 +859,7 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self._updatingGUIFromParameterNode = True
         slicer.util.updateParameterEditWidgetsFromNode(self.parameterEditWidgets, self._parameterNode)
+        self._updateDescriptions()
         self._updateButtons()
         self._updatingGUIFromParameterNode = False
 
@@ -426,27 +870,121 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         slicer.util.updateNodeFromParameterEditWidgets(self.parameterEditWidgets, self._parameterNode)
         self._parameterNode.EndModify(wasModified)
 
+    # -- model list and descriptions ---------------------------------------------------------
+
+    def refreshModels(self) -> None:
+        """Fill the model selector from the registry (user bundles first, then the shipped demo)."""
+        import qt
+
+        self._models = self.logic.availableModels()
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        current = self._parameterNode.GetParameter("Model") if self._parameterNode is not None else ""
+        combo.clear()
+        for entry in self._models:
+            combo.addItem(entry.name)
+            combo.setItemData(combo.count - 1, self.logic.modelSummary(entry), qt.Qt.ToolTipRole)
+        if current:
+            combo.setCurrentText(current)
+        combo.blockSignals(wasBlocked)
+        self._updateDescriptions()
+        self._updateButtons()
+
+    def _updateDescriptions(self) -> None:
+        pn = self._parameterNode
+        name = pn.GetParameter("Model") if pn is not None else ""
+        entry = next((e for e in self._models if e.name == name), self._models[0] if self._models else None)
+        if entry is None:
+            self.ui.modelInfoLabel.text = ("No model bundle installed. Import one with "
+                                           "'contrast-amplifier models import BUNDLE_DIR_OR_ZIP', then press Refresh.")
+        else:
+            self.ui.modelInfoLabel.text = f"{entry.description} Intended use: {entry.intended_use or 'not stated'}."
+            self.ui.modelInfoLabel.toolTip = str(entry.path)
+        try:
+            preset = self.logic.qualityPreset(pn.GetParameter("Quality") if pn is not None else "paper")
+            self.ui.qualityInfoLabel.text = preset.summary
+        except ValueError as exc:
+            self.ui.qualityInfoLabel.text = str(exc)
+
+    def _missingInputs(self) -> List[str]:
+        pn = self._parameterNode
+        return [label for stem, (ref, label) in self.logic.INPUTS.items() if pn is None or pn.GetNodeReference(ref) is None]
+
     def _updateButtons(self) -> None:
         running = self._job is not None and self._job.process.running
-        if running:
+        amplifying = running and isinstance(self._job, AmplifyJob)
+        missing = self._missingInputs()
+        # Apply
+        if amplifying:
+            self.ui.applyButton.text = "Cancel"
+            self.ui.applyButton.toolTip = "Stop the amplification; no output volume or file is left."
+            self.ui.applyButton.enabled = True
+        else:
+            self.ui.applyButton.text = self.APPLY_TEXT
+            self.ui.applyButton.enabled = not running and not missing and bool(self._models)
+            self.ui.applyButton.toolTip = (
+                "Wait for preprocessing to finish (or cancel it)." if running
+                else f"Select the {', '.join(missing)} volume(s) first." if missing
+                else "Import a model bundle first (see the Model line)." if not self._models
+                else "Compute T1c-pro in a background process and show it next to the T1c."
+            )
+        # Preprocess (QC)
+        if running and not amplifying:
             self.ui.preprocessButton.text = "Cancel"
             self.ui.preprocessButton.toolTip = "Stop the preprocessing child process."
             self.ui.preprocessButton.enabled = True
             return
-        self.ui.preprocessButton.text = "Preprocess (QC)"
-        missing = [label for stem, (ref, label) in self.logic.INPUTS.items()
-                   if self._parameterNode is None or self._parameterNode.GetNodeReference(ref) is None]
-        self.ui.preprocessButton.enabled = not missing
+        self.ui.preprocessButton.text = self.PREPROCESS_TEXT
+        self.ui.preprocessButton.enabled = not running and not missing
         self.ui.preprocessButton.toolTip = (
-            f"Select the {', '.join(missing)} volume(s) first." if missing
+            "Wait for the amplification to finish (or cancel it)." if running
+            else f"Select the {', '.join(missing)} volume(s) first." if missing
             else "Skull-strip, register to the ICBM 2009a atlas, crop and normalise the four inputs in a background process."
         )
+
+    # -- amplification in the background -----------------------------------------------------
+
+    def onApplyButton(self) -> None:
+        if self._job is not None and self._job.process.running:
+            self.logic.cancelJob(self._job)  # the timer sees the end and removes the files
+            self.ui.statusLabel.text = "Cancelling..."
+            return
+        pn = self._parameterNode
+        nodes = self.logic.inputNodes(pn)
+        self.logic.discardJobFiles(self._job)
+        try:
+            with slicer.util.tryWithErrorDisplay("Contrast amplification could not start.", waitCursor=True):
+                self._job = self.logic.process(
+                    nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"],
+                    output=pn.GetNodeReference("OutputVolume"), model=pn.GetParameter("Model") or None,
+                    quality=pn.GetParameter("Quality"), device=pn.GetParameter("Device"),
+                    precision=pn.GetParameter("Precision"), brainMask=pn.GetNodeReference("InputBrainMask"),
+                    synchronous=False,
+                )
+                self._startProgress("Amplification started...")
+        except Exception as exc:  # already shown to the user by tryWithErrorDisplay
+            self.ui.statusLabel.text = f"Not started: {exc}"
+        finally:
+            self._updateButtons()
+
+    def _finishAmplify(self, job: AmplifyJob) -> None:
+        self.logic.pollAmplify(job)  # loads the result (or records the error) and removes the files
+        if job.result is not None:
+            self._parameterNode.SetNodeReferenceID("OutputVolume", job.result.GetID())
+            self.logic.showSideBySide(job.t1cNode, job.result)
+            seconds = (job.process.finished_at or 0.0) - (job.process.started_at or 0.0)
+            self.ui.statusLabel.text = f"Done in {seconds:.0f} s: '{job.result.GetName()}' (right) next to the T1c (left)."
+        elif job.process.state is process.ProcessState.CANCELLED:
+            self.ui.statusLabel.text = "Cancelled; no output volume or file was created."
+        else:
+            self.ui.statusLabel.text = f"Failed: {job.error}"
+            slicer.util.errorDisplay(f"Contrast amplification failed:\n{job.error}", detailedText=job.process.stderr_text)
 
     # -- preprocessing in the background -----------------------------------------------------
 
     def onPreprocessButton(self) -> None:
         if self._job is not None and self._job.process.running:
-            self._job.process.cancel()
+            self.logic.cancelJob(self._job)
             self.ui.statusLabel.text = "Cancelling..."
             return
         pn = self._parameterNode
@@ -459,15 +997,36 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                     device=pn.GetParameter("Device"), skullStripMode=pn.GetParameter("SkullStripMode"),
                     qualityControl=pn.GetParameter("QualityControl") == "true",
                 )
-                self.ui.progressBar.value = 0
-                self.ui.progressBar.show()
-                self.ui.statusLabel.text = "Preprocessing started..."
                 self.ui.qcImageLabel.clear()
-                self._timer.start()
+                self._startProgress("Preprocessing started...")
         except Exception as exc:  # already shown to the user by tryWithErrorDisplay
             self.ui.statusLabel.text = f"Not started: {exc}"
         finally:
             self._updateButtons()
+
+    def _finishPreprocess(self, job: BackgroundJob) -> None:
+        if job.process.state is process.ProcessState.CANCELLED:
+            self.ui.statusLabel.text = "Cancelled; nothing was loaded."
+            self.logic.discardJobFiles(job)
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay("Preprocessing failed.", waitCursor=True):
+                nodes = self.logic.loadPreprocessResults(job)
+                slicer.util.setSliceViewerLayers(background=nodes["t1c"], fit=True)
+                self.ui.statusLabel.text = f"Done: {len(nodes)} volumes loaded (files in {job.outDir})."
+                qcPath = self.logic.qualityControlImage(job)
+                if qcPath is not None:
+                    self._showQualityControl(qcPath)
+        except Exception as exc:  # already shown to the user by tryWithErrorDisplay
+            self.ui.statusLabel.text = f"Failed: {exc}"
+
+    # -- shared: progress polling --------------------------------------------------------------
+
+    def _startProgress(self, text: str) -> None:
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self.ui.statusLabel.text = text
+        self._timer.start()
 
     def onTimer(self) -> None:
         job = self._job
@@ -482,18 +1041,10 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._timer.stop()
         self.ui.progressBar.hide()
         try:
-            if job.process.state is process.ProcessState.CANCELLED:
-                self.ui.statusLabel.text = "Cancelled; nothing was loaded."
-                return
-            with slicer.util.tryWithErrorDisplay("Preprocessing failed.", waitCursor=True):
-                nodes = self.logic.loadPreprocessResults(job)
-                slicer.util.setSliceViewerLayers(background=nodes["t1c"], fit=True)
-                self.ui.statusLabel.text = f"Done: {len(nodes)} volumes loaded (files in {job.outDir})."
-                qcPath = self.logic.qualityControlImage(job)
-                if qcPath is not None:
-                    self._showQualityControl(qcPath)
-        except Exception as exc:  # already shown to the user by tryWithErrorDisplay
-            self.ui.statusLabel.text = f"Failed: {exc}"
+            if isinstance(job, AmplifyJob):
+                self._finishAmplify(job)
+            else:
+                self._finishPreprocess(job)
         finally:
             self._updateButtons()
 

@@ -2,17 +2,20 @@
 
 Thin Slicer module: it builds the ``contrast-amplifier-train fit`` command line and runs it as a
 child process (``python -m ContrastAmplifierTrainingLib.cli fit ...``), showing per-fold
-progress and the latest losses; Stop ends the process, Start on the same output folder resumes
-from the last checkpoint. All real work lives in ContrastAmplifierTrainingLib.
+progress and the latest losses; Stop ends the process (SIGTERM: the CLI stops after the current case),
+Resume (Start on the same output folder) continues after the last checkpointed epoch. All real work lives in ContrastAmplifierTrainingLib.
 
 The Logic imports no Qt: it also runs without the Slicer application (``slicer-core`` wheel).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import re
 import unittest
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -89,6 +92,129 @@ class TrainingUnavailableError(RuntimeError):
     """The training command line is not part of this installation."""
 
 
+@dataclass
+class FoldProgress:
+    """Where one fold stands: epochs done and its latest per-epoch losses (from the fit CLI's JSON lines).
+
+    Attributes:
+        fold: fold index.
+        epochs: epochs requested for the fold (0 if unknown).
+        epochsDone: epochs finished (checkpointed).
+        state: "waiting", "running", "finished" or "stopped".
+        trainLoss, valLoss: MSE of the last finished epoch (``None`` before the first).
+        valPsnr, valSsim: held-out PSNR (dB) and SSIM of the last finished epoch.
+        secondsPerEpoch: duration of the last finished epoch.
+    """
+
+    fold: int
+    epochs: int = 0
+    epochsDone: int = 0
+    state: str = "waiting"
+    trainLoss: Optional[float] = None
+    valLoss: Optional[float] = None
+    valPsnr: Optional[float] = None
+    valSsim: Optional[float] = None
+    secondsPerEpoch: Optional[float] = None
+
+    def lossesText(self) -> str:
+        """``"train 0.01234, val 0.01500, PSNR 31.20 dB, SSIM 0.9120"`` (or ``""`` before the first epoch)."""
+        if self.trainLoss is None:
+            return ""
+        parts = [f"train {self.trainLoss:.5f}"]
+        if self.valLoss is not None:
+            parts.append(f"val {self.valLoss:.5f}")
+        if self.valPsnr is not None:
+            parts.append(f"PSNR {self.valPsnr:.2f} dB")
+        if self.valSsim is not None:
+            parts.append(f"SSIM {self.valSsim:.4f}")
+        return ", ".join(parts)
+
+
+class TrainingMonitor:
+    """Turns the fit CLI's progress events into per-fold progress and the latest losses (no Qt).
+
+    The CLI (``contrast-amplifier-train fit --progress json``) prints ``"stage": "fit"`` lines
+    while a fold trains (message ``"fold K epoch E/N case i/n"``), one ``"stage": "epoch"`` line
+    per finished epoch with ``fold``, ``epoch``, ``epochs``, ``train_loss``, ``val_loss``,
+    ``val_psnr``, ``val_ssim``, ``seconds``, and ends with ``"done"``, ``"cancelled"`` or ``"error"``.
+    """
+
+    _FIT_MESSAGE = re.compile(r"fold (\d+) epoch (\d+)/(\d+)")
+
+    def __init__(self, folds: Sequence[int], epochs: int, initial: Optional[Dict[int, FoldProgress]] = None) -> None:
+        self.folds: List[int] = [int(k) for k in folds]
+        self.epochs = int(epochs)
+        self.foldProgress: Dict[int, FoldProgress] = {}
+        for fold in self.folds:
+            known = (initial or {}).get(fold)
+            progress = FoldProgress(fold, self.epochs) if known is None else replace(known, epochs=self.epochs)
+            if progress.epochsDone >= self.epochs and progress.epochs:
+                progress.state = "finished"
+            elif progress.state != "finished":
+                progress.state = "waiting"
+            self.foldProgress[fold] = progress
+        self.stage = ""
+        self.message = ""
+        self.fraction = 0.0
+        self.latestFold: Optional[int] = None
+
+    def update(self, event: process.ProgressEvent) -> None:
+        """Take one progress event from the child."""
+        self.stage, self.message, self.fraction = event.stage, event.message, event.fraction
+        extra = dict(event.extra or {})
+        if event.stage == "fit":
+            match = self._FIT_MESSAGE.search(event.message)
+            if match:
+                self._running(int(match.group(1)))
+        elif event.stage == "epoch" and "fold" in extra:
+            fold = int(extra["fold"])
+            progress = self._running(fold)
+            progress.epochs = int(extra.get("epochs", progress.epochs) or progress.epochs)
+            progress.epochsDone = int(extra.get("epoch", progress.epochsDone))
+            progress.trainLoss = _number(extra.get("train_loss"))
+            progress.valLoss = _number(extra.get("val_loss"))
+            progress.valPsnr = _number(extra.get("val_psnr"))
+            progress.valSsim = _number(extra.get("val_ssim"))
+            progress.secondsPerEpoch = _number(extra.get("seconds"))
+            if progress.epochs and progress.epochsDone >= progress.epochs:
+                progress.state = "finished"
+        elif event.stage == "done":
+            for fold in extra.get("folds", self.folds) or self.folds:
+                if int(fold) in self.foldProgress:
+                    self.foldProgress[int(fold)].state = "finished"
+        elif event.stage in ("cancelled", "error"):
+            self.markStopped()
+
+    def markStopped(self) -> None:
+        """The child ended early: a running fold becomes "stopped" (it resumes from its checkpoint)."""
+        for progress in self.foldProgress.values():
+            if progress.state == "running":
+                progress.state = "stopped"
+
+    def _running(self, fold: int) -> FoldProgress:
+        progress = self.foldProgress.setdefault(fold, FoldProgress(fold, self.epochs))
+        if progress.state != "finished":
+            progress.state = "running"
+        self.latestFold = fold
+        return progress
+
+    def latestLosses(self) -> str:
+        """``"fold 2, epoch 37/300: train ..., val ..., PSNR ..., SSIM ..."`` for the fold trained last."""
+        if self.latestFold is None:
+            return ""
+        progress = self.foldProgress[self.latestFold]
+        losses = progress.lossesText()
+        head = f"fold {progress.fold}, epoch {progress.epochsDone}/{progress.epochs or '?'}"
+        return f"{head}: {losses}" if losses else head
+
+
+def _number(value) -> Optional[float]:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
     """Builds and runs the training command line; usable from the Python console and batch mode.
 
@@ -110,6 +236,10 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
     CLI_MODULE = "ContrastAmplifierTrainingLib.cli"
     CLI_NAME = "contrast-amplifier-train"
     DEVICES = ("auto", "cpu", "cuda")
+    #: Seconds Stop lets the CLI finish its current case (it then exits cleanly with a
+    #: "cancelled" line) before killing it. A kill is safe too: checkpoints are written
+    #: atomically after each epoch, so Resume repeats at most the unfinished epoch.
+    STOP_GRACE_S = 30.0
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -156,8 +286,13 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"Folds must be distinct and >= 0 (got '{text}').")
         return folds
 
-    def fitCommand(self, manifest: Path, outputFolder: Path, folds: Sequence[int], epochs: int, device: str = "auto") -> List[str]:
+    def fitCommand(self, manifest: Path, outputFolder: Path, folds: Sequence[int], epochs: int, device: str = "auto",
+                   extraArgs: Sequence[str] = ()) -> List[str]:
         """The ``contrast-amplifier-train fit`` command line (JSON progress for the module).
+
+        Rerunning the same command on the same output folder resumes: finished folds are
+        skipped and an unfinished fold continues after its last checkpointed epoch.
+        ``extraArgs`` passes further ``fit`` options (e.g. ``["--n-folds", "2", "--crop", "80", "96", "80"]``).
 
         Raises:
             ValueError: a missing manifest, no output folder, bad epochs or device; the message says which.
@@ -176,18 +311,18 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
         args: List[object] = ["fit", manifest, Path(outputFolder)]
         for fold in folds:
             args += ["--folds", int(fold)]
-        args += ["--epochs", int(epochs), "--device", device, "--progress", "json"]
+        args += ["--epochs", int(epochs), "--device", device, *map(str, extraArgs), "--progress", "json"]
         return process.python_module_command(self.CLI_MODULE, *args)
 
     def startTraining(self, manifest, outputFolder, folds: Sequence[int], epochs: int, device: str = "auto",
-                      installDependencies: bool = True) -> process.BackgroundProcess:
+                      installDependencies: bool = True, extraArgs: Sequence[str] = ()) -> process.BackgroundProcess:
         """Start training in a child process and return it at once (poll it from a timer).
 
         Raises:
             TrainingUnavailableError: the training command line is not installed.
             ValueError: invalid settings (named in the message).
         """
-        command = self.fitCommand(manifest, outputFolder, folds, epochs, device)
+        command = self.fitCommand(manifest, outputFolder, folds, epochs, device, extraArgs)
         if installDependencies:
             ensure_dependencies(confirm=self.confirmInstall, module_title="Contrast Amplifier Training")
         available, reason = self.trainingAvailability()
@@ -199,6 +334,65 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
         logging.info("Contrast Amplifier Training: running %s", " ".join(command))
         env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
         return process.BackgroundProcess(command, env=process.child_environment(env)).start()
+
+    def stopTraining(self, job: Optional[process.BackgroundProcess], wait: bool = False) -> None:
+        """Stop a training child: SIGTERM (the CLI stops after the current case; finished epochs
+        are checkpointed), then a kill after :attr:`STOP_GRACE_S`. Never blocks unless ``wait``.
+
+        Start again with the same output folder to resume.
+        """
+        if job is not None and job.running:
+            job.cancel(grace_s=self.STOP_GRACE_S, wait=wait)
+
+    @staticmethod
+    def hasRun(outputFolder) -> bool:
+        """True when ``outputFolder`` holds a run started by ``fit`` (Start then resumes it)."""
+        return bool(str(outputFolder).strip()) and (Path(outputFolder) / "plan.json").is_file()
+
+    @staticmethod
+    def runStatus(outputFolder) -> Dict[int, FoldProgress]:
+        """Per-fold state of a run folder, read from ``fold_K/log.csv`` and ``done.json`` (no torch, cheap).
+
+        Returns:
+            fold -> :class:`FoldProgress` (epochs done and last losses); empty for a new folder.
+        """
+        status: Dict[int, FoldProgress] = {}
+        folder = Path(outputFolder) if str(outputFolder).strip() else None
+        if folder is None or not folder.is_dir():
+            return status
+        for foldDir in sorted(folder.glob("fold_*")):
+            try:
+                fold = int(foldDir.name.split("_", 1)[1])
+            except ValueError:
+                continue
+            progress = FoldProgress(fold)
+            rows: List[Dict[str, str]] = []
+            log = foldDir / "log.csv"
+            if log.is_file():
+                try:
+                    with open(log, newline="", encoding="utf-8") as handle:
+                        rows = list(csv.DictReader(handle))
+                except (OSError, csv.Error):
+                    rows = []
+            if rows:
+                last = rows[-1]
+                progress.epochsDone = int(float(last.get("epoch") or len(rows)))
+                progress.trainLoss = _number(last.get("train_loss"))
+                progress.valLoss = _number(last.get("val_loss"))
+                progress.valPsnr = _number(last.get("val_psnr"))
+                progress.valSsim = _number(last.get("val_ssim"))
+                progress.secondsPerEpoch = _number(last.get("seconds"))
+            done = foldDir / "done.json"
+            if done.is_file():
+                try:
+                    progress.epochs = int(json.loads(done.read_text(encoding="utf-8")).get("epochs", progress.epochsDone))
+                except (OSError, ValueError):
+                    progress.epochs = progress.epochsDone
+                progress.state = "finished"
+            elif rows:
+                progress.state = "stopped"
+            status[fold] = progress
+        return status
 
     def train(self, manifest, outputFolder, folds: Sequence[int] = (0, 1, 2, 3, 4), epochs: int = 300,
               device: str = "auto", progressCallback: Optional[Callable[[process.ProgressEvent], None]] = None,
@@ -248,6 +442,7 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
         self._job: Optional[process.BackgroundProcess] = None
+        self._monitor: Optional[TrainingMonitor] = None
         self._timer = None
 
     def setup(self) -> None:
@@ -278,11 +473,12 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         self._timer.setInterval(self.TIMER_INTERVAL_MS)
         self._timer.connect("timeout()", self.onTimer)
         self.ui.progressBar.hide()
+        self.ui.foldTable.setHorizontalHeaderLabels(["Fold", "Epochs", "State", "Train MSE", "Val MSE", "Val PSNR", "Val SSIM"])
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         if self._job is not None and self._job.running:
-            self._job.cancel(wait=True)
+            self.logic.stopTraining(self._job, wait=True)
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
@@ -343,26 +539,60 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         available, reason = self.logic.trainingAvailability()
         pn = self._parameterNode
         ready = pn is not None and bool(pn.GetParameter("ManifestPath")) and bool(pn.GetParameter("OutputFolder"))
+        resume = pn is not None and self.logic.hasRun(pn.GetParameter("OutputFolder"))
+        self.ui.startButton.text = "Resume training" if resume else "Start training"
         self.ui.startButton.enabled = available and ready and not running
         self.ui.startButton.toolTip = reason if not available else (
-            "Start (or resume) training in a background process." if ready else "Choose the manifest and the output folder first.")
+            "Choose the manifest and the output folder first." if not ready
+            else "Continue the run in the output folder: finished folds are skipped, an unfinished fold "
+                 "continues after its last saved epoch." if resume
+            else "Start training in a background process.")
         self.ui.stopButton.enabled = running
         if not available and not running:
             self.ui.statusLabel.text = reason
+        if not running and pn is not None:
+            self._showRunStatus(pn.GetParameter("OutputFolder"))
+
+    def _showRunStatus(self, outputFolder: str) -> None:
+        """Fill the fold table from the run folder on disk (what a Resume would continue)."""
+        if self._monitor is not None:
+            return
+        status = self.logic.runStatus(outputFolder)
+        self._fillFoldTable(sorted(status.values(), key=lambda p: p.fold))
+
+    def _fillFoldTable(self, rows: Sequence[FoldProgress]) -> None:
+        import qt
+
+        table = self.ui.foldTable
+        table.setRowCount(len(rows))
+        for row, progress in enumerate(rows):
+            epochs = f"{progress.epochsDone}/{progress.epochs}" if progress.epochs else str(progress.epochsDone)
+            cells = (str(progress.fold), epochs, progress.state,
+                     "" if progress.trainLoss is None else f"{progress.trainLoss:.5f}",
+                     "" if progress.valLoss is None else f"{progress.valLoss:.5f}",
+                     "" if progress.valPsnr is None else f"{progress.valPsnr:.2f}",
+                     "" if progress.valSsim is None else f"{progress.valSsim:.4f}")
+            for column, text in enumerate(cells):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
 
     def onStartButton(self) -> None:
         pn = self._parameterNode
         try:
             with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
+                folds = self.logic.parseFolds(pn.GetParameter("Folds"))
+                epochs = int(float(pn.GetParameter("Epochs")))
+                outputFolder = pn.GetParameter("OutputFolder")
+                resuming = self.logic.hasRun(outputFolder)
                 self._job = self.logic.startTraining(
-                    pn.GetParameter("ManifestPath"), pn.GetParameter("OutputFolder"),
-                    self.logic.parseFolds(pn.GetParameter("Folds")), int(float(pn.GetParameter("Epochs"))),
-                    pn.GetParameter("Device"),
+                    pn.GetParameter("ManifestPath"), outputFolder, folds, epochs, pn.GetParameter("Device"),
                 )
+                self._monitor = TrainingMonitor(folds, epochs, initial=self.logic.runStatus(outputFolder))
+                self._fillFoldTable([self._monitor.foldProgress[k] for k in self._monitor.folds])
                 self.ui.logTextEdit.clear()
+                self.ui.lossesLabel.text = ""
                 self.ui.progressBar.value = 0
                 self.ui.progressBar.show()
-                self.ui.statusLabel.text = "Training started..."
+                self.ui.statusLabel.text = "Resuming training..." if resuming else "Training started..."
                 self._timer.start()
         except Exception as exc:  # already shown to the user by tryWithErrorDisplay
             self.ui.statusLabel.text = f"Not started: {exc}"
@@ -371,19 +601,27 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
 
     def onStopButton(self) -> None:
         if self._job is not None and self._job.running:
-            self._job.cancel(grace_s=10.0)  # the CLI saves its checkpoint on SIGTERM
-            self.ui.statusLabel.text = "Stopping (a later Start on the same folder resumes)..."
+            self.logic.stopTraining(self._job)  # SIGTERM now, kill later from poll(): the GUI never waits
+            self.ui.stopButton.enabled = False
+            self.ui.statusLabel.text = "Stopping after the current case (Resume continues from the last saved epoch)..."
 
     def onTimer(self) -> None:
-        job = self._job
-        if job is None:
+        job, monitor = self._job, self._monitor
+        if job is None or monitor is None:
             self._timer.stop()
             return
+        changed = False
         for event in job.poll():
+            monitor.update(event)
+            changed = True
             self.ui.progressBar.value = int(round(100 * event.fraction))
-            self.ui.statusLabel.text = event.stage
-            if event.message:
+            if event.stage != "epoch":
+                self.ui.statusLabel.text = f"{event.stage}: {event.message}" if event.message else event.stage
+            if event.stage not in ("fit",) and event.message:  # per-case lines would flood the log
                 self.ui.logTextEdit.appendPlainText(event.message)
+        if changed:
+            self._fillFoldTable([monitor.foldProgress[k] for k in monitor.folds])
+            self.ui.lossesLabel.text = monitor.latestLosses()
         if job.running:
             return
         self._timer.stop()
@@ -391,10 +629,14 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         if job.state is process.ProcessState.SUCCEEDED:
             self.ui.statusLabel.text = "Training finished. Export a bundle with contrast-amplifier-train export."
         elif job.state is process.ProcessState.CANCELLED:
-            self.ui.statusLabel.text = "Stopped. Start again with the same output folder to resume."
+            monitor.markStopped()
+            self.ui.statusLabel.text = "Stopped. Resume training continues from the last saved epoch."
         else:
+            monitor.markStopped()
             self.ui.statusLabel.text = f"Failed: {job.error_message()}"
             slicer.util.errorDisplay(f"Training failed:\n{job.error_message()}", detailedText=job.stderr_text)
+        self._fillFoldTable([monitor.foldProgress[k] for k in monitor.folds])
+        self._monitor = None
         self._updateButtons()
 
 

@@ -1,0 +1,306 @@
+"""The modules' amplification and training Logic for real, under the slicer-core wheel (no Qt).
+
+ContrastAmplifierLogic.process runs the real ``contrast-amplifier predict`` child on real MRML
+nodes made from a 3 mm phantom case, with a tiny random-weights bundle, one fold, one
+mirroring, on the CPU, and the phantom's brain mask (skips HD-BET). ContrastAmplifierTrainingLogic
+runs the real ``contrast-amplifier-train fit`` child on toy cached cases: Stop, then Resume.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core wheel (test extra) is required")
+sitk = pytest.importorskip("SimpleITK")
+pytest.importorskip("torch")
+
+from ContrastAmplifierLib import mrml_bridge, process  # noqa: E402
+from ContrastAmplifierLib.progress import CancelToken  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+# The Lib suite's session fixtures (phantom case, random bundle), shared rather than copied.
+_lib_fixtures = _load(REPO / "Testing" / "ContrastAmplifierLib" / "conftest.py", "_ca_lib_fixtures")
+small_case_dir = _lib_fixtures.small_case_dir
+random_bundle_dir = _lib_fixtures.random_bundle_dir
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return _load(REPO / "ContrastAmplifier" / "ContrastAmplifier.py", "_slicer_module_ContrastAmplifier_amplify")
+
+
+@pytest.fixture(scope="module")
+def training():
+    return _load(REPO / "ContrastAmplifierTraining" / "ContrastAmplifierTraining.py", "_slicer_module_Training_monitor")
+
+
+@pytest.fixture()
+def scene(monkeypatch):
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    return scene
+
+
+@pytest.fixture()
+def exchange_root(tmp_path, monkeypatch):
+    """Exchange folders (exported patient data) go here, so the tests can check they are removed."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def case_nodes(scene, case_dir: Path):
+    names = {"t1": "T1 pre", "flair": "FLAIR", "adc": "ADC map", "t1c": "T1c routine"}
+    nodes = {stem: mrml_bridge.import_volume_file(case_dir / f"{stem}.nii.gz", name, scene=scene) for stem, name in names.items()}
+    mask = mrml_bridge.import_volume_file(case_dir / "brain_mask.nii.gz", "brain mask", scene=scene, label_map=True)
+    return nodes, mask
+
+
+def volume_names(scene):
+    return sorted(n.GetName() for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode"))
+
+
+QUICK = dict(quality="quick", device="cpu", precision="exact", threads=1, installDependencies=False)
+
+
+# -- settings, command line, validation (no child process) -------------------------------------
+
+
+def test_quality_presets_choose_folds_and_mirrorings(ca, random_bundle_dir):
+    logic = ca.ContrastAmplifierLogic()
+    model = str(random_bundle_dir)
+    assert logic.ensembleChoice("Quick", model) == ([0], 1)
+    assert logic.ensembleChoice("balanced", model) == (None, 2)
+    assert logic.ensembleChoice("PAPER", model) == (None, 8)
+    assert logic.ensembleChoice("paper", model, folds=[1], flips=4) == ([1], 4)
+    assert ca.QUALITY_PRESETS["paper"].predictions(5) == 40
+    with pytest.raises(ValueError, match="Quality must be one of Quick, Balanced, Paper"):
+        logic.ensembleChoice("best", model)
+    with pytest.raises(ValueError, match="Mirrorings must be one of 1, 2, 4, 8"):
+        logic.ensembleChoice("paper", model, flips=3)
+
+
+def test_no_installed_model_is_said_plainly(ca, monkeypatch):
+    logic = ca.ContrastAmplifierLogic()
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "availableModels", staticmethod(lambda: []))
+    with pytest.raises(ValueError, match="No model bundle installed: import one with 'contrast-amplifier models import"):
+        logic.ensembleChoice("quick", None)
+
+
+def test_predict_command_line_is_accepted_by_the_cli(ca, tmp_path):
+    logic = ca.ContrastAmplifierLogic()
+    files = {stem: tmp_path / f"{stem}.nrrd" for stem in ("t1", "flair", "adc", "t1c")}
+    command = logic.predictCommand(files, tmp_path / "out.nrrd", model="demo", folds=[0, 2], flips=2, device="cuda",
+                                   precision="fast", brainMask=tmp_path / "mask.nrrd", threads=2)
+    assert command[:4] == [process.python_executable(), "-m", "ContrastAmplifierLib.cli", "predict"]
+    joined = " ".join(command)
+    for part in (f"--t1 {files['t1']}", f"--t1c {files['t1c']}", f"--out {tmp_path / 'out.nrrd'}", "--model demo",
+                 "--folds 0 --folds 2", "--flips 2", "--device cuda", "--precision fast",
+                 f"--brain-mask {tmp_path / 'mask.nrrd'}", "--threads 2", "--progress json"):
+        assert part in joined
+    assert "--folds" not in logic.predictCommand(files, tmp_path / "o.nrrd")
+    with pytest.raises(ValueError, match="Device must be one of auto, cpu, cuda, mps"):
+        logic.predictCommand(files, tmp_path / "o.nrrd", device="tpu")
+    with pytest.raises(ValueError, match="Precision must be one of auto, exact, fast"):
+        logic.predictCommand(files, tmp_path / "o.nrrd", precision="half")
+    assert "predict" in process.available_cli_commands("ContrastAmplifierLib.cli")
+
+
+def test_inputs_mask_and_output_are_validated_before_anything_runs(ca, scene, small_case_dir, exchange_root):
+    logic = ca.ContrastAmplifierLogic()
+    nodes, mask = case_nodes(scene, small_case_dir)
+    args = (nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"])
+    with pytest.raises(ValueError, match=r"No ADC volume selected: choose it in Inputs > ADC"):
+        logic.process(nodes["t1"], nodes["flair"], None, nodes["t1c"], **QUICK)
+    with pytest.raises(ValueError, match="Output volume 'FLAIR' is one of the inputs"):
+        logic.process(*args, output=nodes["flair"], **QUICK)
+    shifted = mrml_bridge.import_volume_file(small_case_dir / "t1.nii.gz", "mask on the T1 grid", scene=scene, label_map=True)
+    shifted.SetOrigin(*(np.array(shifted.GetOrigin()) + 7.0))
+    with pytest.raises(ValueError, match=r"Brain mask 'mask on the T1 grid' .* is not on the grid of T1c 'T1c routine'.*resample it"):
+        logic.process(*args, brainMask=shifted, **QUICK)
+    assert list(exchange_root.iterdir()) == [], "nothing is exported when validation fails"
+    assert not any(name.endswith("T1c-pro") for name in volume_names(scene))
+
+
+def test_parameter_node_holds_every_amplification_setting(ca, scene):
+    logic = ca.ContrastAmplifierLogic()
+    node = logic.getParameterNode()
+    logic.setDefaultParameters(node)
+    assert node.GetParameter("Quality") == "Paper" and node.GetParameter("Device") == "auto"
+    assert node.GetParameter("Precision") == "auto" and node.GetParameter("Model") == ""
+    assert "InputBrainMask" in logic.NODE_REFERENCES and "OutputVolume" in logic.NODE_REFERENCES
+    assert logic.resolvePreprocessDevice("auto") in ("cpu", "cuda")
+    assert "--device cpu" in " ".join(logic.preprocessCommand(Path("c"), Path("o"), device="cpu"))
+
+
+# -- the real command line through the Logic ---------------------------------------------------
+
+
+def test_synchronous_amplify_makes_a_named_node_on_the_t1c_grid(ca, scene, small_case_dir, random_bundle_dir, exchange_root):
+    logic = ca.ContrastAmplifierLogic()
+    nodes, mask = case_nodes(scene, small_case_dir)
+    before = volume_names(scene)
+    events = []
+    result = logic.process(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"], model=str(random_bundle_dir),
+                           brainMask=mask, progress=events.append, timeout=600, **QUICK)
+    assert result.GetName() == "T1c routine T1c-pro"
+    assert volume_names(scene) == sorted(before + ["T1c routine T1c-pro"])
+    np.testing.assert_allclose(mrml_bridge.ijk_to_ras_matrix(result), mrml_bridge.ijk_to_ras_matrix(nodes["t1c"]), atol=1e-6)
+    voxels = slicer.util.arrayFromVolume(result) if hasattr(slicer.util, "arrayFromVolume") else None
+    voxels = sitk.GetArrayFromImage(mrml_bridge.volume_node_to_sitk(result)) if voxels is None else voxels
+    assert voxels.shape == sitk.GetArrayFromImage(mrml_bridge.volume_node_to_sitk(nodes["t1c"])).shape
+    assert np.isfinite(voxels).all() and voxels.std() > 0
+    assert events and events[-1].fraction == pytest.approx(1.0)
+    assert {"ensemble", "done"} <= {e.stage for e in events}
+    command = result.GetAttribute("ContrastAmplifier.Command")
+    assert "--folds 0" in command and "--flips 1" in command and "--brain-mask" in command
+    assert list(exchange_root.iterdir()) == [], "exported inputs and the result file must be deleted after loading"
+
+
+def test_background_amplify_fills_a_chosen_output_node(ca, scene, small_case_dir, random_bundle_dir, exchange_root):
+    """The GUI path: start, poll (as the widget's QTimer does), result in the user's node, in the T1c's space."""
+    logic = ca.ContrastAmplifierLogic()
+    nodes, mask = case_nodes(scene, small_case_dir)
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my T1c-pro")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    output.SetAndObserveTransformNodeID(transform.GetID())
+    job = logic.process(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"], output=output,
+                        model=str(random_bundle_dir), brainMask=mask, synchronous=False, **QUICK)
+    assert isinstance(job, ca.AmplifyJob) and job.process.running
+    deadline = time.monotonic() + 600
+    while not logic.pollAmplify(job):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job.error is None, job.error
+    assert job.result is output and output.GetName() == "my T1c-pro"
+    assert output.GetParentTransformNode() is None, "T1c-pro is written in world space: no transform on top"
+    np.testing.assert_allclose(mrml_bridge.ijk_to_ras_matrix(output), mrml_bridge.ijk_to_ras_matrix(nodes["t1c"]), atol=1e-6)
+    assert not job.workDir.exists()
+
+
+def test_cancel_mid_run_leaves_no_node_and_no_file(ca, scene, small_case_dir, random_bundle_dir, exchange_root):
+    logic = ca.ContrastAmplifierLogic()
+    nodes, mask = case_nodes(scene, small_case_dir)
+    before = volume_names(scene)
+    job = logic.process(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"], model=str(random_bundle_dir),
+                        brainMask=mask, synchronous=False, **QUICK)
+    deadline = time.monotonic() + 300
+    while job.process.latest is None:  # the child is working (its first progress line arrived)
+        assert not logic.pollAmplify(job), f"finished before it could be cancelled: {job.error}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    logic.cancelJob(job, wait=True)
+    assert job.process.state is process.ProcessState.CANCELLED
+    assert job.result is None and "Cancelled" in job.error
+    assert volume_names(scene) == before, "a cancelled run must not create an output node"
+    assert not job.outputPath.exists() and not job.workDir.exists()
+    assert list(exchange_root.iterdir()) == []
+
+
+def test_synchronous_cancel_through_a_token_raises_and_leaves_nothing(ca, scene, small_case_dir, random_bundle_dir, exchange_root):
+    logic = ca.ContrastAmplifierLogic()
+    nodes, mask = case_nodes(scene, small_case_dir)
+    before = volume_names(scene)
+    token = CancelToken()
+    with pytest.raises(process.ProcessCancelled, match="Cancelled by the user"):
+        logic.process(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"], model=str(random_bundle_dir),
+                      brainMask=mask, progress=lambda event: token.cancel(), cancel=token, timeout=300, **QUICK)
+    assert volume_names(scene) == before
+    assert list(exchange_root.iterdir()) == []
+
+
+# -- training: per-fold progress, Stop and Resume -------------------------------------------------
+
+
+def _event(stage, fraction=0.0, message="", **extra):
+    return process.ProgressEvent(stage, fraction, message, extra)
+
+
+def test_training_monitor_tracks_folds_and_latest_losses(training):
+    monitor = training.TrainingMonitor([0, 1], epochs=2)
+    monitor.update(_event("cache", 0.0, "case 1/4"))
+    monitor.update(_event("fit", 0.1, "fold 0 epoch 1/2 case 1/3"))
+    assert monitor.foldProgress[0].state == "running" and monitor.foldProgress[1].state == "waiting"
+    monitor.update(_event("epoch", 0.25, "...", fold=0, epoch=1, epochs=2, train_loss=0.02, val_loss=0.03,
+                          val_psnr=25.5, val_ssim=0.8, seconds=1.5))
+    assert monitor.latestLosses() == "fold 0, epoch 1/2: train 0.02000, val 0.03000, PSNR 25.50 dB, SSIM 0.8000"
+    monitor.update(_event("epoch", 0.5, "...", fold=0, epoch=2, epochs=2, train_loss=0.01, val_loss=0.02,
+                          val_psnr=27.0, val_ssim=0.85, seconds=1.4))
+    assert monitor.foldProgress[0].state == "finished"
+    monitor.update(_event("fit", 0.6, "fold 1 epoch 1/2 case 2/3"))
+    monitor.update(_event("cancelled", 0.0, "stopped; rerun the same command to resume"))
+    assert monitor.foldProgress[1].state == "stopped" and monitor.foldProgress[0].state == "finished"
+    resumed = training.TrainingMonitor([0, 1], 2, initial={0: monitor.foldProgress[0]})
+    assert resumed.foldProgress[0].state == "finished" and resumed.foldProgress[1].epochsDone == 0
+    resumed.update(_event("done", 1.0, "", folds=[0, 1]))
+    assert all(p.state == "finished" for p in resumed.foldProgress.values())
+
+
+def test_stop_then_resume_continues_after_the_last_saved_epoch(training, tmp_path):
+    """Stop (SIGTERM through the Logic) after the first epoch; Resume repeats no finished epoch."""
+    pytest.importorskip("ContrastAmplifierTrainingLib.toy")
+    from ContrastAmplifierTrainingLib.data import save_cached_case
+    from ContrastAmplifierTrainingLib.toy import toy_cohort
+
+    logic = training.ContrastAmplifierTrainingLogic()
+    available, reason = logic.trainingAvailability()
+    if not available:
+        pytest.skip(reason)
+    cache = tmp_path / "cache"
+    for case in toy_cohort(4, (16, 16, 16), seed=11):
+        save_cached_case(case, cache / f"{case.case_id}.npz")
+    run = tmp_path / "run"
+    extra = ["--n-folds", "2", "--base-channels", "4", "--levels", "2"]
+    assert not logic.hasRun(run) and logic.runStatus(run) == {}
+
+    monitor = training.TrainingMonitor([0, 1], 3)
+    job = logic.startTraining(cache, run, [0, 1], 3, "cpu", installDependencies=False, extraArgs=extra)
+    deadline = time.monotonic() + 300
+    while job.running:
+        for event in job.poll():
+            monitor.update(event)
+            if event.stage == "epoch":
+                logic.stopTraining(job)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert job.state is process.ProcessState.CANCELLED, job.error_message()
+    monitor.markStopped()
+    assert monitor.foldProgress[0].epochsDone >= 1 and monitor.foldProgress[0].trainLoss is not None
+    assert logic.hasRun(run)
+    saved = logic.runStatus(run)
+    assert saved[0].epochsDone == monitor.foldProgress[0].epochsDone and saved[0].state in ("stopped", "finished")
+
+    resumed = training.TrainingMonitor([0, 1], 3, initial=saved)
+    epochs = []
+    job = logic.startTraining(cache, run, [0, 1], 3, "cpu", installDependencies=False, extraArgs=extra)
+    while job.running:
+        for event in job.poll():
+            resumed.update(event)
+            if event.stage == "epoch":
+                epochs.append((event.extra["fold"], event.extra["epoch"]))
+        assert time.monotonic() < deadline + 300
+        time.sleep(0.05)
+    assert job.state is process.ProcessState.SUCCEEDED, job.error_message()
+    done_before = saved[0].epochsDone
+    assert epochs[0] == (0, done_before + 1) if done_before < 3 else epochs[0] == (1, 1)
+    assert len(epochs) == len(set(epochs)) == 6 - done_before, "no finished epoch is repeated"
+    assert all(p.state == "finished" for p in resumed.foldProgress.values())
+    assert {k: (p.epochsDone, p.state) for k, p in logic.runStatus(run).items()} == {0: (3, "finished"), 1: (3, "finished")}
