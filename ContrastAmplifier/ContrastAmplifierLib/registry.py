@@ -21,10 +21,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
-from .bundle import BUNDLE_FILE, BundleError, ModelBundle, load_bundle
+if TYPE_CHECKING:  # bundle.py imports torch: keep listing models cheap inside Slicer's GUI process
+    from .bundle import ModelBundle
 
+BUNDLE_FILE = "bundle.json"
 APP_NAME = "SlicerContrastAmplifier"
 ENV_MODELS = "CONTRAST_AMPLIFIER_MODELS"
 REGISTRY_FILE = "Models.json"
@@ -61,6 +63,7 @@ class ModelEntry:
     intended_use: str
     path: Path
     source: str  # "user" or "builtin"
+    folds: Tuple[int, ...] = ()
 
 
 def _entry(folder: Path, source: str) -> Optional[ModelEntry]:
@@ -71,6 +74,7 @@ def _entry(folder: Path, source: str) -> Optional[ModelEntry]:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return ModelEntry(folder.name, "?", f"unreadable {BUNDLE_FILE}", "?", folder, source)
+    folds = data.get("folds", [])
     return ModelEntry(
         name=str(data.get("name", folder.name)),
         version=str(data.get("version", "?")),
@@ -78,6 +82,7 @@ def _entry(folder: Path, source: str) -> Optional[ModelEntry]:
         intended_use=str(data.get("intended_use", "")),
         path=folder,
         source=source,
+        folds=tuple(int(k) for k in folds) if isinstance(folds, list) else (),
     )
 
 
@@ -108,6 +113,8 @@ def list_models() -> List[ModelEntry]:
 
 def default_model_name() -> str:
     """The model used when none is named: the first listed (a user bundle, else the demo)."""
+    from .bundle import BundleError
+
     entries = list_models()
     if not entries:
         raise BundleError(
@@ -117,8 +124,10 @@ def default_model_name() -> str:
     return entries[0].name
 
 
-def resolve_model(name_or_path: Optional[str] = None) -> ModelBundle:
+def resolve_model(name_or_path: Optional[str] = None) -> "ModelBundle":
     """Load (and hash-check) a bundle given by registry name or by folder path; default model if ``None``."""
+    from .bundle import BundleError, load_bundle
+
     if name_or_path is None:
         name_or_path = default_model_name()
     candidate = Path(name_or_path)
@@ -136,6 +145,8 @@ def resolve_model(name_or_path: Optional[str] = None) -> ModelBundle:
 
 def verify_models() -> List[tuple]:
     """``(entry, error_or_None)`` for every listed bundle, after a full hash check."""
+    from .bundle import BundleError, load_bundle
+
     results = []
     for entry in list_models():
         try:
@@ -147,6 +158,8 @@ def verify_models() -> List[tuple]:
 
 
 def _find_bundle_root(folder: Path) -> Path:
+    from .bundle import BundleError
+
     if (folder / BUNDLE_FILE).is_file():
         return folder
     candidates = [p.parent for p in folder.rglob(BUNDLE_FILE)]
@@ -159,6 +172,8 @@ def _find_bundle_root(folder: Path) -> Path:
 
 
 def _safe_extract(archive: Path, target: Path) -> None:
+    from .bundle import BundleError
+
     with zipfile.ZipFile(archive) as zf:
         for member in zf.namelist():
             resolved = (target / member).resolve()
@@ -167,12 +182,14 @@ def _safe_extract(archive: Path, target: Path) -> None:
         zf.extractall(target)
 
 
-def import_model(source: Union[str, os.PathLike], overwrite: bool = False) -> ModelBundle:
+def import_model(source: Union[str, os.PathLike], overwrite: bool = False) -> "ModelBundle":
     """Verify a bundle folder or ``.zip`` and copy it into the per-user models folder.
 
     The copy goes to a temporary folder first and is renamed into place, so an interrupted import
     leaves no half-copied bundle. Refuses a bundle whose hashes do not match.
     """
+    from .bundle import BundleError, load_bundle
+
     source = Path(source)
     if not source.exists():
         raise BundleError(f"model bundle to import not found: {source}")

@@ -89,3 +89,15 @@ def test_builtin_models_are_listed_from_the_registry_file():
     listed = document["models"]
     for item in listed:
         assert (root / item["folder"] / "bundle.json").is_file(), f"{item['folder']} listed but missing"
+
+
+def test_listing_models_does_not_import_torch(tmp_path):
+    """The Slicer model selector lists bundles in the GUI process: that must not load torch."""
+    import subprocess
+    import sys
+
+    code = "import sys; from ContrastAmplifierLib import registry; registry.list_models(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__('os').environ, registry.ENV_MODELS: str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
