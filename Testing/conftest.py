@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 # HD-BET creates a per-user data folder at import and the model registry uses platformdirs:
 # point both at a throw-away HOME/XDG tree before anything imports them.
 _SANDBOX = Path(tempfile.mkdtemp(prefix="ca-test-home-"))
+atexit.register(shutil.rmtree, _SANDBOX, True)
 os.environ.setdefault("XDG_DATA_HOME", str(_SANDBOX / "data"))
 os.environ.setdefault("XDG_CACHE_HOME", str(_SANDBOX / "cache"))
 os.environ.setdefault("XDG_CONFIG_HOME", str(_SANDBOX / "config"))

@@ -10,32 +10,22 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ContrastAmplifierLib.bundle import BundleError, write_bundle
+from ContrastAmplifierLib.bundle import BundleError
 from ContrastAmplifierLib.inference import amplify_case
-from ContrastAmplifierLib.network import NetworkConfig, build_network
-from ContrastAmplifierLib.phantom import generate_cohort
 from ContrastAmplifierLib.progress import CancelToken, Cancelled
 
 torch.set_num_threads(1)
 MODALITIES = ["t1", "flair", "adc", "t1c"]
 
 
-@pytest.fixture(scope="module")
-def case_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantom")
-    return generate_cohort(out, cases=1, seed=31, spacing=3.0)[0]
+@pytest.fixture()
+def case_dir(small_case_dir) -> Path:
+    return small_case_dir
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    config = NetworkConfig(base_channels=2, levels=2)
-    torch.manual_seed(0)
-    states = {k: build_network(config).state_dict() for k in (0, 1)}
-    out = tmp_path_factory.mktemp("bundle")
-    write_bundle(out, states, name="random-tiny", version="0", description="random weights", intended_use="tests only",
-                 training_data="none", modalities=MODALITIES, spacing=(4.0, 4.0, 4.0), crop_size=(40, 48, 40),
-                 percentiles={m: (-2.0, 3.0) for m in MODALITIES}, network=config)
-    return out
+@pytest.fixture()
+def bundle_dir(random_bundle_dir) -> Path:
+    return random_bundle_dir
 
 
 def _inputs(case_dir: Path) -> dict:
