@@ -24,7 +24,6 @@ so RAS (x, y, z) is LPS (-x, -y, z).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
+from ContrastAmplifierLib.metrics import contrast_metrics  # the paper's formulae, shared with the demo
 
 PathLike = Union[str, os.PathLike]
 Point = Tuple[float, float, float]
@@ -224,14 +224,6 @@ class ContrastResult:
     n_lesion_voxels: int
     n_brain_voxels: int
     brain_roi: str  #: "label" or "automatic"
-
-
-def contrast_metrics(si_lesion: float, si_brain: float, sd_brain: float, si_lesion_pre: float) -> Tuple[float, float, float]:
-    """(CNR, LBR, CEP %) from ROI statistics (paper, "Performance metrics" formulae)."""
-    cnr = (si_lesion - si_brain) / sd_brain if sd_brain > 0 else math.nan
-    lbr = si_lesion / si_brain if si_brain != 0 else math.nan
-    cep = 100.0 * (si_lesion - si_lesion_pre) / si_lesion_pre if si_lesion_pre != 0 else math.nan
-    return cnr, lbr, cep
 
 
 @dataclass
