@@ -22,8 +22,8 @@ __all__ = ["write_qc_png"]
 
 def _views(volume: np.ndarray):
     z, y, x = (s // 2 for s in volume.shape)
-    # Array order (z, y, x) on an LPS grid with template direction (x -> left... see registration):
-    # origin="lower" puts anterior/superior at the top of each view.
+    # Array order (z, y, x) on the template's grid, whose index axes point to the patient's
+    # right, anterior and superior: origin="lower" puts anterior/superior at the top of each view.
     return [("axial", volume[z]), ("coronal", volume[:, y, :]), ("sagittal", volume[:, :, x])]
 
 

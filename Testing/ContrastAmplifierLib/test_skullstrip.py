@@ -13,6 +13,8 @@ import SimpleITK as sitk
 from ContrastAmplifierLib.phantom import generate_cohort
 from ContrastAmplifierLib.skullstrip import resolve_device, skull_strip
 
+pytestmark = pytest.mark.slow  # HD-BET: measured 60-105 s on the shared 2-core machine under load
+
 
 @pytest.fixture(scope="module")
 def phantom_case(tmp_path_factory):
