@@ -148,8 +148,19 @@ def predict_ensemble(
     settings = settings or InferenceSettings.create()
     progress = progress or null_progress
     flips = mirrorings(n_mirrorings)
-    total_predictions = len(models) * len(flips)
     x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))[None].to(settings.device)
+    # Activations near zero become denormal floats on CPU and slow convolutions down many times
+    # (measured 20x on HD-BET here); flushing them changes results by < 1e-38.
+    flushing = settings.device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        return _run(models, x, flips, settings, progress, cancel)
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+
+
+def _run(models, x, flips, settings, progress, cancel) -> np.ndarray:
+    total_predictions = len(models) * len(flips)
     accumulator: Optional[torch.Tensor] = None
     done = 0
     batch_size = min(settings.max_batch, len(flips))
