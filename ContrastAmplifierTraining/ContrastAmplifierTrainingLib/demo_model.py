@@ -40,14 +40,15 @@ def build_demo_model(
     crop_size: Tuple[int, int, int] = (80, 96, 80),
     base_channels: int = 8,
     levels: int = 4,
-    epochs: int = 15,
+    input_skip: bool = True,
+    epochs: int = 150,
     folds: Optional[Sequence[int]] = None,
     seed: int = 0,
     device: str = "cpu",
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     on_epoch: Optional[EpochCallback] = None,
-) -> Tuple[ModelBundle, Dict[str, Dict[str, float]]]:
+) -> Tuple[Optional[ModelBundle], Dict[str, Dict[str, float]]]:
     """Generate phantoms, fit five folds, export the bundle and evaluate it on held-out phantoms.
 
     Every stage resumes: phantoms and cache are reused, finished epochs and folds are skipped.
@@ -77,9 +78,13 @@ def build_demo_model(
     run_dir = work_dir / "run"
     cached = prepare_cases(train_dir, run_dir / "cache", spacing=spacing3, crop_size=crop_size,
                            progress=SubProgress(progress, 0.06, 0.1), cancel=cancel)
-    config = TrainConfig(epochs=epochs, seed=seed, network=NetworkConfig(base_channels=base_channels, levels=levels), device=device)
+    config = TrainConfig(epochs=epochs, seed=seed, network=NetworkConfig(base_channels=base_channels, levels=levels, input_skip=input_skip), device=device)
     fit_cases(cached, run_dir, folds=folds, n_folds=5, config=config, source=f"phantoms seeds {TRAIN_SEED}..{TRAIN_SEED + cases - 1}",
               progress=SubProgress(progress, 0.1, 0.95), cancel=cancel, on_epoch=on_epoch)
+    if folds is not None and sorted(int(k) for k in folds) != list(range(5)):
+        # Side-by-side fold jobs: the bundle is exported by a final run without --folds.
+        progress("done", 1.0, f"folds {sorted(folds)} trained; run again without --folds to export the bundle")
+        return None, {}
     held_out = prepare_cases(eval_dir, work_dir / "eval-cache", spacing=spacing3, crop_size=crop_size, cancel=cancel)
     metadata: Dict[str, Any] = dict(
         name=DEMO_NAME,
@@ -97,7 +102,7 @@ def build_demo_model(
     )
     command = (f"contrast-amplifier-train demo-model {work_dir} --bundle-dir {bundle_dir} --cases {cases} --eval-cases {eval_cases} "
                f"--spacing {spacing:g} --crop {' '.join(map(str, crop_size))} --base-channels {base_channels} --levels {levels} "
-               f"--epochs {epochs} --seed {seed}")
+               f"--epochs {epochs} --seed {seed}" + ("" if input_skip else " --no-input-skip"))
     bundle = export_bundle(run_dir, bundle_dir, folds=folds, extra_training={"command": command}, **metadata)
     progress("evaluate", 0.96, f"held-out phantoms ({eval_cases} cases, seeds from {EVAL_SEED})")
     metrics = evaluate_bundle(bundle, held_out, n_mirrorings=8, device=device)

@@ -67,3 +67,22 @@ def test_config_round_trip_and_clear_errors():
         NetworkConfig.from_dict({**data, "dropout": 0.1})
     with pytest.raises(ValueError, match=r"\(N, 4, D, H, W\)"):
         ResidualUNet3D(config)(torch.zeros(1, 3, 8, 8, 8))
+
+
+def test_input_skip_starts_as_the_identity_on_the_post_contrast_input():
+    from ContrastAmplifierLib.network import INPUT_SKIP_EPS, NetworkConfig, build_network
+
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(base_channels=4, levels=3, input_skip=True)).eval()
+    x = torch.rand(1, 4, 9, 12, 10)
+    with torch.no_grad():
+        out = net(x)
+    expected = x[:, 3:].clamp(INPUT_SKIP_EPS, 1 - INPUT_SKIP_EPS)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # it still trains: one gradient step moves the output away from the input
+    loss = ((net(x) - 0.5) ** 2).mean()
+    loss.backward()
+    assert net.head.weight.grad.abs().sum() > 0
+    # and round-trips through the bundle dict
+    assert NetworkConfig.from_dict(net.config.to_dict()).input_skip is True
+    assert NetworkConfig.from_dict({k: v for k, v in net.config.to_dict().items() if k != "input_skip"}).input_skip is False

@@ -141,3 +141,34 @@ def test_resume_after_killing_the_process_mid_epoch(tmp_path):
     for fold in (0, 1):
         a, b = _weights(killed, fold), _weights(straight, fold)
         assert all(torch.equal(a[k], b[k]) for k in a), "resumed training must equal an uninterrupted run"
+
+
+def test_sigterm_stops_cleanly_with_a_cancelled_event(tmp_path):
+    cache = tmp_path / "cache"
+    for case in toy_cohort(4, (16, 16, 16), seed=5):
+        save_cached_case(case, cache / f"{case.case_id}.npz")
+    cmd = _cli("fit", str(cache), str(tmp_path / "run"), "--n-folds", "2", "--epochs", "50", "--base-channels", "4",
+               "--levels", "2", "--device", "cpu", "--progress", "json")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    events, sent = [], False
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1]["stage"] == "epoch" and not sent:
+            proc.send_signal(signal.SIGTERM)  # what the Slicer module's Stop sends
+            sent = True
+    assert proc.wait(timeout=120) == 130
+    assert events[-1]["stage"] == "cancelled" and "rerun" in events[-1]["message"]
+    assert (tmp_path / "run" / "fold_0" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_training_tracks_fp32_on_cuda(tmp_path):
+    cases = toy_cohort(4, SHAPE, seed=6)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        config = TrainConfig(epochs=3, network=NET, device="cuda", precision=precision, cudnn_benchmark=False)
+        (result,) = fit_cases(cases, tmp_path / precision, folds=[0], n_folds=2, config=config)
+        losses[precision] = result.metrics["val_loss"]
+    assert abs(losses["bf16"] - losses["fp32"]) <= 0.1 * losses["fp32"] + 1e-3, losses
