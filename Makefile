@@ -36,6 +36,7 @@ $(BENCH_VENV)/.installed: $(STAMP)
 
 bench: $(STAMP) $(BENCH_VENV)/.installed
 	$(VENV)/bin/contrast-amplifier bench bench-output --ants-python $(BENCH_VENV)/bin/python
+	$(VENV)/bin/contrast-amplifier-train bench bench-output
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info demo-output bench-output

@@ -255,6 +255,25 @@ def export(
     typer.echo(f"wrote bundle {bundle.name!r} with folds {bundle.folds} to {bundle.path}")
 
 
+@app.command()
+def bench(
+    out_dir: Path = typer.Argument(Path("bench-output"), help="Where training.json is written."),
+    threads: int = typer.Option(2, "--threads", min=1, help="CPU threads."),
+) -> None:
+    """Training throughput: seconds per iteration (one case: forward, MSE, backward, Adam) at demo and paper size."""
+    import json
+
+    from ContrastAmplifierLib.imageio import write_text_atomic
+
+    from .bench import run_training_bench
+
+    _set_threads(threads)
+    results = run_training_bench(("cpu", "cuda"))
+    for name, row in results.items():
+        typer.echo(f"training {name}: {row['seconds_per_iteration']:.2f} s per iteration ({int(row['parameters']):,} parameters)")
+    write_text_atomic(json.dumps(results, indent=2), Path(out_dir) / "training.json")
+
+
 @app.command("demo-model")
 def demo_model(
     work_dir: Path = typer.Argument(Path("build/demo-model"), help="Working folder (phantoms, cache, run); reused to resume."),
