@@ -33,15 +33,9 @@ try:  # inside the Slicer application
 
     HAS_SLICER_APP = True
 except ImportError:  # headless (slicer-core wheel, pytest): the Logic works, the GUI classes are inert
+    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModule as ScriptedLoadableModule
     from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleLogic as ScriptedLoadableModuleLogic
-
-    class ScriptedLoadableModule:  # noqa: D101 - stand-in, never shown
-        def __init__(self, parent) -> None:
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:  # noqa: D101 - stand-in, never shown
-        def __init__(self, parent=None) -> None:
-            self.parent = parent
+    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleWidget as ScriptedLoadableModuleWidget
 
     ScriptedLoadableModuleTest = unittest.TestCase
     HAS_SLICER_APP = False

@@ -31,17 +31,9 @@ except ImportError:  # headless: plain bases so the Logic still imports
     HAVE_GUI = False
     qt = None  # type: ignore[assignment]
 
-    class ScriptedLoadableModule:  # type: ignore[no-redef]
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:  # type: ignore[no-redef]
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:  # type: ignore[no-redef]
-        def __init__(self, parent=None):
-            pass
+    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModule as ScriptedLoadableModule
+    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleLogic as ScriptedLoadableModuleLogic
+    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleWidget as ScriptedLoadableModuleWidget
 
     class ScriptedLoadableModuleTest:  # type: ignore[no-redef]
         pass

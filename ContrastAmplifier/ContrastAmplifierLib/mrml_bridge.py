@@ -308,6 +308,20 @@ class ExchangeFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+class HeadlessScriptedModule:
+    """Stand-in for ``ScriptedLoadableModule`` outside Slicer: keeps ``parent``, shows nothing."""
+
+    def __init__(self, parent: object = None) -> None:
+        self.parent = parent
+
+
+class HeadlessScriptedModuleWidget:
+    """Stand-in for ``ScriptedLoadableModuleWidget`` outside Slicer (the GUI is never built there)."""
+
+    def __init__(self, parent: object = None) -> None:
+        self.parent = parent
+
+
 class HeadlessScriptedModuleLogic:
     """Stand-in for ``slicer.ScriptedLoadableModule.ScriptedLoadableModuleLogic`` outside Slicer.
 
