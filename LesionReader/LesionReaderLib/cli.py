@@ -97,13 +97,14 @@ def status(
 def export(
     study_dir: Path = StudyDirArg,
     out_dir: Path = typer.Argument(..., help="Folder that receives grades.csv and lesions.csv."),
+    dicom_sr: bool = typer.Option(False, "--dicom-sr", help="Also write each reader's lesions and grade as DICOM SR (TID 1500, long/short axes) in OUT_DIR/sr/ for cases read on DICOM series (needs highdicom)."),
 ) -> None:
     """Write ``grades.csv`` and ``lesions.csv`` (long format, RAS mm) for the analysis and other tools."""
     from .export import export_study
     from .study import StudyError
 
     try:
-        paths = export_study(study_dir, out_dir)
+        paths = export_study(study_dir, out_dir, dicom_sr=dicom_sr, note=lambda message: typer.echo(f"note: {message}", err=True))
     except StudyError as exc:
         fail(str(exc))
     for path in paths:

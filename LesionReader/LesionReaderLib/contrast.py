@@ -158,9 +158,11 @@ def _read(path_or_image: Union[PathLike, sitk.Image], name: str) -> sitk.Image:
     path = Path(path_or_image)
     if not path.exists():
         raise ContrastInputError(f"{name} volume not found: {path}. Fix the path in study.json (or volumes.csv).")
+    from .study import StudyError, read_volume
+
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
+        return read_volume(path)  # an image file or a DICOM series folder
+    except (RuntimeError, StudyError) as exc:
         raise ContrastInputError(f"{name} volume {path} could not be read ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc}).") from exc
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .session import lesion_from_row
 from .storage import ReadsDatabase
@@ -81,16 +81,30 @@ def collect_rows(study_dir: Union[str, os.PathLike]) -> Tuple[List[List[str]], L
     return grades, lesions
 
 
-def export_study(study_dir: Union[str, os.PathLike], out_dir: Union[str, os.PathLike]) -> List[Path]:
+def export_study(
+    study_dir: Union[str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+    *,
+    dicom_sr: bool = False,
+    note: Optional[Callable[[str], None]] = None,
+) -> List[Path]:
     """Write ``OUT_DIR/grades.csv`` and ``OUT_DIR/lesions.csv`` (atomically; see module doc).
 
     Only confirmed cases are exported, so an export taken during a phase holds finished reads only.
 
+    Args:
+        study_dir: the study folder.
+        out_dir: the export folder.
+        dicom_sr: also write one DICOM SR per reader, phase and case read on a DICOM series, in
+            ``OUT_DIR/sr/`` (:mod:`LesionReaderLib.dicom_sr`; needs highdicom).
+        note: receives notes of the SR export (cases skipped because not DICOM).
+
     Returns:
-        The two paths written.
+        The two CSV paths written, then the SR files.
 
     Raises:
-        StudyError: no valid study in ``study_dir``, or ``out_dir`` is a file.
+        StudyError: no valid study in ``study_dir``, ``out_dir`` is a file, or (``dicom_sr``)
+            highdicom is missing or a DICOM series is unusable.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -100,4 +114,8 @@ def export_study(study_dir: Union[str, os.PathLike], out_dir: Union[str, os.Path
     grades_path, lesions_path = out / "grades.csv", out / "lesions.csv"
     _write_csv(grades_path, GRADES_HEADER, grades)
     _write_csv(lesions_path, LESIONS_HEADER, lesions)
+    if dicom_sr:
+        from .dicom_sr import export_dicom_sr  # optional dependency (highdicom): imported only when asked
+
+        return [grades_path, lesions_path, *export_dicom_sr(study_dir, out, note=note).written]
     return [grades_path, lesions_path]

@@ -198,7 +198,7 @@ def blind_volume_node(scene: "slicer.vtkMRMLScene", node, case_label: str, volum
 
 
 def load_blinded_volume(scene: "slicer.vtkMRMLScene", path, case_label: str, volume: str):
-    """Load a NIfTI/NRRD/MHA volume into the scene without leaving its file name anywhere.
+    """Load a NIfTI/NRRD/MHA volume or a DICOM series folder into the scene without leaving its file name anywhere.
 
     Uses the MRML archetype storage node directly (no ``slicer.util``), so it works in Slicer
     and under slicer-core alike; the storage node is removed once the voxels are read.
@@ -206,10 +206,22 @@ def load_blinded_volume(scene: "slicer.vtkMRMLScene", path, case_label: str, vol
     Raises:
         SceneError: the file cannot be read (named, for the study coordinator; readers see only the label).
     """
+    from pathlib import Path
+
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", neutral_volume_name(case_label, volume))
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    storage.SetSingleFile(True)
+    if Path(path).is_dir():  # a DICOM series folder: the archetype is its first slice, the list all slices
+        from .study import dicom_series_files
+
+        files = dicom_series_files(path)
+        storage.SetFileName(files[0])
+        storage.ResetFileNameList()
+        for name in files:
+            storage.AddFileName(name)
+        storage.SetSingleFile(False)
+    else:
+        storage.SetFileName(str(path))
+        storage.SetSingleFile(True)
     node.SetAndObserveStorageNodeID(storage.GetID())
     if not storage.ReadData(node) or node.GetImageData() is None:
         scene.RemoveNode(storage)

@@ -48,6 +48,8 @@ MODALITY_ALIASES: Dict[str, Tuple[str, ...]] = {
     "T1c-vfa": ("t1cvfa", "t1vfa", "t1cse", "t1ctse"),
 }
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: A case volume may also be a folder holding one DICOM series (see :func:`is_dicom_series_folder`).
+DICOM_MAGIC_OFFSET = 128
 
 Clock = Callable[[], datetime]
 Axis = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
@@ -359,15 +361,86 @@ def _strip_suffix(name: str) -> Optional[str]:
     return None
 
 
-def discover_case_folder(folder: Path) -> Case:
-    """A case from a folder whose image files are named after their modality (``t1c_pro.nii.gz``).
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(DICOM_MAGIC_OFFSET)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_series_folder(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is a folder holding DICOM files (Part 10, ``DICM`` preamble) directly inside it.
+
+    Such a folder is accepted as a case volume (one series per folder); it is read with
+    :func:`read_volume` and, for DICOM SR export, by :mod:`LesionReaderLib.dicom_sr`.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return False
+    return any(child.is_file() and _is_dicom_file(child) for child in sorted(folder.iterdir()))
+
+
+def dicom_series_files(folder: Union[str, os.PathLike]) -> List[str]:
+    """The files of the single DICOM series in ``folder``, in slice order (SimpleITK/GDCM sorting).
 
     Raises:
-        StudyError: the folder has no recognised image, or two files claim the same modality.
+        StudyError: the folder holds no DICOM series, or more than one (one series per folder).
+    """
+    import SimpleITK as sitk  # lazy: study.py stays importable without it
+
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise StudyError(f"DICOM folder {folder} holds no readable DICOM image series; point the case volume at a series folder or a NIfTI/NRRD file")
+    if len(series_ids) > 1:
+        raise StudyError(
+            f"DICOM folder {folder} holds {len(series_ids)} series ({', '.join(series_ids)}); "
+            "a case volume must be one series: move each series into its own folder"
+        )
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+
+
+def read_volume(path: Union[str, os.PathLike]):
+    """Read a case volume: an image file (NIfTI, NRRD, MHA...) or a DICOM series folder.
+
+    Returns:
+        A ``SimpleITK.Image`` (LPS physical space, as SimpleITK always uses).
+
+    Raises:
+        StudyError: the path is missing or cannot be read (the message names it).
+    """
+    import SimpleITK as sitk  # lazy: study.py stays importable without it
+
+    volume = Path(path)
+    if not volume.exists():
+        raise StudyError(f"case volume {volume} does not exist; fix its path in study.json")
+    try:
+        if volume.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(dicom_series_files(volume))
+            return reader.Execute()
+        return sitk.ReadImage(str(volume))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise StudyError(f"case volume {volume} could not be read ({first}); check the file or DICOM folder") from exc
+
+
+def discover_case_folder(folder: Path) -> Case:
+    """A case from a folder whose images are named after their modality (``t1c_pro.nii.gz``).
+
+    A sub-folder named after a modality (``t1c/``) that holds a DICOM series is taken as that
+    modality's volume.
+
+    Raises:
+        StudyError: the folder has no recognised image, or two entries claim the same modality.
     """
     volumes: Dict[str, str] = {}
     for path in sorted(folder.iterdir()):
-        stem = _strip_suffix(path.name) if path.is_file() else None
+        if path.is_dir():
+            stem = path.name if canonical_modality(path.name) and is_dicom_series_folder(path) else None
+        else:
+            stem = _strip_suffix(path.name) if path.is_file() else None
         modality = canonical_modality(stem) if stem else None
         if modality is None:
             continue
@@ -377,7 +450,8 @@ def discover_case_folder(folder: Path) -> Case:
     if not volumes:
         raise StudyError(
             f"case folder {folder} holds no image named after a modality; name files e.g. t1c.nii.gz, t1c_pro.nii.gz, "
-            f"t1c_vfa.nii.gz, flair.nii.gz (known: {', '.join(MODALITY_ALIASES)}), or list the cases in a CSV manifest"
+            f"t1c_vfa.nii.gz, flair.nii.gz or DICOM series folders e.g. t1c/ (known: {', '.join(MODALITY_ALIASES)}), "
+            "or list the cases in a CSV manifest"
         )
     return Case(id=folder.name, volumes=volumes)
 

@@ -68,7 +68,7 @@ def cmake_lists(module: Module) -> Dict[str, List[str]]:
     """The ``set(VAR ...)`` lists of a module CMakeLists, with ``${MODULE_NAME}`` substituted."""
     path = module.folder / "CMakeLists.txt"
     assert path.is_file(), f"{path} is missing: each module folder needs its own CMakeLists.txt"
-    text = _strip_cmake_comments(path.read_text())
+    text = _strip_cmake_comments(path.read_text(encoding="utf-8"))
     variables: Dict[str, List[str]] = {}
     for var, body in re.findall(r"set\(\s*(\w+)\s+(.*?)\)", text, flags=re.S):
         variables[var] = body.split()
@@ -99,7 +99,7 @@ def ui_parameter_names(root: ET.Element) -> Dict[str, str]:
 
 
 def module_ast(module: Module) -> ast.Module:
-    return ast.parse(module.script.read_text(), filename=str(module.script))
+    return ast.parse(module.script.read_text(encoding="utf-8"), filename=str(module.script))
 
 
 def self_ui_names(tree: ast.AST) -> Set[str]:
@@ -172,7 +172,7 @@ def lib_files(module: Module) -> List[Path]:
 def test_cmakelists_lists_every_file(name):
     module = module_or_skip(name)
     variables = cmake_lists(module)
-    text = _strip_cmake_comments((module.folder / "CMakeLists.txt").read_text())
+    text = _strip_cmake_comments((module.folder / "CMakeLists.txt").read_text(encoding="utf-8"))
     call = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", text, flags=re.S)
     assert call, "CMakeLists must call slicerMacroBuildScriptedModule(...)"
     for keyword in ("NAME", "SCRIPTS", "RESOURCES", "WITH_GENERIC_TESTS"):
@@ -265,7 +265,7 @@ def test_module_file_has_the_four_classes_and_metadata(name):
                     assigned[target.attr] = node.value
     for attr in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
         assert attr in assigned, f"{name}: self.parent.{attr} is not set"
-    source = module.script.read_text()
+    source = module.script.read_text(encoding="utf-8")
     help_text = ast.get_source_segment(source, assigned["helpText"]) or ""
     assert re.search(r"research use only", help_text, re.I), f"{name}: helpText must say 'research use only'"
     ack = ast.get_source_segment(source, assigned["acknowledgementText"]) or ""
@@ -287,7 +287,7 @@ def test_lib_never_imports_qt(name):
     if not module.lib.is_dir():
         pytest.skip(f"{name}Lib does not exist yet")
     for path in (p for p in lib_files(module) if p.suffix == ".py"):
-        imported = imported_modules(ast.parse(path.read_text(), filename=str(path)))
+        imported = imported_modules(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
         bad = sorted(m for m in imported if any(m == f or m.startswith(f + ".") for f in FORBIDDEN_IN_LIB))
         assert not bad, f"{path.relative_to(REPO)} imports {bad}; *Lib packages must run without Qt"
 
@@ -325,7 +325,7 @@ def test_icons_exist(name):
 
 
 def top_cmake() -> str:
-    return _strip_cmake_comments((REPO / "CMakeLists.txt").read_text())
+    return _strip_cmake_comments((REPO / "CMakeLists.txt").read_text(encoding="utf-8"))
 
 
 def test_top_level_cmakelists_is_a_slicer_extension():
@@ -353,7 +353,7 @@ def test_top_level_cmakelists_adds_each_module(name):
 
 def test_extension_description_json():
     path = REPO / "Resources" / "ContrastAmplifier.json"
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     required = {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision", "scm_url", "tier"}
     assert required <= data.keys(), f"{path.name} lacks {sorted(required - data.keys())}"
     assert "slicer-extension-catalog-entry-schema" in data["$schema"]
