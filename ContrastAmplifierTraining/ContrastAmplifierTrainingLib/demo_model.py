@@ -2,7 +2,7 @@
 
 The demo model exists so that ``make demo``, the Slicer module and the tests have real weights
 to run; it is trained on physics phantoms (``ContrastAmplifierLib.phantom``), at low resolution
-(2 mm) and small width (8 base channels) so it trains on a 2-core CPU. It is **not** the
+(3 mm) and small width (8 base channels) so it trains on a 2-core CPU. It is **not** the
 paper's model and must never be used on patients.
 
 Phantom seeds: training cases use ``TRAIN_SEED + i`` and the held-out evaluation cases
@@ -36,12 +36,12 @@ def build_demo_model(
     bundle_dir: Path,
     cases: int = 20,
     eval_cases: int = 4,
-    spacing: float = 2.0,
-    crop_size: Tuple[int, int, int] = (80, 96, 80),
+    spacing: float = 3.0,
+    crop_size: Tuple[int, int, int] = (56, 64, 56),
     base_channels: int = 8,
     levels: int = 4,
     input_skip: bool = True,
-    epochs: int = 150,
+    epochs: int = 40,
     folds: Optional[Sequence[int]] = None,
     seed: int = 0,
     device: str = "cpu",
