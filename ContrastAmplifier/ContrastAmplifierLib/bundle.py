@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .imageio import write_text_atomic
+from .imageio import apply_umask, write_text_atomic
 from .network import NetworkConfig, ResidualUNet3D, build_network
 
 BUNDLE_FILE = "bundle.json"
@@ -249,6 +249,7 @@ def write_bundle(
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[fold].items()}
         tmp = out / f".{file_name}.tmp"
         save_file(tensors, str(tmp), metadata={"fold": str(fold), "bundle": name})
+        apply_umask(tmp)
         os.replace(tmp, out / file_name)
         files[file_name] = sha256_file(out / file_name)
     manifest: Dict[str, Any] = {

@@ -110,7 +110,7 @@ def validate_image(image: sitk.Image, name: str = "image") -> None:
         )
 
 
-def _apply_umask(path: Union[str, os.PathLike]) -> None:
+def apply_umask(path: Union[str, os.PathLike]) -> None:
     """``mkstemp`` creates 0600 files; give the final file the permissions a plain open() would."""
     mask = os.umask(0)
     os.umask(mask)
@@ -129,7 +129,7 @@ def write_image_atomic(image: sitk.Image, path: Union[str, os.PathLike], compres
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, compress)
-        _apply_umask(tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -145,7 +145,7 @@ def write_text_atomic(text: str, path: Union[str, os.PathLike]) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        _apply_umask(tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
