@@ -20,7 +20,7 @@ import typer
 
 app = typer.Typer(
     name="lesion-reader",
-    help="Blinded multi-phase lesion reader study (Bone, Ammari et al. 2022, 'Reader study protocol'): init, status, export.",
+    help="Blinded multi-phase lesion reader study (Bone, Ammari et al. 2022, 'Reader study protocol'): init, status, export, analyze.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
