@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, NoReturn, Optional, Tuple
 
 import typer
 
@@ -25,7 +25,8 @@ app = typer.Typer(
 ProgressOpt = typer.Option("bar", "--progress", help="bar (tqdm on stderr), json (one JSON object per line on stdout, read by Slicer) or none.")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` in red on stderr and exit with ``code`` (2 = bad input, 130 = cancelled)."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
@@ -51,9 +52,9 @@ def phantom(
             field_strength=field_strength, progress=report,
         )
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except Cancelled:
-        _fail("cancelled; unfinished cases were removed", code=130)
+        fail("cancelled; unfinished cases were removed", code=130)
     getattr(report, "close", lambda: None)()
     for path in paths:
         typer.echo(str(path), err=progress == "json")
@@ -75,7 +76,7 @@ def preprocess(
     from .preprocessing import Geometry, preprocess_case_dir
 
     if len(crop) != 3:
-        _fail(f"--crop takes three values (x y z), got {crop}")
+        fail(f"--crop takes three values (x y z), got {crop}")
     report = make_progress(progress)
     try:
         result = preprocess_case_dir(
@@ -83,9 +84,9 @@ def preprocess(
             skull_strip_mode=skull_strip, device=device, qc=qc, progress=report,
         )
     except ImageValidationError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except Cancelled:
-        _fail("cancelled; nothing was written", code=130)
+        fail("cancelled; nothing was written", code=130)
     getattr(report, "close", lambda: None)()
     typer.echo(f"wrote {out_dir} ({result.timings_s.get('total', float('nan')):.1f} s)", err=progress == "json")
 
@@ -105,7 +106,7 @@ def demo(
     try:
         run_demo(out_dir, spacing=spacing, seed=seed, model=model, flips=flips, device=device)
     except _amplify_errors() as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
@@ -177,9 +178,9 @@ def predict(
                               device=device, precision=precision, skull_strip_mode=skull_strip, brain_mask=brain_mask,
                               threads=threads, progress=report)
     except _amplify_errors() as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except Cancelled:
-        _fail("cancelled; no output was written", code=130)
+        fail("cancelled; no output was written", code=130)
     getattr(report, "close", lambda: None)()
     typer.echo(f"wrote {result.output_path} ({result.n_predictions} predictions, {result.timings_s['total']:.1f} s)",
                err=progress == "json")
@@ -205,7 +206,7 @@ def predict_cohort(
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
                           precision=precision, overwrite=overwrite, progress=report)
     except Cancelled:
-        _fail("cancelled; finished cases are kept, the current one was not written", code=130)
+        fail("cancelled; finished cases are kept, the current one was not written", code=130)
     getattr(report, "close", lambda: None)()
     failed = [r for r in rows if r["status"] == "failed"]
     typer.echo(f"{len(rows)} cases: {sum(r['status'] == 'done' for r in rows)} done, "
@@ -256,7 +257,7 @@ def models_import(
     try:
         bundle = import_model(source, overwrite=overwrite)
     except BundleError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"imported {bundle.name} {bundle.manifest['version']} -> {bundle.path}")
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import List, Optional
 
 import typer
+from ContrastAmplifierLib.cli import fail  # one error format for every command line
 
 app = typer.Typer(
     name="lesion-reader",
@@ -27,12 +28,6 @@ app = typer.Typer(
 )
 
 StudyDirArg = typer.Argument(..., help="Study folder (holds study.json and reads.sqlite).")
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print ``error: message`` in red on stderr and exit with ``code`` (2 = bad input)."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
 
 
 @app.command()

@@ -134,6 +134,14 @@ def student_t_ci(values: Sequence[float], alpha: float = ALPHA) -> Tuple[float, 
     return mean, mean - half, mean + half
 
 
+def _paired(a: Sequence[float], b: Sequence[float], what: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Both samples as float arrays; ``ValueError`` (starting with ``what``) unless they pair up."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"{what} of equal length, got {x.size} and {y.size}.")
+    return x, y
+
+
 def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float]) -> TestResult:
     """Two-tailed Wilcoxon signed-rank test on paired values (paper: FDR comparisons, Table 5).
 
@@ -150,9 +158,7 @@ def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float]) -> TestResult:
     Raises:
         ValueError: the two samples differ in length.
     """
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.shape != y.shape:
-        raise ValueError(f"Wilcoxon signed-rank needs paired samples of equal length, got {x.size} and {y.size}.")
+    x, y = _paired(a, b, "Wilcoxon signed-rank needs paired samples")
     d = x - y
     if d.size == 0:
         return TestResult("wilcoxon", math.nan, math.nan, 0)
@@ -175,9 +181,7 @@ def ttest_rel(a: Sequence[float], b: Sequence[float]) -> TestResult:
     Raises:
         ValueError: the two samples differ in length.
     """
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.shape != y.shape:
-        raise ValueError(f"Paired t-test needs samples of equal length, got {x.size} and {y.size}.")
+    x, y = _paired(a, b, "Paired t-test needs samples")
     if x.size < 2:
         return TestResult("ttest_rel", math.nan, math.nan, int(x.size))
     d = x - y
