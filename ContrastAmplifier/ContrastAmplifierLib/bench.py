@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .imageio import write_text_atomic
+from .atomicfile import write_text_atomic
 from .registration import AffineSettings, Template, load_template, mask_points_mm, mean_point_error_mm, register_affine
 
 __all__ = ["known_affine", "moved_template", "synthetic_head_case", "run_ants", "run_bench"]
@@ -47,7 +47,7 @@ result = ants.registration(fixed, moving, type_of_transform=kind, random_seed=1)
 seconds = time.perf_counter() - start
 tx = ants.read_transform(result["fwdtransforms"][0])
 json.dump({"seconds": seconds, "parameters": [float(v) for v in tx.parameters],
-           "fixed_parameters": [float(v) for v in tx.fixed_parameters], "type": kind}, open(out, "w"))
+           "fixed_parameters": [float(v) for v in tx.fixed_parameters], "type": kind}, open(out, "w", encoding="utf-8"))
 """
 
 

@@ -9,6 +9,11 @@ Each configuration runs in its own child process so that its peak RAM (``ru_maxr
 
 Networks: the paper-size UNet (base 16, 4 levels, random weights) at 160 x 192 x 160, and the
 shipped demo bundle's real weights at its own crop size (the accuracy of ``fast`` is judged there).
+
+``device="cuda"`` runs the same three modes on the GPU: naive is fp32, default memory format, one
+mirroring per forward pass; exact and fast batch the 8 mirrorings of a fold into one pass
+(channels-last, fp32 or bf16 autocast). Timings include the host-to-device copy of the inputs and
+the copy of the result back; the peak GPU memory is ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -60,19 +65,20 @@ def _models(spec: dict):
     return models, config.in_channels
 
 
-def _naive(models, x: np.ndarray, n_mirrorings: int) -> np.ndarray:
+def _naive(models, x: np.ndarray, n_mirrorings: int, device: str = "cpu") -> np.ndarray:
     import torch
 
     from .ensemble import mirrorings
 
     total = np.zeros(x.shape[1:], np.float32)
-    tensor = torch.from_numpy(x)[None]
+    tensor = torch.from_numpy(x)[None].to(device)
     with torch.no_grad():
         for model in models:
+            model.to(device)
             for dims in mirrorings(n_mirrorings):
                 flipped = torch.flip(tensor, dims) if dims else tensor
                 out = model(flipped)
-                total += (torch.flip(out, dims) if dims else out)[0, 0].numpy()
+                total += (torch.flip(out, dims) if dims else out)[0, 0].cpu().numpy()
     return total / (len(models) * n_mirrorings)
 
 
@@ -84,22 +90,35 @@ def worker(spec: dict) -> dict:
 
     models, channels = _models(spec)
     x = _input_volume(spec["shape_zyx"], channels)
-    # One untimed pass first: one-time costs (allocator, kernel selection) are not per case.
+    device = spec.get("device", "cpu")
+    cuda = device.startswith("cuda")
+    # One untimed run first: one-time costs (allocator, kernel selection, CUDA context) are not per case.
     if spec["mode"] == "naive":
         torch.set_num_threads(spec["threads"])  # torch's default is the core count as well
-        _naive(models[:1], x, 1)
-        start = time.perf_counter()
-        out = _naive(models, x, spec["mirrorings"])
+        _naive(models[:1], x, 1, device)
+
+        def run() -> np.ndarray:
+            return _naive(models, x, spec["mirrorings"], device)
     else:
         configure_cpu_threads(spec["threads"])
-        settings = InferenceSettings.create("cpu", spec["mode"])
-        predict_ensemble(models[:1], x, 1, settings)
-        start = time.perf_counter()
-        out = predict_ensemble(models, x, spec["mirrorings"], settings)
+        settings = InferenceSettings.create(device, spec["mode"])
+        # On CUDA the warm-up uses the timed batch shape (cuDNN picks kernels per shape).
+        predict_ensemble(models[:1], x, spec["mirrorings"] if cuda else 1, settings)
+
+        def run() -> np.ndarray:
+            return predict_ensemble(models, x, spec["mirrorings"], settings)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = run()  # returns a host array: any GPU work is finished
     seconds = time.perf_counter() - start
     if spec.get("save"):
         np.save(spec["save"], out)
-    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "predictions": len(models) * spec["mirrorings"]}
+    row = {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "predictions": len(models) * spec["mirrorings"]}
+    if cuda:
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
 
 
 def peak_rss_mb() -> float:
@@ -109,7 +128,7 @@ def peak_rss_mb() -> float:
     started by a big parent would report the parent's peak (measured: 4.1 GB for a 3 MB model).
     """
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return float(line.split()[1]) / 1024.0
     except OSError:
@@ -127,17 +146,23 @@ def _run_child(spec: dict) -> dict:
 
 
 def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Path] = None,
-                        shape_zyx: Sequence[int] = PAPER_SHAPE_ZYX, paper_predictions: Sequence[int] = (1, 8, 40)) -> dict:
+                        shape_zyx: Sequence[int] = PAPER_SHAPE_ZYX, paper_predictions: Sequence[int] = (1, 8, 40),
+                        device: str = "cpu") -> dict:
     """Print and return the inference benchmark (see module docstring)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-inference-", dir=out_dir))
-    results: Dict[str, object] = {"threads": threads, "shape_zyx": list(shape_zyx)}
-    print(f"\ninference, paper-size UNet (base 16, 4 levels, random weights) at {'x'.join(map(str, shape_zyx[::-1]))}, {threads} threads")
+    results: Dict[str, object] = {"threads": threads, "shape_zyx": list(shape_zyx), "device": device}
+    where = f"{threads} threads" if device == "cpu" else device
+    print(f"\ninference, paper-size UNet (base 16, 4 levels, random weights) at {'x'.join(map(str, shape_zyx[::-1]))}, {where}")
 
     def spec(mode: str, folds: int, flips: int, save: Optional[str] = None, **extra) -> dict:
         return {"mode": mode, "folds_count": folds, "mirrorings": flips, "shape_zyx": list(shape_zyx),
-                "threads": threads, "save": save, **extra}
+                "threads": threads, "save": save, "device": device, **extra}
+
+    def memory(row: dict) -> str:
+        gpu = f"  peak GPU {row['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in row else ""
+        return f"peak RAM {row['peak_rss_mb']:6.0f} MB{gpu}"
 
     rows: List[dict] = []
     # One fold x 8 mirrorings compares the three modes on identical work; then 1 and 40 predictions.
@@ -150,9 +175,8 @@ def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Pa
     naive8 = rows[0]["seconds"]
     for row in rows:
         row["speedup_vs_naive"] = naive8 / row["seconds"]
-        print(f"  {row['mode']:<6} 8 predictions: {row['seconds']:7.1f} s  ({row['seconds'] / 8:5.2f} s each)  "
-              f"x{row['speedup_vs_naive']:4.2f} vs naive  peak RAM {row['peak_rss_mb']:6.0f} MB  "
-              f"max |diff| vs naive {row['max_abs_diff_vs_naive']:.1e}")
+        print(f"  {row['mode']:<6} 8 predictions: {row['seconds']:7.2f} s  ({row['seconds'] / 8:6.3f} s each)  "
+              f"x{row['speedup_vs_naive']:4.2f} vs naive  {memory(row)}  max |diff| vs naive {row['max_abs_diff_vs_naive']:.1e}")
     results["paper_8_predictions"] = rows
     per_case: Dict[str, Dict[int, float]] = {}
     for mode in ("exact", "fast"):
@@ -163,9 +187,9 @@ def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Pa
                 per_case[mode][n] = next(r["seconds"] for r in rows if r["mode"] == mode)
                 continue
             per_case[mode][n] = _run_child(spec(mode, folds, flips))["seconds"]
-        print(f"  {mode:<6} seconds per case: " + ", ".join(f"{n} pred. {s:.1f} s" for n, s in per_case[mode].items()))
+        print(f"  {mode:<6} seconds per case: " + ", ".join(f"{n} pred. {s:.2f} s" for n, s in per_case[mode].items()))
     per_case["naive"] = {n: naive8 / 8 * n for n in paper_predictions}
-    print("  naive  seconds per case (from its 8-prediction rate): " + ", ".join(f"{n} pred. {s:.1f} s" for n, s in per_case["naive"].items()))
+    print("  naive  seconds per case (from its 8-prediction rate): " + ", ".join(f"{n} pred. {s:.2f} s" for n, s in per_case["naive"].items()))
     results["paper_seconds_per_case"] = per_case
 
     if bundle_dir is not None:
@@ -178,14 +202,14 @@ def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Pa
         demo_rows = []
         for mode in ("naive", "exact", "fast"):
             r = _run_child({"mode": mode, "bundle": str(bundle.path), "mirrorings": 8, "shape_zyx": demo_shape,
-                            "threads": threads, "save": str(scratch / f"demo_{mode}.npy")})
+                            "threads": threads, "save": str(scratch / f"demo_{mode}.npy"), "device": device})
             demo_rows.append({"mode": mode, **r})
         ref = np.load(scratch / "demo_naive.npy")
         for row in demo_rows:
             row["max_abs_diff_vs_naive"] = float(np.abs(np.load(scratch / f"demo_{row['mode']}.npy") - ref).max())
             row["speedup_vs_naive"] = demo_rows[0]["seconds"] / row["seconds"]
-            print(f"  {row['mode']:<6} {row['predictions']} predictions: {row['seconds']:6.1f} s  x{row['speedup_vs_naive']:4.2f} vs naive  "
-                  f"peak RAM {row['peak_rss_mb']:5.0f} MB  max |diff| vs naive {row['max_abs_diff_vs_naive']:.1e}")
+            print(f"  {row['mode']:<6} {row['predictions']} predictions: {row['seconds']:6.2f} s  x{row['speedup_vs_naive']:4.2f} vs naive  "
+                  f"{memory(row)}  max |diff| vs naive {row['max_abs_diff_vs_naive']:.1e}")
         results["bundle"] = {"name": bundle.name, "rows": demo_rows}
     for path in scratch.iterdir():
         path.unlink()

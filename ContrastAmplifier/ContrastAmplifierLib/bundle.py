@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .imageio import apply_umask, write_text_atomic
+from .atomicfile import apply_umask, write_text_atomic
 from .network import NetworkConfig, ResidualUNet3D, build_network
 
 BUNDLE_FILE = "bundle.json"

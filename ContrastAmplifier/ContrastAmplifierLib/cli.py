@@ -116,11 +116,12 @@ def bench(
     spacing: float = typer.Option(1.0, "--spacing", help="Phantom spacing in mm (the issue asks for 1 mm)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for every measurement."),
     only: Optional[str] = typer.Option(None, "--only", help="preprocessing, inference or end-to-end (default: all)."),
+    device: str = typer.Option("cpu", "--device", help="Device of the inference bench: cpu or cuda (end-to-end and preprocessing stay on the CPU)."),
 ) -> None:
     """Benchmarks (ratios within one run; this machine is shared and noisy); writes OUT_DIR/*.json."""
     import json
 
-    from .imageio import write_text_atomic
+    from .atomicfile import write_text_atomic
 
     results = {}
     if only in (None, "preprocessing"):
@@ -134,7 +135,7 @@ def bench(
         shipped = [e for e in list_models() if e.source == "builtin"]
         bundle_dir = shipped[0].path if shipped else None
         if only in (None, "inference"):
-            results["inference"] = run_inference_bench(out_dir, threads=threads, bundle_dir=bundle_dir)
+            results["inference"] = run_inference_bench(out_dir, threads=threads, bundle_dir=bundle_dir, device=device)
         if only in (None, "end-to-end") and bundle_dir is not None:
             results["end_to_end"] = run_end_to_end_bench(out_dir, bundle_dir, spacing=spacing, threads=threads)
     write_text_atomic(json.dumps(results, indent=2, default=float), Path(out_dir) / "bench.json")

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-from .imageio import find_case_inputs, write_text_atomic
+from .atomicfile import write_text_atomic
+from .imageio import find_case_inputs
 from .progress import Cancelled, CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 OUTPUT_NAME = "T1c-pro.nii.gz"

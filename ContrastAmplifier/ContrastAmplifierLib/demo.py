@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .imageio import write_text_atomic
+from .atomicfile import write_text_atomic
 from .metrics import healthy_brain_roi, roi_contrast
 from .progress import TqdmProgress
 
@@ -141,7 +141,7 @@ def _pose(case_dir: Path, name: str) -> sitk.Transform:
 
     Only used for T1c-low, which amplify_case does not take as an input (so it is not registered).
     """
-    meta = json.loads((case_dir / "phantom.json").read_text())
+    meta = json.loads((case_dir / "phantom.json").read_text(encoding="utf-8"))
     a_t1c = np.array(meta["sequences"]["t1c"]["world_to_native_lps"], dtype=float)
     a_s = np.array(meta["sequences"][name]["world_to_native_lps"], dtype=float)
     m = a_s @ np.linalg.inv(a_t1c)  # T1c point -> world -> sequence point

@@ -25,7 +25,7 @@ from .progress import CancelToken, ProgressCallback, check_cancel, null_progress
 #: that 2 or 4 mirrorings are the most informative subsets. All 8 = every subset of the 3 axes.
 MIRRORINGS: Tuple[Tuple[int, ...], ...] = ((), (4,), (3,), (2,), (3, 4), (2, 4), (2, 3), (2, 3, 4))
 
-#: Precision modes. "exact": fp32 (channels-last on CPU, same result to ~1e-7); "fast": bf16
+#: Precision modes. "exact": fp32 (channels-last; TF32 off on CUDA; same result to ~1e-7); "fast": bf16
 #: autocast (max error ~3e-3 on the [0, 1] output, see README); "auto": fast on CUDA, exact on CPU.
 PRECISIONS = ("auto", "exact", "fast")
 
@@ -120,6 +120,20 @@ def _forward_mirrored(model: torch.nn.Module, x: torch.Tensor, flips: Sequence[T
     return total
 
 
+@contextlib.contextmanager
+def _strict_fp32(settings: InferenceSettings) -> Iterator[None]:
+    """In "exact" mode on CUDA, turn TF32 off (cuDNN and matmul) so fp32 means fp32 (restored after)."""
+    if settings.device.type != "cuda" or settings.precision != "exact":
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def predict_ensemble(
     models: Sequence[torch.nn.Module],
     inputs: np.ndarray,
@@ -153,7 +167,8 @@ def predict_ensemble(
     # (measured 20x on HD-BET here); flushing them changes results by < 1e-38.
     flushing = settings.device.type == "cpu" and torch.set_flush_denormal(True)
     try:
-        return _run(models, x, flips, settings, progress, cancel)
+        with _strict_fp32(settings):
+            return _run(models, x, flips, settings, progress, cancel)
     finally:
         if flushing:
             torch.set_flush_denormal(False)

@@ -14,6 +14,8 @@ from typing import Union
 import numpy as np
 import SimpleITK as sitk
 
+from .atomicfile import apply_umask, write_text_atomic  # noqa: F401  (re-exported)
+
 ImageLike = Union[str, os.PathLike, sitk.Image]
 
 #: File suffixes read as single images; a folder is read as a DICOM series.
@@ -110,13 +112,6 @@ def validate_image(image: sitk.Image, name: str = "image") -> None:
         )
 
 
-def apply_umask(path: Union[str, os.PathLike]) -> None:
-    """``mkstemp`` creates 0600 files; give the final file the permissions a plain open() would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def write_image_atomic(image: sitk.Image, path: Union[str, os.PathLike], compress: bool = True) -> Path:
     """Write ``image`` to ``path`` via a temporary file in the same folder and an atomic rename.
 
@@ -129,22 +124,6 @@ def write_image_atomic(image: sitk.Image, path: Union[str, os.PathLike], compres
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, compress)
-        apply_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(text: str, path: Union[str, os.PathLike]) -> Path:
-    """Atomically write a text file (JSON manifests, CSVs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
         apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -30,7 +30,8 @@ import SimpleITK as sitk
 
 from . import __version__
 from . import mr_signal as mr
-from .imageio import write_image_atomic, write_text_atomic
+from .atomicfile import write_text_atomic
+from .imageio import write_image_atomic
 from .phantom_acquisition import (NativeGrid, apply_affine, bias_field, native_image, plan_grid,
                                   resample_to_native, sample_case_pose, sample_motion, sequence_spacing,
                                   supersampling, world_image, FOV_MARGIN_MM)
@@ -531,11 +532,13 @@ def lesion_labels_on_grid(maps: LesionMaps, anatomy: TemplateAnatomy, lesions: S
 def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, spacing: Optional[float] = None,
                     size: Optional[Tuple[int, int, int]] = None, field_strength: float = 1.5,
                     progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                    noise: bool = True) -> List[Path]:
+                    noise: bool = True, skip_existing: bool = False) -> List[Path]:
     """Generate ``cases`` phantom cases ``OUT_DIR/case_NNN`` (case ``i`` uses ``seed + i``).
 
     Each case is built in a hidden temporary folder and renamed into place when complete, so a
-    cancel or crash never leaves half a case (an existing case folder is replaced).
+    cancel or crash never leaves half a case. An existing case folder is replaced, or kept with
+    ``skip_existing`` (it is complete: only finished cases are renamed into place), which lets a
+    cohort grow or resume.
 
     Returns:
         The case folders, in order.
@@ -549,6 +552,9 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
     for i in range(cases):
         check_cancel(cancel)
         final = out_dir / f"case_{i:03d}"
+        if skip_existing and final.is_dir():
+            paths.append(final)
+            continue
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out_dir))
         tmp.chmod(0o755)
         try:

@@ -29,7 +29,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .imageio import ImageLike, find_case_inputs, read_image, write_image_atomic, write_text_atomic
+from .atomicfile import write_text_atomic
+from .imageio import ImageLike, find_case_inputs, read_image, write_image_atomic
 from .normalization import DEFAULT_CLIP, clip_to_unit, zscore_in_mask
 from .progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 from .registration import (

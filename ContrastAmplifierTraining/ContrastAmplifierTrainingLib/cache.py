@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from ContrastAmplifierLib.imageio import write_text_atomic
+from ContrastAmplifierLib.atomicfile import write_text_atomic
 from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 from .cohort import CaseRecord, read_cohort
@@ -127,7 +127,7 @@ def prepare_cases(
         npz = cache_dir / f"{record.case_id}.npz"
         key_path = cache_dir / f"{record.case_id}.key"
         key = cache_key(record, spacing, crop_size, simulate_low_dose, skull_strip)
-        if npz.is_file() and key_path.is_file() and key_path.read_text().strip() == key:
+        if npz.is_file() and key_path.is_file() and key_path.read_text(encoding="utf-8").strip() == key:
             cases.append(load_cached_case(npz))
             progress("cache", (i + 1) / len(records), f"{record.case_id} cached")
             continue

@@ -168,8 +168,10 @@ def fit(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16."),
     cudnn_benchmark: bool = typer.Option(True, "--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning on CUDA (faster, not bit-reproducible)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", min=0.0, help="Clip the gradient norm to this value (default off, as in the paper)."),
     spacing: float = SpacingOpt,
     crop: Tuple[int, int, int] = CropOpt,
+    clip_percentiles: Tuple[float, float] = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality before [0, 1] (paper: 1 99; see README 'Clip percentiles')."),
     simulate_low_dose: bool = typer.Option(False, "--simulate-low-dose", help="Synthesise T1c-low from T1 and T1c (approximation; see README)."),
     skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode for preprocessing: fast or accurate."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores; use 1 on a busy shared machine)."),
@@ -189,7 +191,7 @@ def fit(
         config = TrainConfig(
             epochs=epochs, learning_rate=learning_rate, seed=seed, mirror=not no_mirror,
             network=_network_config(base_channels, levels, input_skip), device=device, precision=precision,
-            cudnn_benchmark=cudnn_benchmark,
+            cudnn_benchmark=cudnn_benchmark, grad_clip=grad_clip,
         )
         config.resolved_precision(config.resolved_device())
     except ValueError as exc:
@@ -214,7 +216,7 @@ def fit(
                               progress=report, cancel=cancel)
         results = fit_cases(cases, out_dir, folds=fold_list, n_folds=n_folds, split_seed=split_seed, config=config,
                             simulate_low_dose=simulate_low_dose, source=str(manifest), progress=report,
-                            cancel=cancel, on_epoch=on_epoch)
+                            cancel=cancel, on_epoch=on_epoch, percentile_levels=tuple(clip_percentiles))
     except Cancelled:
         getattr(report, "close", lambda: None)()
         _cancelled(progress)
@@ -263,7 +265,7 @@ def bench(
     """Training throughput: seconds per iteration (one case: forward, MSE, backward, Adam) at demo and paper size."""
     import json
 
-    from ContrastAmplifierLib.imageio import write_text_atomic
+    from ContrastAmplifierLib.atomicfile import write_text_atomic
 
     from .bench import run_training_bench
 
@@ -287,8 +289,11 @@ def demo_model(
     input_skip: bool = typer.Option(True, "--input-skip/--no-input-skip", help="Post-contrast input skip (starts as identity; without it 150 epochs at 4 mm did not beat the identity baseline)."),
     folds: Optional[List[int]] = typer.Option(None, "--folds", help="Train only these folds (to run folds side by side); the bundle is exported once all five exist."),
     epochs: int = typer.Option(40, "--epochs", min=1, help="Epochs per fold."),
+    clip_percentiles: Tuple[float, float] = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality (paper: 1 99; the shipped demo uses 1 99.99, see README)."),
     seed: int = typer.Option(0, "--seed", help="Training seed."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", min=0.0, help="Clip the gradient norm (default off, as in the paper)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores; use 1 on a busy shared machine)."),
     progress: str = ProgressOpt,
 ) -> None:
@@ -302,7 +307,8 @@ def demo_model(
     try:
         bundle, metrics = build_demo_model(work_dir, bundle_dir, cases=cases, eval_cases=eval_cases, spacing=spacing,
                                            crop_size=tuple(crop), base_channels=base_channels, levels=levels, epochs=epochs,
-                                           input_skip=input_skip, folds=folds, seed=seed, device=device, progress=report, cancel=cancel)
+                                           input_skip=input_skip, folds=folds, seed=seed, device=device, progress=report, cancel=cancel,
+                                           percentile_levels=tuple(clip_percentiles), grad_clip=grad_clip, precision=precision)
     except Cancelled:
         _cancelled(progress)
     getattr(report, "close", lambda: None)()

@@ -45,6 +45,9 @@ def build_demo_model(
     folds: Optional[Sequence[int]] = None,
     seed: int = 0,
     device: str = "cpu",
+    percentile_levels: Tuple[float, float] = (1.0, 99.0),
+    grad_clip: Optional[float] = None,
+    precision: str = "auto",
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     on_epoch: Optional[EpochCallback] = None,
@@ -61,16 +64,19 @@ def build_demo_model(
     from .cache import prepare_cases
     from .evaluate import evaluate_bundle
     from .export import export_bundle
-    from .fit import fit_cases
+    from .fit import fit_cases, read_plan
 
     progress = progress or null_progress
     work_dir = Path(work_dir)
     spacing3 = (float(spacing),) * 3
 
     def phantoms(folder: Path, n: int, first_seed: int, start: float, stop: float) -> Path:
-        if not (folder / "complete.json").is_file():
-            generate_cohort(folder, cases=n, seed=first_seed, spacing=spacing, progress=SubProgress(progress, start, stop), cancel=cancel)
-            (folder / "complete.json").write_text(json.dumps({"cases": n, "seed": first_seed, "spacing": spacing}) + "\n")
+        record = {"cases": n, "seed": first_seed, "spacing": spacing}
+        done = folder / "complete.json"
+        if not done.is_file() or json.loads(done.read_text(encoding="utf-8")) != record:
+            generate_cohort(folder, cases=n, seed=first_seed, spacing=spacing, skip_existing=True,
+                            progress=SubProgress(progress, start, stop), cancel=cancel)
+            done.write_text(json.dumps(record) + "\n", encoding="utf-8")
         return folder
 
     train_dir = phantoms(work_dir / "phantoms-train", cases, TRAIN_SEED, 0.0, 0.05)
@@ -78,9 +84,10 @@ def build_demo_model(
     run_dir = work_dir / "run"
     cached = prepare_cases(train_dir, run_dir / "cache", spacing=spacing3, crop_size=crop_size,
                            progress=SubProgress(progress, 0.06, 0.1), cancel=cancel)
-    config = TrainConfig(epochs=epochs, seed=seed, network=NetworkConfig(base_channels=base_channels, levels=levels, input_skip=input_skip), device=device)
+    config = TrainConfig(epochs=epochs, seed=seed, network=NetworkConfig(base_channels=base_channels, levels=levels, input_skip=input_skip), device=device,
+                         grad_clip=grad_clip, precision=precision)
     fit_cases(cached, run_dir, folds=folds, n_folds=5, config=config, source=f"phantoms seeds {TRAIN_SEED}..{TRAIN_SEED + cases - 1}",
-              progress=SubProgress(progress, 0.1, 0.95), cancel=cancel, on_epoch=on_epoch)
+              progress=SubProgress(progress, 0.1, 0.95), cancel=cancel, on_epoch=on_epoch, percentile_levels=percentile_levels)
     if folds is not None and sorted(int(k) for k in folds) != list(range(5)):
         # Side-by-side fold jobs: the bundle is exported by a final run without --folds.
         progress("done", 1.0, f"folds {sorted(folds)} trained; run again without --folds to export the bundle")
@@ -88,7 +95,7 @@ def build_demo_model(
     held_out = prepare_cases(eval_dir, work_dir / "eval-cache", spacing=spacing3, crop_size=crop_size, cancel=cancel)
     metadata: Dict[str, Any] = dict(
         name=DEMO_NAME,
-        version="0.1.0",
+        version="0.2.0",
         description=(
             "Demo 5-fold ensemble of the paper's residual 3D UNet (Bone, Ammari et al. 2022), trained on synthetic "
             f"brain phantoms at {spacing:g} mm with {base_channels} base channels: it exercises the whole pipeline "
@@ -100,9 +107,14 @@ def build_demo_model(
             f"{TRAIN_SEED + cases - 1}, {spacing:g} mm); no patient data"
         ),
     )
+    plan = read_plan(run_dir)
     command = (f"contrast-amplifier-train demo-model {work_dir} --bundle-dir {bundle_dir} --cases {cases} --eval-cases {eval_cases} "
                f"--spacing {spacing:g} --crop {' '.join(map(str, crop_size))} --base-channels {base_channels} --levels {levels} "
-               f"--epochs {epochs} --seed {seed}" + ("" if input_skip else " --no-input-skip"))
+               f"--epochs {epochs} --seed {seed} --clip-percentiles {percentile_levels[0]:g} {percentile_levels[1]:g}"
+               + ("" if grad_clip is None else f" --grad-clip {grad_clip:g}")
+               # the device and precision that trained the folds (the run may have moved machines)
+               + f" --precision {plan.get('precision', precision)} --device {plan.get('device', device)}"
+               + ("" if input_skip else " --no-input-skip"))
     bundle = export_bundle(run_dir, bundle_dir, folds=folds, extra_training={"command": command}, **metadata)
     progress("evaluate", 0.96, f"held-out phantoms ({eval_cases} cases, seeds from {EVAL_SEED})")
     metrics = evaluate_bundle(bundle, held_out, n_mirrorings=8, device=device)

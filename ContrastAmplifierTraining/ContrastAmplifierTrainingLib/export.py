@@ -73,6 +73,9 @@ def export_bundle(
         "cases": len(plan["cases"]),
         "patients": n_patients,
         "simulate_low_dose": plan["simulate_low_dose"],
+        "device": plan.get("device"),
+        "precision": plan.get("precision"),
+        "grad_clip": plan.get("grad_clip"),
         "final_validation": {str(k): done[k].get("metrics", {}) for k in folds},
     }
     if extra_training:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ContrastAmplifierLib.imageio import write_text_atomic
+from ContrastAmplifierLib.atomicfile import write_text_atomic
 from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 from .cohort import assign_folds
@@ -44,8 +44,12 @@ def make_plan(
     config: TrainConfig,
     simulate_low_dose: bool = False,
     source: str = "",
+    percentile_levels: Tuple[float, float] = PERCENTILE_LEVELS,
 ) -> Dict[str, Any]:
     """The run's plan: patient-wise folds, geometry with train-set percentiles, settings."""
+    low_level, high_level = (float(v) for v in percentile_levels)
+    if not 0.0 <= low_level < high_level <= 100.0:
+        raise ValueError(f"--clip-percentiles must satisfy 0 <= LOW < HIGH <= 100, got {low_level:g} {high_level:g}.")
     from .cohort import CaseRecord
 
     records = [CaseRecord(c.case_id, c.patient_id, {}) for c in cases]
@@ -68,15 +72,31 @@ def make_plan(
             # Paper: "clipped to the global train-set first and last percentiles"; every case
             # given to fit belongs to the training sample (test rows are dropped by the cohort
             # reader), so the percentiles see no test data and one geometry serves all folds.
-            "percentile_levels": list(PERCENTILE_LEVELS),
-            "percentiles": {k: list(v) for k, v in train_set_percentiles(cases).items()},
+            "percentile_levels": [low_level, high_level],
+            "percentiles": {k: list(v) for k, v in train_set_percentiles(cases, (low_level, high_level)).items()},
         },
         "network": record["network"],
         "learning_rate": config.learning_rate,
         "seed": config.seed,
         "mirror": config.mirror,
         "simulate_low_dose": simulate_low_dose,
+        # Recorded for the bundle, not checked on resume (a run may move between machines).
+        "device": config.resolved_device().type,
+        "precision": config.resolved_precision(config.resolved_device()),
+        "grad_clip": config.grad_clip,
     }
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Plan values agree; floats (percentiles) up to 0.01 z, so a cache rebuilt or copied at another
+    float precision (e.g. float16 in transit to a GPU node) still resumes the same run."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_setting(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-2
+    return a == b
 
 
 def check_or_write_plan(out_dir: Path, plan: Dict[str, Any]) -> Dict[str, Any]:
@@ -85,7 +105,7 @@ def check_or_write_plan(out_dir: Path, plan: Dict[str, Any]) -> Dict[str, Any]:
     if path.is_file():
         existing = json.loads(path.read_text(encoding="utf-8"))
         for key in PLAN_KEYS_CHECKED:
-            if json.loads(json.dumps(existing.get(key))) != json.loads(json.dumps(plan.get(key))):
+            if not _same_setting(json.loads(json.dumps(existing.get(key))), json.loads(json.dumps(plan.get(key)))):
                 raise PlanMismatchError(
                     f"{path} was made with a different {key!r}; resuming would mix two runs. "
                     "Use a new output folder, or rerun with the original options and cohort."
@@ -137,6 +157,7 @@ def fit_cases(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     on_epoch: Optional[EpochCallback] = None,
+    percentile_levels: Tuple[float, float] = PERCENTILE_LEVELS,
 ) -> List[FoldResult]:
     """Train the requested folds on preprocessed cases (the part of :func:`fit` after the cache).
 
@@ -150,6 +171,8 @@ def fit_cases(
         progress: ``(stage, fraction, message)``, fraction over all requested folds' epochs.
         cancel: stops between cases (the last finished epoch stays saved).
         on_epoch: receives each epoch's log row (``fold``, ``epoch``, losses, PSNR, SSIM, seconds).
+        percentile_levels: which train-set percentiles clip each modality (paper: 1st and 99th;
+            see README "Clip percentiles" for when a higher T1c level is needed).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +181,7 @@ def fit_cases(
     bad = [k for k in folds if not 0 <= k < n_folds]
     if bad:
         raise ValueError(f"--folds {bad} out of range: folds are 0..{n_folds - 1}.")
-    plan = check_or_write_plan(out_dir, make_plan(cases, n_folds, split_seed, config, simulate_low_dose, source))
+    plan = check_or_write_plan(out_dir, make_plan(cases, n_folds, split_seed, config, simulate_low_dose, source, percentile_levels))
     percentiles = plan["geometry"]["percentiles"]
     tensors = [to_training_case(c, percentiles) for c in cases]
     results = []

@@ -31,7 +31,7 @@ def _write(tmp_path, folds=(0, 1)):
 
 def test_round_trip_and_hashes(tmp_path):
     bundle, states = _write(tmp_path)
-    manifest = json.loads((bundle.path / BUNDLE_FILE).read_text())
+    manifest = json.loads((bundle.path / BUNDLE_FILE).read_text(encoding="utf-8"))
     assert manifest["files"] == {f"fold{k}.safetensors": sha256_file(bundle.path / f"fold{k}.safetensors") for k in (0, 1)}
     again = load_bundle(bundle.path / BUNDLE_FILE)
     assert again.folds == [0, 1] and again.modalities == ["t1", "flair", "adc", "t1c"]
@@ -67,14 +67,14 @@ def test_missing_file_and_invalid_manifest_are_refused(tmp_path):
     with pytest.raises(BundleError, match="missing.*fold0.safetensors"):
         load_bundle(bundle.path)
     bundle, _ = _write(tmp_path / "b")
-    manifest = json.loads((bundle.path / BUNDLE_FILE).read_text())
+    manifest = json.loads((bundle.path / BUNDLE_FILE).read_text(encoding="utf-8"))
     manifest["geometry"]["crop_size"] = [16, 16]
-    (bundle.path / BUNDLE_FILE).write_text(json.dumps(manifest))
+    (bundle.path / BUNDLE_FILE).write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(BundleError, match="geometry/crop_size"):
         load_bundle(bundle.path)
     manifest["geometry"]["crop_size"] = [16, 16, 16]
     manifest["modalities"] = ["t1", "flair", "t1c"]
-    (bundle.path / BUNDLE_FILE).write_text(json.dumps(manifest))
+    (bundle.path / BUNDLE_FILE).write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(BundleError, match="3 modalities"):
         load_bundle(bundle.path)
     with pytest.raises(BundleError, match="no bundle.json"):

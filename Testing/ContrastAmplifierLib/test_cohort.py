@@ -37,7 +37,7 @@ def test_bad_case_is_reported_and_finished_cases_are_skipped(tmp_path, small_cas
     status = {r["case"]: r for r in rows}
     assert status["a_good"]["status"] == "done" and (out / "a_good" / "T1c-pro.nii.gz").is_file()
     assert status["b_no_adc"]["status"] == "failed" and "ADC is missing" in status["b_no_adc"]["error"]
-    with open(out / "summary.csv", newline="") as handle:
+    with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
         summary = list(csv.DictReader(handle))
     assert [r["status"] for r in summary] == ["done", "failed"]
 

@@ -50,7 +50,7 @@ def test_demo_end_to_end_writes_t1c_pro_on_the_t1c_grid(demo_run):
     np.testing.assert_allclose(pro.GetDirection(), t1c.GetDirection(), atol=1e-6)
     assert np.isfinite(sitk.GetArrayViewFromImage(pro)).all()
     assert (out / "demo.png").stat().st_size > 10_000
-    contrast = json.loads((out / "demo.json").read_text())["contrast"]
+    contrast = json.loads((out / "demo.json").read_text(encoding="utf-8"))["contrast"]
     assert contrast == summary["contrast"]
     # the phantom physics the demo reports: contrast rises with dose
     assert contrast["T1c-low"]["cnr"] < contrast["T1c"]["cnr"] < contrast["T1c-x4"]["cnr"]
@@ -58,10 +58,10 @@ def test_demo_end_to_end_writes_t1c_pro_on_the_t1c_grid(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (issue 5): the shipped CPU-trained demo ensemble (640 steps per fold, paper: ~25,800) is "
-    "near-identity plus denoising in atlas space; it does not yet amplify lesion contrast, and the 3 mm "
-    "round trip smooths the lesions. A longer-trained bundle must make this pass (strict: CI then flags it)."))
 def test_demo_model_amplifies_lesion_cnr(demo_run):
+    """Issue 5 "done when": T1c-pro's lesion CNR beats the T1c's (and stays below the 4x-dose truth's
+    order of magnitude: the model amplifies, it does not invent a different image)."""
     contrast = demo_run[1]["contrast"]
-    assert contrast["T1c-pro"]["cnr"] > contrast["T1c"]["cnr"]
+    assert contrast["T1c-pro"]["cnr"] > 1.5 * contrast["T1c"]["cnr"]
+    assert contrast["T1c-pro"]["lbr"] > contrast["T1c"]["lbr"]
+    assert contrast["T1c-pro"]["cnr"] < 2.0 * contrast["T1c-x4"]["cnr"]

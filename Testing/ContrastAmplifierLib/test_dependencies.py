@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_requirements_file_is_the_pyproject_list():
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     project = pyproject["project"]
     listed = dependencies.load_requirements()
     if "dependencies" in project.get("dynamic", []):
@@ -81,7 +81,7 @@ def test_outside_slicer_without_installer_points_to_pip():
 
 def test_nothing_runs_at_import_time():
     """Module level holds only imports, constants, functions and classes: no install on import."""
-    tree = ast.parse(Path(dependencies.__file__).read_text())
+    tree = ast.parse(Path(dependencies.__file__).read_text(encoding="utf-8"))
     for node in tree.body:
         assert isinstance(
             node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign, ast.Expr)

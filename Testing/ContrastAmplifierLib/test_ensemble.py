@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,22 @@ def test_cuda_bf16_matches_cpu_fp32():
     cpu = predict_ensemble(models, x, 8, _cpu("exact"))
     gpu = predict_ensemble(models, x, 8, InferenceSettings.create("cuda", "fast"))
     assert np.abs(gpu - cpu).max() < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_demo_bundle_on_cuda_matches_cpu_fp32():
+    """The shipped bundle's real weights, 5 folds x 8 mirrorings: CUDA exact (TF32 off) and CUDA
+    bf16 against the CPU fp32 reference, within the documented tolerances (1e-5, 5e-3)."""
+    from ContrastAmplifierLib.bench_inference import _input_volume
+    from ContrastAmplifierLib.bundle import load_bundle
+
+    bundle = load_bundle(Path(__file__).resolve().parents[2] / "Resources" / "Models" / "phantom-demo")
+    x = _input_volume(bundle.crop_size[::-1], bundle.network_config.in_channels, seed=3)
+    reference = predict_ensemble(bundle.load_models(), x, 8, _cpu("exact"))
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    exact = predict_ensemble(bundle.load_models(), x, 8, InferenceSettings.create("cuda", "exact"))
+    fast = predict_ensemble(bundle.load_models(), x, 8, InferenceSettings.create("cuda", "fast"))
+    assert np.abs(exact - reference).max() <= 1e-5
+    assert np.abs(fast - reference).max() <= 5e-3
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == flags  # restored

@@ -95,8 +95,8 @@ def test_corrupted_bundle_is_refused_before_any_work(case_dir, bundle_dir, tmp_p
     (broken / "fold1.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(BundleError, match="fold1.safetensors"):
         amplify_case(**_inputs(case_dir), bundle=broken, device="cpu")
-    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest = json.loads((bundle_dir / "bundle.json").read_text(encoding="utf-8"))
     manifest["network"]["in_channels"] = 3
-    (broken / "bundle.json").write_text(json.dumps(manifest))
+    (broken / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(BundleError, match="input channels"):
         amplify_case(**_inputs(case_dir), bundle=broken, device="cpu")

@@ -43,7 +43,7 @@ def _arr(case: Path, name: str) -> np.ndarray:
 
 
 def _params(case: Path) -> dict:
-    return json.loads((case / "phantom.json").read_text())
+    return json.loads((case / "phantom.json").read_text(encoding="utf-8"))
 
 
 def _on_t1c_grid(case: Path, name: str, interpolator=sitk.sitkLinear, pose_of: str | None = None) -> np.ndarray:
@@ -224,7 +224,7 @@ def test_poses_map_sequences_onto_t1c(out):
 @pytest.mark.parametrize("which", ["noisy", "glioma"])
 def test_lesions_json_matches_labels(out, which):
     case = out / which / "case_000"
-    doc = json.loads((case / "lesions.json").read_text())
+    doc = json.loads((case / "lesions.json").read_text(encoding="utf-8"))
     assert list(doc) == ["lesions"]
     labels_img = _read(case, "lesion_labels")
     labels = sitk.GetArrayFromImage(labels_img)
@@ -259,7 +259,7 @@ def test_lesions_json_matches_labels(out, which):
 
 def test_case_without_lesions_and_small_fov(tmp_path):
     case = phantom.generate_cohort(tmp_path, cases=1, seed=SEED_NONE, spacing=4.0, size=(40, 44, 40))[0]
-    assert json.loads((case / "lesions.json").read_text()) == {"lesions": []}
+    assert json.loads((case / "lesions.json").read_text(encoding="utf-8")) == {"lesions": []}
     assert _read(case, "t1c").GetSize() == (40, 44, 40)
     assert not _arr(case, "lesion_labels").any()
 

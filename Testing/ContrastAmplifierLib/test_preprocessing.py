@@ -29,7 +29,7 @@ def case_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def truth(case_dir):
-    return json.loads((case_dir / "truth.json").read_text())
+    return json.loads((case_dir / "truth.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_case_dir_writes_everything_and_reloads(case_dir, tmp_path):
     assert names >= {"t1.nii.gz", "flair.nii.gz", "adc.nii.gz", "t1c.nii.gz", "brain_mask.nii.gz",
                      "atlas_to_t1c.tfm", "t1c_to_t1.tfm", "t1c_to_flair.tfm", "t1c_to_adc.tfm", "preprocess.json", "qc.png"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
-    meta = json.loads((out / "preprocess.json").read_text())
+    meta = json.loads((out / "preprocess.json").read_text(encoding="utf-8"))
     assert meta["geometry"]["crop_size"] == [80, 96, 80] and meta["timings_s"]["total"] > 0
     assert result.timings_s["total"] >= result.timings_s["registration"]
     fractions = [f for _, f in stages]
@@ -155,7 +155,7 @@ def test_phantom_round_trip_with_known_poses(tmp_path_factory):
     from ContrastAmplifierLib.phantom import generate_cohort
 
     case_dir = generate_cohort(tmp_path_factory.mktemp("phantom"), cases=1, seed=7, spacing=SPACING)[0]
-    meta = json.loads((case_dir / "phantom.json").read_text())
+    meta = json.loads((case_dir / "phantom.json").read_text(encoding="utf-8"))
     world_to_native = {k: np.array(v["world_to_native_lps"]) for k, v in meta["sequences"].items()}
     inputs = {m: case_dir / f"{m}.nii.gz" for m in ("t1", "flair", "adc", "t1c")}
     case = preprocess_case(inputs, GEOMETRY, brain_mask=case_dir / "brain_mask.nii.gz")

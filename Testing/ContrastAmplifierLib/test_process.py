@@ -44,7 +44,7 @@ STUBBORN = textwrap.dedent(
 @pytest.fixture()
 def emitter(tmp_path):
     path = tmp_path / "emit.py"
-    path.write_text(EMITTER)
+    path.write_text(EMITTER, encoding="utf-8")
     return path
 
 
@@ -90,7 +90,7 @@ def test_poll_api_never_blocks_and_cancel_mid_run(emitter):
 @pytest.mark.skipif(os.name == "nt", reason="SIGTERM cannot be ignored on Windows")
 def test_cancel_kills_a_child_that_ignores_terminate(tmp_path):
     path = tmp_path / "stubborn.py"
-    path.write_text(STUBBORN)
+    path.write_text(STUBBORN, encoding="utf-8")
     job = process.BackgroundProcess([sys.executable, str(path)]).start()
     while job.latest is None:
         job.poll()
@@ -127,7 +127,8 @@ def test_error_box_of_a_cli_library_is_read(tmp_path):
         "print('\u2502 Invalid value for --size: not an  \u2502', file=sys.stderr)\n"
         "print('\u2502 integer                            \u2502', file=sys.stderr)\n"
         "print('\u2570\u2500\u2500\u2500\u256f', file=sys.stderr)\n"
-        "sys.exit(2)\n"
+        "sys.exit(2)\n",
+        encoding="utf-8",
     )
     with pytest.raises(process.ProcessError) as info:
         process.run_to_completion([sys.executable, str(script)], poll_interval=0.02)

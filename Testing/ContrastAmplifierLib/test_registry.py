@@ -84,8 +84,8 @@ def test_builtin_models_are_listed_from_the_registry_file():
     assert root is not None, "Resources/Models/Models.json must ship with the extension"
     import jsonschema
 
-    document = json.loads((root / registry.REGISTRY_FILE).read_text())
-    jsonschema.validate(document, json.loads((root / "Models-schema.json").read_text()))
+    document = json.loads((root / registry.REGISTRY_FILE).read_text(encoding="utf-8"))
+    jsonschema.validate(document, json.loads((root / "Models-schema.json").read_text(encoding="utf-8")))
     listed = document["models"]
     for item in listed:
         assert (root / item["folder"] / "bundle.json").is_file(), f"{item['folder']} listed but missing"

@@ -51,7 +51,7 @@ def test_phantom_fit_two_folds_export_reload_and_reject_tampering(tmp_path):
         # except where gadolinium enhances.
         low, full = case.channel("t1c_low")[case.mask], case.channel("t1c")[case.mask]
         assert np.corrcoef(low, full)[0, 1] > 0.8
-    plan = json.loads((out / "plan.json").read_text())
+    plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
     assert set(plan["geometry"]["percentiles"]) == {"t1", "flair", "adc", "t1c"}
 
     bundle_dir = tmp_path / "bundle"

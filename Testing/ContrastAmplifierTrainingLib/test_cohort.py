@@ -17,7 +17,7 @@ def _case_folder(root, name, modalities=MODALITIES, patient=None):
     for m in modalities:
         (folder / f"{m}.nii.gz").write_bytes(b"x")
     if patient:
-        (folder / "case.json").write_text(json.dumps({"patient_id": patient}))
+        (folder / "case.json").write_text(json.dumps({"patient_id": patient}), encoding="utf-8")
     return folder
 
 
@@ -37,7 +37,7 @@ def test_csv_manifest_relative_paths_and_test_rows(tmp_path):
     rows = ["case_id,patient_id,t1,flair,adc,t1c_low,t1c,split"]
     for name, split in (("a", "train"), ("b", ""), ("c", "test")):
         rows.append(",".join([name, f"P{name}"] + [f"{name}/{m}.nii.gz" for m in MODALITIES] + [split]))
-    (tmp_path / "cohort.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "cohort.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     records = read_cohort(tmp_path / "cohort.csv")
     assert [r.case_id for r in records] == ["a", "b"]
     assert records[0].paths["t1c"] == tmp_path / "a" / "t1c.nii.gz"
@@ -50,7 +50,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(CohortError, match=r"no t1c_low image.*--simulate-low-dose"):
         read_cohort(tmp_path)
     assert len(read_cohort(tmp_path, require_low_dose=False)) == 1
-    (tmp_path / "bad.csv").write_text("case_id,t1\nx,y\n")
+    (tmp_path / "bad.csv").write_text("case_id,t1\nx,y\n", encoding="utf-8")
     with pytest.raises(CohortError, match="lacks columns"):
         read_cohort(tmp_path / "bad.csv")
 

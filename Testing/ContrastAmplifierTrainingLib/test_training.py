@@ -43,14 +43,15 @@ def test_end_to_end_two_folds_export_reload_and_tamper(tmp_path):
     assert [(r["fold"], r["epoch"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
     for row in rows:
         assert row["train_loss"] > 0 and row["val_loss"] > 0 and 0 < row["val_ssim"] <= 1 and row["val_psnr"] > 0
-    with open(tmp_path / "run" / "fold_1" / "log.csv") as handle:
+    with open(tmp_path / "run" / "fold_1" / "log.csv", encoding="utf-8") as handle:
         log = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in log] == [1, 2]
-    assert set(log[0]) == {"fold", "epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "seconds"}
+    assert set(log[0]) == {"fold", "epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "seconds", "lr", "rollbacks"}
+    assert [float(r["lr"]) for r in log] == [1e-3, 1e-3] and [int(r["rollbacks"]) for r in log] == [0, 0]
     seconds = [float(r["seconds"]) for r in log]
     print(f"\nseconds per epoch (2 training cases of 32^3, base 8 x 3 levels, 1 thread): {seconds}")
 
-    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text(encoding="utf-8"))
     assert {c["fold"] for c in plan["cases"]} == {0, 1}
     bundle = export_bundle(tmp_path / "run", tmp_path / "bundle", name="toy", intended_use="tests only - not for clinical use",
                            training_data="toy arrays")
@@ -133,7 +134,7 @@ def test_resume_after_killing_the_process_mid_epoch(tmp_path):
     epochs = [(e["fold"], e["epoch"]) for e in second if e["stage"] == "epoch"]
     assert epochs == [(1, 2), (1, 3)], "finished folds and epochs must not be repeated"
     assert second[-1]["stage"] == "done" and second[-1]["folds"] == [0, 1]
-    with open(killed / "fold_1" / "log.csv") as handle:
+    with open(killed / "fold_1" / "log.csv", encoding="utf-8") as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
 
     straight = tmp_path / "straight"
@@ -172,3 +173,47 @@ def test_bf16_autocast_training_tracks_fp32_on_cuda(tmp_path):
         (result,) = fit_cases(cases, tmp_path / precision, folds=[0], n_folds=2, config=config)
         losses[precision] = result.metrics["val_loss"]
     assert abs(losses["bf16"] - losses["fp32"]) <= 0.1 * losses["fp32"] + 1e-3, losses
+
+
+def test_divergence_guard_rolls_back_halves_lr_and_redoes_the_epoch(tmp_path, monkeypatch):
+    """An epoch whose validation loss jumps (as two demo folds did on a GPU at Adam 1e-3) is undone:
+    the weights and Adam state come back from the previous checkpoint, the learning rate halves,
+    the epoch is redone, and the log keeps one row per epoch."""
+    from ContrastAmplifierTrainingLib import trainer
+
+    real_evaluate = trainer.evaluate
+    calls = []
+
+    def evaluate_with_one_blow_up(model, cases, device, precision):
+        metrics = real_evaluate(model, cases, device, precision)
+        calls.append(metrics["val_loss"])
+        if len(calls) == 3:  # the first try of epoch 3 "diverges"
+            metrics = {**metrics, "val_loss": metrics["val_loss"] * 10}
+        return metrics
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_with_one_blow_up)
+    cases = toy_cohort(4, SHAPE, seed=2)
+    messages = []
+    fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=_config(4),
+              progress=lambda stage, fraction, message="": messages.append(message))
+    with open(tmp_path / "run" / "fold_0" / "log.csv", encoding="utf-8") as handle:
+        log = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in log] == [1, 2, 3, 4]
+    assert [float(r["lr"]) for r in log] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert [int(r["rollbacks"]) for r in log] == [0, 0, 1, 1]
+    assert len(calls) == 5 and any("diverged" in m and "rolled back" in m for m in messages)
+    # the redone epoch 3 started from epoch 2's weights, not from the diverged ones: its loss is
+    # not the value that was rejected
+    assert float(log[2]["val_loss"]) != pytest.approx(calls[2] * 10)
+
+    # a loss that stays non-finite after epoch 1: MAX_ROLLBACKS tries, then a clear error
+    first = []
+
+    def nan_after_first_epoch(model, cases, device, precision):
+        first.append(1)
+        return real_evaluate(model, cases, device, precision) if len(first) == 1 else {"val_loss": float("nan"), "val_psnr": 0.0, "val_ssim": 0.0}
+
+    monkeypatch.setattr(trainer, "evaluate", nan_after_first_epoch)
+    with pytest.raises(RuntimeError, match="lower --lr"):
+        fit_cases(cases, tmp_path / "run2", folds=[0], n_folds=2, config=_config(3))
+    assert len(first) == 1 + trainer.MAX_ROLLBACKS + 1

@@ -116,11 +116,11 @@ def simulate_reads(folder: Path, n_cases: int = 16, readers=("R1", "R2"), phases
             sec = max(10.0, rng.gauss(100 + 60 * (p == "T1c-pro") + 10 * len(sim.reference[c]), 30))
             sim.grades[(r, p)][c] = (g, round(sec, 3))
             grades.append({"reader": r, "phase": p, "case": c, "grade": g, "seconds": round(sec, 3), "excluded": int(c in excluded)})
-    with open(folder / "grades.csv", "w", newline="") as fh:
+    with open(folder / "grades.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, GRADES_COLUMNS)
         w.writeheader()
         w.writerows(grades)
-    with open(folder / "lesions.csv", "w", newline="") as fh:
+    with open(folder / "lesions.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, LESIONS_COLUMNS)
         w.writeheader()
         w.writerows(lesions)
@@ -132,7 +132,7 @@ def i_of(case: str) -> int:
 
 
 def read_csv(path: Path):
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         return reader.fieldnames, list(reader)
 
@@ -250,7 +250,7 @@ def test_report_files_and_contrast_skipped_note(simulated, tmp_path):
     result = analyze(simulated.folder, out)
     for name in ("report.md", "report.html", "sensitivity_by_threshold.png", "grades.png", "reading_times.png", "contrast.csv", "matches.csv", "analysis.json"):
         assert (out / name).is_file(), name
-    md = (out / "report.md").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
     assert "Table 5: lesion detection" in md and "Table 3" in md and "Table 6" in md
     assert "Contrast metrics (Table 4) skipped" in md
     assert any("skipped" in n for n in result.notes)
@@ -258,8 +258,8 @@ def test_report_files_and_contrast_skipped_note(simulated, tmp_path):
 
 def test_reference_options_and_errors(tmp_path):
     sim = simulate_reads(tmp_path / "reads", reference=("R9", "T1c-vfa"), readers=("R1", "R2"), seed=1)
-    grades = (sim.folder / "grades.csv").read_text().splitlines()
-    (sim.folder / "grades.csv").write_text("\n".join(g for g in grades if not g.startswith("R9,")) + "\n")
+    grades = (sim.folder / "grades.csv").read_text(encoding="utf-8").splitlines()
+    (sim.folder / "grades.csv").write_text("\n".join(g for g in grades if not g.startswith("R9,")) + "\n", encoding="utf-8")
     # R9 has marks but no grades rows: refused with a fix
     with pytest.raises(AnalysisError, match="grades.csv row"):
         analyze(sim.folder, tmp_path / "o1", report=False)
@@ -270,8 +270,8 @@ def test_reference_options_and_errors(tmp_path):
     assert res.reference_reader == "R1" and all(r["phase"] != "T1c-pro" or r["reader"] != "R1" for r in res.detection)
     with pytest.raises(AnalysisError, match="lacks column"):
         (tmp_path / "bad").mkdir()
-        (tmp_path / "bad" / "grades.csv").write_text("reader,phase,case,grade\n")
-        (tmp_path / "bad" / "lesions.csv").write_text(",".join(LESIONS_COLUMNS) + "\n")
+        (tmp_path / "bad" / "grades.csv").write_text("reader,phase,case,grade\n", encoding="utf-8")
+        (tmp_path / "bad" / "lesions.csv").write_text(",".join(LESIONS_COLUMNS) + "\n", encoding="utf-8")
         analyze(tmp_path / "bad", tmp_path / "o4")
     with pytest.raises(AnalysisError, match="missing"):
         analyze(tmp_path / "o3", tmp_path / "o5")
@@ -310,7 +310,7 @@ def test_paper_table5_reader_average_interval(tmp_path):
         for i in range(79):
             grades.append({"reader": r, "phase": p, "case": f"c{i:02d}", "grade": 3, "seconds": 100, "excluded": 0})
     for name, cols, rows in (("grades.csv", GRADES_COLUMNS, grades), ("lesions.csv", LESIONS_COLUMNS, lesions)):
-        with open(folder / name, "w", newline="") as fh:
+        with open(folder / name, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, cols)
             w.writeheader()
             w.writerows(rows)
@@ -318,7 +318,7 @@ def test_paper_table5_reader_average_interval(tmp_path):
     avg = next(d for d in res.detection if d["reader"] == "average" and d["threshold_mm"] == 0)
     assert avg["tp"] == 108.5
     assert (round(100 * avg["sensitivity_ci_low"]), round(100 * avg["sensitivity_ci_high"])) == (51, 65)  # paper: [51; 65]
-    md = (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "58% [51; 65]" in md and "57% (106/187)" in md and "59% (111/187)" in md
 
 
@@ -342,7 +342,7 @@ def test_analyze_part1_study_reads_study_json_and_database(make_study, clock, tm
     study_dir = make_study(n_cases=4, readers=("R1", "R2"), phases=None, washout_days=10)
     import json
 
-    study = json.loads((study_dir / "study.json").read_text())
+    study = json.loads((study_dir / "study.json").read_text(encoding="utf-8"))
     assert study["reference"] == {"phase": "T1c-vfa", "reader": "R2"}
     phases = [p["name"] for p in study["phases"]]
 

@@ -42,8 +42,8 @@ def test_init_status_export(case_folders, tmp_path, clock):
 
     result = runner.invoke(app, ["export", str(study_dir), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "grades.csv").read_text().count("\n") == 2
-    assert (tmp_path / "out" / "lesions.csv").read_text().count("\n") == 2
+    assert (tmp_path / "out" / "grades.csv").read_text(encoding="utf-8").count("\n") == 2
+    assert (tmp_path / "out" / "lesions.csv").read_text(encoding="utf-8").count("\n") == 2
 
 
 def test_custom_phases_and_errors(case_folders, tmp_path):

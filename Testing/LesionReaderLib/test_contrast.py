@@ -222,10 +222,10 @@ def phantom_case(tmp_path_factory):
     case = Path(phantom.generate_case(root / "case_000", seed=0, spacing=2.0).case_dir)
     import json
 
-    lesions = json.loads((case / "lesions.json").read_text())["lesions"]
+    lesions = json.loads((case / "lesions.json").read_text(encoding="utf-8"))["lesions"]
     if not lesions:
         pytest.skip("phantom seed 0 has no lesion any more; pick a seed with a metastasis")
-    params = json.loads((case / "phantom.json").read_text())
+    params = json.loads((case / "phantom.json").read_text(encoding="utf-8"))
     aligned = {}
     for name in ("t1", "t1c_low"):
         aligned[name] = case / f"{name}_on_t1c.nii.gz"
@@ -264,11 +264,11 @@ def test_phantom_contrast_through_analyze(phantom_case, tmp_path):
         (a, b), (c, d) = l["long_axis_ras"], l["short_axis_ras"]
         rows.append(dict(zip(LESIONS_COLUMNS, ["R2", "T1c-vfa", "case_000", l["id"], l["long_mm"], l["short_mm"], *a, *b, *c, *d, *l["center_ras"]])))
         rows.append(dict(zip(LESIONS_COLUMNS, ["R1", "T1c", "case_000", l["id"], l["long_mm"], l["short_mm"], *a, *b, *c, *d, *l["center_ras"]])))
-    with open(folder / "lesions.csv", "w", newline="") as fh:
+    with open(folder / "lesions.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, LESIONS_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    with open(folder / "grades.csv", "w", newline="") as fh:
+    with open(folder / "grades.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, GRADES_COLUMNS)
         w.writeheader()
         w.writerow({"reader": "R2", "phase": "T1c-vfa", "case": "case_000", "grade": 3, "seconds": 60, "excluded": 0})
@@ -276,12 +276,12 @@ def test_phantom_contrast_through_analyze(phantom_case, tmp_path):
     (folder / "volumes.csv").write_text(
         "case,T1,T1c-low,T1c,T1c-x4,brain_mask,lesion_labels\n"
         f"case_000,{aligned['t1']},{aligned['t1c_low']},{case / 't1c.nii.gz'},{case / 't1c_x4.nii.gz'},"
-        f"{case / 'brain_mask.nii.gz'},{case / 'lesion_labels.nii.gz'}\n")
+        f"{case / 'brain_mask.nii.gz'},{case / 'lesion_labels.nii.gz'}\n", encoding="utf-8")
     result = analyze(folder, tmp_path / "out")
     cnr = {r["volume"]: r["cnr"] for r in result.contrast}
     assert cnr["T1c-x4"] > cnr["T1c"] > cnr["T1c-low"]
     det = next(d for d in result.detection if d["reader"] == "R1" and d["threshold_mm"] == 0)
     assert det["tp"] == len(lesions) and det["fp"] == 0
-    md = (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "Table 4: contrast enhancement" in md and "CNR" in md and "automatic" in md
     assert (tmp_path / "out" / "contrast_per_case.png").is_file()

@@ -18,7 +18,7 @@ LESIONS = (
 
 
 def rows(path):
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -44,8 +44,8 @@ def test_export_round_trip(make_study, clock, tmp_path):
     session.close()
 
     grades_path, lesions_path = export_study(study_dir, tmp_path / "out")
-    assert grades_path.read_text().splitlines()[0] == GRADES
-    assert lesions_path.read_text().splitlines()[0] == LESIONS
+    assert grades_path.read_text(encoding="utf-8").splitlines()[0] == GRADES
+    assert lesions_path.read_text(encoding="utf-8").splitlines()[0] == LESIONS
     grades = rows(grades_path)
     assert {g["case"] for g in grades} == set(order[:2])
     by_case = {g["case"]: g for g in grades}
@@ -84,10 +84,10 @@ def test_too_many_lesions_excludes_the_case_everywhere(make_study, clock, tmp_pa
 def test_export_errors(make_study, tmp_path):
     study_dir = make_study(n_cases=2)
     target = tmp_path / "file.txt"
-    target.write_text("x")
+    target.write_text("x", encoding="utf-8")
     with pytest.raises(StudyError, match="is a file; give a folder"):
         export_study(study_dir, target)
     with pytest.raises(StudyError, match="no study at"):
         export_study(tmp_path / "missing", tmp_path / "out")
     grades, lesions = export_study(study_dir, tmp_path / "empty")  # nothing read yet: headers only
-    assert grades.read_text() == GRADES + "\n" and lesions.read_text() == LESIONS + "\n"
+    assert grades.read_text(encoding="utf-8") == GRADES + "\n" and lesions.read_text(encoding="utf-8") == LESIONS + "\n"

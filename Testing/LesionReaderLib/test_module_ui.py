@@ -21,7 +21,7 @@ def ui_widgets() -> dict:
 
 def used_ui_names() -> set:
     """``self.ui.X`` plus names built as ``getattr(self.ui, f"grade{grade}Button")`` or from string tuples."""
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui":
@@ -58,7 +58,7 @@ def test_ui_shows_the_papers_grade_scale_and_shortcuts():
     assert widgets["lesionTable"].get("class") == "QTableWidget"
     columns = [c.find("property/string").text for c in widgets["lesionTable"].findall("column")]
     assert columns == ["Lesion", "Long axis (mm)", "Short axis (mm)"]
-    source = MODULE.read_text()
+    source = MODULE.read_text(encoding="utf-8")
     for key in ('"1"', '"4"', '"N"', '"B"', '"L"', '"P"'):
         assert key in source  # SHORTCUTS table
 

@@ -39,7 +39,7 @@ def test_init_from_csv_manifest(tmp_path, case_folders):
         f"c{i},{f.relative_to(tmp_path)}/t1c.nii.gz,{f.relative_to(tmp_path)}/t1c_pro.nii.gz,{f}/t1c_vfa.nii.gz,{f}/flair.nii.gz"
         for i, f in enumerate(case_folders)
     ]
-    manifest.write_text("\n".join(lines) + "\n")
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     study = init_study(tmp_path / "s", [manifest], ["A"], reference_reader="A")
     assert [c.id for c in study.cases] == [f"c{i}" for i in range(len(case_folders))]
     assert study.volume_path("c0", "T1c-pro") == case_folders[0] / "t1c_pro.nii.gz"
@@ -71,12 +71,12 @@ def test_init_refuses_to_overwrite(make_study, case_folders, clock):
 
 def test_validation_of_hand_edited_json(make_study):
     study_dir = make_study()
-    data = json.loads((study_dir / "study.json").read_text())
+    data = json.loads((study_dir / "study.json").read_text(encoding="utf-8"))
     data["cases"].append(dict(data["cases"][0]))
-    (study_dir / "study.json").write_text(json.dumps(data))
+    (study_dir / "study.json").write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(StudyError, match="case ids repeat"):
         load_study(study_dir)
-    (study_dir / "study.json").write_text("{not json")
+    (study_dir / "study.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(StudyError, match="not valid JSON"):
         load_study(study_dir)
 

@@ -142,7 +142,7 @@ FAKE_PREPROCESS = textwrap.dedent(
 def test_background_preprocess_round_trip_with_real_nodes(ca, scene, tmp_path, monkeypatch):
     """Export four nodes, run a child, load its files back: names, geometry and voxels are right."""
     script = tmp_path / "fake_preprocess.py"
-    script.write_text(FAKE_PREPROCESS)
+    script.write_text(FAKE_PREPROCESS, encoding="utf-8")
     logic = ca.ContrastAmplifierLogic()
     monkeypatch.setattr(logic, "preprocessCommand", lambda case, out, *a, **k: [sys.executable, str(script), str(case), str(out)])
     inputs = four_inputs(scene)
@@ -166,7 +166,7 @@ def test_background_preprocess_round_trip_with_real_nodes(ca, scene, tmp_path, m
 
 def test_synchronous_preprocess_for_batch_mode(ca, scene, tmp_path, monkeypatch):
     script = tmp_path / "fake_preprocess.py"
-    script.write_text(FAKE_PREPROCESS)
+    script.write_text(FAKE_PREPROCESS, encoding="utf-8")
     logic = ca.ContrastAmplifierLogic()
     monkeypatch.setattr(logic, "preprocessCommand", lambda case, out, *a, **k: [sys.executable, str(script), str(case), str(out)])
     monkeypatch.setattr(ca.ContrastAmplifierLogic, "ensureDependencies", lambda self: None)
@@ -183,7 +183,7 @@ def test_synchronous_preprocess_for_batch_mode(ca, scene, tmp_path, monkeypatch)
 
 def test_failed_child_reports_its_error(ca, scene, tmp_path, monkeypatch):
     script = tmp_path / "fail.py"
-    script.write_text("import sys\nprint('error: ADC volume is 2D (256x256x1); a 3D map is required', file=sys.stderr)\nsys.exit(2)\n")
+    script.write_text("import sys\nprint('error: ADC volume is 2D (256x256x1); a 3D map is required', file=sys.stderr)\nsys.exit(2)\n", encoding="utf-8")
     logic = ca.ContrastAmplifierLogic()
     monkeypatch.setattr(logic, "preprocessCommand", lambda *a, **k: [sys.executable, str(script)])
     inputs = four_inputs(scene)
@@ -243,7 +243,7 @@ def test_training_parameters_and_folds(training, scene):
 def test_fit_command_line(training, tmp_path):
     logic = training.ContrastAmplifierTrainingLogic()
     manifest = tmp_path / "cohort.csv"
-    manifest.write_text("case_id\n")
+    manifest.write_text("case_id\n", encoding="utf-8")
     command = logic.fitCommand(manifest, tmp_path / "run", [0, 3], 2, "cpu")
     assert command[1:6] == ["-m", "ContrastAmplifierTrainingLib.cli", "fit", str(manifest), str(tmp_path / "run")]
     assert " ".join(command[6:]) == "--folds 0 --folds 3 --epochs 2 --device cpu --progress json"
@@ -261,7 +261,7 @@ def test_missing_training_cli_is_said_plainly(training, tmp_path, monkeypatch):
     available, reason = logic.trainingAvailability()
     assert not available and "is not part of this installation" in reason
     manifest = tmp_path / "m.csv"
-    manifest.write_text("x\n")
+    manifest.write_text("x\n", encoding="utf-8")
     with pytest.raises(training.TrainingUnavailableError, match="contrast-amplifier-train fit"):
         logic.startTraining(manifest, tmp_path / "run", [0], 1, installDependencies=False)
 

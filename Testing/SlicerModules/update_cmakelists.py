@@ -80,10 +80,10 @@ def main(names: List[str]) -> int:
         path = REPO / name / "CMakeLists.txt"
         if not (REPO / name / f"{name}.py").is_file():
             continue
-        if path.is_file() and MARKER not in path.read_text():
+        if path.is_file() and MARKER not in path.read_text(encoding="utf-8"):
             print(f"skipped {path.relative_to(REPO)} (hand-written: no marker line)")
             continue
-        path.write_text(render(name))
+        path.write_text(render(name), encoding="utf-8")
         print(f"wrote {path.relative_to(REPO)}")
     return 0
 
