@@ -225,6 +225,7 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
         "Folds": "0 1 2 3 4",
         "Epochs": "300",
         "Device": "auto",
+        "ClipPercentile": "99.0",
     }
     NODE_REFERENCES: Tuple[str, ...] = ()
     CLI_MODULE = "ContrastAmplifierTrainingLib.cli"
@@ -281,12 +282,13 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
         return folds
 
     def fitCommand(self, manifest: Path, outputFolder: Path, folds: Sequence[int], epochs: int, device: str = "auto",
-                   extraArgs: Sequence[str] = ()) -> List[str]:
+                   extraArgs: Sequence[str] = (), upperClipPercentile: float = 99.0) -> List[str]:
         """The ``contrast-amplifier-train fit`` command line (JSON progress for the module).
 
         Rerunning the same command on the same output folder resumes: finished folds are
         skipped and an unfinished fold continues after its last checkpointed epoch.
         ``extraArgs`` passes further ``fit`` options (e.g. ``["--n-folds", "2", "--crop", "80", "96", "80"]``).
+        ``upperClipPercentile`` is the HIGH of ``--clip-percentiles 1 HIGH`` (paper: 99).
 
         Raises:
             ValueError: a missing manifest, no output folder, bad epochs or device; the message says which.
@@ -302,21 +304,25 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"Epochs must be at least 1 (got {epochs}).")
         if device not in self.DEVICES:
             raise ValueError(f"Device must be one of {', '.join(self.DEVICES)} (got {device!r}).")
+        if not 1.0 < float(upperClipPercentile) <= 100.0:
+            raise ValueError(f"Upper clip percentile must be above 1 and at most 100 (got {upperClipPercentile}); the paper uses 99.")
         args: List[object] = ["fit", manifest, Path(outputFolder)]
         for fold in folds:
             args += ["--folds", int(fold)]
-        args += ["--epochs", int(epochs), "--device", device, *map(str, extraArgs), "--progress", "json"]
+        args += ["--epochs", int(epochs), "--device", device, "--clip-percentiles", 1, f"{float(upperClipPercentile):g}",
+                 *map(str, extraArgs), "--progress", "json"]
         return process.python_module_command(self.CLI_MODULE, *args)
 
     def startTraining(self, manifest, outputFolder, folds: Sequence[int], epochs: int, device: str = "auto",
-                      installDependencies: bool = True, extraArgs: Sequence[str] = ()) -> process.BackgroundProcess:
+                      installDependencies: bool = True, extraArgs: Sequence[str] = (),
+                      upperClipPercentile: float = 99.0) -> process.BackgroundProcess:
         """Start training in a child process and return it at once (poll it from a timer).
 
         Raises:
             TrainingUnavailableError: the training command line is not installed.
             ValueError: invalid settings (named in the message).
         """
-        command = self.fitCommand(manifest, outputFolder, folds, epochs, device, extraArgs)
+        command = self.fitCommand(manifest, outputFolder, folds, epochs, device, extraArgs, upperClipPercentile)
         if installDependencies:
             ensure_dependencies(confirm=self.confirmInstall, module_title="Contrast Amplifier Training")
         available, reason = self.trainingAvailability()
@@ -579,6 +585,7 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
                 resuming = self.logic.hasRun(outputFolder)
                 self._job = self.logic.startTraining(
                     pn.GetParameter("ManifestPath"), outputFolder, folds, epochs, pn.GetParameter("Device"),
+                    upperClipPercentile=float(pn.GetParameter("ClipPercentile") or 99.0),
                 )
                 self._monitor = TrainingMonitor(folds, epochs, initial=self.logic.runStatus(outputFolder))
                 self._fillFoldTable([self._monitor.foldProgress[k] for k in self._monitor.folds])

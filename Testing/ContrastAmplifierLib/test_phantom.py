@@ -111,6 +111,16 @@ def test_same_seed_same_bytes(out, tmp_path):
     assert _sha(other / "t1c.nii.gz") != _sha(again / "t1c.nii.gz")
 
 
+def test_cohort_grows_with_skip_existing(tmp_path):
+    """``skip_existing`` keeps finished cases (a demo-model cohort can grow from 20 to 60 cases)."""
+    first = phantom.generate_cohort(tmp_path, cases=1, seed=SEED_METS, spacing=SPACING)[0]
+    stamp = (first / "t1c.nii.gz").stat().st_mtime_ns
+    both = phantom.generate_cohort(tmp_path, cases=2, seed=SEED_METS, spacing=SPACING, skip_existing=True)
+    assert [p.name for p in both] == ["case_000", "case_001"]
+    assert (first / "t1c.nii.gz").stat().st_mtime_ns == stamp  # not regenerated
+    assert (both[1] / "t1c.nii.gz").is_file() and not list(tmp_path.glob(".case_*"))
+
+
 # ------------------------------------------------------------------------------------------ physics
 
 def _lesion_means(case: Path) -> dict:

@@ -246,7 +246,11 @@ def test_fit_command_line(training, tmp_path):
     manifest.write_text("case_id\n", encoding="utf-8")
     command = logic.fitCommand(manifest, tmp_path / "run", [0, 3], 2, "cpu")
     assert command[1:6] == ["-m", "ContrastAmplifierTrainingLib.cli", "fit", str(manifest), str(tmp_path / "run")]
-    assert " ".join(command[6:]) == "--folds 0 --folds 3 --epochs 2 --device cpu --progress json"
+    assert " ".join(command[6:]) == "--folds 0 --folds 3 --epochs 2 --device cpu --clip-percentiles 1 99 --progress json"
+    wide = logic.fitCommand(manifest, tmp_path / "run", [0], 2, "cpu", upperClipPercentile=99.99)
+    assert " ".join(wide[6:]) == "--folds 0 --epochs 2 --device cpu --clip-percentiles 1 99.99 --progress json"
+    with pytest.raises(ValueError, match="Upper clip percentile"):
+        logic.fitCommand(manifest, tmp_path, [0], 1, upperClipPercentile=101)
     with pytest.raises(ValueError, match="No manifest selected"):
         logic.fitCommand("", tmp_path, [0], 1)
     with pytest.raises(ValueError, match="No output folder selected"):
