@@ -165,6 +165,7 @@ def predict(
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
+    compile_models: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile each fold model: ~1.3x faster per prediction on CPU, a few seconds to compile; worth it at 1 mm (see README)."),
     skull_strip: Optional[str] = typer.Option(None, "--skull-strip", help="HD-BET fast or accurate (default: accurate on CUDA, fast on CPU)."),
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
@@ -176,7 +177,7 @@ def predict(
     report = make_progress(progress)
     try:
         result = amplify_case(t1, flair, adc, t1c, bundle=model, out_path=out, folds=folds, n_mirrorings=flips,
-                              device=device, precision=precision, skull_strip_mode=skull_strip, brain_mask=brain_mask,
+                              device=device, precision=precision, compile=compile_models, skull_strip_mode=skull_strip, brain_mask=brain_mask,
                               threads=threads, progress=report)
     except _amplify_errors() as exc:
         fail(str(exc))
@@ -196,6 +197,7 @@ def predict_cohort(
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
+    compile_models: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile each fold model: ~1.3x faster per prediction on CPU, a few seconds to compile; worth it at 1 mm (see README)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists."),
     progress: str = ProgressOpt,
 ) -> None:
@@ -205,7 +207,7 @@ def predict_cohort(
     report = make_progress(progress)
     try:
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
-                          precision=precision, overwrite=overwrite, progress=report)
+                          precision=precision, overwrite=overwrite, compile=compile_models, progress=report)
     except Cancelled:
         fail("cancelled; finished cases are kept, the current one was not written", code=130)
     getattr(report, "close", lambda: None)()

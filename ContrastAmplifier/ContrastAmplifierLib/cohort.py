@@ -40,6 +40,7 @@ def predict_cohort(
     device: str = "auto",
     precision: str = "auto",
     overwrite: bool = False,
+    compile: bool = False,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> List[Dict[str, object]]:
@@ -65,7 +66,7 @@ def predict_cohort(
                 inputs = find_case_inputs(folder)
                 result = amplify_case(inputs["t1"], inputs["flair"], inputs["adc"], inputs["t1c"], bundle=model,
                                       out_path=target, folds=folds, n_mirrorings=n_mirrorings, device=device,
-                                      precision=precision, progress=span, cancel=cancel)
+                                      precision=precision, compile=compile, progress=span, cancel=cancel)
                 row.update(status="done", n_predictions=result.n_predictions)
             except (Cancelled, KeyboardInterrupt):
                 raise

@@ -12,14 +12,17 @@ one is the patient's left-right axis.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .progress import CancelToken, ProgressCallback, check_cancel, null_progress
+
+logger = logging.getLogger(__name__)
 
 #: Mirrorings in order of usefulness: identity, left-right (the brain's symmetry axis) first, so
 #: that 2 or 4 mirrorings are the most informative subsets. All 8 = every subset of the 3 axes.
@@ -64,15 +67,23 @@ class InferenceSettings:
         precision: "exact" (fp32) or "fast" (bf16 autocast).
         channels_last: use ``torch.channels_last_3d`` (2x faster fp32 convolutions on CPU here).
         max_batch: mirrorings per forward pass (halved automatically on out-of-memory).
+        compile: run each fold model through ``torch.compile`` with Inductor weight freezing
+            (fuses LeakyReLU/additions into the convolutions; same result to ~1e-7). It costs a
+            few seconds per fold model (about 7 s for the first, 2 s for each further one at
+            160 x 192 x 160 here) and makes each prediction about 1.3x faster on CPU, so it pays
+            off for 1 mm cases and cohorts, not for the 3 mm demo. Falls back to eager mode,
+            with a warning, where compiling fails (e.g. no C++ compiler).
     """
 
     device: torch.device
     precision: str = "exact"
     channels_last: bool = True
     max_batch: int = 1
+    compile: bool = False
 
     @classmethod
-    def create(cls, device: str = "auto", precision: str = "auto", max_batch: Optional[int] = None) -> "InferenceSettings":
+    def create(cls, device: str = "auto", precision: str = "auto", max_batch: Optional[int] = None,
+               compile: bool = False) -> "InferenceSettings":
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
         dev = resolve_device(device)
@@ -81,7 +92,8 @@ class InferenceSettings:
         if max_batch is None:
             # Batching mirrorings does not speed up CPU inference (measured); on GPU it does.
             max_batch = 8 if dev.type == "cuda" else 1
-        return cls(device=dev, precision=precision, channels_last=dev.type != "mps", max_batch=max(1, int(max_batch)))
+        return cls(device=dev, precision=precision, channels_last=dev.type != "mps", max_batch=max(1, int(max_batch)),
+                   compile=bool(compile))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision != "fast":
@@ -107,7 +119,39 @@ def _batches(items: Sequence[Tuple[int, ...]], size: int) -> Iterator[Sequence[T
         yield items[start : start + size]
 
 
-def _forward_mirrored(model: torch.nn.Module, x: torch.Tensor, flips: Sequence[Tuple[int, ...]], settings: InferenceSettings) -> torch.Tensor:
+class _CompiledModel:
+    """``torch.compile`` (Inductor, weights frozen) of one fold model, with an eager fallback."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.compiled: Optional[Callable[[torch.Tensor], torch.Tensor]] = torch.compile(model)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            import torch._inductor.config as inductor_config
+
+            try:
+                with inductor_config.patch(freezing=True):
+                    return self.compiled(batch)
+            except Exception as error:  # a missing compiler, an unsupported platform...
+                if _is_out_of_memory(error):
+                    raise
+                logger.warning("torch.compile failed (%s: %s); running this model eagerly", type(error).__name__, error)
+                self.compiled = None
+        return self.model(batch)
+
+
+def _compiled(model: torch.nn.Module) -> _CompiledModel:
+    """The model's compiled wrapper, made once per model object (later cases reuse it)."""
+    wrapper = model.__dict__.get("_contrast_amplifier_compiled")
+    if wrapper is None:
+        wrapper = _CompiledModel(model)
+        model.__dict__["_contrast_amplifier_compiled"] = wrapper
+    return wrapper
+
+
+def _forward_mirrored(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[Tuple[int, ...]],
+                      settings: InferenceSettings) -> torch.Tensor:
     """Sum over ``flips`` of flip^-1(model(flip(x))) as float32, one forward pass for the batch."""
     batch = torch.cat([torch.flip(x, dims) if dims else x for dims in flips], dim=0)
     if settings.channels_last:
@@ -184,6 +228,8 @@ def _run(models, x, flips, settings, progress, cancel) -> np.ndarray:
             model = model.to(settings.device).eval()
             if settings.channels_last:
                 model = model.to(memory_format=torch.channels_last_3d)
+            if settings.compile:
+                model = _compiled(model)
             pending = list(flips)
             while pending:
                 check_cancel(cancel)

@@ -165,3 +165,37 @@ def test_demo_bundle_on_cuda_matches_cpu_fp32():
     assert np.abs(exact - reference).max() <= 1e-5
     assert np.abs(fast - reference).max() <= 5e-3
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == flags  # restored
+
+
+def _small_unet(seed: int) -> torch.nn.Module:
+    from ContrastAmplifierLib.network import NetworkConfig, ResidualUNet3D
+
+    torch.manual_seed(seed)
+    return ResidualUNet3D(NetworkConfig(in_channels=2, base_channels=4, levels=2)).eval()
+
+
+def test_compiled_ensemble_matches_eager_fp32():
+    """--compile (torch.compile, frozen weights) changes speed, not the result (exact-mode tolerance)."""
+    x = np.random.default_rng(12).random((2, 16, 16, 16), dtype=np.float32)
+    model = _small_unet(5)
+    eager = predict_ensemble([model], x, 2, _cpu("exact"))
+    compiled = predict_ensemble([model], x, 2, InferenceSettings.create("cpu", "exact", max_batch=1, compile=True))
+    assert np.abs(compiled - eager).max() <= 1e-5
+    again = predict_ensemble([model], x, 2, InferenceSettings.create("cpu", "exact", max_batch=1, compile=True))
+    np.testing.assert_array_equal(again, compiled)  # the compiled wrapper is reused for the same model
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    def broken_compile(model):
+        def run(batch):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x = np.random.default_rng(13).random((2, 16, 16, 16), dtype=np.float32)
+    model = _small_unet(6)
+    eager = predict_ensemble([model], x, 2, _cpu("exact"))
+    with caplog.at_level("WARNING"):
+        out = predict_ensemble([model], x, 2, InferenceSettings.create("cpu", "exact", max_batch=1, compile=True))
+    np.testing.assert_allclose(out, eager, atol=1e-6)
+    assert any("torch.compile failed" in r.message and "no C++ compiler" in r.message for r in caplog.records)
