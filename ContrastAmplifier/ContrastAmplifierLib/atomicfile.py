@@ -7,12 +7,13 @@ training node can run them with torch and numpy alone).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
-__all__ = ["apply_umask", "write_text_atomic"]
+__all__ = ["apply_umask", "atomic_path", "write_text_atomic"]
 
 
 def apply_umask(path: Union[str, os.PathLike]) -> None:
@@ -22,17 +23,28 @@ def apply_umask(path: Union[str, os.PathLike]) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def write_text_atomic(text: str, path: Union[str, os.PathLike]) -> Path:
-    """Atomically write a text file (JSON manifests, CSVs)."""
+@contextlib.contextmanager
+def atomic_path(path: Union[str, os.PathLike], suffix: str = "") -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path`` to write to; when the block succeeds it gets a
+    plain file's permissions and is renamed onto ``path``, when it fails it is removed.
+
+    ``suffix`` keeps the extension that format-sniffing writers need (``.nii.gz``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield Path(tmp)
         apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(text: str, path: Union[str, os.PathLike]) -> Path:
+    """Atomically write a UTF-8 text file (JSON manifests, CSVs)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

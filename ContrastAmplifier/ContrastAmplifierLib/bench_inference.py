@@ -105,7 +105,7 @@ def worker(spec: dict) -> dict:
     else:
         configure_cpu_threads(spec["threads"])
         compiled = spec["mode"] == "compiled"
-        settings = InferenceSettings.create(device, "exact" if compiled else spec["mode"], compile=compiled)
+        settings = InferenceSettings.create(device, "exact" if compiled else spec["mode"], compile=compiled)  # explicit: no auto
         # On CUDA the warm-up uses the timed batch shape (cuDNN picks kernels per shape).
         warm = time.perf_counter()
         predict_ensemble(models[:1], x, spec["mirrorings"] if cuda else 1, settings)

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .atomicfile import apply_umask, write_text_atomic
+from .atomicfile import atomic_path, write_text_atomic
 from .network import NetworkConfig, ResidualUNet3D, build_network
 
 BUNDLE_FILE = "bundle.json"
@@ -247,10 +247,8 @@ def write_bundle(
     for fold in sorted(state_dicts):
         file_name = fold_file_name(fold)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[fold].items()}
-        tmp = out / f".{file_name}.tmp"
-        save_file(tensors, str(tmp), metadata={"fold": str(fold), "bundle": name})
-        apply_umask(tmp)
-        os.replace(tmp, out / file_name)
+        with atomic_path(out / file_name, ".safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"fold": str(fold), "bundle": name})
         files[file_name] = sha256_file(out / file_name)
     manifest: Dict[str, Any] = {
         "format_version": FORMAT_VERSION,

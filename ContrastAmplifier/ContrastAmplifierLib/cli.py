@@ -165,7 +165,7 @@ def predict(
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
-    compile_models: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile each fold model: ~1.3x faster per prediction on CPU, a few seconds to compile; worth it at 1 mm (see README)."),
+    compile_models: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README)."),
     skull_strip: Optional[str] = typer.Option(None, "--skull-strip", help="HD-BET fast or accurate (default: accurate on CUDA, fast on CPU)."),
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
@@ -197,7 +197,7 @@ def predict_cohort(
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
-    compile_models: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile each fold model: ~1.3x faster per prediction on CPU, a few seconds to compile; worth it at 1 mm (see README)."),
+    compile_models: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists."),
     progress: str = ProgressOpt,
 ) -> None:

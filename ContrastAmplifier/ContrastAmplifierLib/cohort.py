@@ -40,7 +40,7 @@ def predict_cohort(
     device: str = "auto",
     precision: str = "auto",
     overwrite: bool = False,
-    compile: bool = False,
+    compile: Optional[bool] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> List[Dict[str, object]]:

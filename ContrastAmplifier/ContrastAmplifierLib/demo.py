@@ -14,7 +14,6 @@ Everything here is synthetic: the numbers show the pipeline works, not clinical 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Dict, Optional
 

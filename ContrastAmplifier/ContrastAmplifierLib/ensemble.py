@@ -32,6 +32,11 @@ MIRRORINGS: Tuple[Tuple[int, ...], ...] = ((), (4,), (3,), (2,), (3, 4), (2, 4),
 #: autocast (max error ~3e-3 on the [0, 1] output, see README); "auto": fast on CUDA, exact on CPU.
 PRECISIONS = ("auto", "exact", "fast")
 
+#: ``compile=None`` compiles on CPU from this many voxels: at 160 x 192 x 160 (4.9 M) compiling
+#: (7 s + 2 s per further fold) is repaid within the first predictions (2.8 s instead of 3.8 s
+#: each); at the demo's 56 x 64 x 56 (0.2 M) it never is. On CUDA the measured gain was nil.
+AUTO_COMPILE_VOXELS = 2_000_000
+
 
 def mirrorings(count: int) -> Tuple[Tuple[int, ...], ...]:
     """The first ``count`` mirrorings of :data:`MIRRORINGS` (``count`` in 1, 2, 4, 8)."""
@@ -71,19 +76,20 @@ class InferenceSettings:
             (fuses LeakyReLU/additions into the convolutions; same result to ~1e-7). It costs a
             few seconds per fold model (about 7 s for the first, 2 s for each further one at
             160 x 192 x 160 here) and makes each prediction about 1.3x faster on CPU, so it pays
-            off for 1 mm cases and cohorts, not for the 3 mm demo. Falls back to eager mode,
-            with a warning, where compiling fails (e.g. no C++ compiler).
+            off for 1 mm cases and cohorts, not for the 3 mm demo. ``None`` (auto): on for CPU
+            inputs of at least :data:`AUTO_COMPILE_VOXELS` voxels. Falls back to eager mode, with
+            a warning, where compiling fails (e.g. no C++ compiler).
     """
 
     device: torch.device
     precision: str = "exact"
     channels_last: bool = True
     max_batch: int = 1
-    compile: bool = False
+    compile: Optional[bool] = None
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", max_batch: Optional[int] = None,
-               compile: bool = False) -> "InferenceSettings":
+               compile: Optional[bool] = None) -> "InferenceSettings":
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
         dev = resolve_device(device)
@@ -93,7 +99,13 @@ class InferenceSettings:
             # Batching mirrorings does not speed up CPU inference (measured); on GPU it does.
             max_batch = 8 if dev.type == "cuda" else 1
         return cls(device=dev, precision=precision, channels_last=dev.type != "mps", max_batch=max(1, int(max_batch)),
-                   compile=bool(compile))
+                   compile=None if compile is None else bool(compile))
+
+    def compiles(self, voxels: int) -> bool:
+        """Whether models are compiled for an input of ``voxels`` voxels (resolves ``compile=None``)."""
+        if self.compile is not None:
+            return self.compile
+        return self.device.type == "cpu" and voxels >= AUTO_COMPILE_VOXELS
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision != "fast":
@@ -228,7 +240,7 @@ def _run(models, x, flips, settings, progress, cancel) -> np.ndarray:
             model = model.to(settings.device).eval()
             if settings.channels_last:
                 model = model.to(memory_format=torch.channels_last_3d)
-            if settings.compile:
+            if settings.compiles(int(x[0, 0].numel())):
                 model = _compiled(model)
             pending = list(flips)
             while pending:

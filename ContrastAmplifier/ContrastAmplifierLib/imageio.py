@@ -7,14 +7,13 @@ wrong folder should know at once which input is wrong and why.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from .atomicfile import apply_umask, write_text_atomic  # noqa: F401  (re-exported)
+from .atomicfile import atomic_path
 
 ImageLike = Union[str, os.PathLike, sitk.Image]
 
@@ -118,17 +117,9 @@ def write_image_atomic(image: sitk.Image, path: Union[str, os.PathLike], compres
     A crash or cancel mid-write leaves either the previous file or nothing, never half a file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, compress)
-        apply_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
     return path
 
 

@@ -110,7 +110,7 @@ def amplify_case(
     n_mirrorings: int = 8,
     device: str = "auto",
     precision: str = "auto",
-    compile: bool = False,
+    compile: Optional[bool] = None,
     skull_strip_mode: Optional[str] = None,
     brain_mask: Optional[ImageLike] = None,
     outside_brain: str = "t1c",
@@ -128,7 +128,8 @@ def amplify_case(
         n_mirrorings: 1, 2, 4 or 8 (paper: 8).
         device: auto, cpu, cuda, cuda:N or mps (network and HD-BET).
         precision: auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16 autocast).
-        compile: ``torch.compile`` each fold model (see :class:`~.ensemble.InferenceSettings`).
+        compile: ``torch.compile`` each fold model; ``None`` decides by device and size (see
+            :class:`~.ensemble.InferenceSettings`).
         skull_strip_mode: HD-BET fast/accurate; default accurate on CUDA, fast on CPU.
         brain_mask: optional native-T1c brain mask that replaces HD-BET.
         outside_brain: "t1c" (keep the input outside the brain) or "zero".

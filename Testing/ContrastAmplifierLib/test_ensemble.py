@@ -199,3 +199,14 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
         out = predict_ensemble([model], x, 2, InferenceSettings.create("cpu", "exact", max_batch=1, compile=True))
     np.testing.assert_allclose(out, eager, atol=1e-6)
     assert any("torch.compile failed" in r.message and "no C++ compiler" in r.message for r in caplog.records)
+
+
+def test_compile_auto_means_cpu_and_a_paper_size_volume():
+    from ContrastAmplifierLib.ensemble import AUTO_COMPILE_VOXELS
+
+    auto = InferenceSettings.create("cpu", "exact")
+    assert auto.compile is None
+    assert auto.compiles(160 * 192 * 160) and not auto.compiles(56 * 64 * 56)  # paper crop vs demo crop
+    assert not auto.compiles(AUTO_COMPILE_VOXELS - 1)
+    assert not InferenceSettings.create("cpu", "exact", compile=False).compiles(160 * 192 * 160)
+    assert InferenceSettings.create("cpu", "exact", compile=True).compiles(10)
