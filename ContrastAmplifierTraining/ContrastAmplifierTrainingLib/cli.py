@@ -169,6 +169,7 @@ def fit(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16."),
     cudnn_benchmark: bool = typer.Option(True, "--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning on CUDA (faster, not bit-reproducible)."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", min=0.0, help="Clip the gradient norm to this value (default off, as in the paper)."),
+    divergence_guard: bool = typer.Option(True, "--divergence-guard/--no-divergence-guard", help="Roll a diverged epoch back and halve the learning rate (default on; off = the paper's loop exactly; see README)."),
     spacing: float = SpacingOpt,
     crop: Tuple[int, int, int] = CropOpt,
     clip_percentiles: Tuple[float, float] = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality before [0, 1] (paper: 1 99; see README 'Clip percentiles')."),
@@ -191,7 +192,7 @@ def fit(
         config = TrainConfig(
             epochs=epochs, learning_rate=learning_rate, seed=seed, mirror=not no_mirror,
             network=_network_config(base_channels, levels, input_skip), device=device, precision=precision,
-            cudnn_benchmark=cudnn_benchmark, grad_clip=grad_clip,
+            cudnn_benchmark=cudnn_benchmark, grad_clip=grad_clip, divergence_guard=divergence_guard,
         )
         config.resolved_precision(config.resolved_device())
     except ValueError as exc:

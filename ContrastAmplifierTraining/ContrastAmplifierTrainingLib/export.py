@@ -76,6 +76,7 @@ def export_bundle(
         "device": plan.get("device"),
         "precision": plan.get("precision"),
         "grad_clip": plan.get("grad_clip"),
+        "divergence_guard": plan.get("divergence_guard"),
         "final_validation": {str(k): done[k].get("metrics", {}) for k in folds},
     }
     if extra_training:

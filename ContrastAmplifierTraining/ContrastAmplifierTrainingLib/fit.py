@@ -84,6 +84,7 @@ def make_plan(
         "device": config.resolved_device().type,
         "precision": config.resolved_precision(config.resolved_device()),
         "grad_clip": config.grad_clip,
+        "divergence_guard": config.divergence_guard,
     }
 
 
