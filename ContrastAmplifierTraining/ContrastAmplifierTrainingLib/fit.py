@@ -88,15 +88,26 @@ def make_plan(
     }
 
 
-def _same_setting(a: Any, b: Any) -> bool:
-    """Plan values agree; floats (percentiles) up to 0.01 z, so a cache rebuilt or copied at another
-    float precision (e.g. float16 in transit to a GPU node) still resumes the same run."""
+#: Train-set percentiles (brain z-score units) that differ by less than this still resume a run:
+#: a cache rebuilt elsewhere, or moved at float16 precision to a GPU node, shifts them by ~1e-3.
+PERCENTILE_TOLERANCE = 1e-2
+
+
+def _close(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_setting(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-2
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= PERCENTILE_TOLERANCE
+    return a == b
+
+
+def _same_setting(key: str, a: Any, b: Any) -> bool:
+    """Plan values agree: exactly, except the geometry's percentiles (:data:`PERCENTILE_TOLERANCE`)."""
+    if key == "geometry" and isinstance(a, dict) and isinstance(b, dict):
+        a, b = dict(a), dict(b)
+        return _close(a.pop("percentiles", None), b.pop("percentiles", None)) and a == b
     return a == b
 
 
@@ -106,7 +117,7 @@ def check_or_write_plan(out_dir: Path, plan: Dict[str, Any]) -> Dict[str, Any]:
     if path.is_file():
         existing = json.loads(path.read_text(encoding="utf-8"))
         for key in PLAN_KEYS_CHECKED:
-            if not _same_setting(json.loads(json.dumps(existing.get(key))), json.loads(json.dumps(plan.get(key)))):
+            if not _same_setting(key, json.loads(json.dumps(existing.get(key))), json.loads(json.dumps(plan.get(key)))):
                 raise PlanMismatchError(
                     f"{path} was made with a different {key!r}; resuming would mix two runs. "
                     "Use a new output folder, or rerun with the original options and cohort."

@@ -95,6 +95,9 @@ def test_rerun_skips_finished_folds_and_refuses_other_settings(tmp_path):
     assert rows == [] and (tmp_path / "run" / "fold_0" / "final.safetensors").stat().st_mtime_ns == before
     with pytest.raises(PlanMismatchError, match="seed"):
         fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=_config(1, seed=5))
+    other_lr = TrainConfig(epochs=1, network=NET, device="cpu", learning_rate=5e-4)  # close, but not the same run
+    with pytest.raises(PlanMismatchError, match="learning_rate"):
+        fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=other_lr)
 
 
 def test_clip_percentiles_are_an_option_recorded_in_plan_and_bundle(tmp_path):
