@@ -131,6 +131,11 @@ def _batches(items: Sequence[Tuple[int, ...]], size: int) -> Iterator[Sequence[T
         yield items[start : start + size]
 
 
+#: Set by the first compilation that fails in this process (no C++ compiler, no Python headers
+#: in an embedded Python...): later models then run eagerly at once instead of failing again.
+_compile_failure: Optional[str] = None
+
+
 class _CompiledModel:
     """``torch.compile`` (Inductor, weights frozen) of one fold model, with an eager fallback."""
 
@@ -148,13 +153,18 @@ class _CompiledModel:
             except Exception as error:  # a missing compiler, an unsupported platform...
                 if _is_out_of_memory(error):
                     raise
-                logger.warning("torch.compile failed (%s: %s); running this model eagerly", type(error).__name__, error)
+                global _compile_failure
+                _compile_failure = f"{type(error).__name__}: {error}"
+                logger.warning("torch.compile failed (%s); running the models eagerly", _compile_failure)
                 self.compiled = None
         return self.model(batch)
 
 
-def _compiled(model: torch.nn.Module) -> _CompiledModel:
-    """The model's compiled wrapper, made once per model object (later cases reuse it)."""
+def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's compiled wrapper, made once per model object (later cases reuse it); the model
+    itself once a compilation has failed in this process."""
+    if _compile_failure is not None:
+        return model
     wrapper = model.__dict__.get("_contrast_amplifier_compiled")
     if wrapper is None:
         wrapper = _CompiledModel(model)

@@ -191,6 +191,9 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
             raise RuntimeError("no C++ compiler found")
         return run
 
+    from ContrastAmplifierLib import ensemble
+
+    monkeypatch.setattr(ensemble, "_compile_failure", None)  # restored after the test
     monkeypatch.setattr(torch, "compile", broken_compile)
     x = np.random.default_rng(13).random((2, 16, 16, 16), dtype=np.float32)
     model = _small_unet(6)
@@ -199,6 +202,12 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
         out = predict_ensemble([model], x, 2, InferenceSettings.create("cpu", "exact", max_batch=1, compile=True))
     np.testing.assert_allclose(out, eager, atol=1e-6)
     assert any("torch.compile failed" in r.message and "no C++ compiler" in r.message for r in caplog.records)
+    # the failure is remembered: the next model is not compiled again (no second attempt, no warning)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model: calls.append(model) or broken_compile(model))
+    caplog.clear()
+    predict_ensemble([_small_unet(7)], x, 2, InferenceSettings.create("cpu", "exact", max_batch=1, compile=True))
+    assert calls == [] and not caplog.records
 
 
 def test_compile_auto_means_cpu_and_a_paper_size_volume():
