@@ -165,6 +165,7 @@ def predict(
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
+    mapping: str = typer.Option("auto", "--mapping", help="How T1c-pro returns to the T1c grid: auto, direct (the prediction itself) or residual (the T1c plus the network's change; keeps the T1c's resolution). See README."),
     compile_models: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README)."),
     skull_strip: Optional[str] = typer.Option(None, "--skull-strip", help="HD-BET fast or accurate (default: accurate on CUDA, fast on CPU)."),
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
@@ -177,7 +178,7 @@ def predict(
     report = make_progress(progress)
     try:
         result = amplify_case(t1, flair, adc, t1c, bundle=model, out_path=out, folds=folds, n_mirrorings=flips,
-                              device=device, precision=precision, compile=compile_models, skull_strip_mode=skull_strip, brain_mask=brain_mask,
+                              device=device, precision=precision, compile=compile_models, mapping=mapping, skull_strip_mode=skull_strip, brain_mask=brain_mask,
                               threads=threads, progress=report)
     except _amplify_errors() as exc:
         fail(str(exc))
@@ -197,6 +198,7 @@ def predict_cohort(
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
+    mapping: str = typer.Option("auto", "--mapping", help="How T1c-pro returns to the T1c grid: auto, direct (the prediction itself) or residual (the T1c plus the network's change; keeps the T1c's resolution). See README."),
     compile_models: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists."),
     progress: str = ProgressOpt,
@@ -207,7 +209,7 @@ def predict_cohort(
     report = make_progress(progress)
     try:
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
-                          precision=precision, overwrite=overwrite, compile=compile_models, progress=report)
+                          precision=precision, overwrite=overwrite, compile=compile_models, mapping=mapping, progress=report)
     except Cancelled:
         fail("cancelled; finished cases are kept, the current one was not written", code=130)
     getattr(report, "close", lambda: None)()

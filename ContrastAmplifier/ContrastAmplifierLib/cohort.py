@@ -41,6 +41,7 @@ def predict_cohort(
     precision: str = "auto",
     overwrite: bool = False,
     compile: Optional[bool] = None,
+    mapping: str = "auto",
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> List[Dict[str, object]]:
@@ -66,7 +67,7 @@ def predict_cohort(
                 inputs = find_case_inputs(folder)
                 result = amplify_case(inputs["t1"], inputs["flair"], inputs["adc"], inputs["t1c"], bundle=model,
                                       out_path=target, folds=folds, n_mirrorings=n_mirrorings, device=device,
-                                      precision=precision, compile=compile, progress=span, cancel=cancel)
+                                      precision=precision, compile=compile, mapping=mapping, progress=span, cancel=cancel)
                 row.update(status="done", n_predictions=result.n_predictions)
             except (Cancelled, KeyboardInterrupt):
                 raise

@@ -119,14 +119,14 @@ def run_demo(out_dir: Path, spacing: float = 1.0, seed: int = DEMO_SEED, model: 
     summary = {
         "label": "synthetic phantom demo - not clinical data",
         "model": {"name": bundle.name, "version": bundle.manifest["version"], "intended_use": bundle.manifest["intended_use"]},
-        "phantom_seed": seed, "spacing_mm": spacing, "predictions": result.n_predictions,
+        "phantom_seed": seed, "spacing_mm": spacing, "predictions": result.n_predictions, "mapping": result.mapping,
         "timings_s": {k: round(v, 2) for k, v in result.timings_s.items()},
         "contrast": metrics, "outputs": {"t1c_pro": str(out_dir / "T1c-pro.nii.gz"), "figure": str(figure)},
         "roi": "lesions = the phantom's true lesion labels (pooled); healthy brain = brain mask minus lesions dilated by 3 mm",
     }
     write_text_atomic(json.dumps(summary, indent=2), out_dir / "demo.json")
     print(f"\nT1c-pro: {out_dir / 'T1c-pro.nii.gz'}   figure: {figure}   ({result.n_predictions} predictions, "
-          f"{result.timings_s['total']:.1f} s)")
+          f"{result.mapping} mapping, {result.timings_s['total']:.1f} s)")
     if metrics:
         print("\ncontrast in the phantom's lesions (synthetic; paper Table 4 metrics):")
         print(f"{'image':<10}{'CNR':>8}{'LBR':>8}{'CEP %':>9}")

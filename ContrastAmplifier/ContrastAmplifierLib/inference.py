@@ -14,6 +14,16 @@ Intensity mapping back to the T1c's scale (the network works on [0, 1] normalise
    keeps its T1c value, up to clipping at the percentiles, and T1c-pro is windowed like the T1c.
 4. Outside the brain mask (skull, scalp, neck) T1c-pro holds the input T1c unchanged, so the
    image reads like a whole head; ``outside_brain="zero"`` blanks it instead.
+
+That is the ``"direct"`` mapping: T1c-pro *is* the prediction, at the model's resolution. The
+``"residual"`` mapping (beyond the paper) adds only the network's *change* to the native T1c:
+``T1c-pro = T1c + sd_T1c * native(z_out - z_in)``, where ``z_in`` is the T1c input the network
+saw (same clip, same atlas grid). A voxel the network leaves unchanged then keeps its native
+T1c value exactly, so the T1c's own resolution survives a model that works on a coarser grid
+(the 3 mm phantom demo on a 1 mm T1c: same enhancement, no 3 mm blur), and nothing is capped at
+the upper clip. ``"auto"`` (default) takes ``"residual"`` when the model's grid is more than
+:data:`RESIDUAL_SPACING_RATIO` times coarser than the T1c's finest spacing, else ``"direct"``
+(the paper's case: a 1 mm model on a ~1 mm T1c).
 """
 
 from __future__ import annotations
@@ -35,6 +45,11 @@ from .progress import CancelToken, ProgressCallback, SubProgress, check_cancel, 
 
 #: Inputs of :func:`amplify_case`, in the paper's order (Figure 1).
 INPUT_MODALITIES = ("t1", "flair", "adc", "t1c")
+#: How the prediction returns to the native T1c grid (module docstring).
+MAPPINGS = ("auto", "direct", "residual")
+#: ``mapping="auto"`` adds the network's change to the native T1c (residual) when the model's grid
+#: spacing exceeds this multiple of the T1c's finest voxel spacing.
+RESIDUAL_SPACING_RATIO = 1.5
 
 
 @dataclass
@@ -48,6 +63,7 @@ class AmplifyResult:
         output_path: where the image was written, if it was.
         n_predictions: folds x mirrorings averaged.
         timings_s: seconds per stage and ``"total"``.
+        mapping: ``"direct"`` or ``"residual"`` (see the module docstring).
     """
 
     image: sitk.Image
@@ -56,6 +72,7 @@ class AmplifyResult:
     output_path: Optional[Path] = None
     n_predictions: int = 0
     timings_s: Dict[str, float] = field(default_factory=dict)
+    mapping: str = "direct"
 
 
 def _resolve_bundle(bundle: Union[ModelBundle, str, os.PathLike, None]) -> ModelBundle:
@@ -80,12 +97,22 @@ def prediction_to_native_intensity(
     t1c_native: sitk.Image,
     clip: tuple,
     outside_brain: str = "t1c",
+    mapping: str = "direct",
 ) -> sitk.Image:
-    """Map an atlas-space [0, 1] prediction to T1c intensities on the native T1c grid (see module doc)."""
+    """Map an atlas-space [0, 1] prediction to T1c intensities on the native T1c grid (see module doc).
+
+    ``mapping`` is ``"direct"`` or ``"residual"``; the residual needs the normalised T1c input
+    of ``case`` (``case.arrays["t1c"]``), which :func:`~.preprocessing.preprocess_case` keeps.
+    """
     if outside_brain not in ("t1c", "zero"):
         raise ValueError(f"outside_brain must be 't1c' or 'zero' (got {outside_brain!r})")
+    if mapping not in ("direct", "residual"):
+        raise ValueError(f"mapping must be 'direct' or 'residual' here (got {mapping!r})")
     low, high = clip
     z_atlas = (low + np.clip(prediction, 0.0, 1.0) * (high - low)).astype(np.float32)
+    if mapping == "residual":
+        z_input = (low + case.arrays["t1c"] * (high - low)).astype(np.float32)
+        z_atlas = np.where(case.mask_array, z_atlas - z_input, 0.0).astype(np.float32)
     z_native = sitk.GetArrayFromImage(case.to_native(z_atlas))
     mean, sd = brain_statistics(t1c_native, case.native_brain_mask)
     native_t1c = sitk.GetArrayFromImage(t1c_native).astype(np.float32)
@@ -93,10 +120,23 @@ def prediction_to_native_intensity(
     covered = sitk.GetArrayFromImage(case.to_native(np.ones(z_atlas.shape, np.float32), default=0.0)) > 0.999
     brain = (sitk.GetArrayViewFromImage(case.native_brain_mask) > 0) & covered
     out = native_t1c.copy() if outside_brain == "t1c" else np.zeros_like(native_t1c)
-    out[brain] = mean + z_native[brain] * sd
+    if mapping == "residual":
+        out[brain] = native_t1c[brain] + z_native[brain] * sd
+    else:
+        out[brain] = mean + z_native[brain] * sd
     image = sitk.GetImageFromArray(out.astype(np.float32))
     image.CopyInformation(t1c_native)
     return image
+
+
+def resolve_mapping(mapping: str, model_spacing: Sequence[float], t1c_spacing: Sequence[float]) -> str:
+    """``"direct"`` or ``"residual"`` for ``mapping`` (``"auto"``: see :data:`RESIDUAL_SPACING_RATIO`)."""
+    if mapping not in MAPPINGS:
+        raise ValueError(f"--mapping must be one of {', '.join(MAPPINGS)} (got {mapping!r})")
+    if mapping != "auto":
+        return mapping
+    coarser = min(model_spacing) > RESIDUAL_SPACING_RATIO * min(t1c_spacing)
+    return "residual" if coarser else "direct"
 
 
 def amplify_case(
@@ -114,6 +154,7 @@ def amplify_case(
     skull_strip_mode: Optional[str] = None,
     brain_mask: Optional[ImageLike] = None,
     outside_brain: str = "t1c",
+    mapping: str = "auto",
     threads: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
@@ -133,6 +174,7 @@ def amplify_case(
         skull_strip_mode: HD-BET fast/accurate; default accurate on CUDA, fast on CPU.
         brain_mask: optional native-T1c brain mask that replaces HD-BET.
         outside_brain: "t1c" (keep the input outside the brain) or "zero".
+        mapping: "auto", "direct" or "residual" (module docstring).
         threads: CPU threads for torch (default: all cores).
         progress: ``(stage, fraction, message)`` callback over the whole job.
         cancel: checked between every step and every forward pass; nothing is written when set.
@@ -154,6 +196,7 @@ def amplify_case(
     mode = skull_strip_mode or ("accurate" if settings.device.type == "cuda" else "fast")
 
     t1c_image = read_image(t1c, "T1c")
+    chosen_mapping = resolve_mapping(mapping, model_bundle.spacing, t1c_image.GetSpacing())
     inputs: Mapping[str, ImageLike] = {"t1": t1, "flair": flair, "adc": adc, "t1c": t1c_image}
     t0 = time.perf_counter()
     case = preprocess_case(
@@ -174,8 +217,9 @@ def amplify_case(
     check_cancel(cancel)
 
     t0 = time.perf_counter()
-    report("map back", 0.93, "atlas -> native T1c grid")
-    image = prediction_to_native_intensity(prediction, case, t1c_image, model_bundle.geometry().clip_for("t1c"), outside_brain)
+    report("map back", 0.93, f"atlas -> native T1c grid ({chosen_mapping})")
+    image = prediction_to_native_intensity(prediction, case, t1c_image, model_bundle.geometry().clip_for("t1c"), outside_brain,
+                                           chosen_mapping)
     timings["map_back"] = time.perf_counter() - t0
     check_cancel(cancel)
 
@@ -184,5 +228,5 @@ def amplify_case(
         report("write", 0.97, str(out_path))
         written = write_image_atomic(image, out_path)
     timings["total"] = time.perf_counter() - start
-    report("done", 1.0, f"T1c-pro from {len(models) * n_mirrorings} predictions")
-    return AmplifyResult(image, prediction, case, written, len(models) * n_mirrorings, timings)
+    report("done", 1.0, f"T1c-pro from {len(models) * n_mirrorings} predictions ({chosen_mapping} mapping)")
+    return AmplifyResult(image, prediction, case, written, len(models) * n_mirrorings, timings, chosen_mapping)

@@ -72,6 +72,45 @@ def test_intensity_mapping_round_trips_an_identity_prediction(case_dir, bundle_d
     assert np.corrcoef(back[inner], original[inner])[0, 1] > 0.9
 
 
+def test_residual_mapping_returns_the_native_t1c_exactly_for_an_unchanged_prediction(case_dir):
+    """Residual mapping: where the network changes nothing, T1c-pro is the native T1c, voxel for
+    voxel (no interpolation blur, no clip), and a change in z units lands as change x SD."""
+    from ContrastAmplifierLib.inference import brain_statistics, prediction_to_native_intensity
+    from ContrastAmplifierLib.preprocessing import Geometry, preprocess_case
+
+    clip = (-2.0, 2.0)  # clips the brightest voxels: the direct mapping caps them, the residual does not
+    geometry = Geometry(spacing=(6.0, 6.0, 6.0), crop_size=(28, 32, 28), percentiles={"t1c": clip})
+    case = preprocess_case({"t1c": case_dir / "t1c.nii.gz"}, geometry, brain_mask=case_dir / "brain_mask.nii.gz")
+    t1c = sitk.ReadImage(str(case_dir / "t1c.nii.gz"), sitk.sitkFloat32)
+    original = sitk.GetArrayFromImage(t1c)
+    brain = sitk.GetArrayFromImage(case.native_brain_mask) > 0
+    unchanged = case.arrays["t1c"]
+    residual = sitk.GetArrayFromImage(prediction_to_native_intensity(unchanged, case, t1c, clip, mapping="residual"))
+    np.testing.assert_array_equal(residual, original)
+    direct = sitk.GetArrayFromImage(prediction_to_native_intensity(unchanged, case, t1c, clip, mapping="direct"))
+    _, sd = brain_statistics(t1c, case.native_brain_mask)
+    assert np.abs(direct[brain] - original[brain]).max() > 0.5 * sd  # the 6 mm round trip and the clip
+    # a uniform +0.1 change on the [0, 1] scale is +0.1 x (hi - lo) z = +0.4 SD wherever the crop covers the brain
+    raised = np.where(case.mask_array, np.clip(unchanged + 0.1, 0.0, 1.0), 0.0).astype(np.float32)
+    inner = (unchanged > 0.05) & (unchanged < 0.85) & case.mask_array
+    shifted = sitk.GetArrayFromImage(prediction_to_native_intensity(np.where(inner, raised, unchanged), case, t1c, clip, mapping="residual"))
+    gain = (shifted - original)[brain] / sd
+    assert gain.max() == pytest.approx(0.4, abs=1e-4) and gain.min() >= -1e-5
+    assert np.median(gain[gain > 0]) == pytest.approx(0.4, abs=0.05)
+
+
+def test_mapping_auto_is_residual_only_for_a_coarser_model():
+    from ContrastAmplifierLib.inference import resolve_mapping
+
+    assert resolve_mapping("auto", (3.0, 3.0, 3.0), (1.0, 1.0, 1.0)) == "residual"  # phantom demo on a 1 mm T1c
+    assert resolve_mapping("auto", (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)) == "direct"  # the paper's model
+    assert resolve_mapping("auto", (1.0, 1.0, 1.0), (0.9, 0.9, 5.0)) == "direct"
+    assert resolve_mapping("auto", (3.0, 3.0, 3.0), (3.0, 3.0, 3.0)) == "direct"
+    assert resolve_mapping("residual", (1.0,) * 3, (1.0,) * 3) == "residual"
+    with pytest.raises(ValueError, match="--mapping must be one of auto, direct, residual"):
+        resolve_mapping("sharp", (1.0,) * 3, (1.0,) * 3)
+
+
 def test_cancel_leaves_no_output(case_dir, bundle_dir, tmp_path):
     token = CancelToken()
     out = tmp_path / "T1c-pro.nii.gz"
