@@ -143,6 +143,8 @@ def bench(
 
 
 QUALITY_HELP = "Mirrorings per fold: 8 (paper), or 1, 2, 4 for a quicker look."
+MappingOpt = typer.Option("auto", "--mapping", help="How T1c-pro returns to the T1c grid: auto, direct (the prediction itself) or residual (the T1c plus the network's change; keeps the T1c's resolution). See README.")
+CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README).")
 
 
 def _amplify_errors():
@@ -165,8 +167,8 @@ def predict(
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
-    mapping: str = typer.Option("auto", "--mapping", help="How T1c-pro returns to the T1c grid: auto, direct (the prediction itself) or residual (the T1c plus the network's change; keeps the T1c's resolution). See README."),
-    compile_models: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README)."),
+    mapping: str = MappingOpt,
+    compile_models: Optional[bool] = CompileOpt,
     skull_strip: Optional[str] = typer.Option(None, "--skull-strip", help="HD-BET fast or accurate (default: accurate on CUDA, fast on CPU)."),
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
@@ -198,8 +200,8 @@ def predict_cohort(
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
-    mapping: str = typer.Option("auto", "--mapping", help="How T1c-pro returns to the T1c grid: auto, direct (the prediction itself) or residual (the T1c plus the network's change; keeps the T1c's resolution). See README."),
-    compile_models: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README)."),
+    mapping: str = MappingOpt,
+    compile_models: Optional[bool] = CompileOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists."),
     progress: str = ProgressOpt,
 ) -> None:

@@ -13,14 +13,14 @@ SimpleITK order (z, y, x).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from ContrastAmplifierLib.atomicfile import atomic_path
 
 #: Channels of a cached case: the four network inputs (paper, Figure 1) then the target T1c.
 CACHE_CHANNELS = ("t1", "flair", "adc", "t1c_low", "t1c")
@@ -58,10 +58,7 @@ class CachedCase:
 def save_cached_case(case: CachedCase, path: Path) -> Path:
     """Atomically write ``case`` as an uncompressed ``.npz`` (fast to reload every run)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".npz") as tmp:
         np.savez(
             tmp,
             zscores=case.zscores.astype(np.float32),
@@ -71,10 +68,6 @@ def save_cached_case(case: CachedCase, path: Path) -> Path:
             spacing=np.asarray(case.spacing, dtype=np.float64),
             crop_size=np.asarray(case.crop_size, dtype=np.int64),
         )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

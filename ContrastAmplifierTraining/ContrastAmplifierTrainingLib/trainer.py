@@ -33,8 +33,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ContrastAmplifierLib.atomicfile import write_text_atomic
+from ContrastAmplifierLib.atomicfile import atomic_path, write_text_atomic
 from ContrastAmplifierLib.network import NetworkConfig, ResidualUNet3D, count_parameters
 from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, check_cancel, null_progress
 
@@ -117,14 +115,8 @@ class FoldResult:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_log(history: Sequence[Dict[str, Any]], path: Path) -> None:
@@ -318,9 +310,8 @@ def fit_fold(
             if on_epoch is not None:
                 on_epoch(dict(row))
             epoch += 1
-        tmp = fold_dir / ".final.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, final_path)
+        with atomic_path(final_path, ".safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         write_text_atomic(
             json.dumps(
                 {"fold": fold, "epochs": config.epochs, "parameters": count_parameters(model), "metrics": history[-1] if history else {}},

@@ -40,6 +40,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
+from ContrastAmplifierLib.atomicfile import atomic_path
+
 from . import stats
 from .matching import Lesion, match_lesions
 
@@ -340,13 +342,11 @@ def _fmt(value: float) -> str:
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping]) -> Path:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in rows:
             writer.writerow([_fmt(row.get(c)) for c in columns])
-    os.replace(tmp, path)
     return path
 
 

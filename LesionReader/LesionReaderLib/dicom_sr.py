@@ -36,6 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ContrastAmplifierLib.atomicfile import atomic_path
+
 from .session import LesionRecord, lesion_from_row
 from .storage import ReadsDatabase
 from .study import GRADE_LABELS, Study, StudyError, dicom_series_files, is_dicom_series_folder, load_study
@@ -333,9 +335,8 @@ def export_dicom_sr(
         sr = build_sr(source, reader, phase_name, int(row["grade"]), lesions.get((reader, phase_name, case_id), []))
         out.mkdir(parents=True, exist_ok=True)
         target = out / sr_file_name(reader, phase_name, case_id)
-        tmp = target.with_name(target.name + ".tmp")
-        _write_dataset(sr, tmp)
-        os.replace(tmp, target)
+        with atomic_path(target, ".dcm") as tmp:
+            _write_dataset(sr, tmp)
         result.written.append(target)
     for (phase_name, modality), case_ids in skipped.items():
         unique = sorted(set(case_ids))

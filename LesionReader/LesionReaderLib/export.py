@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from ContrastAmplifierLib.atomicfile import atomic_path
+
 from .session import lesion_from_row
 from .storage import ReadsDatabase
 from .study import StudyError, load_study
@@ -41,12 +43,10 @@ def _fmt(value: float, digits: int = 4) -> str:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def collect_rows(study_dir: Union[str, os.PathLike]) -> Tuple[List[List[str]], List[List[str]]]:

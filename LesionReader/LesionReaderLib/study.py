@@ -22,6 +22,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ContrastAmplifierLib.atomicfile import write_text_atomic
+
 #: Format tag written in every ``study.json``; bumped on incompatible changes.
 STUDY_FORMAT = "lesion-reader-study/1"
 STUDY_FILE = "study.json"
@@ -575,9 +577,7 @@ def init_study(
         "cases": [{"id": c.id, "volumes": {m: _relative_if_inside(v, root) for m, v in c.volumes.items()}} for c in collected],
     }
     study = study_from_dict(data, root, check_files=True)
-    tmp = root / (STUDY_FILE + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, root / STUDY_FILE)
+    write_text_atomic(json.dumps(data, indent=2) + "\n", root / STUDY_FILE)
     ReadsDatabase(study.database_path).close()
     return study
 
