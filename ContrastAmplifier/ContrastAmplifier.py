@@ -272,8 +272,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         if crop is not None:
             if len(crop) != 3:
                 raise ValueError(f"Crop takes three sizes (x y z), got {list(crop)}.")
-            for size in crop:
-                args += ["--crop", int(size)]
+            args += ["--crop", *(int(size) for size in crop)]
         return process.python_module_command(self.CLI_MODULE, *args)
 
     def startPreprocess(self, t1, flair, adc, t1c, device: str = "cpu", skullStripMode: str = "fast",
@@ -378,6 +377,20 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             return []
 
     @staticmethod
+    def defaultModelName() -> Optional[str]:
+        """The registry's default model (the shipped demo unless the user set another), or ``None``.
+
+        Raises:
+            ValueError: the user's chosen default is no longer installed (the message says how to fix it).
+        """
+        try:
+            from ContrastAmplifierLib.registry import default_model_name
+        except ImportError as exc:
+            logging.info("Contrast Amplifier: model registry not available yet (%s)", exc)
+            return None
+        return default_model_name()
+
+    @staticmethod
     def modelSummary(entry) -> str:
         """One line for the model selector: name, version, intended use (e.g. "synthetic phantom demo - not for clinical use")."""
         use = entry.intended_use or "intended use not stated"
@@ -400,7 +413,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         """Fold indices of a bundle, read from its ``bundle.json`` (no weights loaded).
 
         Args:
-            model: registry name, bundle folder, or ``None`` for the default (first listed) model.
+            model: registry name, bundle folder, or ``None`` for the default model (``models set-default``).
 
         Raises:
             ValueError: no such model, or no model installed; the message says how to get one.
@@ -413,10 +426,11 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             if not entries:
                 raise ValueError("No model bundle installed: import one with "
                                  "'contrast-amplifier models import BUNDLE_DIR_OR_ZIP' or choose a bundle folder.")
-            matches = [e for e in entries if not model or e.name == model]
+            wanted = model or self.defaultModelName()
+            matches = [e for e in entries if e.name == wanted]
             if not matches:
                 known = ", ".join(e.name for e in entries)
-                raise ValueError(f"Model {model!r} is not installed (installed: {known}); choose one in Model.")
+                raise ValueError(f"Model {wanted!r} is not installed (installed: {known}); choose one in Model.")
             folder = Path(matches[0].path)
         try:
             manifest = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
@@ -625,7 +639,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         Args:
             t1, flair, adc, t1c: scalar volume nodes (any grids; T1c-pro is computed on the T1c's).
             output: volume node to overwrite; ``None`` creates ``"<T1c name> T1c-pro"`` (only on success).
-            model: registry name or bundle folder; ``None`` = first listed (``contrast-amplifier models list``).
+            model: registry name or bundle folder; ``None`` = the default model (``contrast-amplifier models list`` marks it).
             quality: ``"quick"`` (1 fold x 1 mirroring), ``"balanced"`` (all folds x 2) or ``"paper"`` (all x 8).
             device: auto, cpu, cuda or mps.
             precision: auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16).
@@ -840,7 +854,13 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if parameterNode is not None:
             self.logic.setDefaultParameters(parameterNode)
             if not parameterNode.GetParameter("Model") and self._models:
-                parameterNode.SetParameter("Model", self._models[0].name)
+                try:
+                    default = self.logic.defaultModelName()
+                except ValueError as exc:  # the chosen default is gone: say so, do not pick another
+                    default = None
+                    self.ui.modelInfoLabel.text = str(exc)
+                if default:
+                    parameterNode.SetParameter("Model", default)
         if self._parameterNode is not None:
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = parameterNode
@@ -887,8 +907,11 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _updateDescriptions(self) -> None:
         pn = self._parameterNode
         name = pn.GetParameter("Model") if pn is not None else ""
-        entry = next((e for e in self._models if e.name == name), self._models[0] if self._models else None)
-        if entry is None:
+        entry = next((e for e in self._models if e.name == name), None)
+        if entry is None and self._models:
+            self.ui.modelInfoLabel.text = ("Choose a model in Model (no default model is available; "
+                                           "'contrast-amplifier models list' shows which is set).")
+        elif entry is None:
             self.ui.modelInfoLabel.text = ("No model bundle installed. Import one with "
                                            "'contrast-amplifier models import BUNDLE_DIR_OR_ZIP', then press Refresh.")
         else:
@@ -1017,6 +1040,7 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # -- shared: progress polling --------------------------------------------------------------
 
     def _startProgress(self, text: str) -> None:
+        self._warnings: List[str] = []  # plausibility warnings of this run, shown when it ends
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.ui.statusLabel.text = text
@@ -1028,6 +1052,8 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._timer.stop()
             return
         for event in job.process.poll():
+            if event.stage == "warning":
+                self._warnings.append(event.message)
             self.ui.progressBar.value = int(round(100 * event.fraction))
             self.ui.statusLabel.text = f"{event.stage}: {event.message}" if event.message else event.stage
         if job.process.running:
@@ -1041,6 +1067,9 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self._finishPreprocess(job)
         finally:
             self._updateButtons()
+        if getattr(self, "_warnings", None):
+            slicer.util.warningDisplay("The inputs look implausible; check them before reading the result:\n\n- "
+                                       + "\n- ".join(self._warnings), windowTitle="Contrast Amplifier: plausibility warnings")
 
     def _showQualityControl(self, path: Path) -> None:
         import qt

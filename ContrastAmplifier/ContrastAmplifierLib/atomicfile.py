@@ -16,11 +16,12 @@ from typing import Iterator, Union
 __all__ = ["apply_umask", "atomic_path", "write_text_atomic"]
 
 
-def apply_umask(path: Union[str, os.PathLike]) -> None:
-    """``mkstemp`` creates 0600 files; give the final file the permissions a plain open(, encoding="utf-8") would."""
+def apply_umask(path: Union[str, os.PathLike], directory: bool = False) -> None:
+    """``mkstemp``/``mkdtemp`` create 0600 files and 0700 folders; give the final file (or folder)
+    the permissions a plain ``open()`` (or ``mkdir``) would, under the user's umask."""
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
 @contextlib.contextmanager

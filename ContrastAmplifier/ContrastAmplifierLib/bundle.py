@@ -3,10 +3,19 @@
 A bundle holds everything inference needs (nnU-Net style "plans next to the weights"): the
 input modalities and their order, the geometry (atlas spacing, crop size, normalisation
 percentiles: DESIGN.md "Geometry is data"), the network hyper-parameters, the folds and the
-SHA-256 of each weight file. ``bundle.json`` is validated against ``bundle-schema.json`` (a JSON
-Schema shipped beside this module) and every weight file's hash is checked when the bundle is
-loaded: a modified or truncated file is refused with an error naming it. Weights are only ever
-read with ``safetensors`` (never unpickled).
+SHA-256 of each weight file. A bundle is checked in full before anything uses it (import,
+``models verify``, :func:`load_bundle`, hence ``predict`` before its preprocessing):
+
+* ``bundle.json`` against ``bundle-schema.json`` (a JSON Schema shipped beside this module:
+  types and the bounds of every number), then the cross-field rules of :func:`validate_manifest`
+  (one weight file per fold and no other, channels = modalities, ordered percentiles, a crop the
+  network's downsamplings fit and :data:`MAX_CROP_VOXELS`);
+* every weight file's SHA-256;
+* every weight file's safetensors header (read without reading a tensor, never unpickled): the
+  tensor names, floating dtypes and shapes must be exactly those of the declared network, built
+  on PyTorch's ``meta`` device so no memory is allocated.
+
+Every refusal is a :class:`BundleError` naming the file or field and the fix.
 
 Layout::
 
@@ -17,24 +26,40 @@ Layout::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
 
 from .atomicfile import atomic_path, write_text_atomic
-from .network import NetworkConfig, ResidualUNet3D, build_network
+
+if TYPE_CHECKING:  # torch is imported where it is used: `from .bundle import BundleError` stays cheap (Slicer GUI)
+    import torch
+
+    from .network import NetworkConfig, ResidualUNet3D
 
 BUNDLE_FILE = "bundle.json"
 SCHEMA_PATH = Path(__file__).with_name("bundle-schema.json")
 FORMAT_VERSION = 1
+#: Largest centre crop (voxels in total) a bundle may declare: 256^3, 3.4x the paper's 160 x 192 x 160.
+#: A forward pass keeps about six float32 feature maps of ``base_channels`` channels over the whole
+#: crop (stem, residual module, long skip, upsampled, concatenation): ~6 GiB at 256^3 with 16 base
+#: channels, before CUDA batches the mirrorings, against ~360 GiB at 1000^3. Refusing the bundle at
+#: import beats failing to allocate after a minute of preprocessing. Per-side bounds are in the schema.
+MAX_CROP_VOXELS = 256**3
+#: Largest safetensors JSON header read (the safetensors library's own limit).
+MAX_HEADER_BYTES = 100_000_000
+#: safetensors dtypes a weight may have (``load_state_dict`` casts them to the network's float32).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+REEXPORT = "re-export the bundle with `contrast-amplifier-train export` (or re-download it)"
 
 PathLike = Union[str, os.PathLike]
+Shapes = Dict[str, Tuple[int, ...]]
 
 
 class BundleError(ValueError):
@@ -60,32 +85,157 @@ def load_schema() -> Dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
+def _non_finite(value: Any, where: str) -> Iterator[str]:
+    """Paths of NaN/infinite numbers under ``value`` (JSON Schema bounds let NaN through)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{where}/{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{where}/{index}")
+
+
 def validate_manifest(manifest: Mapping[str, Any], source: str = BUNDLE_FILE) -> None:
-    """Validate a ``bundle.json`` dict against the schema and its internal consistency.
+    """Validate a ``bundle.json`` dict against the schema and its cross-field rules.
+
+    The schema bounds each number (spacing, crop side, channels, levels); here: one hash per fold
+    file and no other file, finite geometry and network numbers, as many input channels as
+    modalities, ordered clip percentiles for every modality, every crop side at least the
+    network's ``2 ** (levels - 1)`` and at most :data:`MAX_CROP_VOXELS` in total.
 
     Raises:
-        BundleError: naming ``source``, the offending field and the problem.
+        BundleError: naming ``source``, the offending field and the fix.
     """
     import jsonschema
+
+    from .network import NetworkConfig
 
     try:
         jsonschema.validate(dict(manifest), load_schema())
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise BundleError(f"{source} is not a valid model bundle manifest: at {where}: {exc.message}") from None
+        hint = exc.schema.get("description") if isinstance(exc.schema, dict) else None
+        raise BundleError(
+            f"{source} is not a valid model bundle manifest: at {where}: {exc.message}" + (f" ({hint})" if hint else "")
+            + f"; correct it or {REEXPORT}."
+        ) from None
+
+    def refuse(field_name: str, problem: str, fix: str = REEXPORT) -> NoReturn:
+        raise BundleError(f"{source}: {field_name}: {problem}; {fix}.")
+
     expected = {fold_file_name(k) for k in manifest["folds"]}
-    missing = sorted(expected - set(manifest["files"]))
-    if missing:
-        raise BundleError(f"{source} lists folds {manifest['folds']} but no hash for {missing}; re-export the bundle.")
+    missing, extra = sorted(expected - set(manifest["files"])), sorted(set(manifest["files"]) - expected)
+    if missing or extra:
+        refuse("files", f"folds {manifest['folds']} need exactly {sorted(expected)}; "
+               + (f"no hash for {missing}" if missing else f"{extra} belong to no fold"))
+    for where in (*_non_finite(manifest["geometry"], "geometry"), *_non_finite(manifest["network"], "network")):
+        refuse(where, "is not a finite number")
     network = manifest["network"]
     if network["in_channels"] != len(manifest["modalities"]):
-        raise BundleError(
-            f"{source}: the network takes {network['in_channels']} input channels but {len(manifest['modalities'])} "
-            f"modalities are listed ({manifest['modalities']}); re-export the bundle."
-        )
-    unknown = sorted(set(manifest["modalities"]) - set(manifest["geometry"]["percentiles"]))
+        refuse("network/in_channels", f"the network takes {network['in_channels']} input channels but "
+               f"{len(manifest['modalities'])} modalities are listed ({manifest['modalities']})")
+    geometry = manifest["geometry"]
+    unknown = sorted(set(manifest["modalities"]) - set(geometry["percentiles"]))
     if unknown:
-        raise BundleError(f"{source}: no normalisation percentiles for modalities {unknown}; re-export the bundle.")
+        refuse("geometry/percentiles", f"no normalisation percentiles for modalities {unknown}")
+    for name, (low, high) in geometry["percentiles"].items():
+        if not low < high:
+            refuse(f"geometry/percentiles/{name}", f"low {low} is not below high {high}")
+    levels = geometry.get("percentile_levels", [1.0, 99.0])
+    if not levels[0] < levels[1]:
+        refuse("geometry/percentile_levels", f"{levels} is not LOW < HIGH")
+    config = NetworkConfig.from_dict(network)
+    crop = [int(v) for v in geometry["crop_size"]]
+    if min(crop) < config.size_multiple:
+        refuse("geometry/crop_size", f"{crop} has a side below {config.size_multiple} voxels, the 2**(levels-1) that the "
+               f"network's {config.levels - 1} downsamplings need", "use a larger crop or fewer network levels, and retrain")
+    if math.prod(crop) > MAX_CROP_VOXELS:
+        refuse("geometry/crop_size", f"{'x'.join(map(str, crop))} = {math.prod(crop):,} voxels exceeds MAX_CROP_VOXELS "
+               f"({MAX_CROP_VOXELS:,} = 256^3): a forward pass would not fit in memory",
+               "use a smaller crop or a coarser spacing (the paper: 160x192x160 at 1 mm), and retrain")
+
+
+@functools.lru_cache(maxsize=16)
+def network_tensor_shapes(config: NetworkConfig) -> Shapes:
+    """Name -> shape of every tensor in the ``state_dict`` of the network ``config`` describes.
+
+    The network is built on PyTorch's ``meta`` device: shapes without memory, whatever its size.
+    """
+    import torch
+
+    from .network import build_network
+
+    with torch.device("meta"):
+        network = build_network(config)
+    return {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}
+
+
+def _file_kind(prefix: bytes) -> str:
+    """What a file that is not safetensors most likely is, for the error message."""
+    if prefix.startswith(b"PK\x03\x04"):
+        return " (it is a ZIP archive, e.g. a torch.save checkpoint)"
+    if prefix[:1] == b"\x80":
+        return " (it is a Python pickle, e.g. an old-style torch.save file)"
+    return ""
+
+
+def read_safetensors_header(path: PathLike) -> Dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets); no tensor is read.
+
+    The layout is an 8-byte little-endian header length, the JSON header, then the tensor bytes.
+    The header must fit in the file; the library then validates the offsets (``safe_open``), which
+    never unpickles anything.
+
+    Raises:
+        BundleError: naming the file when it is not a valid safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        fix = f"weights are only ever read as safetensors (never unpickled): {REEXPORT}"
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise BundleError(
+                f"{path} is not a safetensors file{_file_kind(prefix)}: its header length {length} does not fit "
+                f"in the file's {size} bytes; {fix}."
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (ValueError, SafetensorError) as exc:
+        raise BundleError(f"{path} is not a valid safetensors file ({exc}); {fix}.") from None
+    return header
+
+
+def check_weight_file(path: PathLike, expected: Mapping[str, Tuple[int, ...]], manifest_path: PathLike) -> None:
+    """Check that a weight file holds exactly the tensors ``expected`` (name -> shape), floating point.
+
+    Raises:
+        BundleError: naming the file, the first differing tensors and the fix.
+    """
+    header = read_safetensors_header(path)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong_shape = [f"{k} {list(tensors[k]['shape'])} (needs {list(expected[k])})"
+                   for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k]["shape"]) != tuple(expected[k])]
+    wrong_dtype = [f"{k} {v['dtype']}" for k, v in sorted(tensors.items()) if v["dtype"] not in FLOAT_DTYPES]
+    problems = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}" for label, items in (
+        ("missing tensors", missing), ("unexpected tensors", extra), ("wrong shapes", wrong_shape),
+        (f"dtypes other than {'/'.join(FLOAT_DTYPES)}", wrong_dtype)) if items]
+    if problems:
+        raise BundleError(
+            f"{path} does not hold the weights of the network declared in {manifest_path} ({'; '.join(problems)}); "
+            f"the weights belong to another network or were altered: {REEXPORT}."
+        )
 
 
 @dataclass
@@ -130,6 +280,8 @@ class ModelBundle:
 
     @property
     def network_config(self) -> NetworkConfig:
+        from .network import NetworkConfig
+
         return NetworkConfig.from_dict(self.manifest["network"])
 
     def geometry(self) -> Any:
@@ -143,27 +295,39 @@ class ModelBundle:
             raise BundleError(f"bundle {self.name!r} ({self.path}) has folds {self.folds}; fold {fold} does not exist.")
         return self.path / fold_file_name(fold)
 
+    def _check_file(self, name: str) -> None:
+        """One weight file: its SHA-256, then its safetensors header against the network."""
+        verify_files(self.path, {name: self.manifest["files"][name]})
+        check_weight_file(self.path / name, network_tensor_shapes(self.network_config), self.path / BUNDLE_FILE)
+
     def verify(self) -> None:
-        """Re-check every file's SHA-256 (raises :class:`BundleError` naming the first mismatch)."""
-        verify_files(self.path, self.manifest["files"])
+        """Re-check every weight file (hash and tensors); raises :class:`BundleError` naming the first bad one."""
+        for name in self.manifest["files"]:
+            self._check_file(name)
 
     def load_state_dict(self, fold: int) -> Dict[str, torch.Tensor]:
-        """Weights of one fold (safetensors only, hash re-checked just before reading)."""
+        """Weights of one fold (safetensors only, file re-checked just before reading)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = self.weight_path(fold)
-        verify_files(self.path, {path.name: self.manifest["files"][path.name]})
-        return load_file(str(path))
+        self._check_file(path.name)
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:  # the file changed since it was checked
+            raise BundleError(f"{path} could not be read ({exc}); {REEXPORT}.") from None
 
     def load_model(self, fold: int, device: Union[str, torch.device] = "cpu") -> ResidualUNet3D:
         """One fold's network in eval mode on ``device``."""
+        from .network import build_network
+
         model = build_network(self.network_config)
         state = self.load_state_dict(fold)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise BundleError(
-                f"{self.weight_path(fold)} does not fit the network described in {self.path / BUNDLE_FILE} ({exc}); re-export the bundle."
+                f"{self.weight_path(fold)} does not fit the network described in {self.path / BUNDLE_FILE} ({exc}); {REEXPORT}."
             ) from None
         return model.to(device).eval()
 
@@ -188,10 +352,15 @@ def verify_files(folder: Path, files: Mapping[str, str]) -> None:
 
 
 def load_bundle(path: PathLike, verify: bool = True) -> ModelBundle:
-    """Read, validate and (by default) hash-check a bundle folder or its ``bundle.json``.
+    """Read and validate a bundle folder or its ``bundle.json``; by default check every weight file too.
+
+    Args:
+        path: the bundle folder or its ``bundle.json``.
+        verify: check every weight file's SHA-256 and tensors now (``False``: only when a fold is loaded).
 
     Raises:
-        BundleError: missing folder/manifest, invalid JSON or schema, missing or modified weight file.
+        BundleError: missing folder/manifest, invalid JSON, schema or cross-field rule, missing,
+            modified or non-safetensors weight file, weights of another network.
     """
     path = Path(path)
     folder = path.parent if path.name == BUNDLE_FILE else path
@@ -200,8 +369,10 @@ def load_bundle(path: PathLike, verify: bool = True) -> ModelBundle:
         raise BundleError(f"no {BUNDLE_FILE} in {folder}: point to a model bundle folder (made by `contrast-amplifier-train export`).")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); re-export or re-download the bundle.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); {REEXPORT}.") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} is not a JSON object; {REEXPORT}.")
     validate_manifest(manifest, str(manifest_path))
     bundle = ModelBundle(path=folder, manifest=manifest)
     if verify:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, NoReturn, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import typer
 
+from .cliapp import cancelled, fail, run_cli
 from .progress import Cancelled, make_progress
 
 app = typer.Typer(
@@ -23,12 +24,6 @@ app = typer.Typer(
 )
 
 ProgressOpt = typer.Option("bar", "--progress", help="bar (tqdm on stderr), json (one JSON object per line on stdout, read by Slicer) or none.")
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print ``error: message`` in red on stderr and exit with ``code`` (2 = bad input, 130 = cancelled)."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -53,42 +48,69 @@ def phantom(
         )
     except ValueError as exc:
         fail(str(exc))
-    except Cancelled:
-        fail("cancelled; unfinished cases were removed", code=130)
-    getattr(report, "close", lambda: None)()
+    except (Cancelled, KeyboardInterrupt):
+        cancelled("cancelled; finished cases are kept, the unfinished one was removed")
+    finally:
+        getattr(report, "close", lambda: None)()
     for path in paths:
         typer.echo(str(path), err=progress == "json")
+
+
+StrictOpt = typer.Option(False, "--strict", help="Plausibility warnings (not a brain, modalities that do not overlap, implausible motion or intensities) become errors. See README.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace this command's own output files where they already exist (nothing else is ever touched).")
 
 
 @app.command()
 def preprocess(
     case_dir: Path = typer.Argument(..., help="Folder with t1, flair, adc and t1c images (NIfTI/NRRD/MHA or DICOM sub-folders)."),
-    out_dir: Path = typer.Argument(..., help="Output folder (normalised images on the atlas crop grid, transforms, preprocess.json)."),
+    out_dir: Path = typer.Argument(..., help="Output folder (new, or existing: only this command's files are written there)."),
     spacing: float = typer.Option(1.0, "--spacing", help="Atlas-space voxel spacing in mm (paper: 1 mm)."),
-    crop: List[int] = typer.Option([160, 192, 160], "--crop", help="Centre-crop size in voxels, x y z (paper: 160 192 160)."),
+    crop: Tuple[int, int, int] = typer.Option((160, 192, 160), "--crop", help="Centre-crop size in voxels, x y z (paper: 160 192 160)."),
     skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode: fast (CPU default) or accurate (GPU, with mirroring)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (HD-BET)."),
     qc: bool = typer.Option(False, "--qc", help="Also write qc.png: mid slices of each registered modality with the template brain outline."),
+    overwrite: bool = OverwriteOpt,
+    strict: bool = StrictOpt,
     progress: str = ProgressOpt,
 ) -> None:
     """Run the paper's preprocessing on one case: skull-strip, register to ICBM 2009a, resample, crop, normalise."""
-    from .imageio import ImageValidationError
     from .preprocessing import Geometry, preprocess_case_dir
 
-    if len(crop) != 3:
-        fail(f"--crop takes three values (x y z), got {crop}")
-    report = make_progress(progress)
+    report = _with_warnings(make_progress(progress), progress)
     try:
         result = preprocess_case_dir(
             case_dir, out_dir, Geometry(spacing=(spacing,) * 3, crop_size=tuple(crop)),
-            skull_strip_mode=skull_strip, device=device, qc=qc, progress=report,
+            skull_strip_mode=skull_strip, device=device, qc=qc, progress=report, overwrite=overwrite, strict=strict,
         )
-    except ImageValidationError as exc:
+    except ValueError as exc:
         fail(str(exc))
-    except Cancelled:
-        fail("cancelled; nothing was written", code=130)
-    getattr(report, "close", lambda: None)()
+    except (Cancelled, KeyboardInterrupt):
+        cancelled("cancelled; nothing was written")
+    finally:
+        getattr(report, "close", lambda: None)()
     typer.echo(f"wrote {out_dir} ({result.timings_s.get('total', float('nan')):.1f} s)", err=progress == "json")
+
+
+def _with_warnings(report, progress: str):
+    """Show plausibility warnings (progress stage ``warning``) as ``warning:`` lines on stderr.
+
+    With ``--progress json`` they also stay in the JSON stream, where the Slicer module reads them.
+    """
+    bar = getattr(report, "bar", None)
+
+    def callback(stage: str, fraction: float, message: str = "") -> None:
+        if stage == "warning":
+            line = typer.style(f"warning: {message}", fg=typer.colors.YELLOW)
+            if bar is not None:
+                bar.write(line, file=sys.stderr)  # above the progress bar, not through it
+            else:
+                typer.echo(line, err=True)
+            if progress != "json":
+                return
+        report(stage, fraction, message)
+
+    callback.close = getattr(report, "close", lambda: None)  # type: ignore[attr-defined]
+    return callback
 
 
 @app.command()
@@ -96,7 +118,7 @@ def demo(
     out_dir: Path = typer.Argument(Path("demo-output"), help="Where the demo writes its case, T1c-pro, demo.png and demo.json."),
     spacing: float = typer.Option(1.0, "--spacing", help="Phantom spacing in mm."),
     seed: int = typer.Option(20260, "--seed", help="Phantom seed (the demo's own; the demo model was trained on other seeds)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder (default: the shipped phantom demo)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder (default: the default model, the shipped demo unless set with `models set-default`)."),
     flips: int = typer.Option(8, "--flips", help="Mirrorings per fold (paper: 8)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
 ) -> None:
@@ -105,7 +127,7 @@ def demo(
 
     try:
         run_demo(out_dir, spacing=spacing, seed=seed, model=model, flips=flips, device=device)
-    except _amplify_errors() as exc:
+    except ValueError as exc:
         fail(str(exc))
 
 
@@ -147,22 +169,14 @@ MappingOpt = typer.Option("auto", "--mapping", help="How T1c-pro returns to the 
 CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README).")
 
 
-def _amplify_errors():
-    """Exceptions that are the user's input problem (reported in one line, exit 2)."""
-    from .bundle import BundleError
-    from .imageio import ImageValidationError
-
-    return (ImageValidationError, BundleError, ValueError)
-
-
 @app.command()
 def predict(
     t1: Path = typer.Option(..., "--t1", help="Pre-contrast T1 (file or DICOM folder)."),
     flair: Path = typer.Option(..., "--flair", help="T2-FLAIR."),
     adc: Path = typer.Option(..., "--adc", help="ADC map."),
     t1c: Path = typer.Option(..., "--t1c", help="Routine contrast-enhanced T1 (T1c); T1c-pro is written on its grid."),
-    out: Path = typer.Option(..., "--out", help="Output T1c-pro file (.nii.gz, .nrrd, .mha); written atomically."),
-    model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder (default: first installed; see `models list`)."),
+    out: Path = typer.Option(..., "--out", help="Output T1c-pro file (.nii.gz, .nii, .nrrd, .mha); checked before any work, written atomically."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder (default: the default model; see `models list` / `models set-default`)."),
     folds: Optional[List[int]] = typer.Option(None, "--folds", help="Fold models to average (repeat the option; default: all)."),
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -172,21 +186,24 @@ def predict(
     skull_strip: Optional[str] = typer.Option(None, "--skull-strip", help="HD-BET fast or accurate (default: accurate on CUDA, fast on CPU)."),
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    strict: bool = StrictOpt,
     progress: str = ProgressOpt,
 ) -> None:
     """Amplify one case: T1, T2-FLAIR, ADC and T1c in, T1c-pro out (5 folds x 8 mirrorings by default)."""
     from .inference import amplify_case
 
-    report = make_progress(progress)
+    report = _with_warnings(make_progress(progress), progress)
     try:
         result = amplify_case(t1, flair, adc, t1c, bundle=model, out_path=out, folds=folds, n_mirrorings=flips,
                               device=device, precision=precision, compile=compile_models, mapping=mapping, skull_strip_mode=skull_strip, brain_mask=brain_mask,
-                              threads=threads, progress=report)
-    except _amplify_errors() as exc:
+                              threads=threads, progress=report, overwrite=overwrite, strict=strict)
+    except ValueError as exc:
         fail(str(exc))
-    except Cancelled:
-        fail("cancelled; no output was written", code=130)
-    getattr(report, "close", lambda: None)()
+    except (Cancelled, KeyboardInterrupt):
+        cancelled("cancelled; no output was written")
+    finally:
+        getattr(report, "close", lambda: None)()
     typer.echo(f"wrote {result.output_path} ({result.n_predictions} predictions, {result.timings_s['total']:.1f} s)",
                err=progress == "json")
 
@@ -203,18 +220,23 @@ def predict_cohort(
     mapping: str = MappingOpt,
     compile_models: Optional[bool] = CompileOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists."),
+    strict: bool = StrictOpt,
     progress: str = ProgressOpt,
 ) -> None:
     """Amplify every case of a folder; finished cases are skipped, a failing case does not stop the others."""
     from .cohort import predict_cohort as run_cohort
 
-    report = make_progress(progress)
+    report = _with_warnings(make_progress(progress), progress)
     try:
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
-                          precision=precision, overwrite=overwrite, compile=compile_models, mapping=mapping, progress=report)
-    except Cancelled:
-        fail("cancelled; finished cases are kept, the current one was not written", code=130)
-    getattr(report, "close", lambda: None)()
+                          precision=precision, overwrite=overwrite, compile=compile_models, mapping=mapping,
+                          strict=strict, progress=report)
+    except ValueError as exc:
+        fail(str(exc))
+    except (Cancelled, KeyboardInterrupt):
+        cancelled("cancelled; finished cases are kept, the current one was not written")
+    finally:
+        getattr(report, "close", lambda: None)()
     failed = [r for r in rows if r["status"] == "failed"]
     typer.echo(f"{len(rows)} cases: {sum(r['status'] == 'done' for r in rows)} done, "
                f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {len(failed)} failed; see {out_dir / 'summary.csv'}",
@@ -223,31 +245,46 @@ def predict_cohort(
         raise typer.Exit(1)
 
 
-models_app = typer.Typer(help="Model bundles: list, verify, import, path (per-user registry + shipped demo).", no_args_is_help=True)
+models_app = typer.Typer(help="Model bundles: list, verify, import, set-default, path (per-user registry + shipped demo).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
 @models_app.command("list")
 def models_list() -> None:
-    """List installed bundles (user folder first, then the ones shipped with the extension)."""
-    from .registry import list_models
+    """List installed bundles (user folder first, then the shipped ones); * marks the default model."""
+    from .bundle import BundleError
+    from .registry import default_model_name, list_models
 
     entries = list_models()
     if not entries:
         typer.echo("no model bundle installed; see `contrast-amplifier models import --help`")
+    try:
+        default: Optional[str] = default_model_name()
+    except BundleError as exc:
+        default = None
+        typer.secho(f"warning: {exc}", err=True, fg=typer.colors.YELLOW)
     for entry in entries:
-        typer.echo(f"{entry.name}\t{entry.version}\t{entry.source}\t{entry.intended_use}\t{entry.path}")
+        mark = "*" if entry.name == default else " "
+        typer.echo(f"{mark} {entry.name}\t{entry.version}\t{entry.source}\t{entry.intended_use}\t{entry.path}")
+    if default is not None:
+        typer.echo(f"* default model ({default}); change it with `contrast-amplifier models set-default NAME`")
 
 
 @models_app.command("verify")
 def models_verify() -> None:
-    """Re-check the SHA-256 of every file of every bundle; exit 1 if any is modified."""
-    from .registry import verify_models
+    """Check every bundle in full (manifest, SHA-256, tensors of every weight file) and the default; exit 1 on any failure."""
+    from .bundle import BundleError
+    from .registry import default_model_name, verify_models
 
     failed = 0
     for entry, error in verify_models():
         typer.echo(f"{'OK  ' if error is None else 'FAIL'} {entry.name} ({entry.path})" + ("" if error is None else f": {error}"))
         failed += error is not None
+    try:
+        typer.echo(f"OK   default model: {default_model_name()}")
+    except BundleError as exc:
+        typer.echo(f"FAIL default model: {exc}")
+        failed += 1
     if failed:
         raise typer.Exit(1)
 
@@ -257,7 +294,7 @@ def models_import(
     source: Path = typer.Argument(..., help="A bundle folder (with bundle.json) or a .zip of one."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an installed bundle of the same name."),
 ) -> None:
-    """Verify a bundle's hashes and copy it into the per-user models folder."""
+    """Check a bundle in full (manifest, hashes, tensors) and copy it into the per-user models folder; the default model is unchanged."""
     from .bundle import BundleError
     from .registry import import_model
 
@@ -268,6 +305,29 @@ def models_import(
     typer.echo(f"imported {bundle.name} {bundle.manifest['version']} -> {bundle.path}")
 
 
+@models_app.command("set-default")
+def models_set_default(
+    name: Optional[str] = typer.Argument(None, help="An installed model's name (see `contrast-amplifier models list`)."),
+    shipped: bool = typer.Option(False, "--shipped", help="Go back to the model shipped with the extension."),
+) -> None:
+    """Choose the model used when none is named (predict, the Slicer module); it is checked in full first."""
+    from .bundle import BundleError
+    from .registry import default_model_file, set_default_model
+
+    if (name is None) != shipped:
+        fail("give either a model NAME or --shipped (see `contrast-amplifier models list`)")
+    try:
+        default = set_default_model(name)
+    except BundleError as exc:
+        fail(str(exc))
+    if name is not None:
+        typer.echo(f"default model: {default} (stored in {default_model_file()})")
+    elif default is not None:
+        typer.echo(f"default model: {default} (the shipped one)")
+    else:
+        typer.echo("no default model: none is shipped with this installation; name one with `models set-default NAME`")
+
+
 @models_app.command("path")
 def models_path() -> None:
     """Print the per-user models folder (set $CONTRAST_AMPLIFIER_MODELS to move it)."""
@@ -276,21 +336,10 @@ def models_path() -> None:
     typer.echo(str(user_models_dir()))
 
 
-def _terminate_as_interrupt(signum, frame):  # pragma: no cover - exercised through a child process
-    raise KeyboardInterrupt
-
-
-def main() -> None:  # console-script entry point
-    import signal
-
-    # The Slicer module cancels its child with SIGTERM: unwind like Ctrl-C so temporary files
-    # are removed and no half-written output is left behind.
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    try:
-        app()
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        sys.exit(130)
+def main(argv: Optional[List[str]] = None) -> None:  # console-script entry point
+    """``contrast-amplifier``: one error line instead of a traceback (``--debug`` shows it); the
+    Slicer module's Stop (SIGTERM) unwinds like Ctrl-C, so no half-written output is left."""
+    run_cli(app, argv, prog_name="contrast-amplifier")
 
 
 if __name__ == "__main__":

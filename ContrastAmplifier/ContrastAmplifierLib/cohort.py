@@ -42,15 +42,23 @@ def predict_cohort(
     overwrite: bool = False,
     compile: Optional[bool] = None,
     mapping: str = "auto",
+    strict: bool = False,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> List[Dict[str, object]]:
-    """Amplify every case of ``cases_dir`` into ``out_dir/<case>/T1c-pro.nii.gz``; returns the summary rows."""
+    """Amplify every case of ``cases_dir`` into ``out_dir/<case>/T1c-pro.nii.gz``; returns the summary rows.
+
+    ``out_dir`` may exist; only ``<case>/T1c-pro.nii.gz`` and ``summary.csv`` are written there
+    (the summary is this command's own and is rewritten after every case). It may not be the
+    cases folder, contain it, or be the current directory (checked before any work).
+    """
     from .inference import _resolve_bundle, amplify_case
+    from .outputs import check_output_folder
 
     report = progress or null_progress
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     folders = _case_folders(cases_dir)
+    check_output_folder(out_dir, [], inputs=[cases_dir], what="cohort output folder")
     model = _resolve_bundle(bundle)  # load and hash-check once for all cases
     rows: List[Dict[str, object]] = []
     for index, folder in enumerate(folders):
@@ -67,7 +75,8 @@ def predict_cohort(
                 inputs = find_case_inputs(folder)
                 result = amplify_case(inputs["t1"], inputs["flair"], inputs["adc"], inputs["t1c"], bundle=model,
                                       out_path=target, folds=folds, n_mirrorings=n_mirrorings, device=device,
-                                      precision=precision, compile=compile, mapping=mapping, progress=span, cancel=cancel)
+                                      precision=precision, compile=compile, mapping=mapping, progress=span, cancel=cancel,
+                                      overwrite=overwrite, strict=strict)
                 row.update(status="done", n_predictions=result.n_predictions)
             except (Cancelled, KeyboardInterrupt):
                 raise

@@ -83,7 +83,8 @@ def run_demo(out_dir: Path, spacing: float = 1.0, seed: int = DEMO_SEED, model: 
         bar.close()
     bar = TqdmProgress()
     result = amplify_case(*(case_dir / f"{m}.nii.gz" for m in ("t1", "flair", "adc", "t1c")), bundle=bundle,
-                          out_path=out_dir / "T1c-pro.nii.gz", n_mirrorings=flips, device=device, progress=bar)
+                          out_path=out_dir / "T1c-pro.nii.gz", overwrite=True,  # the demo's own output of an earlier run
+                          n_mirrorings=flips, device=device, progress=bar)
     bar.close()
 
     t1c_image = sitk.ReadImage(str(case_dir / "t1c.nii.gz"), sitk.sitkFloat32)

@@ -7,6 +7,7 @@ wrong folder should know at once which input is wrong and why.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Union
 
@@ -23,6 +24,16 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Plausible voxel spacing range in mm for brain MRI (catches metres, microns and 0 spacing).
 SPACING_RANGE_MM = (0.05, 20.0)
 
+#: Largest plausible field of view of a head MRI along any axis, in mm. A head is about
+#: 200-250 mm long; neurological protocols use FOVs of 180-300 mm (sagittal head-and-neck stacks
+#: up to ~350 mm). 500 mm leaves room for all of these and catches wrong header units or
+#: spacing (a 67-voxel axis at 15 mm is 1 m, which HD-BET would resample to 1.5 mm: tens of GB).
+MAX_FIELD_OF_VIEW_MM = 500.0
+
+#: Suffixes whose voxel payload SimpleITK reads without complaint when truncated, and whose NaN
+#: and infinite floats it returns as 0: their raw data is checked with nibabel as well.
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
 
 class ImageValidationError(ValueError):
     """An input image cannot be used; the message names it and the fix."""
@@ -32,15 +43,27 @@ def _describe(name: str, source: object) -> str:
     return f"{name} ({source})" if isinstance(source, (str, os.PathLike)) else name
 
 
+def image_suffix(path: Union[str, os.PathLike]) -> str:
+    """The image-format suffix of ``path`` (``.nii.gz`` counts as one), lower-case."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
 def read_image(source: ImageLike, name: str = "image") -> sitk.Image:
     """Read a NIfTI/NRRD/MHA file or a DICOM series folder into a float32 SimpleITK image.
+
+    The whole file is read and checked before anything else runs: a truncated or corrupted
+    file, NaN or infinite voxels (also in NIfTI, where SimpleITK hides them as 0), more than
+    one volume (4D) or more than one component per voxel, an implausible spacing or field of
+    view, and an empty image are refused with an :class:`ImageValidationError` naming the input.
 
     Args:
         source: a path (file or DICOM folder) or an already loaded ``sitk.Image``.
         name: what the image is ("T1c", "ADC"...), used in error messages.
 
     Raises:
-        ImageValidationError: unreadable, missing, not 3D, empty, non-finite or implausible spacing.
+        ImageValidationError: unreadable, missing, truncated, not 3D, empty, non-finite or
+            implausible geometry.
     """
     if isinstance(source, sitk.Image):
         image = source
@@ -50,35 +73,98 @@ def read_image(source: ImageLike, name: str = "image") -> sitk.Image:
             raise ImageValidationError(
                 f"{name} volume not found: {path}. Check the path, or pass the {name} volume explicitly."
             )
+        if path.is_file() and image_suffix(path) in NIFTI_SUFFIXES:
+            _check_nifti_payload(path, name)
         try:
             if path.is_dir():
-                reader = sitk.ImageSeriesReader()
-                series = reader.GetGDCMSeriesIDs(str(path))
-                if not series:
-                    raise ImageValidationError(
-                        f"{name} folder {path} holds no DICOM series; point to a DICOM series folder or a NIfTI/NRRD/MHA file."
-                    )
-                if len(series) > 1:
-                    raise ImageValidationError(
-                        f"{name} folder {path} holds {len(series)} DICOM series; put one series per folder."
-                    )
-                reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-                image = reader.Execute()
+                image = _read_dicom_series(path, name)
             else:
                 image = sitk.ReadImage(str(path))
         except ImageValidationError:
             raise
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ImageValidationError(
-                f"{name} file {path} could not be read ({first}). Supported: NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, DICOM series folders."
-            ) from exc
+            raise _unreadable(name, path, exc) from exc
+    image = _as_single_volume(image, _describe(name, source))
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageValidationError(
-            f"{_describe(name, source)} has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar (grey-level) volume is required."
+            f"{_describe(name, source)} has {image.GetNumberOfComponentsPerPixel()} components per voxel (a colour or "
+            "vector image); a scalar (grey-level) volume is required."
         )
     image = sitk.Cast(image, sitk.sitkFloat32)
     validate_image(image, _describe(name, source))
+    return image
+
+
+def _read_dicom_series(path: Path, name: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise ImageValidationError(
+            f"{name} folder {path} holds no DICOM series; point to a DICOM series folder or a NIfTI/NRRD/MHA file."
+        )
+    if len(series) > 1:
+        raise ImageValidationError(
+            f"{name} folder {path} holds {len(series)} DICOM series; put one series per folder."
+        )
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+    return reader.Execute()
+
+
+def _check_nifti_payload(path: Path, name: str) -> None:
+    """Read a NIfTI file's raw voxels with nibabel: catches truncation, 4D and NaN/Inf that ITK hides."""
+    import nibabel as nib
+
+    try:
+        nifti = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for a bad header
+        raise _unreadable(name, path, exc) from None
+    shape = tuple(int(v) for v in nifti.shape)
+    if len(shape) > 3 and int(np.prod(shape[3:])) > 1:
+        raise ImageValidationError(_more_than_one_volume(f"{name} ({path})", shape))
+    try:
+        data = np.asanyarray(nifti.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise ImageValidationError(
+            f"{name} file {path} is truncated or corrupted: only part of its {'x'.join(map(str, shape))} voxels could be "
+            f"read ({type(exc).__name__}: {str(exc).splitlines()[0]}). Copy or export the file again."
+        ) from None
+    if data.dtype.kind in "fc":
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise ImageValidationError(_non_finite_message(f"{name} ({path})", bad, data.size))
+
+
+def _unreadable(name: str, path: Path, exc: BaseException) -> ImageValidationError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ImageValidationError(
+        f"{name} file {path} could not be read ({first}). It may be truncated, corrupted or in another format: "
+        "export it again. Supported: NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, DICOM series folders."
+    )
+
+
+def _more_than_one_volume(name: str, shape) -> str:
+    return (
+        f"{name} holds {int(np.prod(shape[3:]))} volumes ({'x'.join(str(s) for s in shape)}, 4D); a single 3D volume is "
+        "required. Export the one volume this input needs (for diffusion, the ADC map, not the b-value series)."
+    )
+
+
+def _non_finite_message(name: str, bad: int, total: int) -> str:
+    return (
+        f"{name} contains {bad} NaN/infinite voxels (of {total}); fix the export or replace them (e.g. with 0) "
+        "before processing."
+    )
+
+
+def _as_single_volume(image: sitk.Image, name: str) -> sitk.Image:
+    """A 4D image with one volume becomes 3D; more volumes are refused (before any cast)."""
+    if image.GetDimension() == 4:
+        size = image.GetSize()
+        if size[3] != 1:
+            raise ImageValidationError(_more_than_one_volume(name, size))
+        return sitk.Extract(image, [size[0], size[1], size[2], 0], [0, 0, 0, 0])
+    if image.GetDimension() > 4:
+        raise ImageValidationError(f"{name} is {image.GetDimension()}D; a single 3D volume is required.")
     return image
 
 
@@ -98,13 +184,17 @@ def validate_image(image: sitk.Image, name: str = "image") -> None:
             f"{name} has implausible voxel spacing {tuple(round(s, 4) for s in spacing)} mm (expected {lo}-{hi} mm); "
             "check the header units (mm) or resample the volume."
         )
+    extent = [n * s for n, s in zip(size, spacing)]
+    if max(extent) > MAX_FIELD_OF_VIEW_MM:
+        raise ImageValidationError(
+            f"{name} covers {' x '.join(f'{e:.0f}' for e in extent)} mm ({'x'.join(str(n) for n in size)} voxels of "
+            f"{' x '.join(f'{s:g}' for s in spacing)} mm): more than {MAX_FIELD_OF_VIEW_MM:.0f} mm is not a head MRI. "
+            "Check the voxel spacing in the header (mm, not cm), or crop the volume to the head."
+        )
     array = sitk.GetArrayViewFromImage(image)
     finite = np.isfinite(array)
     if not finite.all():
-        bad = int(array.size - finite.sum())
-        raise ImageValidationError(
-            f"{name} contains {bad} NaN/infinite voxels; fix the export or replace them (e.g. with 0) before processing."
-        )
+        raise ImageValidationError(_non_finite_message(name, int(array.size - finite.sum()), array.size))
     if float(array.max()) == float(array.min()):
         raise ImageValidationError(
             f"{name} is empty (every voxel equals {float(array.min()):g}); load the right series."

@@ -50,6 +50,9 @@ MAPPINGS = ("auto", "direct", "residual")
 #: ``mapping="auto"`` adds the network's change to the native T1c (residual) when the model's grid
 #: spacing exceeds this multiple of the T1c's finest voxel spacing.
 RESIDUAL_SPACING_RATIO = 1.5
+#: Formats T1c-pro can be written in: single-file formats only, so that the atomic rename moves
+#: the whole image (a .mhd/.nhdr header would point at a data file under a temporary name).
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 @dataclass
@@ -158,13 +161,18 @@ def amplify_case(
     threads: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    overwrite: bool = False,
+    strict: bool = False,
 ) -> AmplifyResult:
     """Amplify the contrast of one case: the paper's T1c -> T1c-pro.
 
     Args:
         t1, flair, adc, t1c: images or paths (NIfTI/NRRD/MHA/DICOM folder), each on its own grid.
         bundle: a loaded bundle, a registry name, a bundle folder, or ``None`` for the default.
-        out_path: if given, T1c-pro is written there atomically (temp file + rename).
+        out_path: if given, T1c-pro is written there atomically (temp file + rename). The path is
+            checked before any work (:func:`.outputs.check_output_file`): a supported image
+            ending, not an input, not an existing folder, writable, and not an existing file
+            unless ``overwrite``.
         folds: fold models to average (default: all of the bundle's).
         n_mirrorings: 1, 2, 4 or 8 (paper: 8).
         device: auto, cpu, cuda, cuda:N or mps (network and HD-BET).
@@ -178,6 +186,8 @@ def amplify_case(
         threads: CPU threads for torch (default: all cores).
         progress: ``(stage, fraction, message)`` callback over the whole job.
         cancel: checked between every step and every forward pass; nothing is written when set.
+        overwrite: allow replacing an existing ``out_path``.
+        strict: preprocessing plausibility warnings become errors (:func:`.preprocessing.preprocess_case`).
 
     Returns:
         :class:`AmplifyResult` with T1c-pro on the native T1c grid.
@@ -185,6 +195,11 @@ def amplify_case(
     start = time.perf_counter()
     report = progress or null_progress
     timings: Dict[str, float] = {}
+    if out_path is not None:
+        from .outputs import check_output_file
+
+        sources = [p for p in (t1, flair, adc, t1c, brain_mask) if isinstance(p, (str, os.PathLike))]
+        out_path = check_output_file(out_path, OUTPUT_SUFFIXES, inputs=sources, overwrite=overwrite, what="T1c-pro output")
     model_bundle = _resolve_bundle(bundle)
     missing = [m for m in model_bundle.modalities if m not in INPUT_MODALITIES]
     if missing:
@@ -202,6 +217,7 @@ def amplify_case(
     case = preprocess_case(
         {m: inputs[m] for m in model_bundle.modalities}, model_bundle.geometry(), skull_strip_mode=mode,
         device=hd_bet_device, brain_mask=brain_mask, progress=SubProgress(report, 0.0, 0.4), cancel=cancel,
+        strict=strict,
     )
     timings["preprocess"] = time.perf_counter() - t0
     check_cancel(cancel)

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from . import mr_signal as mr
-from .atomicfile import write_text_atomic
+from .atomicfile import apply_umask, write_text_atomic
 from .imageio import write_image_atomic
 from .phantom_acquisition import (NativeGrid, apply_affine, bias_field, native_image, plan_grid,
                                   resample_to_native, sample_case_pose, sample_motion, sequence_spacing,
@@ -536,16 +536,32 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
     """Generate ``cases`` phantom cases ``OUT_DIR/case_NNN`` (case ``i`` uses ``seed + i``).
 
     Each case is built in a hidden temporary folder and renamed into place when complete, so a
-    cancel or crash never leaves half a case. An existing case folder is replaced, or kept with
-    ``skip_existing`` (it is complete: only finished cases are renamed into place), which lets a
-    cohort grow or resume.
+    cancel or crash never leaves half a case. An existing phantom case folder (one holding
+    ``phantom.json``) is replaced, or kept with ``skip_existing`` (it is complete: only finished
+    cases are renamed into place), which lets a cohort grow or resume. A ``case_NNN`` that is
+    anything else (a file, or a folder of other data) is never replaced: the call is refused
+    before anything is generated.
 
     Returns:
         The case folders, in order.
+
+    Raises:
+        OutputPathError: ``out_dir`` is a file, not writable, or holds a ``case_NNN`` that is not a phantom case.
     """
+    from .outputs import OutputPathError, check_output_folder
+
     if cases < 1:
         raise ValueError(f"--cases must be >= 1, got {cases}.")
     out_dir = Path(out_dir)
+    # Only new case_NNN sub-folders are created: the current directory is a fine place for them.
+    check_output_folder(out_dir, [], what="phantom output folder", allow_current_dir=True)
+    for i in range(cases):
+        final = out_dir / f"case_{i:03d}"
+        if final.exists() and not (final / "phantom.json").is_file():
+            raise OutputPathError(
+                f"{final} exists and is not a phantom case (no phantom.json); it is never replaced. Move it, or choose "
+                "another output folder."
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     report = progress or null_progress
     paths = []
@@ -556,7 +572,7 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
             paths.append(final)
             continue
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out_dir))
-        tmp.chmod(0o755)
+        apply_umask(tmp, directory=True)
         try:
             def sub_progress(stage: str, fraction: float, message: str = "", _i: int = i) -> None:
                 report(stage, (_i + fraction) / cases, f"case {_i + 1}/{cases}: {message}")

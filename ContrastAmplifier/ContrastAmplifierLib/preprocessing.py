@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -50,6 +48,8 @@ __all__ = ["Geometry", "NativeGrid", "PreprocessedCase", "preprocess_case", "pre
 #: The paper's four inputs (Figure 1); "t1c" is the post-contrast slot and the reference grid.
 MODALITIES: Tuple[str, ...] = ("t1", "flair", "adc", "t1c")
 REFERENCE = "t1c"
+#: Written last by :func:`preprocess_case_dir`: present only when the rest of the output is.
+MANIFEST_FILE = "preprocess.json"
 
 
 @dataclass
@@ -135,6 +135,8 @@ class PreprocessedCase:
         native_grid: the native T1c grid.
         geometry: the geometry used.
         timings_s: seconds per stage and ``"total"``.
+        findings: plausibility warnings (:class:`.plausibility.Finding`), written to
+            ``preprocess.json`` as ``"warnings"``; empty when every check passed.
     """
 
     images: Dict[str, sitk.Image]
@@ -146,6 +148,7 @@ class PreprocessedCase:
     native_grid: NativeGrid
     geometry: Geometry
     timings_s: Dict[str, float] = field(default_factory=dict)
+    findings: List["Finding"] = field(default_factory=list)
 
     @property
     def arrays(self) -> Dict[str, np.ndarray]:
@@ -214,6 +217,7 @@ class PreprocessedCase:
             "order": ["read+validate", "skull-strip T1c (native, HD-BET)", "affine T1c brain -> ICBM 2009a brain",
                       "rigid modality -> T1c", "one B-spline resampling per image", "z-score in brain, clip, [0,1]"],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+            "warnings": [f.to_dict() for f in self.findings],
         }
         meta.update(extra or {})
         write_text_atomic(json.dumps(meta, indent=2), out / "preprocess.json")
@@ -222,8 +226,10 @@ class PreprocessedCase:
     @classmethod
     def load(cls, out_dir: Union[str, os.PathLike]) -> "PreprocessedCase":
         """Read back what :meth:`write` wrote (zscores are not stored: empty dict)."""
+        from .plausibility import Finding
+
         out = Path(out_dir)
-        meta = json.loads((out / "preprocess.json").read_text(encoding="utf-8"))
+        meta = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
         images = {m: sitk.ReadImage(str(out / f"{m}.nii.gz"), sitk.sitkFloat32) for m in meta["modalities"]}
         grid = meta["native_t1c_grid"]
         return cls(
@@ -235,6 +241,7 @@ class PreprocessedCase:
             native_grid=NativeGrid(tuple(grid["size"]), tuple(grid["origin"]), tuple(grid["spacing"]), tuple(grid["direction"])),
             geometry=Geometry.from_dict(meta["geometry"]),
             timings_s=meta.get("timings_s", {}),
+            findings=[Finding(**f) for f in meta.get("warnings", [])],
         )
 
 
@@ -249,8 +256,14 @@ def preprocess_case(
     rigid_settings: RigidSettings = RigidSettings(),
     affine_settings: AffineSettings = AffineSettings(),
     template: Optional[Template] = None,
+    strict: bool = False,
 ) -> PreprocessedCase:
     """Preprocess one case (see the module docstring for the order of steps).
+
+    Plausibility checks (:mod:`.plausibility`) run in three groups: intensities right after
+    reading (before HD-BET), the brain mask and atlas fit after the affine registration, and
+    overlap / motion / similarity after the rigid registrations. Their findings are reported
+    through ``progress`` as stage ``"warning"`` and kept in :attr:`PreprocessedCase.findings`.
 
     Args:
         inputs: modality -> path or image; must contain ``"t1c"`` (the reference grid). Other
@@ -263,16 +276,35 @@ def preprocess_case(
         cancel: checked between steps; raises :class:`progress.Cancelled`.
         rigid_settings, affine_settings: registration settings.
         template: atlas template (default: nilearn's ICBM 2009a at 1 mm).
+        strict: raise at the first group of checks with findings instead of warning.
 
     Raises:
         ImageValidationError: an input is missing, unreadable, 2D, empty or not finite.
+        PlausibilityError: ``strict`` and a plausibility check failed (lists that group's findings).
     """
+    from . import plausibility as plaus
     from .imageio import ImageValidationError
+    from .registration import mask_points_mm
 
     geometry = geometry or Geometry()
-    report = progress or null_progress
-    timings: Dict[str, float] = {}
+    sink = progress or null_progress
+    timings: Dict[str, float] = {"checks": 0.0}
+    findings: List[plaus.Finding] = []
+    last_fraction = [0.0]
     start = time.perf_counter()
+
+    def report(stage: str, fraction: float, message: str = "") -> None:
+        last_fraction[0] = fraction
+        sink(stage, fraction, message)
+
+    def flag(group: List[plaus.Finding], t0: float) -> None:
+        """Keep one group of findings and report each as a "warning" (strict: raise instead)."""
+        timings["checks"] += time.perf_counter() - t0
+        plaus.raise_if_strict(group, strict)
+        findings.extend(group)
+        for finding in group:
+            sink("warning", last_fraction[0], finding.message)
+
     if REFERENCE not in inputs:
         raise ImageValidationError(f"no {REFERENCE.upper()} given (got {sorted(inputs)}); the T1c is the reference of every case.")
 
@@ -281,6 +313,8 @@ def preprocess_case(
     images = {name: read_image(src, name.upper()) for name, src in inputs.items()}
     native_mask_in = read_image(brain_mask, "brain mask") if brain_mask is not None else None
     timings["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    flag([f for name, image in images.items() for f in plaus.check_intensity(image, name)], t0)
     check_cancel(cancel)
 
     t1c = images[REFERENCE]
@@ -304,6 +338,9 @@ def preprocess_case(
     atlas_to_t1c = register_affine(template.image, sitk.Mask(t1c, native_mask), template.brain_mask, native_mask,
                                    affine_settings)
     timings["register_affine"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fit = plaus.atlas_fit(template.image, template.brain_mask, t1c, native_mask, atlas_to_t1c)
+    flag(plaus.check_brain_mask(native_mask) + plaus.check_atlas_fit(*fit), t0)
     check_cancel(cancel)
 
     t1c_to: Dict[str, sitk.Transform] = {}
@@ -315,6 +352,10 @@ def preprocess_case(
         check_cancel(cancel)
     timings["register_rigid"] = time.perf_counter() - t0
     timings["registration"] = timings["register_affine"] + timings["register_rigid"]
+    t0 = time.perf_counter()
+    points = mask_points_mm(native_mask, 5000)
+    flag([f for name in others for f in plaus.check_alignment(name, t1c, images[name], t1c_to[name], native_mask, points)], t0)
+    check_cancel(cancel)
 
     report("resample", 0.85, "one B-spline resampling per image")
     t0 = time.perf_counter()
@@ -345,18 +386,15 @@ def preprocess_case(
     return PreprocessedCase(
         images=ordered, zscores=zscores, brain_mask=mask_atlas, native_brain_mask=native_mask,
         atlas_to_t1c=atlas_to_t1c, t1c_to=t1c_to, native_grid=NativeGrid.of(t1c), geometry=geometry, timings_s=timings,
+        findings=findings,
     )
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``; an existing ``out`` is replaced as a whole."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def preprocess_output_names(modalities: Sequence[str] = MODALITIES, qc: bool = False) -> List[str]:
+    """The file names :func:`preprocess_case_dir` writes (and the only ones it ever replaces)."""
+    names = [f"{m}.nii.gz" for m in modalities] + ["brain_mask.nii.gz", "native_brain_mask.nii.gz", "atlas_to_t1c.tfm"]
+    names += [f"t1c_to_{m}.tfm" for m in modalities if m != REFERENCE]
+    return names + (["qc.png"] if qc else []) + [MANIFEST_FILE]
 
 
 def preprocess_case_dir(
@@ -370,27 +408,42 @@ def preprocess_case_dir(
     cancel: Optional[CancelToken] = None,
     modalities: Sequence[str] = MODALITIES,
     brain_mask: Optional[ImageLike] = None,
+    overwrite: bool = False,
+    strict: bool = False,
 ) -> PreprocessedCase:
     """Preprocess the case in ``case_dir`` (files t1, flair, adc, t1c) and write ``out_dir``.
 
-    Everything is written into a temporary sibling folder first and moved into place at the
-    end, so a cancel or a crash never leaves a half-written ``out_dir``.
+    ``out_dir`` is checked before any work (:func:`.outputs.check_output_folder`): it may not
+    be the case folder, hold it, or be the current directory, and files it already holds under
+    the names this function writes (:func:`preprocess_output_names`) are only replaced with
+    ``overwrite``. Nothing else in ``out_dir`` is touched. Everything is written into a hidden
+    staging folder first and published at the end (``preprocess.json`` last), so a cancel or a
+    crash never leaves a half-written output.
+
+    Args:
+        overwrite: replace this function's own files in an existing ``out_dir``.
+        strict: plausibility warnings become errors (see :func:`preprocess_case`).
 
     Returns:
         The :class:`PreprocessedCase` (``timings_s`` includes ``"write"`` and ``"total"``).
+
+    Raises:
+        OutputPathError: ``out_dir`` cannot be used (before any work).
+        ImageValidationError: an input is unusable.
     """
+    from .outputs import check_output_folder, staged_folder
+
     start = time.perf_counter()
     report = progress or null_progress
     inputs = find_case_inputs(case_dir, modalities)
+    sources = [case_dir, *inputs.values()] + ([brain_mask] if isinstance(brain_mask, (str, os.PathLike)) else [])
+    out = check_output_folder(out_dir, preprocess_output_names(list(inputs), qc), inputs=sources, overwrite=overwrite)
     case = preprocess_case(inputs, geometry, skull_strip_mode, device, brain_mask=brain_mask,
-                           progress=SubProgress(report, 0.0, 0.95), cancel=cancel)
+                           progress=SubProgress(report, 0.0, 0.95), cancel=cancel, strict=strict)
     check_cancel(cancel)
-    report("write", 0.95, f"writing {out_dir}")
+    report("write", 0.95, f"writing {out}")
     t0 = time.perf_counter()
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out, last=MANIFEST_FILE) as tmp:
         extra = {"inputs": {k: str(v) for k, v in inputs.items()}, "skull_strip": {"mode": skull_strip_mode, "device": device}}
         case.write(tmp, extra)
         if qc:
@@ -400,13 +453,9 @@ def preprocess_case_dir(
         check_cancel(cancel)
         case.timings_s["write"] = time.perf_counter() - t0
         case.timings_s["total"] = time.perf_counter() - start
-        # Rewrite the JSON with the final timings (still inside the temporary folder).
-        meta = json.loads((tmp / "preprocess.json").read_text(encoding="utf-8"))
+        # Rewrite the JSON with the final timings (still inside the staging folder).
+        meta = json.loads((tmp / MANIFEST_FILE).read_text(encoding="utf-8"))
         meta["timings_s"] = {k: round(v, 3) for k, v in case.timings_s.items()}
-        write_text_atomic(json.dumps(meta, indent=2), tmp / "preprocess.json")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_text_atomic(json.dumps(meta, indent=2), tmp / MANIFEST_FILE)
     report("done", 1.0, f"wrote {out}")
     return case

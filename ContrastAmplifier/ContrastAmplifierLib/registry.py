@@ -9,7 +9,13 @@ Two places are searched, in order:
    demo), listed in ``Resources/Models/Models.json``.
 
 A user bundle with the same name as a shipped one wins, so a retrained model can replace the demo.
-Every bundle is hash-checked when it is loaded (:func:`ContrastAmplifierLib.bundle.load_bundle`).
+Every bundle is checked in full (manifest, hashes, tensors) when it is imported and when it is
+loaded (:func:`ContrastAmplifierLib.bundle.load_bundle`).
+
+The default model (used when none is named) is explicit: the first bundle of ``Models.json``
+(the shipped demo) unless the user chose another with ``contrast-amplifier models set-default
+NAME``, stored in ``.default.json`` in the per-user folder. Importing never changes it, and a chosen
+default that is no longer installed is an error naming it, never a silent fall-back to another.
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
-if TYPE_CHECKING:  # bundle.py imports torch: keep listing models cheap inside Slicer's GUI process
+if TYPE_CHECKING:  # loading a bundle imports torch: listing models and the default stays cheap (Slicer GUI)
     from .bundle import ModelBundle
 
 BUNDLE_FILE = "bundle.json"
+DEFAULT_FILE = ".default.json"  # hidden: never taken for a bundle folder, never a bundle name
 APP_NAME = "SlicerContrastAmplifier"
 ENV_MODELS = "CONTRAST_AMPLIFIER_MODELS"
 REGISTRY_FILE = "Models.json"
+SET_DEFAULT_FIX = ("choose one with `contrast-amplifier models set-default NAME`, or go back to the shipped one with "
+                   "`contrast-amplifier models set-default --shipped`")
 
 
 def user_models_dir() -> Path:
@@ -111,40 +120,120 @@ def list_models() -> List[ModelEntry]:
     return entries
 
 
+def default_model_file() -> Path:
+    """``.default.json`` in the per-user models folder: the default chosen with ``models set-default``."""
+    return user_models_dir() / DEFAULT_FILE
+
+
+def shipped_default_name() -> Optional[str]:
+    """The extension's own default: the first bundle listed in ``Models.json`` (``None`` in a plain wheel)."""
+    for folder in _builtin_folders():
+        entry = _entry(folder, "builtin")
+        if entry is not None:
+            return entry.name
+    return None
+
+
+def chosen_default_name() -> Optional[str]:
+    """The default the user chose with ``models set-default`` (``None`` when none was chosen).
+
+    Raises:
+        BundleError: ``.default.json`` is unreadable; the message names it and the fix.
+    """
+    from .bundle import BundleError
+
+    path = default_model_file()
+    if not path.is_file():
+        return None
+    try:
+        name = json.loads(path.read_text(encoding="utf-8"))["default"]
+        if not isinstance(name, str):
+            raise TypeError(f"'default' is {name!r}, not a model name")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path} is unreadable ({exc}); delete it or {SET_DEFAULT_FIX}.") from None
+    return name
+
+
 def default_model_name() -> str:
-    """The model used when none is named: the first listed (a user bundle, else the demo)."""
+    """The model used when none is named: the one chosen with ``models set-default``, else the shipped one.
+
+    Raises:
+        BundleError: the chosen default is no longer installed, or no default exists (a plain
+            wheel without shipped bundles and none chosen); the message names the model and the fix.
+    """
+    from .bundle import BundleError
+
+    chosen = chosen_default_name()
+    installed = [e.name for e in list_models()]
+    if chosen is not None:
+        if chosen not in installed:
+            raise BundleError(
+                f"the default model {chosen!r} (chosen in {default_model_file()}) is not installed "
+                f"(installed: {', '.join(installed) or 'none'}); import it again with "
+                f"`contrast-amplifier models import BUNDLE_DIR_OR_ZIP`, or {SET_DEFAULT_FIX}."
+            )
+        return chosen
+    shipped = shipped_default_name()
+    if shipped is None:
+        raise BundleError(
+            f"no default model: none is shipped with this installation and none was chosen (installed: "
+            f"{', '.join(installed) or 'none'}); import one with `contrast-amplifier models import BUNDLE_DIR_OR_ZIP` "
+            f"and choose it with `contrast-amplifier models set-default NAME`, or name a model explicitly "
+            f"(or set ${ENV_MODELS} to a folder of bundles)."
+        )
+    return shipped
+
+
+def set_default_model(name: Optional[str]) -> Optional[str]:
+    """Make the installed model ``name`` the default (checked in full first); ``None``: back to the shipped one.
+
+    The choice is written atomically to :func:`default_model_file`.
+
+    Returns:
+        The default model now in force (``None``: back to the shipped default and none is shipped).
+
+    Raises:
+        BundleError: ``name`` is not installed or does not pass :func:`~.bundle.load_bundle`.
+    """
+    from .atomicfile import write_text_atomic
+    from .bundle import load_bundle
+
+    if name is None:
+        default_model_file().unlink(missing_ok=True)
+        return shipped_default_name()
+    load_bundle(_find_entry(name, "or import it first with `contrast-amplifier models import BUNDLE_DIR_OR_ZIP`").path)
+    write_text_atomic(json.dumps({"default": name}, indent=2) + "\n", default_model_file())
+    return name
+
+
+def _find_entry(name: str, fix: str = "or pass a bundle folder path") -> ModelEntry:
+    """The listed bundle called ``name``; :class:`~.bundle.BundleError` naming the installed ones and ``fix`` otherwise."""
     from .bundle import BundleError
 
     entries = list_models()
-    if not entries:
-        raise BundleError(
-            "no model bundle installed: import one with `contrast-amplifier models import BUNDLE_DIR_OR_ZIP` "
-            f"(or set ${ENV_MODELS} to a folder of bundles)."
-        )
-    return entries[0].name
-
-
-def resolve_model(name_or_path: Optional[str] = None) -> "ModelBundle":
-    """Load (and hash-check) a bundle given by registry name or by folder path; default model if ``None``."""
-    from .bundle import BundleError, load_bundle
-
-    if name_or_path is None:
-        name_or_path = default_model_name()
-    candidate = Path(name_or_path)
-    if (candidate / BUNDLE_FILE).is_file() or candidate.name == BUNDLE_FILE:
-        return load_bundle(candidate)
-    for entry in list_models():
-        if entry.name == name_or_path:
-            return load_bundle(entry.path)
-    known = ", ".join(e.name for e in list_models()) or "none"
+    for entry in entries:
+        if entry.name == name:
+            return entry
+    known = ", ".join(e.name for e in entries) or "none"
     raise BundleError(
-        f"unknown model {name_or_path!r} (installed: {known}). List them with `contrast-amplifier models list` "
-        "or pass a bundle folder path."
+        f"unknown model {name!r} (installed: {known}). List them with `contrast-amplifier models list` {fix}."
     )
 
 
+def resolve_model(name_or_path: Optional[str] = None) -> "ModelBundle":
+    """Load (and check in full) a bundle given by registry name or by folder path; default model if ``None``."""
+    from .bundle import load_bundle
+
+    if name_or_path is None:  # a registry name, even if a folder of that name is in the working directory
+        return load_bundle(_find_entry(default_model_name()).path)
+    candidate = Path(name_or_path)
+    if (candidate / BUNDLE_FILE).is_file() or candidate.name == BUNDLE_FILE:
+        return load_bundle(candidate)
+    return load_bundle(_find_entry(name_or_path).path)
+
+
 def verify_models() -> List[tuple]:
-    """``(entry, error_or_None)`` for every listed bundle, after a full hash check."""
+    """``(entry, error_or_None)`` for every listed bundle, after a full check (manifest, hashes, tensors)."""
     from .bundle import BundleError, load_bundle
 
     results = []
@@ -183,10 +272,11 @@ def _safe_extract(archive: Path, target: Path) -> None:
 
 
 def import_model(source: Union[str, os.PathLike], overwrite: bool = False) -> "ModelBundle":
-    """Verify a bundle folder or ``.zip`` and copy it into the per-user models folder.
+    """Check a bundle folder or ``.zip`` in full and copy it into the per-user models folder.
 
     The copy goes to a temporary folder first and is renamed into place, so an interrupted import
-    leaves no half-copied bundle. Refuses a bundle whose hashes do not match.
+    leaves no half-copied bundle. Refuses a bundle that :func:`~.bundle.load_bundle` refuses
+    (manifest, hashes, tensors). Never changes the default model (:func:`set_default_model` does).
     """
     from .bundle import BundleError, load_bundle
 
@@ -204,7 +294,10 @@ def import_model(source: Union[str, os.PathLike], overwrite: bool = False) -> "M
             root = _find_bundle_root(scratch_path / "unzipped")
         else:
             root = _find_bundle_root(source)
-        bundle = load_bundle(root)  # validates and hash-checks before anything is installed
+        try:
+            bundle = load_bundle(root)  # checked in full before anything is installed
+        except BundleError as exc:
+            raise BundleError(f"{source} was not imported: {exc}") from None
         target = destination_root / bundle.name
         if target.exists() and not overwrite:
             raise BundleError(f"a model named {bundle.name!r} is already installed at {target}; pass --overwrite to replace it.")

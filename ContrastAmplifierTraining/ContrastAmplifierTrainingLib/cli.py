@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import typer
 
+from ContrastAmplifierLib.cliapp import cancelled, fail, run_cli
 from ContrastAmplifierLib.progress import CancelToken, Cancelled, make_progress
 
 app = typer.Typer(
@@ -41,19 +42,19 @@ MULTI_VALUE_OPTIONS = ("--folds",)
 def _fail(message: str, progress: str, code: int = 2) -> None:
     if progress == "json":
         _json_line({"stage": "error", "fraction": 0.0, "message": message})
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
+    fail(message, code)
 
 
 _json_lock = threading.Lock()
 
 
+RESUME_MESSAGE = "stopped; rerun the same command to resume (finished epochs, folds and cached cases are kept)"
+
+
 def _cancelled(progress: str) -> None:
-    message = "stopped; rerun the same command to resume (finished epochs, folds and cached cases are kept)"
     if progress == "json":
-        _json_line({"stage": "cancelled", "fraction": 0.0, "message": message})
-    typer.secho(message, err=True)
-    raise typer.Exit(130)
+        _json_line({"stage": "cancelled", "fraction": 0.0, "message": RESUME_MESSAGE})
+    cancelled(RESUME_MESSAGE)
 
 
 def _json_line(obj: Dict[str, Any]) -> None:
@@ -323,11 +324,8 @@ def demo_model(
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point (``contrast-amplifier-train``)."""
     args = expand_multi_value_options(sys.argv[1:] if argv is None else argv)
-    try:
-        app(args=args, prog_name="contrast-amplifier-train")
-    except KeyboardInterrupt:
-        typer.secho("interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+    # SIGTERM is the commands' own (it sets their cancel flag); Ctrl-C elsewhere prints one line.
+    run_cli(app, args, prog_name="contrast-amplifier-train", sigterm_as_interrupt=False, cancelled_message=RESUME_MESSAGE)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ their predictions and the routine T1c sequences. Random mirroring was used for a
 Resume and determinism:
 
 * after every epoch the fold folder gets ``checkpoint.pt`` (model + Adam state + metric history,
-  written to a temporary file then renamed, read back with ``torch.load(weights_only=True)``),
+  written to a temporary file then renamed, read back with ``torch.load(weights_only=True)``, so a
+  tampered or corrupted checkpoint is refused with a :class:`CheckpointError`, never executed),
   ``log.csv`` (rewritten from the history, so a crash never leaves a row of an unsaved epoch)
   and, once the last epoch is done, ``final.safetensors`` + ``done.json``;
 * a rerun restarts after the last saved epoch; an epoch that was interrupted is redone from its
@@ -33,7 +34,9 @@ import csv
 import io
 import json
 import math
+import pickle
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -55,6 +58,12 @@ DIVERGENCE_FACTOR = 2.0
 #: Rollbacks allowed per fold before the fit stops with an error (the learning rate is then 1/256 of its start).
 MAX_ROLLBACKS = 8
 EpochCallback = Callable[[Dict[str, Any]], None]
+#: Entries of ``checkpoint.pt``, written by :func:`fit_fold` after every epoch.
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "history", "network")
+
+
+class CheckpointError(ValueError):
+    """A fold's ``checkpoint.pt`` cannot be used (refused, corrupted, or another run's); the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,50 @@ class FoldResult:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def restore_checkpoint(
+    path: Path, model: ResidualUNet3D, optimizer: torch.optim.Optimizer, network: NetworkConfig, device: torch.device
+) -> Dict[str, Any]:
+    """Load ``checkpoint.pt`` into ``model`` and ``optimizer``; return it (epoch, history, ...).
+
+    ``torch.load(weights_only=True)`` never runs code from the file: a pickle holding anything but
+    tensors and plain data is refused, and so is a truncated or corrupted file, with one error.
+
+    Raises:
+        CheckpointError: the file is refused, unreadable, incomplete, or made for another network;
+            the message names it and the fix.
+    """
+    fix = (f"delete the fold folder {path.parent} to train this fold again from its first epoch (the other folds "
+           f"are kept), or restore {path.name} from a backup")
+    try:
+        with warnings.catch_warnings():  # torch's pickle-protocol warnings: the error below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} was refused: it holds Python objects other than tensors and plain data, which are never "
+            f"unpickled (a file not written by contrast-amplifier-train, or tampered with); {fix}."
+        ) from None
+    except Exception as exc:  # truncated zip (RuntimeError), empty file (EOFError), junk (KeyError), I/O
+        reason = str(exc).split(". ")[0].strip()[:120] or "no detail"
+        raise CheckpointError(f"{path} is truncated or corrupted ({type(exc).__name__}: {reason}); {fix}.") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (no {missing}); {fix}.")
+    if state["network"] != network.to_dict():
+        raise CheckpointError(
+            f"{path} was made with network {state['network']}, not {network.to_dict()}; "
+            "use a new output folder or the original network options."
+        )
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        state["epoch"], state["history"] = int(state["epoch"]), list(state["history"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = str(exc).split("\n")[0][:160]
+        raise CheckpointError(f"{path} does not fit the network and optimiser of this run ({reason}); {fix}.") from None
+    return state
 
 
 def _write_log(history: Sequence[Dict[str, Any]], path: Path) -> None:
@@ -236,16 +289,8 @@ def fit_fold(
         history: List[Dict[str, Any]] = []
         start_epoch = 0
         if checkpoint_path.is_file():
-            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-            if state.get("network") != config.network.to_dict():
-                raise ValueError(
-                    f"{checkpoint_path} was made with network {state.get('network')}, not {config.network.to_dict()}; "
-                    "use a new output folder or the original network options."
-                )
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            history = list(state["history"])
-            start_epoch = int(state["epoch"])
+            state = restore_checkpoint(checkpoint_path, model, optimizer, config.network, device)
+            history, start_epoch = state["history"], state["epoch"]
         if start_epoch >= config.epochs and final_path.is_file():
             progress("fit", 1.0, f"fold {fold} already finished ({start_epoch} epochs)")
             return FoldResult(fold, start_epoch, final_path, dict(history[-1]) if history else {}, history)
@@ -285,9 +330,7 @@ def fit_fold(
                     raise RuntimeError(
                         f"fold {fold} diverged {rollbacks} times (last at epoch {epoch + 1}); restart it with a lower --lr."
                     )
-                state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
+                restore_checkpoint(checkpoint_path, model, optimizer, config.network, device)
                 for group in optimizer.param_groups:
                     group["lr"] *= 0.5
                 progress("fit", epoch / config.epochs, f"fold {fold} epoch {epoch + 1} diverged (val loss {row['val_loss']:.3g}); "

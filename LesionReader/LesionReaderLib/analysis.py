@@ -7,6 +7,11 @@ format (long format, RAS mm), so reads made with other tools can be analysed too
 - ``lesions.csv``: ``reader,phase,case,lesion,long_mm,short_mm,long_x1..long_z2,
   short_x1..short_z2,center_x,center_y,center_z``
 
+Inputs are validated before any computation: a value that is not finite or not possible
+(a grade outside 1-4, a negative time or length, a short axis longer than the long one, a
+coordinate beyond :data:`MAX_ABS_COORDINATE_MM`...) is refused with the file, line and column;
+see :func:`parse_reads`.
+
 Reference lesions are the reference reader's marks in the reference phase (paper: S.A. on
 T1c-vfa). Outputs (all in ``OUT_DIR``):
 
@@ -29,23 +34,28 @@ Choices the paper leaves open, made here and listed in the README:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import itertools
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ContrastAmplifierLib.atomicfile import atomic_path
+from ContrastAmplifierLib.outputs import OutputPathError, folders_to_create, staged_folder
 
 from . import stats
 from .matching import Lesion, match_lesions
+from .study import StudyError, read_text_file
 
 PathLike = Union[str, os.PathLike]
+Axis = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
 
 GRADES_COLUMNS = ("reader", "phase", "case", "grade", "seconds", "excluded")
 LESIONS_COLUMNS = (
@@ -54,6 +64,7 @@ LESIONS_COLUMNS = (
     "short_x1", "short_y1", "short_z1", "short_x2", "short_y2", "short_z2",
     "center_x", "center_y", "center_z",
 )
+CENTER_COLUMNS = LESIONS_COLUMNS[18:]
 DETECTION_COLUMNS = (
     "threshold_mm", "reader", "phase", "tp", "fn", "fp", "n_cases", "sensitivity",
     "sensitivity_ci_low", "sensitivity_ci_high", "fdr_per_case", "fdr_ci_low", "fdr_ci_high", "ppv", "f1",
@@ -117,41 +128,114 @@ class Mark:
 
 @dataclass
 class Reads:
-    """Parsed reads: grades/seconds per (reader, phase) and case, marks per (reader, phase) and case."""
+    """Parsed reads: grades/seconds per (reader, phase) and case, marks per (reader, phase) and case.
+
+    ``notes`` say what was read but left out (rows without a reading time, lesions of ungraded cases).
+    """
 
     grades: Dict[Tuple[str, str], Dict[str, Tuple[float, float]]]
     marks: Dict[Tuple[str, str], Dict[str, List[Mark]]]
     excluded: set
     readers: List[str]
     phases: List[str]
+    notes: List[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- reading
 
+#: Largest |coordinate| accepted in lesions.csv, in RAS mm. World coordinates of a head scan lie
+#: within a few hundred mm of the scanner's isocentre (no MR bore is 1 m wide); 10 m leaves room
+#: for any shifted origin while catching unit mix-ups (micrometres written as mm) and garbage
+#: such as 1e308, whose squares overflow to inf in the centre distances of the matching.
+MAX_ABS_COORDINATE_MM = 10_000.0
+#: Largest active reading time of one case accepted in grades.csv (one year, in seconds). The
+#: paper's means are 1-3 minutes per case; a reader who leaves Slicer open over a weekend is an
+#: outlier that is kept, a value above a year is not a reading time (a clock or unit error).
+MAX_READING_SECONDS = 365 * 86_400.0
+#: Largest difference (mm) between ``long_mm``/``short_mm`` and the distance between the axis
+#: end points, and by which a short axis may exceed the long one: a quarter of the paper's 1 mm
+#: voxel. It covers rounding (the exporter writes lengths to 0.001 mm and coordinates to
+#: 0.0001 mm; another tool may write 0.1 mm) and is small against the matching radius
+#: ``(L + S) / 8``, so a length that disagrees with its axis is refused rather than guessed.
+AXIS_LENGTH_TOLERANCE_MM = 0.25
 
-def _float(value: str, where: str, column: str, allow_blank: bool = True) -> float:
-    if value is None or str(value).strip() == "":
-        if allow_blank:
-            return math.nan
-        raise AnalysisError(f"{where}: column '{column}' is empty; fill it or drop the row.")
-    try:
-        return float(value)
-    except ValueError:
-        raise AnalysisError(f"{where}: column '{column}' holds {value!r}, not a number; fix the row.") from None
+_EXPORT_FIX = "export the reads again with 'lesion-reader export STUDY_DIR OUT_DIR' or write it as a UTF-8 CSV file"
+_COORDINATE_FIX = (
+    f"lesion end points and centre are RAS millimetres (|value| <= {MAX_ABS_COORDINATE_MM:g}; a head lies within a few "
+    "hundred mm of the origin): fix the value or drop the row"
+)
+_GRADE_FIX = "grade image quality 1-4 (1 poor, 2 average, 3 good, 4 excellent; paper, 'Reader study protocol': 4-point scale)"
+_SECONDS_FIX = (
+    f"write the active reading time of the case in seconds (0 to {MAX_READING_SECONDS:.0f}, one year), or leave it empty if it was not recorded"
+)
 
 
-def _read_csv(path: Path, columns: Sequence[str]) -> List[Dict[str, str]]:
-    if not path.is_file():
+@dataclass(frozen=True)
+class CsvRow:
+    """One data row of an input CSV file and where it is, for messages that name file, line and column.
+
+    Attributes:
+        source: the file as named in messages.
+        line: 1-based line of the row as a text editor shows it (the header is line 1).
+        values: column -> stripped cell text (missing cells are ``""``).
+    """
+
+    source: str
+    line: int
+    values: Mapping[str, str]
+
+    def __getitem__(self, column: str) -> str:
+        return self.values.get(column) or ""
+
+    def fail(self, column: str, problem: str, fix: str) -> NoReturn:
+        """Raise an :class:`AnalysisError` naming the file, line and column, the problem and the fix."""
+        raise AnalysisError(f"{self.source}, line {self.line}, column '{column}': {problem}; {fix}.")
+
+    def number(self, column: str, fix: str, low: float = -math.inf, high: float = math.inf, blank_ok: bool = False) -> float:
+        """The cell as a finite number within ``[low, high]`` (``nan`` for an empty cell when ``blank_ok``).
+
+        Raises:
+            AnalysisError: empty (unless ``blank_ok``), not a number, ``nan``/``inf``, or out of range.
+        """
+        text = self[column]
+        if text == "":
+            if blank_ok:
+                return math.nan
+            self.fail(column, "is empty", fix)
+        try:
+            value = float(text)
+        except ValueError:
+            self.fail(column, f"holds {text!r}, not a number", fix)
+        if not math.isfinite(value):
+            self.fail(column, f"holds {text!r}, not a finite number", fix)
+        if value < low:
+            self.fail(column, f"holds {text}, below the minimum {low:g}", fix)
+        if value > high:
+            self.fail(column, f"holds {text}, above the maximum {high:g}", fix)
+        return value
+
+
+def _read_csv(path: Path, columns: Sequence[str], fix: str = _EXPORT_FIX) -> List[CsvRow]:
+    """The rows of an input CSV with their line numbers; binary or unreadable files are refused with ``fix``."""
+    if not path.exists():
         raise AnalysisError(
             f"{path} is missing; export the reads with 'lesion-reader export STUDY_DIR OUT_DIR' or provide it in part 1's format (columns {','.join(columns)})."
         )
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+    try:
+        text = read_text_file(path, fix)
+    except StudyError as exc:
+        raise AnalysisError(str(exc)) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in columns if c not in header]
         if missing:
-            raise AnalysisError(f"{path} lacks column(s) {', '.join(missing)}; the header must be {','.join(columns)}.")
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            raise AnalysisError(f"{path}, line 1 (header): lacks column(s) {', '.join(missing)}; the header must be {','.join(columns)}.")
+        # line_num after a row is the line it ends on: right for blank lines skipped before it.
+        rows = [CsvRow(str(path), reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in row.items()}) for row in reader]
+    except csv.Error as exc:
+        raise AnalysisError(f"{path}, line {reader.line_num}: not valid CSV ({exc}); {fix}.") from None
+    return rows
 
 
 def _order_phases(phases: Iterable[str], preferred: Optional[Sequence[str]] = None) -> List[str]:
@@ -164,60 +248,139 @@ def read_reads(folder: PathLike, phase_order: Optional[Sequence[str]] = None, re
     """Read ``grades.csv`` and ``lesions.csv`` from ``folder`` (part 1's export format).
 
     Raises:
-        AnalysisError: a missing file or column, a non-numeric value, a duplicated row.
+        AnalysisError: see :func:`parse_reads`; also a missing, binary or unreadable file, or a
+            missing column.
     """
     folder = Path(folder)
+    return parse_reads(
+        _read_csv(folder / "grades.csv", GRADES_COLUMNS), _read_csv(folder / "lesions.csv", LESIONS_COLUMNS),
+        phase_order, reader_order,
+    )
+
+
+def _axis_length(row: CsvRow, column: str, axis: Axis) -> float:
+    """``long_mm``/``short_mm``: the end points' distance when empty, else a value that agrees with it."""
+    measured = math.dist(*axis)
+    value = row.number(column, f"write the axis length in mm (>= 0), or leave {column} empty to use the end points' distance",
+                       low=0.0, blank_ok=True)
+    if math.isnan(value):
+        return measured
+    if abs(value - measured) > AXIS_LENGTH_TOLERANCE_MM:
+        row.fail(column, f"is {value:g} mm but the axis end points are {measured:.3f} mm apart",
+                 f"write the distance between the end points, or leave {column} empty to use it")
+    return value
+
+
+def parse_reads(
+    grade_rows: Sequence[CsvRow],
+    lesion_rows: Sequence[CsvRow],
+    phase_order: Optional[Sequence[str]] = None,
+    reader_order: Optional[Sequence[str]] = None,
+) -> Reads:
+    """Validate and parse the rows of ``grades.csv`` and ``lesions.csv``; nothing is dropped silently.
+
+    Refused (:class:`AnalysisError` naming file, line, column and the fix): empty ids, the reserved
+    reader id ``average``, duplicated rows, an ``excluded`` flag other than 0/1, a grade that is
+    not a whole number 1-4 (paper, "Reader study protocol": 4-point scale; an empty grade only in
+    an excluded case), a reading time that is negative, non-finite or above
+    :data:`MAX_READING_SECONDS`; a coordinate that is non-finite or beyond
+    :data:`MAX_ABS_COORDINATE_MM`, an axis length that is negative or disagrees with its end points
+    by more than :data:`AXIS_LENGTH_TOLERANCE_MM`, a zero-length long axis, a short (minor) axis
+    longer than the long (major) one ("Reader study protocol": readers marked "the major and
+    minor axes"), a centre farther from the axes' middle than the long axis. Empty ``seconds``,
+    lengths and centres are allowed (no time recorded; lengths and centre from the end points).
+    """
     grades: Dict[Tuple[str, str], Dict[str, Tuple[float, float]]] = {}
+    first_line: Dict[Tuple[str, str, str], int] = {}
     excluded = set()
+    ungraded: List[CsvRow] = []
+    untimed: List[CsvRow] = []
     readers: List[str] = list(reader_order or [])
     phases: List[str] = []
-    gpath = folder / "grades.csv"
-    for line, row in enumerate(_read_csv(gpath, GRADES_COLUMNS), start=2):
-        where = f"{gpath}, line {line}"
-        if not row["reader"] or not row["phase"] or not row["case"]:
-            raise AnalysisError(f"{where}: reader, phase and case must not be empty.")
+    for row in grade_rows:
+        for column in ("reader", "phase", "case"):
+            if not row[column]:
+                row.fail(column, "is empty", "every grades row needs its reader, phase and case")
         if row["reader"] == AVERAGE:
-            raise AnalysisError(f"{where}: reader id '{AVERAGE}' is reserved for the reader-average rows; rename the reader.")
+            row.fail("reader", f"'{AVERAGE}' is reserved for the reader-average rows", "rename the reader")
         key = (row["reader"], row["phase"])
-        if row["case"] in grades.get(key, {}):
-            raise AnalysisError(f"{where}: a second grades row for reader {key[0]}, phase {key[1]}, case {row['case']}; keep one row per read.")
+        ident = (*key, row["case"])
+        if ident in first_line:
+            row.fail("case", f"a second grades row for reader {key[0]}, phase {key[1]}, case {row['case']} (first on line {first_line[ident]})",
+                     "keep one row per read")
+        first_line[ident] = row.line
         flag = row["excluded"].lower()
         if flag in ("1", "true", "yes"):
             excluded.add(row["case"])
         elif flag not in ("", "0", "false", "no"):
-            raise AnalysisError(f"{where}: 'excluded' is {row['excluded']!r}; use 0 or 1.")
-        grade = _float(row["grade"], where, "grade")
-        if not math.isnan(grade) and not 1 <= grade <= 4:
-            raise AnalysisError(f"{where}: grade {grade:g} is outside the paper's 1-4 scale.")
-        grades.setdefault(key, {})[row["case"]] = (grade, _float(row["seconds"], where, "seconds"))
+            row.fail("excluded", f"holds {row['excluded']!r}", "use 1 for a case with more than 20 lesions, else 0")
+        grade = row.number("grade", _GRADE_FIX, low=1.0, high=4.0, blank_ok=True)
+        if math.isnan(grade):
+            ungraded.append(row)
+        elif grade != int(grade):
+            row.fail("grade", f"holds {row['grade']}, not a whole grade", _GRADE_FIX)
+        seconds = row.number("seconds", _SECONDS_FIX, low=0.0, high=MAX_READING_SECONDS, blank_ok=True)
+        if math.isnan(seconds):
+            untimed.append(row)
+        grades.setdefault(key, {})[row["case"]] = (grade, seconds)
         readers.append(row["reader"])
         phases.append(row["phase"])
+    # Paper, "Reader study protocol": cases with more than 20 lesions "were not annotated and were
+    # excluded", so only they may lack a grade; the flag may sit on any row of the case.
+    for row in ungraded:
+        if row["case"] not in excluded:
+            row.fail("grade", "is empty", _GRADE_FIX + ", or set 'excluded' to 1 if the case has more than 20 lesions")
+    notes: List[str] = []
+    untimed = [row for row in untimed if row["case"] not in excluded]
+    if untimed:
+        notes.append(f"{untimed[0].source}: {len(untimed)} grades row(s) have no reading time ('seconds' empty, e.g. line "
+                     f"{untimed[0].line}); they are left out of Table 6 (reading times).")
     marks: Dict[Tuple[str, str], Dict[str, List[Mark]]] = {}
-    lpath = folder / "lesions.csv"
-    seen = set()
-    for line, row in enumerate(_read_csv(lpath, LESIONS_COLUMNS), start=2):
-        where = f"{lpath}, line {line}"
+    seen: Dict[Tuple[str, str, str, str], int] = {}
+    orphans: List[CsvRow] = []
+    for row in lesion_rows:
+        for column in ("reader", "phase", "case", "lesion"):
+            if not row[column]:
+                row.fail(column, "is empty", "every lesion row needs its reader, phase, case and lesion id")
         ident = (row["reader"], row["phase"], row["case"], row["lesion"])
         if ident in seen:
-            raise AnalysisError(f"{where}: lesion {row['lesion']!r} appears twice for reader {ident[0]}, phase {ident[1]}, case {ident[2]}; lesion ids must be unique per read.")
-        seen.add(ident)
-        pts = {c: _float(row[c], where, c, allow_blank=False) for c in LESIONS_COLUMNS[6:18]}
+            row.fail("lesion", f"lesion {row['lesion']!r} appears twice for reader {ident[0]}, phase {ident[1]}, case {ident[2]} "
+                     f"(first on line {seen[ident]})", "lesion ids must be unique per read")
+        seen[ident] = row.line
+        pts = {c: row.number(c, _COORDINATE_FIX, -MAX_ABS_COORDINATE_MM, MAX_ABS_COORDINATE_MM) for c in LESIONS_COLUMNS[6:18]}
         la = ((pts["long_x1"], pts["long_y1"], pts["long_z1"]), (pts["long_x2"], pts["long_y2"], pts["long_z2"]))
         sa = ((pts["short_x1"], pts["short_y1"], pts["short_z1"]), (pts["short_x2"], pts["short_y2"], pts["short_z2"]))
-        long_mm = _float(row["long_mm"], where, "long_mm")
-        short_mm = _float(row["short_mm"], where, "short_mm")
-        long_mm = float(np.linalg.norm(np.subtract(la[1], la[0]))) if math.isnan(long_mm) else long_mm
-        short_mm = float(np.linalg.norm(np.subtract(sa[1], sa[0]))) if math.isnan(short_mm) else short_mm
-        center = tuple(_float(row[c], where, c) for c in ("center_x", "center_y", "center_z"))
-        if any(math.isnan(c) for c in center):
-            center = tuple(float(v) for v in np.mean(np.array(la + sa), axis=0))
+        long_mm = _axis_length(row, "long_mm", la)
+        short_mm = _axis_length(row, "short_mm", sa)
+        if long_mm <= 0:
+            row.fail("long_mm", "the long axis has zero length", "draw the long axis across the lesion's largest extent")
+        if short_mm > long_mm + AXIS_LENGTH_TOLERANCE_MM:
+            row.fail("short_mm", f"the short axis ({short_mm:g} mm) is longer than the long axis ({long_mm:g} mm)",
+                     "the short (minor) axis is never the longer one (paper, 'Reader study protocol': major and minor axes); swap the two axes")
+        middle = tuple(float(v) for v in np.mean(np.array(la + sa), axis=0))
+        center = tuple(row.number(c, _COORDINATE_FIX, -MAX_ABS_COORDINATE_MM, MAX_ABS_COORDINATE_MM, blank_ok=True) for c in CENTER_COLUMNS)
+        blank = [c for c, v in zip(CENTER_COLUMNS, center) if math.isnan(v)]
+        if len(blank) == len(CENTER_COLUMNS):
+            center = middle
+        elif blank:
+            row.fail(blank[0], "is empty while other centre columns are not", "give center_x, center_y and center_z, or leave all three empty to use the mean of the end points")
+        elif math.dist(center, middle) > long_mm + AXIS_LENGTH_TOLERANCE_MM:
+            row.fail("center_x", f"the centre is {math.dist(center, middle):.1f} mm from the middle of the axes, farther than the "
+                     f"long axis ({long_mm:g} mm)", "write the mean of the four end points, or leave center_x..center_z empty to use it")
         mark = Mark(row["reader"], row["phase"], row["case"], row["lesion"], long_mm, short_mm, la, sa, center)
         marks.setdefault((mark.reader, mark.phase), {}).setdefault(mark.case, []).append(mark)
+        if (mark.reader, mark.phase) in grades and mark.case not in grades[(mark.reader, mark.phase)]:
+            orphans.append(row)
         readers.append(mark.reader)
         phases.append(mark.phase)
+    if orphans:
+        o = orphans[0]
+        notes.append(f"{o.source}: {len(orphans)} lesion row(s) of cases without a grades row for their reader and phase are ignored "
+                     f"(e.g. line {o.line}: reader {o['reader']}, phase {o['phase']}, case {o['case']}); the cases of a read are those "
+                     "with a grades row.")
     return Reads(
         grades=grades, marks=marks, excluded=excluded,
-        readers=list(dict.fromkeys(readers)), phases=_order_phases(phases, phase_order),
+        readers=list(dict.fromkeys(readers)), phases=_order_phases(phases, phase_order), notes=notes,
     )
 
 
@@ -238,15 +401,15 @@ class StudyInfo:
 
 def _volumes_from_csv(path: Path) -> Dict[str, Dict[str, Path]]:
     """``volumes.csv``: header ``case,<volume>,...`` (T1, T1c, T1c-pro, T1c-vfa, brain_mask...)."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "case" not in rows[0]:
-        raise AnalysisError(f"{path} needs a header row 'case,<volume>,...' (e.g. case,T1,T1c,T1c-pro,T1c-vfa,brain_mask).")
     out: Dict[str, Dict[str, Path]] = {}
-    for row in rows:
+    for row in _read_csv(path, ("case",), "write volumes.csv as a UTF-8 CSV file with the header case,T1,T1c,T1c-pro,T1c-vfa,..."):
+        if not row["case"]:
+            row.fail("case", "is empty", "give the case id of every volumes row (as in grades.csv)")
+        if row["case"] in out:
+            row.fail("case", f"case {row['case']!r} has a second row", "keep one row per case")
         vols = {}
-        for column, value in row.items():
-            if column == "case" or not value:
+        for column, value in row.values.items():
+            if column == "case" or not column or not value:
                 continue
             p = Path(value)
             vols[_canonical(column)] = p if p.is_absolute() else (path.parent / p)
@@ -283,7 +446,7 @@ def load_study_info(study_dir: PathLike) -> StudyInfo:
         info.markers = {p.name: p.markers for p in study.phases}
         for case in study.cases:
             info.volumes[case.id] = {name: study.volume_path(case.id, name) for name in case.volumes}
-    if (study_dir / "volumes.csv").is_file():
+    if (study_dir / "volumes.csv").exists():
         for case, vols in _volumes_from_csv(study_dir / "volumes.csv").items():
             info.volumes.setdefault(case, {}).update(vols)
     # Roles part 1 does not list (brain mask, lesion labels, healthy-brain label) are looked for
@@ -456,30 +619,50 @@ def analyze(
         progress: optional ``(stage, fraction, message)`` callback.
 
     Raises:
-        AnalysisError: missing inputs, an unknown or ambiguous reference, no reference lesion.
+        AnalysisError: missing, unreadable or binary inputs, an invalid value (named by file,
+            line and column; see :func:`parse_reads`), an unknown or ambiguous reference, an
+            ``out_dir`` that is a file or cannot be created, a failed write. All inputs are
+            checked before any computation; ``out_dir`` is created only when the results are
+            written, and a failed run leaves nothing in it (files already there are kept).
     """
     say = progress or (lambda stage, fraction, message="": None)
     study_dir, out_dir = Path(study_dir), Path(out_dir)
+    # Every input is checked before any long work, and nothing is written before the results exist.
     if not study_dir.is_dir():
         raise AnalysisError(f"study folder {study_dir} does not exist; pass a study folder or a folder holding grades.csv and lesions.csv.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        folders_to_create(out_dir, "--out")  # a file, below a file, or not writable: before any work
+    except OutputPathError as exc:
+        raise AnalysisError(str(exc)) from None
+    bad = [t for t in thresholds if not (math.isfinite(float(t)) and float(t) >= 0)]
+    if bad:
+        raise AnalysisError(f"--threshold {bad[0]!r} is not a size in mm; give finite long-axis thresholds >= 0 (paper: 0, 5, 10).")
+    if not (math.isfinite(brain_margin_mm) and brain_margin_mm >= 0):
+        raise AnalysisError(f"--brain-margin {brain_margin_mm!r} is not a margin in mm; give a finite number >= 0 (default 5).")
+    thresholds = sorted(float(t) for t in thresholds)
     notes: List[str] = []
     say("read", 0.0, "reading the study")
     info = load_study_info(study_dir)
-    reads_dir = study_dir
-    # A study with a reads database is exported afresh (CSV files lying in the folder may be stale).
+    exported: Optional[Tuple[list, list]] = None
+    # A study with a reads database is exported afresh (CSV files lying in the folder may be stale),
+    # validated in memory and written to OUT_DIR/reads/ with the results.
     if (study_dir / "study.json").is_file() and (study_dir / "reads.sqlite").is_file():
-        from .export import export_study
-        from .study import StudyError
+        from .export import GRADES_HEADER, LESIONS_HEADER, collect_rows
 
-        reads_dir = out_dir / "reads"
         try:
-            export_study(study_dir, reads_dir)
+            exported = collect_rows(study_dir)
         except StudyError as exc:
             raise AnalysisError(f"could not export the reads of {study_dir}: {exc}") from exc
-        notes.append(f"Reads exported from the study database to {reads_dir.name}/grades.csv and lesions.csv.")
-    reads = read_reads(reads_dir, info.phase_order, info.reader_order)
-    thresholds = sorted(float(t) for t in thresholds)
+        source = f"{study_dir / 'reads.sqlite'} exported as %s (see it with 'lesion-reader export')"
+        reads = parse_reads(
+            *[[CsvRow(source % name, line, dict(zip(header, row))) for line, row in enumerate(rows, start=2)]
+              for name, header, rows in (("grades.csv", GRADES_HEADER, exported[0]), ("lesions.csv", LESIONS_HEADER, exported[1]))],
+            info.phase_order, info.reader_order,
+        )
+        notes.append("Reads exported from the study database to reads/grades.csv and lesions.csv.")
+    else:
+        reads = read_reads(study_dir, info.phase_order, info.reader_order)
+    notes.extend(reads.notes)
 
     # ---- reference
     ref_phase = reference_phase or info.reference_phase or DEFAULT_REFERENCE_PHASE
@@ -736,27 +919,59 @@ def analyze(
         agreement=agreement_rows, bootstrap=bootstrap_rows,
     )
     say("write", 0.9, "writing tables")
-    result.files["detection"] = _write_csv(out_dir / "detection.csv", DETECTION_COLUMNS, detection_rows)
-    result.files["comparisons"] = _write_csv(out_dir / "comparisons.csv", COMPARISON_COLUMNS, comparisons)
-    result.files["contrast"] = _write_csv(out_dir / "contrast.csv", CONTRAST_COLUMNS, contrast_rows)
-    result.files["quality"] = _write_csv(out_dir / "quality.csv", QUALITY_COLUMNS, quality_rows)
-    result.files["times"] = _write_csv(out_dir / "times.csv", TIMES_COLUMNS, times_rows)
-    result.files["matches"] = _write_csv(out_dir / "matches.csv", MATCHES_COLUMNS, match_rows)
-    result.files["agreement"] = _write_csv(out_dir / "agreement.csv", AGREEMENT_COLUMNS, agreement_rows)
-    result.files["bootstrap"] = _write_csv(out_dir / "bootstrap.csv", BOOTSTRAP_COLUMNS, bootstrap_rows)
-    summary = {
-        "reference_phase": ref_phase, "reference_reader": ref_reader, "reference_cases": len(ref_cases),
-        "reference_lesions": n_ref_lesions, "excluded_cases": excluded, "thresholds_mm": list(thresholds),
-        "readers": result.readers, "phases": reads.phases, "notes": notes,
-    }
-    (out_dir / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    result.files["summary"] = out_dir / "analysis.json"
-    if report:
-        from .report import write_report
+    with _output_folder(out_dir) as stage:
+        result.out_dir = stage  # the report writes into result.out_dir
+        if exported is not None:
+            from .export import write_reads
 
-        result.files.update(write_report(result))
+            write_reads(stage / "reads", *exported)
+        result.files["detection"] = _write_csv(stage / "detection.csv", DETECTION_COLUMNS, detection_rows)
+        result.files["comparisons"] = _write_csv(stage / "comparisons.csv", COMPARISON_COLUMNS, comparisons)
+        result.files["contrast"] = _write_csv(stage / "contrast.csv", CONTRAST_COLUMNS, contrast_rows)
+        result.files["quality"] = _write_csv(stage / "quality.csv", QUALITY_COLUMNS, quality_rows)
+        result.files["times"] = _write_csv(stage / "times.csv", TIMES_COLUMNS, times_rows)
+        result.files["matches"] = _write_csv(stage / "matches.csv", MATCHES_COLUMNS, match_rows)
+        result.files["agreement"] = _write_csv(stage / "agreement.csv", AGREEMENT_COLUMNS, agreement_rows)
+        result.files["bootstrap"] = _write_csv(stage / "bootstrap.csv", BOOTSTRAP_COLUMNS, bootstrap_rows)
+        summary = {
+            "reference_phase": ref_phase, "reference_reader": ref_reader, "reference_cases": len(ref_cases),
+            "reference_lesions": n_ref_lesions, "excluded_cases": excluded, "thresholds_mm": list(thresholds),
+            "readers": result.readers, "phases": reads.phases, "notes": notes,
+        }
+        (stage / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        result.files["summary"] = stage / "analysis.json"
+        if report:
+            from .report import write_report
+
+            result.files.update(write_report(result))
+    result.out_dir = out_dir
+    result.files = {key: out_dir / path.relative_to(stage) for key, path in result.files.items()}
     say("done", 1.0, f"wrote {out_dir}")
     return result
+
+
+@contextlib.contextmanager
+def _output_folder(out_dir: Path) -> Iterator[Path]:
+    """Write into a hidden staging folder; on success its files are moved into ``out_dir`` by name.
+
+    ``out_dir`` (and its missing parents) is created only now, when the results exist; only this
+    run's own file names are written into it and other files there are never touched; a failed
+    run leaves nothing behind (:func:`ContrastAmplifierLib.outputs.staged_folder`).
+
+    Raises:
+        AnalysisError: an ``OSError`` while writing (disk full, permissions, a folder in the way),
+            naming the path.
+    """
+    stage: Optional[Path] = None
+    try:
+        with staged_folder(out_dir) as stage:
+            yield stage
+    except OSError as exc:
+        where = Path(exc.filename2 or exc.filename or out_dir)
+        if stage is not None and stage in where.parents:
+            where = out_dir / where.relative_to(stage)
+        raise AnalysisError(f"cannot write the results: {where}: {exc.strerror or exc}; free disk space, fix the permissions or "
+                            f"move what is in the way, or choose another --out. Nothing of this run was left in {out_dir}.") from exc
 
 
 def _sorted_series(series: Mapping[Tuple[str, str], Mapping[str, float]], reads: Reads):

@@ -12,12 +12,11 @@ Extending: add a command with ``@app.command()`` below (imports inside the funct
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from ContrastAmplifierLib.cli import fail  # one error format for every command line
+from ContrastAmplifierLib.cliapp import fail, run_cli  # one error path for every command line
 
 app = typer.Typer(
     name="lesion-reader",
@@ -140,13 +139,9 @@ def analyze(
         typer.echo(str(path), err=progress == "json")
 
 
-def main() -> None:  # console-script entry point
-    """Run the ``lesion-reader`` app (exit code 130 on Ctrl-C)."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        sys.exit(130)
+def main(argv: Optional[List[str]] = None) -> None:  # console-script entry point
+    """Run the ``lesion-reader`` app: one error line instead of a traceback (``--debug`` shows it), 130 on Ctrl-C."""
+    run_cli(app, argv, prog_name="lesion-reader")
 
 
 if __name__ == "__main__":

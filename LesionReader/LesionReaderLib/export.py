@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sqlite3
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -49,15 +50,32 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object
         writer.writerows(rows)
 
 
+def write_reads(out_dir: Union[str, os.PathLike], grades: Iterable[Sequence[object]], lesions: Iterable[Sequence[object]]) -> Tuple[Path, Path]:
+    """Write rows from :func:`collect_rows` as ``OUT_DIR/grades.csv`` and ``OUT_DIR/lesions.csv`` (atomically).
+
+    Returns:
+        The two paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grades_path, lesions_path = out / "grades.csv", out / "lesions.csv"
+    _write_csv(grades_path, GRADES_HEADER, grades)
+    _write_csv(lesions_path, LESIONS_HEADER, lesions)
+    return grades_path, lesions_path
+
+
 def collect_rows(study_dir: Union[str, os.PathLike]) -> Tuple[List[List[str]], List[List[str]]]:
     """The grades and lesions rows of a study (without headers), in study order of readers and phases."""
     study = load_study(study_dir)
     reader_rank = {r: i for i, r in enumerate(study.readers)}
     phase_rank = {p.name: i for i, p in enumerate(study.phases)}
-    with ReadsDatabase(study.database_path) as db:
-        reads = db.rows("SELECT * FROM case_reads WHERE status = 'done'")
-        excluded_cases = {row["case_id"] for row in db.rows("SELECT DISTINCT case_id FROM case_reads WHERE too_many_lesions = 1")}
-        lesion_rows = db.rows("SELECT * FROM lesions ORDER BY id")
+    try:
+        with ReadsDatabase(study.database_path) as db:
+            reads = db.rows("SELECT * FROM case_reads WHERE status = 'done'")
+            excluded_cases = {row["case_id"] for row in db.rows("SELECT DISTINCT case_id FROM case_reads WHERE too_many_lesions = 1")}
+            lesion_rows = db.rows("SELECT * FROM lesions ORDER BY id")
+    except sqlite3.Error as exc:
+        raise StudyError(f"reads database {study.database_path} cannot be read ({exc}); restore it from a backup or check the folder's permissions") from None
     key = lambda r: (reader_rank.get(r["reader"], len(reader_rank)), r["reader"], phase_rank.get(r["phase"], len(phase_rank)), r["phase"], r["case_id"])  # noqa: E731
     grades: List[List[str]] = []
     confirmed = set()
@@ -110,10 +128,7 @@ def export_study(
     if out.exists() and not out.is_dir():
         raise StudyError(f"export folder {out} is a file; give a folder path")
     grades, lesions = collect_rows(study_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    grades_path, lesions_path = out / "grades.csv", out / "lesions.csv"
-    _write_csv(grades_path, GRADES_HEADER, grades)
-    _write_csv(lesions_path, LESIONS_HEADER, lesions)
+    grades_path, lesions_path = write_reads(out, grades, lesions)
     if dicom_sr:
         from .dicom_sr import export_dicom_sr  # optional dependency (highdicom): imported only when asked
 

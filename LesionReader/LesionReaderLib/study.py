@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import math
 import os
 import random
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ContrastAmplifierLib.atomicfile import write_text_atomic
+from ContrastAmplifierLib.outputs import OutputPathError, folders_to_create, remove_empty_folders
 
 #: Format tag written in every ``study.json``; bumped on incompatible changes.
 STUDY_FORMAT = "lesion-reader-study/1"
@@ -71,6 +75,57 @@ class WashoutError(StudyError):
     def __init__(self, message: str, opens_at: datetime):
         super().__init__(message)
         self.opens_at = opens_at
+
+
+def read_text_file(path: Union[str, os.PathLike], fix: str) -> str:
+    """The UTF-8 text of an input file, refusing what is not text.
+
+    Args:
+        path: the file.
+        fix: what the user should do, appended to every message (e.g. "export it again").
+
+    Raises:
+        StudyError: the path is missing, a folder or unreadable (permissions), or the file is
+            compressed, holds NUL bytes or is not UTF-8; the message names the file, the line
+            of the first bad byte and ``fix``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise StudyError(f"{path} is a folder, not a file; {fix}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StudyError(f"{path} cannot be read ({exc.strerror or exc}); check that it exists and that you may read it, then {fix}") from None
+    if data[:2] == b"\x1f\x8b":
+        raise StudyError(f"{path} is gzip-compressed, not text; decompress it (gunzip) or {fix}")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise StudyError(f"{path}, line {line}: holds a NUL byte, so it is a binary file, not text; {fix}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise StudyError(
+            f"{path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text (a binary file, or text in another "
+            f"encoding); save text as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet program) or {fix}"
+        ) from None
+
+
+def missing_folders(folder: Union[str, os.PathLike], option: str) -> List[Path]:
+    """:func:`ContrastAmplifierLib.outputs.folders_to_create` with a :class:`StudyError`.
+
+    Returns:
+        ``folder`` and its missing parents, deepest first (empty when ``folder`` exists).
+
+    Raises:
+        StudyError: ``folder`` is a file, a parent is a file, or the nearest existing folder is
+            not writable.
+    """
+    try:
+        return folders_to_create(folder, option)
+    except OutputPathError as exc:
+        raise StudyError(str(exc)) from None
 
 
 def utc_now() -> datetime:
@@ -322,7 +377,7 @@ def study_from_dict(data: Mapping, directory: Union[str, os.PathLike], *, check_
     ids = [c.id for c in cases]
     _require(len(set(ids)) == len(ids), f"{where}: case ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}")
     washout = data.get("washout_days", DEFAULT_WASHOUT_DAYS)
-    _require(isinstance(washout, (int, float)) and washout >= 0, f"{where}: 'washout_days' must be a number >= 0, got {washout!r}")
+    _require(isinstance(washout, (int, float)) and math.isfinite(washout) and washout >= 0, f"{where}: 'washout_days' must be a finite number >= 0, got {washout!r}")
     max_lesions = data.get("max_lesions", DEFAULT_MAX_LESIONS)
     _require(isinstance(max_lesions, int) and max_lesions >= 1, f"{where}: 'max_lesions' must be an integer >= 1, got {max_lesions!r}")
     seed = data.get("seed", 0)
@@ -348,8 +403,9 @@ def load_study(study_dir: Union[str, os.PathLike]) -> Study:
     path = Path(study_dir) / STUDY_FILE
     if not path.is_file():
         raise StudyError(f"no study at {Path(study_dir)}: {path} is missing; create one with 'lesion-reader init {study_dir} --cases ... --readers ...'")
+    text = read_text_file(path, "recreate it with 'lesion-reader init --force'")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise StudyError(f"{path} is not valid JSON ({exc}); fix it or recreate it with 'lesion-reader init --force'") from None
     return study_from_dict(data, study_dir)
@@ -460,8 +516,11 @@ def discover_case_folder(folder: Path) -> Case:
 
 def read_case_manifest(path: Path) -> List[Case]:
     """Cases from a CSV manifest with header ``case,<modality>,<modality>...`` (paths relative to the CSV)."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    text = read_text_file(path, "save the manifest as a UTF-8 CSV file")
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise StudyError(f"case manifest {path} is not a valid CSV file ({exc}); save it as CSV") from None
     if not rows or "case" not in rows[0]:
         raise StudyError(f"case manifest {path} needs a header row starting with 'case' followed by modality columns (e.g. case,T1c,T1c-pro,T2-FLAIR)")
     cases = []
@@ -485,7 +544,10 @@ def collect_cases(sources: Iterable[Union[str, os.PathLike]]) -> List[Case]:
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            cases.append(discover_case_folder(path))
+            try:
+                cases.append(discover_case_folder(path))
+            except OSError as exc:
+                raise StudyError(f"--cases {path}: the case folder cannot be read ({exc.strerror or exc}); check its permissions") from None
         elif path.is_file() and path.suffix.lower() == ".csv":
             cases.extend(read_case_manifest(path))
         else:
@@ -521,7 +583,7 @@ def init_study(
     10 days' wash-out; cases with more than 20 lesions excluded.
 
     Args:
-        study_dir: folder to create (may exist).
+        study_dir: folder to create (may exist; created with its missing parents).
         cases: case folders, CSV manifests or :class:`Case` objects.
         readers: reader ids.
         phases: reading order; names (paper layout) or :class:`Phase` objects. Default T1c, T1c-pro, T1c-vfa.
@@ -537,15 +599,19 @@ def init_study(
         The loaded study.
 
     Raises:
-        StudyError: invalid inputs, missing files, or an existing study (without ``force``, or with reads).
+        StudyError: invalid inputs, missing files, an existing study (without ``force``, or
+            with reads), ``study_dir`` a file or in a parent that is a file or not writable, or a
+            failed write. Everything is checked before the folder is created, and a failed call
+            removes the files and folders it created (never files that were there before).
     """
     from .storage import ReadsDatabase  # storage imports study; keep the cycle one-way at import time
 
     root = Path(study_dir).resolve()
+    created = missing_folders(root, "study folder")  # a file, or an unwritable parent: refused before any work
     if (root / STUDY_FILE).exists():
         if not force:
             raise StudyError(f"{root / STUDY_FILE} already exists; pass --force (force=True) to replace it, or pick another folder")
-        if (root / DATABASE_FILE).exists() and ReadsDatabase(root / DATABASE_FILE).has_reads():
+        if (root / DATABASE_FILE).exists() and _has_reads(root / DATABASE_FILE):
             raise StudyError(f"{root} already has reads in {DATABASE_FILE}; refusing to replace study.json under them. Start a new study folder")
     case_list = [c if isinstance(c, Case) else None for c in cases]
     paths = [c for c in cases if not isinstance(c, Case)]
@@ -564,7 +630,6 @@ def init_study(
         Phase(p.name, p.shows, (reference_reader,)) if p.name == reference_phase and p.markers == "all" else p
         for p in phase_list
     ]
-    root.mkdir(parents=True, exist_ok=True)
     data = {
         "format": STUDY_FORMAT,
         "name": name or root.name,
@@ -576,10 +641,31 @@ def init_study(
         "phases": [p.to_dict() for p in phase_list],
         "cases": [{"id": c.id, "volumes": {m: _relative_if_inside(v, root) for m, v in c.volumes.items()}} for c in collected],
     }
-    study = study_from_dict(data, root, check_files=True)
-    write_text_atomic(json.dumps(data, indent=2) + "\n", root / STUDY_FILE)
-    ReadsDatabase(study.database_path).close()
+    study = study_from_dict(data, root, check_files=True)  # validated before the folder is created
+    before = set(os.listdir(root)) if root.is_dir() else set()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(data, indent=2) + "\n", root / STUDY_FILE)
+        ReadsDatabase(study.database_path).close()
+    except (OSError, sqlite3.Error) as exc:
+        # Leave nothing behind: only the files and folders this call created go.
+        for name in (STUDY_FILE, DATABASE_FILE, f"{DATABASE_FILE}-wal", f"{DATABASE_FILE}-shm", f"{DATABASE_FILE}-journal"):
+            if name not in before and (root / name).is_file():
+                (root / name).unlink()
+        remove_empty_folders(created)
+        raise StudyError(f"cannot write the study into {root} ({exc}); check that the folder is writable, the disk not full and any {DATABASE_FILE} there a LesionReader database") from None
     return study
+
+
+def _has_reads(database: Path) -> bool:
+    """Whether an existing reads database holds reads (:class:`StudyError` if it is not a database)."""
+    from .storage import ReadsDatabase
+
+    try:
+        with ReadsDatabase(database) as db:
+            return db.has_reads()
+    except sqlite3.Error as exc:
+        raise StudyError(f"{database} is not a readable reads database ({exc}); move it away or start a new study folder") from None
 
 
 def case_order(study: Study, reader: str, phase: str) -> List[str]:

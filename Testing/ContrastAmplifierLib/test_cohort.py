@@ -70,3 +70,53 @@ def test_predict_cli_names_the_missing_input(tmp_path, small_case_dir, random_bu
     assert done.returncode == 2
     assert "ADC volume not found" in done.stderr and "nope.nii.gz" in done.stderr
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def _predict_cli(case_dir: Path, bundle: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ContrastAmplifierLib.cli", "predict", *[
+        arg for m in ("t1", "flair", "adc", "t1c") for arg in (f"--{m}", str(case_dir / f"{m}.nii.gz"))],
+        "--out", str(out), "--model", str(bundle), "--flips", "1", "--folds", "0", "--device", "cpu",
+        "--brain-mask", str(case_dir / "brain_mask.nii.gz"), "--threads", "1", "--progress", "json", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def test_predict_output_is_checked_before_any_work(tmp_path, small_case_dir, random_bundle_dir):
+    """Issue: `--out x.txt` failed after 31 s leaving an empty folder; `--out DIR` and unwritable folders too."""
+    case = tmp_path / "case"
+    shutil.copytree(small_case_dir, case)
+    (tmp_path / "report.txt").write_text("keep", encoding="utf-8")
+    before = {p: p.read_bytes() for p in case.iterdir()}
+    refusals = {
+        tmp_path / "new" / "x.txt": "has an unsupported ending; use one of .nii.gz, .nii, .nrrd, .mha",
+        tmp_path / "new" / "x.mhd": "has an unsupported ending",
+        tmp_path: "is an existing folder; give a file name",
+        case / "t1c.nii.gz": "is one of the inputs",
+        tmp_path / "report.txt" / "pro.nii.gz": "report.txt is a file, not a folder",
+    }
+    for out, message in refusals.items():
+        done = _predict_cli(case, random_bundle_dir, out, "--overwrite")
+        assert done.returncode == 2 and message in done.stderr, (out, done.stderr)
+        assert "Traceback" not in done.stderr and done.stdout == "", f"{out}: work started before the output was checked"
+    assert not (tmp_path / "new").exists()  # no empty folder left behind
+    assert {p: p.read_bytes() for p in case.iterdir()} == before
+
+    out = tmp_path / "pro.nii.gz"
+    assert _predict_cli(case, random_bundle_dir, out).returncode == 0
+    written = out.read_bytes()
+    again = _predict_cli(case, random_bundle_dir, out)
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr and again.stdout == ""
+    assert out.read_bytes() == written
+    assert _predict_cli(case, random_bundle_dir, out, "--overwrite").returncode == 0
+
+
+def test_cohort_output_may_not_be_the_cases_folder(tmp_path, small_case_dir, random_bundle_dir):
+    import pytest
+
+    from ContrastAmplifierLib.outputs import OutputPathError
+
+    cases = _cohort(tmp_path, small_case_dir)
+    before = sorted(p.relative_to(cases) for p in cases.rglob("*"))
+    for out in (cases, tmp_path):
+        with pytest.raises(OutputPathError, match="cohort output folder"):
+            predict_cohort(cases, out, bundle=random_bundle_dir, n_mirrorings=1, device="cpu", folds=[0])
+    assert sorted(p.relative_to(cases) for p in cases.rglob("*")) == before

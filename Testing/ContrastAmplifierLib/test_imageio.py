@@ -88,11 +88,12 @@ def test_nans(tmp_path):
     array[2, 3, 4] = np.nan
     array[5, 5, 5] = np.inf
     image = sitk.GetImageFromArray(array)
-    # ITK's NIfTI reader already turns NaN into 0; NRRD/MHA keep them, as do in-memory images.
-    path = tmp_path / "t1.nrrd"
-    sitk.WriteImage(image, str(path))
-    with pytest.raises(ImageValidationError, match=r"T1 \(.*t1\.nrrd\) contains 2 NaN/infinite voxels; fix the export"):
-        read_image(path, "T1")
+    # ITK's NIfTI reader returns NaN and Inf as 0: NIfTI voxels are checked with nibabel as well.
+    for suffix in (".nrrd", ".mha", ".nii.gz", ".nii"):
+        path = tmp_path / f"t1{suffix}"
+        sitk.WriteImage(image, str(path))
+        with pytest.raises(ImageValidationError, match=r"T1 \(.*t1\.(nrrd|mha|nii|nii\.gz)\) contains 2 NaN/infinite voxels \(of 1680\); fix the export"):
+            read_image(path, "T1")
     with pytest.raises(ImageValidationError, match="contains 2 NaN/infinite voxels"):
         read_image(image, "T1")
 
@@ -123,3 +124,57 @@ def test_implausible_spacing():
 def test_atomic_write_leaves_no_temporary_file(tmp_path):
     path = write_image_atomic(_volume(), tmp_path / "sub" / "x.nii.gz")
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.nii.gz"]
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_truncated_nifti_is_refused(tmp_path, suffix):
+    """ITK reads a truncated NIfTI without complaint (the missing voxels become 0): nibabel does not."""
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(_volume((40, 40, 40)), str(whole))
+    data = whole.read_bytes()
+    path = tmp_path / f"t1c{suffix}"
+    path.write_bytes(data[: len(data) // 2])
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(path))).size == 40 ** 3  # what used to pass
+    with pytest.raises(ImageValidationError, match=r"T1c file .*t1c\.nii(\.gz)? is truncated or corrupted: only part of its 40x40x40 voxels"):
+        read_image(path, "T1c")
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_truncated_compressed_nrrd_and_mha_are_refused(tmp_path, suffix):
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(_volume((40, 40, 40)), str(whole), True)
+    data = whole.read_bytes()
+    path = tmp_path / f"t1c{suffix}"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ImageValidationError, match=r"T1c file .* could not be read .*truncated, corrupted"):
+        read_image(path, "T1c")
+
+
+def test_4d_images(tmp_path):
+    import nibabel as nib
+
+    array = np.random.default_rng(1).random((10, 12, 14, 3)).astype(np.float32)
+    path = tmp_path / "adc.nii.gz"
+    nib.save(nib.Nifti1Image(array, np.diag([1.0, 1.0, 2.0, 1.0])), str(path))
+    with pytest.raises(ImageValidationError, match=r"ADC \(.*adc\.nii\.gz\) holds 3 volumes \(10x12x14x3, 4D\); a single 3D volume"):
+        read_image(path, "ADC")
+    nrrd = tmp_path / "adc.nrrd"  # the same through ITK (no nibabel pre-check for NRRD)
+    sitk.WriteImage(sitk.JoinSeries([_volume(), _volume(), _volume()]), str(nrrd))
+    with pytest.raises(ImageValidationError, match=r"holds 3 volumes .*4D"):
+        read_image(nrrd, "ADC")
+    single = tmp_path / "t1.nii.gz"  # one volume stored as 4D is just a 3D image
+    nib.save(nib.Nifti1Image(array[..., :1], np.diag([1.0, 1.0, 2.0, 1.0])), str(single))
+    image = read_image(single, "T1")
+    assert image.GetSize() == (10, 12, 14)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image), array[..., 0].transpose(2, 1, 0), rtol=1e-6)
+
+
+def test_field_of_view_beyond_a_head():
+    """15 mm voxels on a 67-voxel axis are 1 m: HD-BET would resample that to 1.5 mm (tens of GB)."""
+    image = sitk.Image([67, 82, 73], sitk.sitkFloat32) + 1.0
+    image[5, 5, 5] = 2.0
+    image.SetSpacing((15.0, 15.0, 15.0))
+    with pytest.raises(ImageValidationError, match=r"T1c covers 1005 x 1230 x 1095 mm .*is not a head MRI. Check the voxel spacing"):
+        read_image(image, "T1c")
+    image.SetSpacing((3.0, 3.0, 3.0))  # 201 x 246 x 219 mm: a head
+    assert read_image(image, "T1c").GetSize() == (67, 82, 73)

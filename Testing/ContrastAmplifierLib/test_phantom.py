@@ -307,3 +307,15 @@ def test_cli_phantom(tmp_path):
     bad = CliRunner().invoke(app, ["phantom", str(tmp_path / "x"), "--field-strength", "2", "--spacing", "4",
                                    "--progress", "none"])
     assert bad.exit_code == 2 and "1.5 or 3" in bad.output
+
+
+def test_phantom_never_replaces_a_folder_it_did_not_make(tmp_path):
+    from ContrastAmplifierLib.outputs import OutputPathError
+
+    mine = tmp_path / "case_000"
+    mine.mkdir()
+    (mine / "t1c.nii.gz").write_bytes(b"a real patient's T1c")
+    with pytest.raises(OutputPathError, match=r"case_000 exists and is not a phantom case \(no phantom.json\); it is never replaced"):
+        phantom.generate_cohort(tmp_path, cases=1, seed=0, spacing=4.0)
+    assert [p.name for p in tmp_path.iterdir()] == ["case_000"]
+    assert (mine / "t1c.nii.gz").read_bytes() == b"a real patient's T1c"

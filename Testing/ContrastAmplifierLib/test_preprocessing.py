@@ -173,3 +173,95 @@ def test_phantom_round_trip_with_known_poses(tmp_path_factory):
         err = float(np.linalg.norm(est - truth, axis=1).mean())
         print(f"phantom rigid {name} -> T1c: mean {err:.3f} mm")
         assert err < SPACING
+
+
+# -- outputs never destroy what the user had (issue "Nothing lost, nothing silent") -------------
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes (to prove nothing was touched)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _preprocess_cli(*args):
+    from typer.testing import CliRunner
+
+    from ContrastAmplifierLib.cli import app
+
+    return CliRunner().invoke(app, ["preprocess", *map(str, args), "--progress", "json"])
+
+
+def test_preprocess_into_an_existing_folder_writes_only_its_own_files(case_dir, tmp_path):
+    import os
+    import stat
+
+    from ContrastAmplifierLib.outputs import OutputPathError
+    from ContrastAmplifierLib.preprocessing import preprocess_output_names
+
+    out = tmp_path / "results"
+    (out / "earlier").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes", encoding="utf-8")
+    (out / "earlier" / "t1c.nii.gz").write_bytes(b"an older analysis")
+    theirs = _snapshot(out)
+    mode = stat.S_IMODE(os.stat(out).st_mode)
+    preprocess_case_dir(case_dir, out, GEOMETRY, brain_mask=case_dir / "brain_mask.nii.gz")
+    names = set(preprocess_output_names())
+    assert {p.name for p in out.iterdir()} == names | {"notes.txt", "earlier"}  # no staging folder left
+    assert {k: v for k, v in _snapshot(out).items() if k in theirs} == theirs
+    assert stat.S_IMODE(os.stat(out).st_mode) == mode
+    # a second run would replace this command's files: only with overwrite
+    with pytest.raises(OutputPathError, match=r"already holds .*pass --overwrite"):
+        preprocess_case_dir(case_dir, out, GEOMETRY, brain_mask=case_dir / "brain_mask.nii.gz")
+    first = (out / "preprocess.json").read_bytes()
+    preprocess_case_dir(case_dir, out, GEOMETRY, brain_mask=case_dir / "brain_mask.nii.gz", overwrite=True)
+    assert (out / "preprocess.json").read_bytes() != first  # new timings
+    assert {k: v for k, v in _snapshot(out).items() if k in theirs} == theirs
+
+
+def test_new_output_folder_gets_the_users_permissions(case_dir, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "new" / "out"
+        preprocess_case_dir(case_dir, out, GEOMETRY, brain_mask=case_dir / "brain_mask.nii.gz")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755  # was 0700 (mkdtemp)
+    assert stat.S_IMODE(os.stat(out / "t1c.nii.gz").st_mode) == 0o644
+
+
+def test_preprocess_refuses_destructive_outputs_before_any_work(case_dir, tmp_path, monkeypatch):
+    import shutil
+
+    case = tmp_path / "study" / "case"
+    shutil.copytree(case_dir, case)
+    (case / "report.pdf").write_bytes(b"the radiologist's report")
+    before = _snapshot(tmp_path / "study")
+    refusals = {
+        "the case folder": (case, "is the input"),
+        "an ancestor of the case": (tmp_path / "study", "contains the input"),
+        "a file": (case / "report.pdf", "is an existing file; name a folder"),
+        "below a file": (case / "report.pdf" / "out", "is a file, not a folder"),
+    }
+    for what, (out, message) in refusals.items():
+        result = _preprocess_cli(case, out)
+        assert result.exit_code == 2, (what, result.output)
+        assert message in result.output, (what, result.output)
+        assert '"stage"' not in result.output, f"{what}: work started before the output was checked"
+    monkeypatch.chdir(case)
+    result = _preprocess_cli(case, ".")
+    assert result.exit_code == 2 and "is the current directory" in result.output
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep", encoding="utf-8")
+    monkeypatch.chdir(elsewhere)
+    result = _preprocess_cli(case, ".")
+    assert result.exit_code == 2 and "is the current directory" in result.output
+    assert _snapshot(tmp_path / "study") == before
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"]
+
+
+def test_preprocess_crop_takes_three_values_like_training():
+    result = _preprocess_cli("missing-case", "out", "--crop", "160", "192", "160")
+    assert result.exit_code == 2 and "case folder not found" in result.output  # parsed; the case is what is missing

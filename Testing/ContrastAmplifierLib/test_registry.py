@@ -1,17 +1,21 @@
-"""Model registry: listing, default model, import from folder/zip, hash refusal."""
+"""Model registry: listing, the explicit default model, import from folder/zip, refusal of bad bundles."""
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from ContrastAmplifierLib import registry
-from ContrastAmplifierLib.bundle import BundleError, write_bundle
+from ContrastAmplifierLib.bundle import BUNDLE_FILE, BundleError, sha256_file, write_bundle
+from ContrastAmplifierLib.cli import app
 from ContrastAmplifierLib.network import NetworkConfig, build_network
 
 
@@ -41,7 +45,7 @@ def test_import_from_folder_then_resolve_by_name(tmp_path, user_dir):
     bundle = registry.import_model(source)
     assert bundle.path == user_dir / "tiny"
     names = [e.name for e in registry.list_models()]
-    assert names[0] == "tiny" and registry.default_model_name() == "tiny"
+    assert names[0] == "tiny" and registry.default_model_name() == registry.shipped_default_name() == "phantom-demo"
     assert registry.resolve_model("tiny").folds == [0, 1]
     assert registry.resolve_model(str(source)).name == "tiny"  # a path works too
     with pytest.raises(BundleError, match="already installed"):
@@ -96,8 +100,113 @@ def test_listing_models_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    code = "import sys; from ContrastAmplifierLib import registry; registry.list_models(); print('torch' in sys.modules)"
+    code = ("import sys; from ContrastAmplifierLib import registry; registry.list_models(); registry.default_model_name(); "
+            "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**__import__('os').environ, registry.ENV_MODELS: str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+# -- bundles refused by import and verify ---------------------------------------------------------
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8"))
+    edit(manifest)
+    (folder / BUNDLE_FILE).write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def _huge_crop(folder: Path) -> None:
+    _edit_manifest(folder, lambda m: m["geometry"].__setitem__("crop_size", [1000, 1000, 1000]))
+
+
+def _pickle_as_safetensors(folder: Path) -> None:
+    """A pickle saved as fold0.safetensors with its SHA-256 updated in bundle.json."""
+    (folder / "fold0.safetensors").write_bytes(pickle.dumps({"stem.weight": torch.zeros(2, 4, 3, 3, 3)}))
+    _edit_manifest(folder, lambda m: m["files"].__setitem__("fold0.safetensors", sha256_file(folder / "fold0.safetensors")))
+
+
+def _torch_zip_as_safetensors(folder: Path) -> None:
+    """A torch.save zip saved as fold0.safetensors with its SHA-256 updated in bundle.json."""
+    torch.save({"stem.weight": torch.zeros(2, 4, 3, 3, 3)}, folder / "fold0.safetensors")
+    _edit_manifest(folder, lambda m: m["files"].__setitem__("fold0.safetensors", sha256_file(folder / "fold0.safetensors")))
+
+
+BAD_BUNDLES = [
+    pytest.param(_huge_crop, r"bundle\.json is not a valid model bundle manifest: at geometry/crop_size/\d: 1000 is greater", id="crop-1000^3"),
+    pytest.param(_pickle_as_safetensors, r"fold0\.safetensors is not a safetensors file \(it is a Python pickle", id="pickle"),
+    pytest.param(_torch_zip_as_safetensors, r"fold0\.safetensors is not a safetensors file \(it is a ZIP archive", id="torch-zip"),
+]
+
+
+@pytest.mark.parametrize("corrupt, message", BAD_BUNDLES)
+def test_import_refuses_a_bad_bundle_and_installs_nothing(random_bundle_dir, tmp_path, user_dir, corrupt, message):
+    source = Path(shutil.copytree(random_bundle_dir, tmp_path / "bad"))
+    corrupt(source)
+    with pytest.raises(BundleError, match=message):
+        registry.import_model(source)
+    assert not (user_dir / "random-tiny").exists()
+    result = CliRunner().invoke(app, ["models", "import", str(source)])
+    assert result.exit_code == 2 and "was not imported" in result.output and "Traceback" not in result.output
+    assert not (user_dir / "random-tiny").exists()
+
+
+@pytest.mark.parametrize("corrupt, message", BAD_BUNDLES)
+def test_verify_reports_a_bundle_made_bad_after_import(random_bundle_dir, user_dir, corrupt, message):
+    registry.import_model(random_bundle_dir)
+    corrupt(user_dir / "random-tiny")
+    results = {entry.name: error for entry, error in registry.verify_models()}
+    assert results["phantom-demo"] is None
+    assert re.search(message, results["random-tiny"])
+    result = CliRunner().invoke(app, ["models", "verify"])
+    assert result.exit_code == 1 and "FAIL random-tiny" in result.output and "OK   phantom-demo" in result.output
+
+
+# -- the default model is explicit ----------------------------------------------------------------
+
+
+def test_importing_bundles_keeps_the_shipped_default(tmp_path, user_dir):
+    for name in ("aaa-first", "zzz-last"):
+        registry.import_model(_make_bundle(tmp_path / name, name=name))
+    assert [e.name for e in registry.list_models()][:2] == ["aaa-first", "zzz-last"]
+    assert registry.default_model_name() == "phantom-demo"
+    assert registry.resolve_model(None).name == "phantom-demo"
+    assert not registry.default_model_file().exists()  # importing never writes a default
+
+
+def test_set_default_survives_and_a_missing_default_is_an_error_not_a_fallback(tmp_path, user_dir):
+    runner = CliRunner()
+    registry.import_model(_make_bundle(tmp_path / "tiny"))
+    result = runner.invoke(app, ["models", "set-default", "tiny"])
+    assert result.exit_code == 0 and "default model: tiny" in result.output
+    assert json.loads(registry.default_model_file().read_text(encoding="utf-8")) == {"default": "tiny"}
+    registry.import_model(_make_bundle(tmp_path / "other", name="aaa-other"))  # another import: the choice stays
+    assert registry.default_model_name() == "tiny" and registry.resolve_model(None).name == "tiny"
+    listing = runner.invoke(app, ["models", "list"]).output.splitlines()
+    assert any(line.startswith("* tiny\t") for line in listing) and any(line.startswith("  phantom-demo\t") for line in listing)
+
+    shutil.rmtree(user_dir / "tiny")  # the chosen default is gone: say so, never use another model
+    for call in (registry.default_model_name, registry.resolve_model):
+        with pytest.raises(BundleError, match=r"the default model 'tiny' \(chosen in .*\.default\.json\) is not installed.*set-default --shipped"):
+            call()
+    assert runner.invoke(app, ["models", "verify"]).exit_code == 1
+
+    result = runner.invoke(app, ["models", "set-default", "--shipped"])
+    assert result.exit_code == 0 and "phantom-demo (the shipped one)" in result.output
+    assert not registry.default_model_file().exists() and registry.default_model_name() == "phantom-demo"
+
+
+def test_set_default_refuses_unknown_or_bad_models_and_reads_a_broken_choice_file_loudly(random_bundle_dir, tmp_path, user_dir):
+    runner = CliRunner()
+    result = runner.invoke(app, ["models", "set-default", "nope"])
+    assert result.exit_code == 2 and "unknown model 'nope'" in result.output and "models import" in result.output
+    assert runner.invoke(app, ["models", "set-default"]).exit_code == 2  # neither NAME nor --shipped
+    registry.import_model(random_bundle_dir)
+    _huge_crop(user_dir / "random-tiny")
+    with pytest.raises(BundleError, match="crop_size"):
+        registry.set_default_model("random-tiny")
+    assert not registry.default_model_file().exists()
+    registry.default_model_file().write_text("{not json", encoding="utf-8")
+    with pytest.raises(BundleError, match=r"\.default\.json is unreadable .*delete it or choose one"):
+        registry.default_model_name()

@@ -53,3 +53,24 @@ def test_device_and_mode_arguments():
         resolve_device("tpu")
     with pytest.raises(ValueError, match="'fast' or 'accurate'"):
         skull_strip(sitk.Image([4, 4, 4], sitk.sitkFloat32), mode="slow")
+
+
+def test_memory_estimate_matches_the_measured_runs_and_refuses_before_allocating():
+    """Issue: 15 mm voxels (inside the allowed spacing) made HD-BET ask for 45 GB after 165 s."""
+    import SimpleITK as sitk
+
+    from ContrastAmplifierLib.imageio import ImageValidationError
+    from ContrastAmplifierLib.skullstrip import available_memory_bytes, check_memory, hd_bet_memory_bytes, skull_strip
+
+    head = sitk.Image([67, 82, 73], sitk.sitkFloat32)
+    head.SetSpacing((3.0, 3.0, 3.0))  # 201 x 246 x 219 mm: measured peak 3.41 GB
+    assert 3.41e9 < hd_bet_memory_bytes(head) < 1.15 * 3.41e9
+    head.SetSpacing((4.8, 4.8, 4.8))  # 322 x 394 x 350 mm: measured peak 10.70 GB
+    assert 10.70e9 < hd_bet_memory_bytes(head) < 1.15 * 10.70e9
+    check_memory(head, available=16e9)  # fits: no error
+    with pytest.raises(ImageValidationError, match=r"skull stripping the T1c would need about 11\.\d GB .*but 4\.0 GB are free\. Crop the T1c"):
+        check_memory(head, available=4e9)
+    head.SetSpacing((15.0, 15.0, 15.0))  # the issue's case (~37 GB): refused at once on this 24 GB machine
+    if hd_bet_memory_bytes(head) > (available_memory_bytes() or 0):
+        with pytest.raises(ImageValidationError, match="would need about"):
+            skull_strip(head)

@@ -1,10 +1,14 @@
-"""Fit loop on toy 32^3 cases: end to end with export, determinism, resume after a kill."""
+"""Fit loop on toy 32^3 cases: end to end with export, determinism, resume after a kill, refused checkpoints."""
 
 from __future__ import annotations
 
+import builtins
 import csv
+import io
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +24,7 @@ from ContrastAmplifierTrainingLib.data import save_cached_case
 from ContrastAmplifierTrainingLib.export import export_bundle
 from ContrastAmplifierTrainingLib.fit import PlanMismatchError, fit_cases
 from ContrastAmplifierTrainingLib.toy import toy_cohort
-from ContrastAmplifierTrainingLib.trainer import TrainConfig
+from ContrastAmplifierTrainingLib.trainer import CheckpointError, TrainConfig
 
 torch.set_num_threads(1)
 NET = NetworkConfig(base_channels=8, levels=3)
@@ -276,3 +280,68 @@ def test_divergence_guard_rolls_back_halves_lr_and_redoes_the_epoch(tmp_path, mo
     with pytest.raises(RuntimeError, match="lower --lr"):
         fit_cases(cases, tmp_path / "run2", folds=[0], n_folds=2, config=_config(3))
     assert len(first) == 1 + trainer.MAX_ROLLBACKS + 1
+
+
+# -- a checkpoint that torch.load(weights_only=True) refuses: one clear error, nothing executed ----
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a malicious checkpoint would do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def _malicious_pickle(marker: Path) -> bytes:
+    return pickle.dumps({"epoch": 1, "model": _Payload(marker)})
+
+
+def _malicious_torch_zip(marker: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "model": _Payload(marker)}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("payload", [_malicious_pickle, _malicious_torch_zip], ids=["pickle", "torch-zip"])
+def test_malicious_checkpoint_is_refused_naming_the_file_and_never_run(tmp_path, payload):
+    marker = tmp_path / "payload-ran"
+    checkpoint = tmp_path / "run" / "fold_0" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(payload(marker))
+    with pytest.raises(CheckpointError, match=r"fold_0/checkpoint\.pt was refused: .*never unpickled.*delete the fold folder .*fold_0 to train this fold again"):
+        fit_cases(toy_cohort(4, (16, 16, 16), seed=7), tmp_path / "run", folds=[0], n_folds=2,
+                  config=TrainConfig(epochs=1, network=NetworkConfig(base_channels=4, levels=2), device="cpu"))
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
+    cases = toy_cohort(4, (16, 16, 16), seed=8)
+    config = lambda epochs: TrainConfig(epochs=epochs, network=NetworkConfig(base_channels=4, levels=2), device="cpu")  # noqa: E731
+    fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=config(1))
+    checkpoint = tmp_path / "run" / "fold_0" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt is truncated or corrupted \(\w+: .*delete"):
+        fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=config(2))
+    shutil.rmtree(checkpoint.parent)  # the fix the message gives: the fold is trained again
+    (result,) = fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=config(2))
+    assert result.epochs == 2
+
+
+def test_malicious_checkpoint_through_the_cli_is_one_error_line(tmp_path):
+    cache = tmp_path / "cache"
+    for case in toy_cohort(4, (16, 16, 16), seed=9):
+        save_cached_case(case, cache / f"{case.case_id}.npz")
+    marker = tmp_path / "payload-ran"
+    checkpoint = tmp_path / "run" / "fold_0" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(_malicious_torch_zip(marker))
+    done = subprocess.run(_cli("fit", str(cache), str(tmp_path / "run"), "--n-folds", "2", "--folds", "0", "--epochs", "1",
+                               "--base-channels", "4", "--levels", "2", "--device", "cpu", "--progress", "none"),
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr
+    assert f"error: {checkpoint} was refused" in done.stderr and "delete the fold folder" in done.stderr
+    assert not marker.exists()

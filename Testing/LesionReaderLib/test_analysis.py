@@ -265,6 +265,7 @@ def test_reference_options_and_errors(tmp_path):
         analyze(sim.folder, tmp_path / "o1", report=False)
     with pytest.raises(AnalysisError, match="reference phase 'T2'"):
         analyze(sim.folder, tmp_path / "o2", reference_phase="T2", report=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # refused: no empty output folder
     # explicit reference on another phase works (R1 on T1c-pro as the reference)
     res = analyze(sim.folder, tmp_path / "o3", reference_phase="T1c-pro", reference_reader="R1", report=False)
     assert res.reference_reader == "R1" and all(r["phase"] != "T1c-pro" or r["reader"] != "R1" for r in res.detection)
@@ -397,3 +398,230 @@ def test_beyond_the_paper_outputs(simulated, tmp_path):
     assert float(boot["sensitivity"]) == pytest.approx(det["sensitivity"])
     assert float(boot["ci_low"]) <= det["sensitivity"] <= float(boot["ci_high"])
     assert "case-level bootstrap" in (out / "report.md").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- input validation
+
+
+def _tiny_reads(folder: Path) -> Path:
+    """Two cases; R2 marks the reference on T1c-vfa, R1 reads T1c. Line numbers used below:
+
+    grades.csv: 2 R1/T1c/c1, 3 R1/T1c/c2, 4 R2/T1c-vfa/c1, 5 R2/T1c-vfa/c2;
+    lesions.csv: 2 R2 reference c1, 3 R2 reference c2, 4 R1 mark c1.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    grades = [{"reader": r, "phase": p, "case": c, "grade": 3, "seconds": 60, "excluded": 0}
+              for r, p in (("R1", "T1c"), ("R2", "T1c-vfa")) for c in ("c1", "c2")]
+    lesions = [_lesion_row("R2", "T1c-vfa", "c1", 1, (0.0, 0.0, 0.0), 8.0, 4.0),
+               _lesion_row("R2", "T1c-vfa", "c2", 1, (0.0, 0.0, 0.0), 8.0, 4.0),
+               _lesion_row("R1", "T1c", "c1", 1, (1.0, 0.0, 0.0), 8.0, 4.0)]
+    for name, cols, rows in (("grades.csv", GRADES_COLUMNS, grades), ("lesions.csv", LESIONS_COLUMNS, lesions)):
+        with open(folder / name, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, cols, lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+    return folder
+
+
+def _set_cells(path: Path, line: int, **cells) -> None:
+    """Overwrite cells of the row on ``line`` (1-based, header = line 1) of a CSV file."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+        header = list(rows[0])
+    rows[line - 2].update({k: str(v) for k, v in cells.items()})
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, header, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _analyze_quick(folder: Path, out: Path, **kwargs):
+    return analyze(folder, out, contrast=False, report=False, n_boot=0, **kwargs)
+
+
+@pytest.mark.parametrize("name, line, cells, column, problem", [
+    # nan/inf reference coordinates used to turn a hit into a miss silently
+    ("lesions.csv", 2, {"center_x": "nan"}, "center_x", "not a finite number"),
+    ("lesions.csv", 2, {"long_x1": "inf"}, "long_x1", "not a finite number"),
+    ("lesions.csv", 3, {"long_y2": "1e308"}, "long_y2", "above the maximum 10000"),
+    ("lesions.csv", 4, {"short_z1": "-20000"}, "short_z1", "below the minimum -10000"),
+    ("lesions.csv", 2, {"long_mm": "-8"}, "long_mm", "below the minimum 0"),
+    ("lesions.csv", 4, {"short_mm": "-4"}, "short_mm", "below the minimum 0"),
+    ("lesions.csv", 2, {"long_mm": "20"}, "long_mm", "8.000 mm apart"),
+    ("lesions.csv", 2, {"short_x1": "0", "short_y1": "-6", "short_x2": "0", "short_y2": "6", "short_mm": "12"}, "short_mm",
+     "longer than the long axis"),
+    ("lesions.csv", 2, {"center_x": "50"}, "center_x", "farther than the long axis"),
+    ("lesions.csv", 2, {"center_z": ""}, "center_z", "is empty while other centre columns are not"),
+    ("lesions.csv", 3, {"long_x1": "abc"}, "long_x1", "not a number"),
+    ("grades.csv", 3, {"grade": "nan"}, "grade", "not a finite number"),
+    ("grades.csv", 3, {"grade": "5"}, "grade", "above the maximum 4"),
+    ("grades.csv", 3, {"grade": "2.5"}, "grade", "not a whole grade"),
+    ("grades.csv", 2, {"grade": ""}, "grade", "is empty"),
+    ("grades.csv", 4, {"seconds": "-1"}, "seconds", "below the minimum 0"),
+    ("grades.csv", 4, {"seconds": "inf"}, "seconds", "not a finite number"),
+    ("grades.csv", 4, {"seconds": "1e308"}, "seconds", "above the maximum"),
+    ("grades.csv", 5, {"excluded": "maybe"}, "excluded", "'maybe'"),
+])
+def test_impossible_values_are_refused_with_file_line_and_column(tmp_path, name, line, cells, column, problem):
+    folder = _tiny_reads(tmp_path / "reads")
+    _set_cells(folder / name, line, **cells)
+    out = tmp_path / "a" / "out"
+    with pytest.raises(AnalysisError) as err:
+        _analyze_quick(folder, out)
+    message = str(err.value)
+    assert f"{folder / name}, line {line}, column '{column}': " in message and problem in message, message
+    assert not (tmp_path / "a").exists()  # refused before any output folder is created
+
+
+def test_valid_tiny_reads_and_allowed_blanks(tmp_path):
+    folder = _tiny_reads(tmp_path / "reads")
+    res = _analyze_quick(folder, tmp_path / "o1")
+    r1 = next(d for d in res.detection if d["reader"] == "R1" and d["threshold_mm"] == 0)
+    assert (r1["tp"], r1["fn"], r1["fp"]) == (1, 1, 0)
+    # Empty lengths and centre: taken from the end points (same result). Empty seconds: noted.
+    _set_cells(folder / "lesions.csv", 4, long_mm="", short_mm="", center_x="", center_y="", center_z="")
+    _set_cells(folder / "grades.csv", 3, seconds="")
+    res = _analyze_quick(folder, tmp_path / "o2")
+    assert next(d for d in res.detection if d["reader"] == "R1" and d["threshold_mm"] == 0)["tp"] == 1
+    assert any("1 grades row(s) have no reading time" in n and "line 3" in n for n in res.notes)
+    # An empty grade is allowed in an excluded case (more than 20 lesions: not graded, left out).
+    _set_cells(folder / "grades.csv", 3, grade="", excluded="1")
+    res = _analyze_quick(folder, tmp_path / "o3")
+    assert res.excluded_cases == ["c2"]
+
+
+def test_lesions_of_ungraded_cases_are_noted(tmp_path):
+    folder = _tiny_reads(tmp_path / "reads")
+    with open(folder / "lesions.csv", "a", newline="", encoding="utf-8") as fh:
+        csv.DictWriter(fh, LESIONS_COLUMNS, lineterminator="\n").writerow(_lesion_row("R1", "T1c", "c9", 1, (0.0, 0.0, 0.0), 8.0, 4.0))
+    res = _analyze_quick(folder, tmp_path / "out")
+    assert any("1 lesion row(s) of cases without a grades row" in n and "line 5" in n and "case c9" in n for n in res.notes)
+
+
+def _gzip_of_csv(path: Path) -> bytes:
+    import gzip
+
+    return gzip.compress(path.read_bytes())
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("random", "line 1: byte 0xd8 is not UTF-8 text (a binary file"),
+    ("gzip", "is gzip-compressed"),
+    ("latin1", "line 3: byte 0xe9 is not UTF-8 text"),
+    ("nul", "line 2: holds a NUL byte"),
+    ("folder", "is a folder, not a file"),
+])
+def test_binary_or_unreadable_grades_are_refused(tmp_path, kind, expected):
+    folder = _tiny_reads(tmp_path / "reads")
+    path = folder / "grades.csv"
+    if kind == "random":
+        path.write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(512)))
+    elif kind == "gzip":
+        path.write_bytes(_gzip_of_csv(path))
+    elif kind == "latin1":
+        path.write_bytes(path.read_bytes().replace(b"R1,T1c,c2", "Ré,T1c,c2".encode("latin-1")))
+    elif kind == "nul":
+        path.write_bytes(path.read_bytes().replace(b"R1,T1c,c1", b"R1\x00,T1c,c1"))
+    else:
+        path.unlink()
+        path.mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(AnalysisError, match="grades.csv") as err:
+        _analyze_quick(folder, out)
+    assert expected in str(err.value) and "UTF-8" in str(err.value)  # the fix
+    assert not out.exists()
+
+
+def test_binary_volumes_csv_and_bad_options_are_refused(tmp_path):
+    folder = _tiny_reads(tmp_path / "reads")
+    with pytest.raises(AnalysisError, match="threshold"):
+        _analyze_quick(folder, tmp_path / "o", thresholds=(0.0, math.nan))
+    with pytest.raises(AnalysisError, match="brain-margin"):
+        analyze(folder, tmp_path / "o", brain_margin_mm=math.inf, report=False, n_boot=0)
+    (folder / "volumes.csv").write_bytes(_gzip_of_csv(folder / "grades.csv"))
+    with pytest.raises(AnalysisError, match=r"volumes\.csv is gzip-compressed"):
+        _analyze_quick(folder, tmp_path / "o")
+    (folder / "volumes.csv").write_text("case,T1c\nc1,a.nii.gz\n,b.nii.gz\n", encoding="utf-8")
+    with pytest.raises(AnalysisError, match=r"volumes\.csv, line 3, column 'case': is empty"):
+        _analyze_quick(folder, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path):
+    folder = _tiny_reads(tmp_path / "reads")
+    target = tmp_path / "results.txt"
+    target.write_text("mine", encoding="utf-8")
+    with pytest.raises(AnalysisError, match="is an existing file; name a folder"):
+        _analyze_quick(folder, target)
+    with pytest.raises(AnalysisError, match=r"cannot create --out .*: .*results\.txt is a file, not a folder"):
+        _analyze_quick(folder, target / "sub")  # a parent that is a file: unwritable, even for root
+    assert target.read_text(encoding="utf-8") == "mine"
+
+
+def test_existing_out_folder_keeps_other_files(tmp_path):
+    folder = _tiny_reads(tmp_path / "reads")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "my-notes.txt").write_text("keep me", encoding="utf-8")
+    (out / "detection.csv").write_text("old", encoding="utf-8")
+    res = analyze(folder, out, contrast=False, n_boot=0)
+    assert (out / "my-notes.txt").read_text(encoding="utf-8") == "keep me"
+    assert (out / "detection.csv").read_text(encoding="utf-8").startswith("threshold_mm,")
+    written = {p.name for p in res.files.values()}
+    assert {p.name for p in out.iterdir()} == written | {"my-notes.txt"}  # its own file names only, no staging left
+    assert all(p.parent == out and p.is_file() for p in res.files.values())
+
+
+def test_failed_write_leaves_nothing_and_keeps_existing_files(tmp_path):
+    folder = _tiny_reads(tmp_path / "reads")
+    out = tmp_path / "out"
+    (out / "detection.csv").mkdir(parents=True)  # a folder where a result must go: the write fails, even as root
+    (out / "detection.csv" / "inside.txt").write_text("x", encoding="utf-8")
+    (out / "keep.txt").write_text("keep me", encoding="utf-8")
+    with pytest.raises(AnalysisError, match=r"cannot write the results: .*out[/\\]detection\.csv: "):
+        _analyze_quick(folder, out)
+    assert sorted(p.name for p in out.iterdir()) == ["detection.csv", "keep.txt"]
+    assert (out / "detection.csv" / "inside.txt").is_file() and (out / "keep.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_failed_write_removes_the_folders_it_created(tmp_path, monkeypatch):
+    import errno
+
+    from LesionReaderLib import report
+
+    def disk_full(result):
+        path = Path(result.out_dir) / "report.md"
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "write_report", disk_full)  # simulates a full disk after the tables were written
+    folder = _tiny_reads(tmp_path / "reads")
+    with pytest.raises(AnalysisError, match=r"new[/\\]out[/\\]report\.md: No space left on device"):
+        analyze(folder, tmp_path / "new" / "out", contrast=False, n_boot=0)
+    assert not (tmp_path / "new").exists()
+
+
+def test_study_database_values_are_validated(make_study, clock, tmp_path):
+    import sqlite3
+
+    from LesionReaderLib.session import ReaderSession
+
+    study_dir = make_study(n_cases=2)
+    session = ReaderSession.open(study_dir, "R1", "T1c", clock=clock)
+    session.grade(3)
+    session.next_case()
+    session.close()
+    with sqlite3.connect(str(study_dir / "reads.sqlite")) as db:
+        db.execute("UPDATE case_reads SET seconds = -5")
+    out = tmp_path / "out"
+    with pytest.raises(AnalysisError, match=r"reads\.sqlite exported as grades\.csv .*, line 2, column 'seconds': holds -5"):
+        analyze(study_dir, out)
+    assert not out.exists()
+    (study_dir / "reads.sqlite").write_bytes(b"not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (study_dir / f"reads.sqlite{suffix}").unlink(missing_ok=True)
+    with pytest.raises(AnalysisError, match=r"reads\.sqlite cannot be read"):
+        analyze(study_dir, out)
+    (study_dir / "study.json").write_bytes(b"\x1f\x8b\x08\x00binary")
+    with pytest.raises(AnalysisError, match=r"study\.json is gzip-compressed"):
+        analyze(study_dir, out)
+    assert not out.exists()

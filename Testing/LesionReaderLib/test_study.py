@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 
 import pytest
 
@@ -129,3 +131,71 @@ def test_modality_names_and_phase_specs():
     assert parse_phase_spec("X=T1c+ADC").shows == ("T1c", "ADC")
     with pytest.raises(StudyError, match="NAME=VOL1"):
         parse_phase_spec("X=")
+
+
+def test_init_refuses_a_file_or_unwritable_place_before_any_work(tmp_path, case_folders):
+    target = tmp_path / "study.txt"
+    target.write_text("mine", encoding="utf-8")
+    with pytest.raises(StudyError, match=r"study\.txt is an existing file; name a folder"):
+        init_study(target, case_folders, ["R1"])
+    # A parent that is a regular file makes the folder unwritable for everyone, root included.
+    with pytest.raises(StudyError, match=r"cannot create study folder .*: .*study\.txt is a file, not a folder"):
+        init_study(target / "sub" / "study", case_folders, ["R1"])
+    assert target.read_text(encoding="utf-8") == "mine"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="permission bits do not stop root (covered above by a parent that is a file)")
+def test_init_refuses_a_read_only_folder(tmp_path, case_folders):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(StudyError, match="is not writable"):
+            init_study(locked / "study", case_folders, ["R1"])
+        with pytest.raises(StudyError, match="is not writable"):
+            init_study(locked, case_folders, ["R1"])
+    finally:
+        locked.chmod(0o700)
+    assert list(locked.iterdir()) == []
+
+
+def test_failed_init_leaves_no_folder_behind(tmp_path, case_folders):
+    (case_folders[0] / "t1c_vfa.nii.gz").unlink()
+    with pytest.raises(StudyError, match="lacks T1c-vfa"):
+        init_study(tmp_path / "new" / "study", case_folders, ["R1"])
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(StudyError, match="neither a case folder nor a .csv manifest"):
+        init_study(tmp_path / "new" / "study", [tmp_path / "no-such-case"], ["R1"])
+    assert not (tmp_path / "new").exists()
+
+
+def test_failed_write_removes_only_what_init_created(tmp_path, case_folders):
+    study_dir = tmp_path / "study"
+    (study_dir / "reads.sqlite").mkdir(parents=True)  # in the way of the database: the write fails, even as root
+    (study_dir / "notes.txt").write_text("keep me", encoding="utf-8")
+    with pytest.raises(StudyError, match=r"cannot write the study into .*study \(.*\); check that the folder is writable"):
+        init_study(study_dir, case_folders, ["R1"])
+    assert sorted(p.name for p in study_dir.iterdir()) == ["notes.txt", "reads.sqlite"]  # study.json written then removed
+    assert (study_dir / "notes.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_binary_inputs_name_the_file_and_fix(make_study, tmp_path, case_folders):
+    study_dir = make_study(n_cases=2)
+    (study_dir / "study.json").write_bytes(b'{"format": "\xff\xfe"}')
+    with pytest.raises(StudyError, match=r"study\.json, line 1: byte 0xff is not UTF-8 text.*lesion-reader init --force"):
+        load_study(study_dir)
+    manifest = tmp_path / "cases.csv"
+    manifest.write_bytes(gzip.compress(b"case,T1c\nc1,a.nii.gz\n"))
+    with pytest.raises(StudyError, match=r"cases\.csv is gzip-compressed"):
+        init_study(tmp_path / "s", [manifest], ["R1"])
+    assert not (tmp_path / "s").exists()
+    (study_dir / "reads.sqlite").write_bytes(b"not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (study_dir / f"reads.sqlite{suffix}").unlink(missing_ok=True)
+    (study_dir / "study.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(StudyError, match=r"reads\.sqlite is not a readable reads database"):
+        init_study(study_dir, case_folders, ["R1"], force=True)
+    (study_dir / "study.json").unlink()
+    with pytest.raises(StudyError, match="file is not a database"):
+        init_study(study_dir, case_folders, ["R1"])
+    assert sorted(p.name for p in study_dir.iterdir()) == ["reads.sqlite"]  # the study.json it wrote is gone again

@@ -111,7 +111,7 @@ def test_preprocess_command_line(ca, tmp_path):
     assert command[3:6] == ["preprocess", str(tmp_path / "case"), str(tmp_path / "out")]
     joined = " ".join(command)
     for part in ("--device cuda", "--skull-strip accurate", "--progress json", "--qc", "--spacing 2.0",
-                 "--crop 80 --crop 96 --crop 80"):
+                 "--crop 80 96 80"):
         assert part in joined
     assert "--qc" not in logic.preprocessCommand(tmp_path, tmp_path, qualityControl=False)
     with pytest.raises(ValueError, match="Device must be one of cpu, cuda"):
