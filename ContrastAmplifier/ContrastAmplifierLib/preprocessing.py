@@ -30,6 +30,7 @@ import SimpleITK as sitk
 from .atomicfile import write_text_atomic
 from .imageio import ImageLike, find_case_inputs, read_image, write_image_atomic
 from .normalization import DEFAULT_CLIP, clip_to_unit, zscore_in_mask
+from .plausibility import Finding
 from .progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 from .registration import (
     AffineSettings,
@@ -148,7 +149,7 @@ class PreprocessedCase:
     native_grid: NativeGrid
     geometry: Geometry
     timings_s: Dict[str, float] = field(default_factory=dict)
-    findings: List["Finding"] = field(default_factory=list)
+    findings: List[Finding] = field(default_factory=list)
 
     @property
     def arrays(self) -> Dict[str, np.ndarray]:
@@ -226,8 +227,6 @@ class PreprocessedCase:
     @classmethod
     def load(cls, out_dir: Union[str, os.PathLike]) -> "PreprocessedCase":
         """Read back what :meth:`write` wrote (zscores are not stored: empty dict)."""
-        from .plausibility import Finding
-
         out = Path(out_dir)
         meta = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
         images = {m: sitk.ReadImage(str(out / f"{m}.nii.gz"), sitk.sitkFloat32) for m in meta["modalities"]}

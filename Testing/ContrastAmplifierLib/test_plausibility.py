@@ -1,9 +1,10 @@
 """Plausibility checks: pure functions on hand-made arrays, then the bad inputs of issue "Nothing lost, nothing silent".
 
-The phantom tests run real HD-BET and registrations on 3 mm cases: a normal case (no finding),
-four noise cubes (brain finding; strict mode stops before any resampling), the FLAIR of another
+The phantom tests run real registrations on 3 mm cases: a normal case (no finding) and four
+noise cubes (brain finding; strict mode stops before any resampling) with real HD-BET (about
+30 s each with 2 threads, 55 s with the tests' single thread: marked slow); the FLAIR of another
 phantom "patient" (motion finding naming the FLAIR) and a negated T1c (intensity finding; strict
-mode stops before HD-BET).
+mode stops before HD-BET) with the phantom's own brain mask in place of HD-BET.
 """
 
 from __future__ import annotations
@@ -65,13 +66,16 @@ def test_check_intensity_flags_negated_and_label_images():
     ramp = np.linspace(0.0, 1000.0, 20 * 20 * 20, dtype=np.float32).reshape(20, 20, 20)
     assert P.check_intensity(_image(ramp), "t1c") == []
     (negated,) = P.check_intensity(_image(-ramp - 1.0), "t1c")
-    assert (negated.code, negated.modality, negated.value) == ("intensity.negative", "t1c", 1.0)
+    # |a| has 99th percentile 1 + 0.99 x 1000 = 991: voxels above -19.82 (ramp < 18.82) are tolerated.
+    assert (negated.code, negated.modality) == ("intensity.negative", "t1c")
+    assert negated.value == pytest.approx(1 - 18.82 / 1000, abs=2e-4)
     assert negated.threshold == P.MAX_NEGATIVE_FRACTION and "every voxel is <= 0" in negated.message
     # A third of the voxels clearly negative (a phase-like image): flagged with its fraction.
     third = ramp.copy()
     third.ravel()[: third.size // 3] *= -1
     (f,) = P.check_intensity(_image(third), "adc")
-    assert f.code == "intensity.negative" and f.value == pytest.approx(1 / 3, abs=0.01) and "ADC" in f.message
+    # The 99th percentile of |a| is 990 (tolerance -19.8): ramp values below 19.8 stay tolerated.
+    assert f.code == "intensity.negative" and f.value == pytest.approx(1 / 3 - 0.0198, abs=1e-3) and "ADC" in f.message
     labels = (np.arange(8000) % 3).reshape(20, 20, 20).astype(np.float32)
     (f,) = P.check_intensity(_image(labels), "flair")
     assert (f.code, f.value, f.threshold) == ("intensity.levels", 3.0, P.MIN_DISTINCT_LEVELS)
@@ -194,18 +198,21 @@ def _inputs(case_dir):
 
 @pytest.fixture(scope="module")
 def normal(small_case_dir):
+    """The seed-31 case through the whole preprocessing, real HD-BET included."""
     recorder = Recorder()
     return preprocess_case(_inputs(small_case_dir), GEOMETRY, progress=recorder), recorder
 
 
+@pytest.mark.slow
 def test_normal_case_has_no_findings(normal, tmp_path):
     case, recorder = normal
     assert case.findings == [] and "warning" not in recorder.stages
-    assert case.timings_s["checks"] < 5.0
+    assert 0 < case.timings_s["checks"] < case.timings_s["total"]
     meta = json.loads((case.write(tmp_path / "out") / "preprocess.json").read_text(encoding="utf-8"))
     assert meta["warnings"] == []
 
 
+@pytest.mark.slow
 def test_noise_cubes_are_not_a_brain(small_case_dir):
     rng = np.random.default_rng(990001)
     inputs = {}
@@ -223,13 +230,13 @@ def test_noise_cubes_are_not_a_brain(small_case_dir):
     assert "skull-strip" in recorder.stages and "resample" not in recorder.stages and "warning" not in recorder.stages
 
 
-def test_flair_of_another_patient_is_flagged(normal, small_case_dir, tmp_path):
+def test_flair_of_another_patient_is_flagged(small_case_dir, tmp_path):
     from ContrastAmplifierLib.phantom import generate_case
 
     generate_case(tmp_path / "other", OTHER_PATIENT_SEED, spacing=3.0)
     inputs = {**_inputs(small_case_dir), "flair": tmp_path / "other" / "flair.nii.gz"}
     recorder = Recorder()
-    case = preprocess_case(inputs, GEOMETRY, brain_mask=normal[0].native_brain_mask, progress=recorder)
+    case = preprocess_case(inputs, GEOMETRY, brain_mask=small_case_dir / "brain_mask.nii.gz", progress=recorder)
     print(f"\nother patient's FLAIR: {[(f.code, f.modality, round(f.value, 2)) for f in case.findings]}")
     motion = [f for f in case.findings if f.code == "motion.displacement"]
     assert [f.modality for f in motion] == ["flair"] and motion[0].value > P.MAX_DISPLACEMENT_MM
@@ -243,10 +250,10 @@ def test_flair_of_another_patient_is_flagged(normal, small_case_dir, tmp_path):
     assert [w["code"] for w in meta["warnings"]] == [f.code for f in case.findings]
     assert PreprocessedCase.load(tmp_path / "out").findings == case.findings
     with pytest.raises(P.PlausibilityError, match="FLAIR"):
-        preprocess_case(inputs, GEOMETRY, brain_mask=normal[0].native_brain_mask, strict=True)
+        preprocess_case(inputs, GEOMETRY, brain_mask=small_case_dir / "brain_mask.nii.gz", strict=True)
 
 
-def test_negated_t1c_is_flagged_before_skull_stripping(normal, small_case_dir):
+def test_negated_t1c_is_flagged_before_skull_stripping(small_case_dir):
     t1c = read_image(small_case_dir / "t1c.nii.gz")
     inputs = {**_inputs(small_case_dir), "t1c": sitk.Cast(t1c * -1.0, sitk.sitkFloat32)}
     recorder = Recorder()
@@ -255,6 +262,6 @@ def test_negated_t1c_is_flagged_before_skull_stripping(normal, small_case_dir):
     assert [(f.code, f.modality) for f in err.value.findings] == [("intensity.negative", "t1c")]
     assert "skull-strip" not in recorder.stages  # raised before HD-BET
     recorder = Recorder()
-    case = preprocess_case(inputs, GEOMETRY, brain_mask=normal[0].native_brain_mask, progress=recorder)
+    case = preprocess_case(inputs, GEOMETRY, brain_mask=small_case_dir / "brain_mask.nii.gz", progress=recorder)
     assert ("intensity.negative", "t1c") in [(f.code, f.modality) for f in case.findings]
     assert ("warning", 0.0, case.findings[0].message) in recorder.calls
