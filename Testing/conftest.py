@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import locale
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,3 +32,15 @@ for module_dir in ("ContrastAmplifier", "ContrastAmplifierTraining", "LesionRead
     path = str(REPO / module_dir)
     if path not in sys.path:
         sys.path.insert(0, path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_locale():
+    """GDCM's DICOM *writer* (used by test fixtures only: the product only reads DICOM, which
+    leaves the locale alone) sets the C library's LC_CTYPE to "C"; Python's default text encoding
+    then becomes ASCII for every later test of that worker (torch.compile's Inductor, for one,
+    then fails to read its own templates). Restore the locale after every test."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)

@@ -141,7 +141,17 @@ class _CompiledModel:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.compiled: Optional[Callable[[torch.Tensor], torch.Tensor]] = torch.compile(model)
+        self.compiled: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        try:  # importing Inductor can fail too (an embedded Python without its files, a C locale...)
+            self.compiled = torch.compile(model)
+        except Exception as error:
+            self._give_up(error)
+
+    @staticmethod
+    def _give_up(error: BaseException) -> None:
+        global _compile_failure
+        _compile_failure = f"{type(error).__name__}: {error}"
+        logger.warning("torch.compile failed (%s); running the models eagerly", _compile_failure)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
@@ -153,9 +163,7 @@ class _CompiledModel:
             except Exception as error:  # a missing compiler, an unsupported platform...
                 if _is_out_of_memory(error):
                     raise
-                global _compile_failure
-                _compile_failure = f"{type(error).__name__}: {error}"
-                logger.warning("torch.compile failed (%s); running the models eagerly", _compile_failure)
+                self._give_up(error)
                 self.compiled = None
         return self.model(batch)
 

@@ -210,6 +210,24 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog)
     assert calls == [] and not caplog.records
 
 
+def test_compile_that_fails_to_start_falls_back_too(monkeypatch, caplog):
+    """torch.compile itself can raise (Inductor failed to import: seen under a C locale)."""
+    from ContrastAmplifierLib import ensemble
+
+    def cannot_start(model):
+        raise UnicodeDecodeError("ascii", b"\xe2", 0, 1, "ordinal not in range(128)")
+
+    monkeypatch.setattr(ensemble, "_compile_failure", None)
+    monkeypatch.setattr(torch, "compile", cannot_start)
+    x = np.random.default_rng(14).random((2, 16, 16, 16), dtype=np.float32)
+    model = _small_unet(8)
+    eager = predict_ensemble([model], x, 2, _cpu("exact"))
+    with caplog.at_level("WARNING"):
+        out = predict_ensemble([model], x, 2, InferenceSettings.create("cpu", "exact", max_batch=1, compile=True))
+    np.testing.assert_allclose(out, eager, atol=1e-6)
+    assert any("torch.compile failed (UnicodeDecodeError" in r.message for r in caplog.records)
+
+
 def test_compile_auto_means_cpu_and_a_paper_size_volume():
     from ContrastAmplifierLib.ensemble import AUTO_COMPILE_VOXELS
 
