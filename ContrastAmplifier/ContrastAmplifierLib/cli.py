@@ -12,8 +12,8 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from .cliapp import cancelled, fail, run_cli
-from .progress import Cancelled, make_progress
+from .cliapp import cli_job, fail, run_cli
+from .progress import make_progress
 
 app = typer.Typer(
     name="contrast-amplifier",
@@ -40,18 +40,12 @@ def phantom(
     from .phantom import generate_cohort
 
     report = make_progress(progress)
-    try:
+    with cli_job(report, "cancelled; finished cases are kept, the unfinished one was removed"):
         paths = generate_cohort(
             out_dir, cases=cases, seed=seed, spacing=spacing,
             size=None if size is None else tuple(int(v) for v in size),
             field_strength=field_strength, progress=report,
         )
-    except ValueError as exc:
-        fail(str(exc))
-    except (Cancelled, KeyboardInterrupt):
-        cancelled("cancelled; finished cases are kept, the unfinished one was removed")
-    finally:
-        getattr(report, "close", lambda: None)()
     for path in paths:
         typer.echo(str(path), err=progress == "json")
 
@@ -77,17 +71,11 @@ def preprocess(
     from .preprocessing import Geometry, preprocess_case_dir
 
     report = _with_warnings(make_progress(progress), progress)
-    try:
+    with cli_job(report, "cancelled; nothing was written"):
         result = preprocess_case_dir(
             case_dir, out_dir, Geometry(spacing=(spacing,) * 3, crop_size=tuple(crop)),
             skull_strip_mode=skull_strip, device=device, qc=qc, progress=report, overwrite=overwrite, strict=strict,
         )
-    except ValueError as exc:
-        fail(str(exc))
-    except (Cancelled, KeyboardInterrupt):
-        cancelled("cancelled; nothing was written")
-    finally:
-        getattr(report, "close", lambda: None)()
     typer.echo(f"wrote {out_dir} ({result.timings_s.get('total', float('nan')):.1f} s)", err=progress == "json")
 
 
@@ -194,16 +182,10 @@ def predict(
     from .inference import amplify_case
 
     report = _with_warnings(make_progress(progress), progress)
-    try:
+    with cli_job(report, "cancelled; no output was written"):
         result = amplify_case(t1, flair, adc, t1c, bundle=model, out_path=out, folds=folds, n_mirrorings=flips,
                               device=device, precision=precision, compile=compile_models, mapping=mapping, skull_strip_mode=skull_strip, brain_mask=brain_mask,
                               threads=threads, progress=report, overwrite=overwrite, strict=strict)
-    except ValueError as exc:
-        fail(str(exc))
-    except (Cancelled, KeyboardInterrupt):
-        cancelled("cancelled; no output was written")
-    finally:
-        getattr(report, "close", lambda: None)()
     typer.echo(f"wrote {result.output_path} ({result.n_predictions} predictions, {result.timings_s['total']:.1f} s)",
                err=progress == "json")
 
@@ -227,16 +209,10 @@ def predict_cohort(
     from .cohort import predict_cohort as run_cohort
 
     report = _with_warnings(make_progress(progress), progress)
-    try:
+    with cli_job(report, "cancelled; finished cases are kept, the current one was not written"):
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
                           precision=precision, overwrite=overwrite, compile=compile_models, mapping=mapping,
                           strict=strict, progress=report)
-    except ValueError as exc:
-        fail(str(exc))
-    except (Cancelled, KeyboardInterrupt):
-        cancelled("cancelled; finished cases are kept, the current one was not written")
-    finally:
-        getattr(report, "close", lambda: None)()
     failed = [r for r in rows if r["status"] == "failed"]
     typer.echo(f"{len(rows)} cases: {sum(r['status'] == 'done' for r in rows)} done, "
                f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {len(failed)} failed; see {out_dir / 'summary.csv'}",

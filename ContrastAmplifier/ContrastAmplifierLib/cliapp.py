@@ -17,15 +17,16 @@ cancel message with :func:`cancelled`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from typing import List, NoReturn, Optional, Sequence
+from typing import Iterator, List, NoReturn, Optional, Sequence
 
 import typer
 
-__all__ = ["fail", "cancelled", "run_cli", "DEBUG_FLAG", "ENV_DEBUG"]
+__all__ = ["fail", "cancelled", "cli_job", "run_cli", "DEBUG_FLAG", "ENV_DEBUG"]
 
 DEBUG_FLAG = "--debug"
 ENV_DEBUG = "CONTRAST_AMPLIFIER_DEBUG"
@@ -47,6 +48,23 @@ def cancelled(message: str = CANCELLED_MESSAGE) -> NoReturn:
     _reported.set()
     typer.secho(message, err=True)
     raise typer.Exit(130)
+
+
+@contextlib.contextmanager
+def cli_job(report: object, cancelled_message: str = CANCELLED_MESSAGE) -> Iterator[None]:
+    """The block every long command runs its work in: bad input is one ``error:`` line (exit 2), a
+    cancel (the job's token, Ctrl-C, SIGTERM) one line of ``cancelled_message`` (exit 130), and the
+    progress reporter ``report`` is closed (its ``close()``, if it has one) either way."""
+    from .progress import Cancelled
+
+    try:
+        yield
+    except ValueError as exc:
+        fail(str(exc))
+    except (Cancelled, KeyboardInterrupt):
+        cancelled(cancelled_message)
+    finally:
+        getattr(report, "close", lambda: None)()
 
 
 def _terminate_as_interrupt(signum, frame):  # pragma: no cover - exercised through a child process
