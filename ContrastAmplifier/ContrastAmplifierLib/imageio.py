@@ -35,6 +35,15 @@ MAX_FIELD_OF_VIEW_MM = 500.0
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
+#: How messages name each input (``modality key -> name a radiologist reads``).
+DISPLAY_NAMES = {"t1": "T1", "flair": "T2-FLAIR", "adc": "ADC", "t1c": "T1c", "t1c_low": "T1c-low"}
+
+
+def display_name(modality: str) -> str:
+    """``"t1c"`` -> ``"T1c"``, ``"flair"`` -> ``"T2-FLAIR"``; unknown keys upper-cased."""
+    return DISPLAY_NAMES.get(modality, modality.upper())
+
+
 class ImageValidationError(ValueError):
     """An input image cannot be used; the message names it and the fix."""
 
@@ -233,12 +242,12 @@ def find_case_inputs(case_dir: Union[str, os.PathLike], names=("t1", "flair", "a
             hits.append(entries[name])
         if not hits:
             raise ImageValidationError(
-                f"{name.upper()} is missing in {folder}: expected {name}.nii.gz (or .nii/.nrrd/.mha) or a {name}/ DICOM "
-                f"folder. Rename the {name.upper()} file, or add it. Found: {sorted(entries) or 'nothing'}."
+                f"{display_name(name)} is missing in {folder}: expected {name}.nii.gz (or .nii/.nrrd/.mha) or a {name}/ DICOM "
+                f"folder. Rename the {display_name(name)} file, or add it. Found: {sorted(entries) or 'nothing'}."
             )
         if len(hits) > 1:
             raise ImageValidationError(
-                f"{name.upper()} is ambiguous in {folder}: {[h.name for h in hits]}; keep only one."
+                f"{display_name(name)} is ambiguous in {folder}: {[h.name for h in hits]}; keep only one."
             )
         found[name] = hits[0]
     return found

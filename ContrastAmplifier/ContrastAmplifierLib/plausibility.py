@@ -88,7 +88,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .imageio import ImageValidationError
+from .imageio import ImageValidationError, display_name
 
 __all__ = [
     "Finding", "PlausibilityError", "raise_if_strict", "format_findings",
@@ -216,7 +216,7 @@ def check_intensity(image: sitk.Image, modality: str) -> List[Finding]:
         (too few distinct values: a label map or mask).
     """
     array = sitk.GetArrayViewFromImage(image)
-    name = modality.upper()
+    name = display_name(modality)
     findings = []
     fraction = negative_fraction(array)
     if fraction > MAX_NEGATIVE_FRACTION:
@@ -446,7 +446,7 @@ def check_alignment(modality: str, t1c: sitk.Image, moving: sitk.Image, transfor
     from .registration import mask_points_mm
 
     points = mask_points_mm(native_mask, 5000) if points_mm is None else np.asarray(points_mm, dtype=float)
-    name = modality.upper()
+    name = display_name(modality)
     same = f"check that the {name} belongs to the same patient and examination as the T1c."
     findings = []
     fraction = fov_fraction(points, transform, moving)

@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomicfile import write_text_atomic
-from .imageio import ImageLike, find_case_inputs, read_image, write_image_atomic
+from .imageio import ImageLike, display_name, find_case_inputs, read_image, write_image_atomic
 from .normalization import DEFAULT_CLIP, clip_to_unit, zscore_in_mask
 from .plausibility import Finding
 from .progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
@@ -305,11 +305,11 @@ def preprocess_case(
             sink("warning", last_fraction[0], finding.message)
 
     if REFERENCE not in inputs:
-        raise ImageValidationError(f"no {REFERENCE.upper()} given (got {sorted(inputs)}); the T1c is the reference of every case.")
+        raise ImageValidationError(f"no {display_name(REFERENCE)} given (got {sorted(inputs)}); the T1c is the reference of every case.")
 
     report("read", 0.0, "reading and validating inputs")
     t0 = time.perf_counter()
-    images = {name: read_image(src, name.upper()) for name, src in inputs.items()}
+    images = {name: read_image(src, display_name(name)) for name, src in inputs.items()}
     native_mask_in = read_image(brain_mask, "brain mask") if brain_mask is not None else None
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()

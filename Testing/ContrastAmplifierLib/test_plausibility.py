@@ -241,7 +241,7 @@ def test_flair_of_another_patient_is_flagged(small_case_dir, tmp_path):
     motion = [f for f in case.findings if f.code == "motion.displacement"]
     assert [f.modality for f in motion] == ["flair"] and motion[0].value > P.MAX_DISPLACEMENT_MM
     assert all(f.modality == "flair" for f in case.findings)
-    assert "check that the FLAIR belongs to the same patient and examination" in motion[0].message
+    assert "check that the T2-FLAIR belongs to the same patient and examination" in motion[0].message
     warnings = [c for c in recorder.calls if c[0] == "warning"]
     assert [c[2] for c in warnings] == [f.message for f in case.findings]
     before = recorder.calls[recorder.calls.index(warnings[0]) - 1]

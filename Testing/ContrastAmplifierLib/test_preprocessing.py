@@ -137,7 +137,7 @@ def test_missing_modality_and_bad_input(case_dir, tmp_path):
     flat = sitk.Image([64, 64, 1], sitk.sitkFloat32) + 1.0
     with pytest.raises(ImageValidationError, match="ADC is 2D"):
         preprocess_case({"t1c": case_dir / "t1c.nii.gz", "adc": flat}, GEOMETRY)
-    with pytest.raises(ImageValidationError, match="no T1C given"):
+    with pytest.raises(ImageValidationError, match="no T1c given"):
         preprocess_case({"t1": case_dir / "t1.nii.gz"}, GEOMETRY)
 
 
