@@ -39,7 +39,7 @@ import numpy as np
 from ContrastAmplifierLib.atomicfile import atomic_path
 
 from .session import LesionRecord, lesion_from_row
-from .storage import ReadsDatabase
+from .storage import ReadKey, ReadsDatabase
 from .study import GRADE_LABELS, Study, StudyError, dicom_series_files, is_dicom_series_folder, load_study
 
 logger = logging.getLogger(__name__)
@@ -273,13 +273,10 @@ def _write_dataset(dataset: Any, path: Path) -> None:
         pydicom.dcmwrite(str(path), dataset, write_like_original=False)
 
 
-def _confirmed_reads(study: Study) -> Tuple[List[Any], Dict[Tuple[str, str, str], List[LesionRecord]]]:
+def _confirmed_reads(study: Study) -> Tuple[List[Any], Dict[ReadKey, List[LesionRecord]]]:
     with ReadsDatabase(study.database_path) as db:
-        reads = db.rows("SELECT * FROM case_reads WHERE status = 'done'")
-        lesion_rows = db.rows("SELECT * FROM lesions ORDER BY id")
-    by_case: Dict[Tuple[str, str, str], List[Any]] = {}
-    for row in lesion_rows:
-        by_case.setdefault((row["reader"], row["phase"], row["case_id"]), []).append(row)
+        reads = db.confirmed_case_reads()
+        by_case = db.lesions_by_read()
     lesions = {key: [lesion_from_row(row, n) for n, row in enumerate(rows, start=1)] for key, rows in by_case.items()}
     reader_rank = {r: i for i, r in enumerate(study.readers)}
     phase_rank = {p.name: i for i, p in enumerate(study.phases)}
@@ -332,7 +329,7 @@ def export_dicom_sr(
         if source is None:
             skipped.setdefault((phase_name, modality), []).append(case_id)
             continue
-        sr = build_sr(source, reader, phase_name, int(row["grade"]), lesions.get((reader, phase_name, case_id), []))
+        sr = build_sr(source, reader, phase_name, int(row["grade"]), lesions.get(ReadKey(reader, phase_name, case_id), []))
         out.mkdir(parents=True, exist_ok=True)
         target = out / sr_file_name(reader, phase_name, case_id)
         with atomic_path(target, ".dcm") as tmp:

@@ -21,12 +21,12 @@ import csv
 import os
 import sqlite3
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from ContrastAmplifierLib.atomicfile import atomic_path
 
 from .session import lesion_from_row
-from .storage import ReadsDatabase
+from .storage import ReadKey, ReadsDatabase
 from .study import StudyError, load_study
 
 GRADES_HEADER: Tuple[str, ...] = ("reader", "phase", "case", "grade", "seconds", "excluded")
@@ -71,25 +71,22 @@ def collect_rows(study_dir: Union[str, os.PathLike]) -> Tuple[List[List[str]], L
     phase_rank = {p.name: i for i, p in enumerate(study.phases)}
     try:
         with ReadsDatabase(study.database_path) as db:
-            reads = db.rows("SELECT * FROM case_reads WHERE status = 'done'")
-            excluded_cases = {row["case_id"] for row in db.rows("SELECT DISTINCT case_id FROM case_reads WHERE too_many_lesions = 1")}
-            lesion_rows = db.rows("SELECT * FROM lesions ORDER BY id")
+            reads = db.confirmed_case_reads()
+            excluded_cases = db.excluded_cases()
+            by_case = db.lesions_by_read()
     except sqlite3.Error as exc:
         raise StudyError(f"reads database {study.database_path} cannot be read ({exc}); restore it from a backup or check the folder's permissions") from None
     key = lambda r: (reader_rank.get(r["reader"], len(reader_rank)), r["reader"], phase_rank.get(r["phase"], len(phase_rank)), r["phase"], r["case_id"])  # noqa: E731
     grades: List[List[str]] = []
-    confirmed = set()
+    confirmed: Set[ReadKey] = set()
     for row in sorted(reads, key=key):
-        confirmed.add((row["reader"], row["phase"], row["case_id"]))
+        confirmed.add(ReadKey(row["reader"], row["phase"], row["case_id"]))
         grades.append([
             row["reader"], row["phase"], row["case_id"], str(int(row["grade"])), _fmt(float(row["seconds"]), 3),
             "1" if row["case_id"] in excluded_cases else "0",
         ])
-    by_case: Dict[Tuple[str, str, str], list] = {}
-    for row in lesion_rows:
-        by_case.setdefault((row["reader"], row["phase"], row["case_id"]), []).append(row)
     lesions: List[List[str]] = []
-    for case_key in sorted(by_case, key=lambda k: (reader_rank.get(k[0], 99), k[0], phase_rank.get(k[1], 99), k[1], k[2])):
+    for case_key in sorted(by_case, key=lambda k: (reader_rank.get(k.reader, 99), k.reader, phase_rank.get(k.phase, 99), k.phase, k.case)):
         if case_key not in confirmed:
             continue  # an unconfirmed case is still being read: neither its grade nor its lesions are exported
         for number, row in enumerate(by_case[case_key], start=1):

@@ -28,9 +28,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
-from .storage import ReadsDatabase, from_iso, to_iso
+from .storage import ReadKey, ReadsDatabase, from_iso
 from .study import (
     GRADE_LABELS,
     Axis,
@@ -62,6 +62,7 @@ class LesionAxisError(SessionError):
 
 
 Point = Tuple[float, float, float]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def phase_opens_at(db: ReadsDatabase, study: Study, reader: str, phase: str) -> 
     if index == 0:
         return datetime.min.replace(tzinfo=utc_now().tzinfo), "first phase"
     previous = study.phases[index - 1].name
-    row = db.row("SELECT submitted_at FROM phase_reads WHERE reader = ? AND phase = ?", (reader, previous))
+    row = db.phase_read(ReadKey(reader, previous))
     if row is None or row["submitted_at"] is None:
         return None, f"after phase {previous} is submitted, plus {study.washout_days:g} days"
     submitted = from_iso(row["submitted_at"])
@@ -212,10 +213,11 @@ class ReaderSession:
         self.reader = reader
         self.phase = phase
         self._phase = study.phase(phase)
+        self._key = ReadKey(reader, phase)
         self._db: Optional[ReadsDatabase] = db
         self._clock = clock
         self._token = token
-        row = db.row("SELECT * FROM phase_reads WHERE reader = ? AND phase = ?", (reader, phase))
+        row = db.phase_read(self._key)
         self._order: List[str] = json.loads(row["case_order"])
         self._position: int = int(row["position"])
         self._paused = bool(row["paused"])
@@ -267,14 +269,11 @@ class ReaderSession:
                         f"({reason}); {format_duration((opens_at - now).total_seconds())} to go",
                         opens_at,
                     )
-                row = db.row("SELECT * FROM phase_reads WHERE reader = ? AND phase = ?", (reader, phase))
+                key = ReadKey(reader, phase)
+                row = db.phase_read(key)
                 ids = sorted(c.id for c in study.cases)
                 if row is None:
-                    order = case_order(study, reader, phase)
-                    db.execute(
-                        "INSERT INTO phase_reads (reader, phase, case_order, position, opened_at, owner) VALUES (?, ?, ?, 0, ?, ?)",
-                        (reader, phase, json.dumps(order), to_iso(now), token),
-                    )
+                    db.create_phase_read(key, case_order(study, reader, phase), opened_at=now, owner=token)
                 else:
                     if row["submitted_at"] is not None:
                         raise StudyError(
@@ -286,10 +285,10 @@ class ReaderSession:
                             f"the cases in {study.directory / 'study.json'} changed after reader {reader} started phase {phase}; "
                             "restore the original case list (reads refer to it)"
                         )
-                    db.execute("UPDATE phase_reads SET owner = ?, paused = 0 WHERE reader = ? AND phase = ?", (token, reader, phase))
+                    db.take_over_phase_read(key, owner=token)
                 session = cls(study, db, reader, phase, clock, token)
                 session._touch_case(now)
-                db.log(now, reader, phase, session._case_id, "open")
+                db.log(session._case_key, now, "open")
             return session
         except BaseException:
             db.close()
@@ -326,14 +325,16 @@ class ReaderSession:
     @property
     def progress(self) -> Tuple[int, int]:
         """``(done, total)``: confirmed cases and cases in the phase."""
-        row = self._require_db().row(
-            "SELECT COUNT(*) AS n FROM case_reads WHERE reader = ? AND phase = ? AND status = 'done'", (self.reader, self.phase)
-        )
-        return int(row["n"]), self.total
+        return self._require_db().phase_totals(self._key).done, self.total
 
     @property
     def _case_id(self) -> str:
         return self._order[self._position]
+
+    @property
+    def _case_key(self) -> ReadKey:
+        """The shown case of this reading (the key of every case-level query)."""
+        return self._key.of_case(self._case_id)
 
     def volumes(self) -> Dict[str, Path]:
         """What this phase shows for the shown case: ``{volume name: file}`` in layout order.
@@ -343,9 +344,7 @@ class ReaderSession:
         return {name: self.study.volume_path(self._case_id, name) for name in self._phase.shows}
 
     def _case_row(self) -> Any:
-        return self._require_db().row(
-            "SELECT * FROM case_reads WHERE reader = ? AND phase = ? AND case_id = ?", (self.reader, self.phase, self._case_id)
-        )
+        return self._require_db().case_read(self._case_key)
 
     @property
     def current_grade(self) -> Optional[int]:
@@ -370,17 +369,12 @@ class ReaderSession:
 
     def phase_seconds(self) -> float:
         """Active reading time over all cases of this phase so far."""
-        row = self._require_db().row(
-            "SELECT COALESCE(SUM(seconds), 0) AS s FROM case_reads WHERE reader = ? AND phase = ?", (self.reader, self.phase)
-        )
-        return float(row["s"]) + self._running_seconds(self._clock())
+        stored = self._require_db().phase_totals(self._key).seconds
+        return stored + self._running_seconds(self._clock())
 
     def lesions(self) -> List[LesionRecord]:
         """The shown case's lesions for this reader and phase, in drawing order."""
-        rows = self._require_db().rows(
-            "SELECT * FROM lesions WHERE reader = ? AND phase = ? AND case_id = ? ORDER BY id",
-            (self.reader, self.phase, self._case_id),
-        )
+        rows = self._require_db().case_lesions(self._case_key)
         return [lesion_from_row(row, number) for number, row in enumerate(rows, start=1)]
 
     def state(self) -> Dict[str, Any]:
@@ -419,11 +413,8 @@ class ReaderSession:
             raise SessionError(f"grade must be an integer from 1 to 4 ({', '.join(f'{k} {v}' for k, v in GRADE_LABELS.items())}), got {value!r}")
 
         def apply(db: ReadsDatabase, now: datetime) -> None:
-            db.execute(
-                "UPDATE case_reads SET grade = ?, updated_at = ? WHERE reader = ? AND phase = ? AND case_id = ?",
-                (value, to_iso(now), self.reader, self.phase, self._case_id),
-            )
-            db.log(now, self.reader, self.phase, self._case_id, "grade", grade=value)
+            db.set_grade(self._case_key, value, now)
+            db.log(self._case_key, now, "grade", grade=value)
 
         self._act(apply)
 
@@ -440,29 +431,21 @@ class ReaderSession:
         """
         long_axis, short_axis = validate_lesion_axes(long_axis, short_axis)
         self._check_can_mark()
-        result: Dict[str, int] = {}
 
-        def apply(db: ReadsDatabase, now: datetime) -> None:
-            count = db.row(
-                "SELECT COUNT(*) AS n FROM lesions WHERE reader = ? AND phase = ? AND case_id = ?", (self.reader, self.phase, self._case_id)
-            )["n"]
+        def apply(db: ReadsDatabase, now: datetime) -> int:
+            key = self._case_key
+            count = db.count_case_lesions(key)
             if count >= self.study.max_lesions:
                 raise SessionError(
                     f"{self.case_label} already has {count} lesions, the study's maximum ({self.study.max_lesions}); "
                     "flag it 'too many lesions' instead: it is then excluded from the analysis (paper protocol)"
                 )
-            cursor = db.execute(
-                "INSERT INTO lesions (reader, phase, case_id, long_x1, long_y1, long_z1, long_x2, long_y2, long_z2, "
-                "short_x1, short_y1, short_z1, short_x2, short_y2, short_z2, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (self.reader, self.phase, self._case_id, *long_axis[0], *long_axis[1], *short_axis[0], *short_axis[1], to_iso(now), to_iso(now)),
-            )
-            result["id"] = int(cursor.lastrowid)
-            self._mark_updated(db, now)
-            db.log(now, self.reader, self.phase, self._case_id, "add_lesion", lesion=result["id"], long=long_axis, short=short_axis)
+            lesion_id = db.add_lesion(key, long_axis, short_axis, now)
+            db.touch_case_read(key, now)
+            db.log(key, now, "add_lesion", lesion=lesion_id, long=long_axis, short=short_axis)
+            return lesion_id
 
-        self._act(apply)
-        return result["id"]
+        return self._act(apply)
 
     def update_lesion(self, lesion_id: int, long_axis: Axis, short_axis: Axis) -> None:
         """Replace a lesion's axes (the reader moved an end point).
@@ -476,13 +459,9 @@ class ReaderSession:
 
         def apply(db: ReadsDatabase, now: datetime) -> None:
             self._check_lesion(db, lesion_id)
-            db.execute(
-                "UPDATE lesions SET long_x1 = ?, long_y1 = ?, long_z1 = ?, long_x2 = ?, long_y2 = ?, long_z2 = ?, "
-                "short_x1 = ?, short_y1 = ?, short_z1 = ?, short_x2 = ?, short_y2 = ?, short_z2 = ?, updated_at = ? WHERE id = ?",
-                (*long_axis[0], *long_axis[1], *short_axis[0], *short_axis[1], to_iso(now), int(lesion_id)),
-            )
-            self._mark_updated(db, now)
-            db.log(now, self.reader, self.phase, self._case_id, "update_lesion", lesion=int(lesion_id), long=long_axis, short=short_axis)
+            db.update_lesion(lesion_id, long_axis, short_axis, now)
+            db.touch_case_read(self._case_key, now)
+            db.log(self._case_key, now, "update_lesion", lesion=int(lesion_id), long=long_axis, short=short_axis)
 
         self._act(apply)
 
@@ -495,9 +474,9 @@ class ReaderSession:
 
         def apply(db: ReadsDatabase, now: datetime) -> None:
             self._check_lesion(db, lesion_id)
-            db.execute("DELETE FROM lesions WHERE id = ?", (int(lesion_id),))
-            self._mark_updated(db, now)
-            db.log(now, self.reader, self.phase, self._case_id, "remove_lesion", lesion=int(lesion_id))
+            db.delete_lesion(lesion_id)
+            db.touch_case_read(self._case_key, now)
+            db.log(self._case_key, now, "remove_lesion", lesion=int(lesion_id))
 
         self._act(apply)
 
@@ -510,11 +489,8 @@ class ReaderSession:
         """
 
         def apply(db: ReadsDatabase, now: datetime) -> None:
-            db.execute(
-                "UPDATE case_reads SET too_many_lesions = ?, updated_at = ? WHERE reader = ? AND phase = ? AND case_id = ?",
-                (int(bool(flag)), to_iso(now), self.reader, self.phase, self._case_id),
-            )
-            db.log(now, self.reader, self.phase, self._case_id, "too_many_lesions", flag=bool(flag))
+            db.set_too_many_lesions(self._case_key, bool(flag), now)
+            db.log(self._case_key, now, "too_many_lesions", flag=bool(flag))
 
         self._act(apply)
 
@@ -528,11 +504,8 @@ class ReaderSession:
             raise SessionError(f"grade {self.case_label} (1-4: poor, average, good, excellent) before confirming it")
 
         def apply(db: ReadsDatabase, now: datetime) -> None:
-            db.execute(
-                "UPDATE case_reads SET status = 'done', confirmed_at = ?, updated_at = ? WHERE reader = ? AND phase = ? AND case_id = ?",
-                (to_iso(now), to_iso(now), self.reader, self.phase, self._case_id),
-            )
-            db.log(now, self.reader, self.phase, self._case_id, "confirm", lesions=len(self.lesions()))
+            db.confirm_case_read(self._case_key, now)
+            db.log(self._case_key, now, "confirm", lesions=len(self.lesions()))
 
         self._act(apply)
 
@@ -569,9 +542,9 @@ class ReaderSession:
 
         def apply(db: ReadsDatabase, now: datetime) -> None:
             self._position = int(position)
-            db.execute("UPDATE phase_reads SET position = ? WHERE reader = ? AND phase = ?", (self._position, self.reader, self.phase))
+            db.set_position(self._key, self._position)
             self._touch_case(now)
-            db.log(now, self.reader, self.phase, self._case_id, "show")
+            db.log(self._case_key, now, "show")
 
         previous = self._position
         try:
@@ -582,12 +555,7 @@ class ReaderSession:
 
     def first_unconfirmed(self) -> Optional[int]:
         """Position of the first case not yet confirmed (``None`` when all are)."""
-        done = {
-            row["case_id"]
-            for row in self._require_db().rows(
-                "SELECT case_id FROM case_reads WHERE reader = ? AND phase = ? AND status = 'done'", (self.reader, self.phase)
-            )
-        }
+        done = self._require_db().confirmed_case_ids(self._key)
         return next((i for i, case_id in enumerate(self._order) if case_id not in done), None)
 
     def pause(self) -> None:
@@ -596,8 +564,8 @@ class ReaderSession:
             return
 
         def apply(db: ReadsDatabase, now: datetime) -> None:
-            db.execute("UPDATE phase_reads SET paused = 1 WHERE reader = ? AND phase = ?", (self.reader, self.phase))
-            db.log(now, self.reader, self.phase, self._case_id, "pause")
+            db.set_paused(self._key, True)
+            db.log(self._case_key, now, "pause")
 
         self._act(apply, allow_paused=True)
         self._paused = True
@@ -609,8 +577,8 @@ class ReaderSession:
             return
 
         def apply(db: ReadsDatabase, now: datetime) -> None:
-            db.execute("UPDATE phase_reads SET paused = 0 WHERE reader = ? AND phase = ?", (self.reader, self.phase))
-            db.log(now, self.reader, self.phase, self._case_id, "resume")
+            db.set_paused(self._key, False)
+            db.log(self._case_key, now, "resume")
 
         self._act(apply, allow_paused=True)
         self._paused = False
@@ -625,44 +593,34 @@ class ReaderSession:
         Raises:
             SessionError: some cases are not confirmed (their labels are listed).
         """
-        done = {
-            row["case_id"]
-            for row in self._require_db().rows(
-                "SELECT case_id FROM case_reads WHERE reader = ? AND phase = ? AND status = 'done'", (self.reader, self.phase)
-            )
-        }
+        done = self._require_db().confirmed_case_ids(self._key)
         missing = [case_label(i, self.total) for i, case_id in enumerate(self._order) if case_id not in done]
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise SessionError(f"cannot submit phase {self.phase}: {len(missing)} case(s) not confirmed ({shown}); grade and confirm them first")
-        stamp: Dict[str, datetime] = {}
 
-        def apply(db: ReadsDatabase, now: datetime) -> None:
-            db.execute(
-                "UPDATE phase_reads SET submitted_at = ?, owner = NULL WHERE reader = ? AND phase = ?", (to_iso(now), self.reader, self.phase)
-            )
-            db.log(now, self.reader, self.phase, None, "submit")
-            stamp["now"] = now
+        def apply(db: ReadsDatabase, now: datetime) -> datetime:
+            db.submit_phase_read(self._key, now)
+            db.log(self._key, now, "submit")
+            return now
 
-        self._act(apply, allow_paused=True)
+        submitted = self._act(apply, allow_paused=True)
         self._release()
         last = self.study.phase_index(self.phase) == len(self.study.phases) - 1
-        return stamp["now"] if last else stamp["now"] + timedelta(days=self.study.washout_days)
+        return submitted if last else submitted + timedelta(days=self.study.washout_days)
 
     def close(self) -> None:
         """Store the running time and release the session (idempotent; answers are already saved)."""
         if self._db is None:
             return
         try:
-            row = self._db.row("SELECT owner FROM phase_reads WHERE reader = ? AND phase = ?", (self.reader, self.phase))
+            row = self._db.phase_read(self._key)
             if row is None or row["owner"] != self._token:
                 return  # taken over elsewhere: the other session owns the clock now
 
             def apply(db: ReadsDatabase, now: datetime) -> None:
-                db.execute(
-                    "UPDATE phase_reads SET owner = NULL WHERE reader = ? AND phase = ? AND owner = ?", (self.reader, self.phase, self._token)
-                )
-                db.log(now, self.reader, self.phase, self._case_id, "close")
+                db.release_phase_read(self._key, owner=self._token)
+                db.log(self._case_key, now, "close")
 
             self._act(apply, allow_paused=True, check_owner=False)
         finally:
@@ -691,15 +649,27 @@ class ReaderSession:
             return 0.0
         return max(0.0, (now - self._active_since).total_seconds())
 
-    def _act(self, apply: Callable[[ReadsDatabase, datetime], None], *, allow_paused: bool = False, check_owner: bool = True) -> None:
-        """Run one reader action in one transaction, crediting the running time to the shown case first."""
+    def _act(self, apply: Callable[[ReadsDatabase, datetime], T], *, allow_paused: bool = False, check_owner: bool = True) -> T:
+        """Run one reader action in one transaction, crediting the running time to the shown case first.
+
+        Args:
+            apply: the action, called with the database (inside the transaction) and the time now.
+            allow_paused: run it even while the reading is paused (pause, resume, submit, close).
+            check_owner: refuse it when the phase was submitted or taken over by another session.
+
+        Returns:
+            What ``apply`` returns, once committed.
+
+        Raises:
+            SessionError: the session is closed or paused, the phase submitted or taken over.
+        """
         db = self._require_db()
         if self._paused and not allow_paused:
             raise SessionError("the reading is paused; resume it first (the Resume button, or session.resume())")
         now = self._clock()
         with db.transaction():
             if check_owner:
-                row = db.row("SELECT owner, submitted_at FROM phase_reads WHERE reader = ? AND phase = ?", (self.reader, self.phase))
+                row = db.phase_read(self._key)
                 if row["submitted_at"] is not None:
                     raise SessionError(f"phase {self.phase} was submitted; its answers are final")
                 if row["owner"] != self._token:
@@ -709,24 +679,14 @@ class ReaderSession:
                     )
             elapsed = self._running_seconds(now)
             if elapsed > 0:
-                db.execute(
-                    "UPDATE case_reads SET seconds = seconds + ? WHERE reader = ? AND phase = ? AND case_id = ?",
-                    (elapsed, self.reader, self.phase, self._case_id),
-                )
-            apply(db, now)
+                db.add_case_seconds(self._case_key, elapsed)
+            result = apply(db, now)
         if not self._paused:
             self._active_since = now
+        return result
 
     def _touch_case(self, now: datetime) -> None:
-        self._require_db().execute(
-            "INSERT OR IGNORE INTO case_reads (reader, phase, case_id, first_opened_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-            (self.reader, self.phase, self._case_id, to_iso(now), to_iso(now)),
-        )
-
-    def _mark_updated(self, db: ReadsDatabase, now: datetime) -> None:
-        db.execute(
-            "UPDATE case_reads SET updated_at = ? WHERE reader = ? AND phase = ? AND case_id = ?", (to_iso(now), self.reader, self.phase, self._case_id)
-        )
+        self._require_db().open_case_read(self._case_key, now)
 
     def _check_can_mark(self) -> None:
         if not self.marks_lesions:
@@ -739,8 +699,7 @@ class ReaderSession:
             raise SessionError(f"{self.case_label} is flagged 'too many lesions' (excluded); unflag it before marking lesions")
 
     def _check_lesion(self, db: ReadsDatabase, lesion_id: int) -> None:
-        row = db.row("SELECT reader, phase, case_id FROM lesions WHERE id = ?", (int(lesion_id),))
-        if row is None or (row["reader"], row["phase"], row["case_id"]) != (self.reader, self.phase, self._case_id):
+        if db.lesion_read(lesion_id) != self._case_key:
             raise SessionError(f"lesion {lesion_id} is not a lesion of {self.case_label} in this reading; pick one from session.lesions()")
 
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Dict, List, Optional, Union
 
 from .session import phase_opens_at
-from .storage import ReadsDatabase, from_iso
+from .storage import ReadKey, ReadsDatabase, from_iso
 from .study import Clock, as_utc_aware, format_duration, format_time, load_study, utc_now
 
 
@@ -62,13 +62,10 @@ def study_status(study_dir: Union[str, os.PathLike], clock: Optional[Clock] = No
     with ReadsDatabase(study.database_path) as db:
         for name in readers:
             for phase in study.phases:
-                read = db.row("SELECT * FROM phase_reads WHERE reader = ? AND phase = ?", (name, phase.name))
-                sums = db.row(
-                    "SELECT COALESCE(SUM(status = 'done'), 0) AS done, COALESCE(SUM(seconds), 0) AS seconds "
-                    "FROM case_reads WHERE reader = ? AND phase = ?",
-                    (name, phase.name),
-                )
-                lesions = db.row("SELECT COUNT(*) AS n FROM lesions WHERE reader = ? AND phase = ?", (name, phase.name))["n"]
+                key = ReadKey(name, phase.name)
+                read = db.phase_read(key)
+                totals = db.phase_totals(key)
+                lesions = db.count_phase_lesions(key)
                 opens_at, _ = phase_opens_at(db, study, name, phase.name)
                 if study.phase_index(phase.name) == 0:
                     opens_at = None  # the first phase is always open
@@ -83,8 +80,8 @@ def study_status(study_dir: Union[str, os.PathLike], clock: Optional[Clock] = No
                 else:
                     state = "not opened"
                 rows.append(PhaseStatus(
-                    reader=name, phase=phase.name, state=state, done=int(sums["done"]), total=total,
-                    seconds=float(sums["seconds"]), lesions=int(lesions),
+                    reader=name, phase=phase.name, state=state, done=totals.done, total=total,
+                    seconds=totals.seconds, lesions=lesions,
                     opened_at=None if read is None else from_iso(read["opened_at"]),
                     submitted_at=None if read is None else from_iso(read["submitted_at"]),
                     opens_at=opens_at,

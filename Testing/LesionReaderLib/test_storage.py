@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import List, Tuple
 
 import pytest
 
+import LesionReaderLib
 from LesionReaderLib import ReaderSession
-from LesionReaderLib.storage import ReadsDatabase
+from LesionReaderLib.storage import PhaseTotals, ReadKey, ReadsDatabase
+from LesionReaderLib.study import case_order, load_study
 
 # A reader in a child process: every line it prints describes an action that has returned,
 # i.e. (by the API contract) been committed.
@@ -135,3 +140,73 @@ def test_two_readers_write_at_once_from_two_processes(make_study, subprocess_env
             for reader in ("R1", "R2")
         }
         assert spans["R1"][0] < spans["R2"][1] and spans["R2"][0] < spans["R1"][1]
+
+
+# -- one query layer: SQL lives in storage.py only ------------------------------------------
+#: An SQL statement inside a string: a statement keyword in capitals followed by a space.
+SQL_IN_TEXT = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|REPLACE INTO|CREATE (TABLE|INDEX)|DROP|ALTER TABLE|PRAGMA|BEGIN|COMMIT|ROLLBACK)\s")
+
+
+def sql_strings(source: str) -> List[Tuple[int, str]]:
+    """``(line, text)`` of every string literal (f-string parts included) that holds SQL."""
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL_IN_TEXT.search(node.value)
+    ]
+
+
+def test_sql_detector_finds_plain_and_f_string_sql():
+    assert sql_strings('db.row("SELECT * FROM lesions WHERE id = ?", (1,))')
+    assert sql_strings('db.execute(f"UPDATE case_reads SET grade = {g} WHERE x")')
+    assert sql_strings('db.execute("DELETE FROM lesions")')
+    assert not sql_strings('raise ValueError("select a lesion to update, then delete it")')
+
+
+def test_no_sql_outside_storage():
+    lib = Path(LesionReaderLib.__file__).parent
+    found = [
+        f"{path.name}:{line}: {text[:60]!r}"
+        for path in sorted(lib.glob("*.py"))
+        if path.name != "storage.py"
+        for line, text in sql_strings(path.read_text(encoding="utf-8"))
+    ]
+    assert not found, "SQL outside LesionReaderLib/storage.py; add a named ReadsDatabase method instead:\n" + "\n".join(found)
+
+
+def test_read_key_addresses_a_phase_or_one_case(make_study):
+    key = ReadKey("R1", "T1c")
+    assert key.case is None and key.of_case("c1") == ReadKey("R1", "T1c", "c1")
+    with ReadsDatabase(make_study(n_cases=2) / "reads.sqlite") as db:
+        with pytest.raises(ValueError, match="names no case"):
+            db.case_read(key)  # a case-level query needs the case
+        assert db.phase_read(key) is None and db.phase_totals(key) == PhaseTotals(0, 0.0)
+
+
+def test_named_queries_see_what_the_session_wrote(make_study, clock):
+    study_dir = make_study(n_cases=3)
+    order = case_order(load_study(study_dir), "R1", "T1c")
+    phase_key = ReadKey("R1", "T1c")
+    session = ReaderSession.open(study_dir, "R1", "T1c", clock=clock)
+    session.grade(2)
+    clock.advance(seconds=30)
+    lesion_id = session.add_lesion(((0, 0, 0), (10, 0, 0)), ((5, -2, 0), (5, 2, 0)))
+    session.next_case()
+    session.grade(4)
+    session.flag_too_many_lesions()
+    session.next_case()
+    with ReadsDatabase(study_dir / "reads.sqlite") as db:
+        first = phase_key.of_case(order[0])
+        assert db.phase_read(phase_key)["position"] == 2
+        assert json.loads(db.phase_read(phase_key)["case_order"]) == order
+        assert db.case_read(first)["grade"] == 2 and db.case_read(first)["status"] == "done"
+        assert db.confirmed_case_ids(phase_key) == {order[0], order[1]}
+        assert db.phase_totals(phase_key) == PhaseTotals(done=2, seconds=30.0)
+        assert db.count_case_lesions(first) == 1 and db.count_phase_lesions(phase_key) == 1
+        assert db.lesion_read(lesion_id) == first and db.lesion_read(lesion_id + 1000) is None
+        assert [row["id"] for row in db.case_lesions(first)] == [lesion_id]
+        assert list(db.lesions_by_read()) == [first]
+        assert {row["case_id"] for row in db.confirmed_case_reads()} == {order[0], order[1]}
+        assert db.excluded_cases() == {order[1]}
+        assert db.has_reads()
+    session.close()
