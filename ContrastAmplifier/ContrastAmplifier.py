@@ -10,7 +10,6 @@ The Logic imports no Qt: it also runs without the Slicer application (``slicer-c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import unittest
@@ -73,7 +72,8 @@ T1 (T1c), a 3D residual UNet ensemble predicts "T1c-pro", an image with the look
 in a background process (Cancel stops it and leaves nothing behind) and shows "&lt;T1c name&gt; T1c-pro" next to the T1c
 in linked side-by-side views.
 <br>Preprocess (QC) runs the paper's preprocessing (skull stripping, registration to the ICBM 2009a atlas,
-crop, normalisation) in a background process and loads the preprocessed volumes and a QC picture.
+crop, normalisation) with the chosen model's spacing, crop and clip percentiles, in a background process,
+and loads the preprocessed volumes and a QC picture: what that model's network is given.
 See the <a href="https://github.com/SlicerContrastAmplifier/SlicerContrastAmplifier">extension documentation</a>.
 """
         self.parent.acknowledgementText = f"""
@@ -252,12 +252,19 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
 
     def preprocessCommand(self, caseDir: Path, outDir: Path, device: str = "cpu", skullStripMode: str = "fast",
                           qualityControl: bool = True, spacing: Optional[float] = None,
-                          crop: Optional[Sequence[int]] = None) -> List[str]:
+                          crop: Optional[Sequence[int]] = None, model: Optional[str] = None) -> List[str]:
         """The ``contrast-amplifier preprocess`` command line run in the child process.
 
+        ``model`` (registry name or bundle folder) preprocesses with that bundle's spacing, crop
+        and clip percentiles (``--model``), i.e. what Apply feeds its network. Without it,
         ``spacing`` (mm) and ``crop`` (voxels, x y z) override the paper's 1 mm, 160 x 192 x 160
-        geometry (a model bundle declares its own; coarse values make quick checks).
+        geometry (coarse values make quick checks).
+
+        Raises:
+            ValueError: an invalid setting, or ``model`` together with ``spacing``/``crop`` (named in the message).
         """
+        if model and (spacing is not None or crop is not None):
+            raise ValueError(f"Model {model!r} sets the preprocessing geometry; leave spacing and crop unset to use it.")
         device = self.resolvePreprocessDevice(device)
         if device not in self.DEVICES:
             raise ValueError(f"Device must be one of {', '.join(self.DEVICES)} or auto (got {device!r}).")
@@ -273,14 +280,17 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             if len(crop) != 3:
                 raise ValueError(f"Crop takes three sizes (x y z), got {list(crop)}.")
             args += ["--crop", *(int(size) for size in crop)]
+        if model:
+            args += ["--model", model]
         return process.python_module_command(self.CLI_MODULE, *args)
 
     def startPreprocess(self, t1, flair, adc, t1c, device: str = "cpu", skullStripMode: str = "fast",
                         qualityControl: bool = True, workDir: Optional[Path] = None,
                         installDependencies: bool = True, spacing: Optional[float] = None,
-                        crop: Optional[Sequence[int]] = None) -> BackgroundJob:
+                        crop: Optional[Sequence[int]] = None, model: Optional[str] = None) -> BackgroundJob:
         """Export the inputs and start preprocessing in a child process; returns at once.
 
+        ``model``: preprocess with that bundle's geometry (see :meth:`preprocessCommand`).
         Poll ``job.process`` (``poll()``/``running``), then call :meth:`loadPreprocessResults`.
         """
         nodes = {"t1": t1, "flair": flair, "adc": adc, "t1c": t1c}
@@ -290,7 +300,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         folder = Path(workDir) if workDir is not None else mrml_bridge.ExchangeFolder.create(parent=self._temporaryParent()).path
         mrml_bridge.export_volume_nodes(nodes, folder / "case", suffix=".nrrd")
         outDir = folder / "preprocessed"
-        command = self.preprocessCommand(folder / "case", outDir, device, skullStripMode, qualityControl, spacing, crop)
+        command = self.preprocessCommand(folder / "case", outDir, device, skullStripMode, qualityControl, spacing, crop,
+                                         model=model)
         logging.info("Contrast Amplifier: running %s", " ".join(command))
         job = process.BackgroundProcess(command, env=process.child_environment(self._childEnv(self.resolvePreprocessDevice(device))))
         return BackgroundJob(process=job.start(), workDir=folder, outDir=outDir, referenceName=t1c.GetName())
@@ -327,8 +338,11 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
     def preprocess(self, t1, flair, adc, t1c, device: str = "cpu", skullStripMode: str = "fast",
                    qualityControl: bool = True, progressCallback: Optional[Callable[[process.ProgressEvent], None]] = None,
                    timeout: Optional[float] = None, spacing: Optional[float] = None,
-                   crop: Optional[Sequence[int]] = None, keepFiles: bool = False) -> Dict[str, object]:
+                   crop: Optional[Sequence[int]] = None, keepFiles: bool = False,
+                   model: Optional[str] = None) -> Dict[str, object]:
         """Synchronous preprocessing (batch mode): export, run, wait, load; returns the new nodes.
+
+        ``model``: preprocess with that bundle's geometry (see :meth:`preprocessCommand`).
 
         With ``keepFiles`` the exchange folder (inputs, outputs, transforms, ``qc.png``) is kept
         and its path is in each result node's ``ContrastAmplifier.Folder`` attribute; otherwise
@@ -339,7 +353,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             process.ProcessError: the command line failed; the message is its own error text.
         """
         job = self.startPreprocess(t1, flair, adc, t1c, device, skullStripMode, qualityControl,
-                                   spacing=spacing, crop=crop)
+                                   spacing=spacing, crop=crop, model=model)
         if progressCallback is not None:
             job.process.on_progress = progressCallback
         try:
@@ -410,16 +424,20 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         return preset
 
     def bundleFolds(self, model: Optional[str] = None) -> List[int]:
-        """Fold indices of a bundle, read from its ``bundle.json`` (no weights loaded).
+        """Fold indices of a bundle, from its validated ``bundle.json`` (``bundle.read_manifest``: no weights, no torch).
 
         Args:
             model: registry name, bundle folder, or ``None`` for the default model (``models set-default``).
 
         Raises:
             ValueError: no such model, or no model installed; the message says how to get one.
+            ContrastAmplifierLib.bundle.BundleError: (a ``ValueError``) the bundle's manifest is
+                unreadable or invalid; the message names the file, the field and the fix.
         """
+        from ContrastAmplifierLib.bundle import BUNDLE_FILE, read_manifest
+
         folder: Optional[Path] = None
-        if model and (Path(model) / "bundle.json").is_file():
+        if model and (Path(model) / BUNDLE_FILE).is_file():
             folder = Path(model)
         else:
             entries = self.availableModels()
@@ -432,11 +450,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                 known = ", ".join(e.name for e in entries)
                 raise ValueError(f"Model {wanted!r} is not installed (installed: {known}); choose one in Model.")
             folder = Path(matches[0].path)
-        try:
-            manifest = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
-            return [int(k) for k in manifest["folds"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"Model bundle {folder} has an unreadable bundle.json ({exc}); re-import the bundle.") from exc
+        return [int(k) for k in read_manifest(folder)["folds"]]
 
     def ensembleChoice(self, quality: str = "paper", model: Optional[str] = None, folds: Optional[Sequence[int]] = None,
                        flips: Optional[int] = None) -> tuple:
@@ -956,7 +970,8 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.preprocessButton.toolTip = (
             "Wait for the amplification to finish (or cancel it)." if running
             else f"Select the {', '.join(missing)} volume(s) first." if missing
-            else "Skull-strip, register to the ICBM 2009a atlas, crop and normalise the four inputs in a background process."
+            else "Skull-strip, register to the ICBM 2009a atlas, crop and normalise the four inputs with the chosen "
+                 "model's geometry, in a background process."
         )
 
     # -- amplification in the background -----------------------------------------------------
@@ -1012,7 +1027,7 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self._job = self.logic.startPreprocess(
                     nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"],
                     device=pn.GetParameter("Device"), skullStripMode=pn.GetParameter("SkullStripMode"),
-                    qualityControl=pn.GetParameter("QualityControl") == "true",
+                    qualityControl=pn.GetParameter("QualityControl") == "true", model=pn.GetParameter("Model") or None,
                 )
                 self.ui.qcImageLabel.clear()
                 self._startProgress("Preprocessing started...")

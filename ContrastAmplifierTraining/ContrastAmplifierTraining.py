@@ -3,19 +3,17 @@
 Thin Slicer module: it builds the ``contrast-amplifier-train fit`` command line and runs it as a
 child process (``python -m ContrastAmplifierTrainingLib.cli fit ...``), showing per-fold
 progress and the latest losses; Stop ends the process (SIGTERM: the CLI stops after the current case),
-Resume (Start on the same output folder) continues after the last checkpointed epoch. All real work lives in ContrastAmplifierTrainingLib.
+Resume (Start on the same output folder) continues after the last checkpointed epoch. All real work lives in ContrastAmplifierTrainingLib;
+reading a run folder and the child's progress lines is ``ContrastAmplifierTrainingLib.run_status`` (no torch).
 
 The Logic imports no Qt: it also runs without the Slicer application (``slicer-core`` wheel).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import re
 import unittest
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -43,6 +41,7 @@ except ImportError:  # headless (slicer-core wheel, pytest): the Logic works, th
 
 from ContrastAmplifierLib import process
 from ContrastAmplifierLib.dependencies import ensure_dependencies
+from ContrastAmplifierTrainingLib.run_status import FoldStatus, TrainingMonitor, has_run, read_run_status
 
 PAPER = (
     "Bone A, Ammari S, Menu Y, et al. From Dose Reduction to Contrast Maximization: Can Deep Learning Amplify the "
@@ -84,129 +83,6 @@ This module reproduces the training procedure of: {PAPER}
 
 class TrainingUnavailableError(RuntimeError):
     """The training command line is not part of this installation."""
-
-
-@dataclass
-class FoldProgress:
-    """Where one fold stands: epochs done and its latest per-epoch losses (from the fit CLI's JSON lines).
-
-    Attributes:
-        fold: fold index.
-        epochs: epochs requested for the fold (0 if unknown).
-        epochsDone: epochs finished (checkpointed).
-        state: "waiting", "running", "finished" or "stopped".
-        trainLoss, valLoss: MSE of the last finished epoch (``None`` before the first).
-        valPsnr, valSsim: held-out PSNR (dB) and SSIM of the last finished epoch.
-        secondsPerEpoch: duration of the last finished epoch.
-    """
-
-    fold: int
-    epochs: int = 0
-    epochsDone: int = 0
-    state: str = "waiting"
-    trainLoss: Optional[float] = None
-    valLoss: Optional[float] = None
-    valPsnr: Optional[float] = None
-    valSsim: Optional[float] = None
-    secondsPerEpoch: Optional[float] = None
-
-    def lossesText(self) -> str:
-        """``"train 0.01234, val 0.01500, PSNR 31.20 dB, SSIM 0.9120"`` (or ``""`` before the first epoch)."""
-        if self.trainLoss is None:
-            return ""
-        parts = [f"train {self.trainLoss:.5f}"]
-        if self.valLoss is not None:
-            parts.append(f"val {self.valLoss:.5f}")
-        if self.valPsnr is not None:
-            parts.append(f"PSNR {self.valPsnr:.2f} dB")
-        if self.valSsim is not None:
-            parts.append(f"SSIM {self.valSsim:.4f}")
-        return ", ".join(parts)
-
-
-class TrainingMonitor:
-    """Turns the fit CLI's progress events into per-fold progress and the latest losses (no Qt).
-
-    The CLI (``contrast-amplifier-train fit --progress json``) prints ``"stage": "fit"`` lines
-    while a fold trains (message ``"fold K epoch E/N case i/n"``), one ``"stage": "epoch"`` line
-    per finished epoch with ``fold``, ``epoch``, ``epochs``, ``train_loss``, ``val_loss``,
-    ``val_psnr``, ``val_ssim``, ``seconds``, and ends with ``"done"``, ``"cancelled"`` or ``"error"``.
-    """
-
-    _FIT_MESSAGE = re.compile(r"fold (\d+) epoch (\d+)/(\d+)")
-
-    def __init__(self, folds: Sequence[int], epochs: int, initial: Optional[Dict[int, FoldProgress]] = None) -> None:
-        self.folds: List[int] = [int(k) for k in folds]
-        self.epochs = int(epochs)
-        self.foldProgress: Dict[int, FoldProgress] = {}
-        for fold in self.folds:
-            known = (initial or {}).get(fold)
-            progress = FoldProgress(fold, self.epochs) if known is None else replace(known, epochs=self.epochs)
-            if progress.epochsDone >= self.epochs and progress.epochs:
-                progress.state = "finished"
-            elif progress.state != "finished":
-                progress.state = "waiting"
-            self.foldProgress[fold] = progress
-        self.stage = ""
-        self.message = ""
-        self.fraction = 0.0
-        self.latestFold: Optional[int] = None
-
-    def update(self, event: process.ProgressEvent) -> None:
-        """Take one progress event from the child."""
-        self.stage, self.message, self.fraction = event.stage, event.message, event.fraction
-        extra = dict(event.extra or {})
-        if event.stage == "fit":
-            match = self._FIT_MESSAGE.search(event.message)
-            if match:
-                self._running(int(match.group(1)))
-        elif event.stage == "epoch" and "fold" in extra:
-            fold = int(extra["fold"])
-            progress = self._running(fold)
-            progress.epochs = int(extra.get("epochs", progress.epochs) or progress.epochs)
-            progress.epochsDone = int(extra.get("epoch", progress.epochsDone))
-            progress.trainLoss = _number(extra.get("train_loss"))
-            progress.valLoss = _number(extra.get("val_loss"))
-            progress.valPsnr = _number(extra.get("val_psnr"))
-            progress.valSsim = _number(extra.get("val_ssim"))
-            progress.secondsPerEpoch = _number(extra.get("seconds"))
-            if progress.epochs and progress.epochsDone >= progress.epochs:
-                progress.state = "finished"
-        elif event.stage == "done":
-            for fold in extra.get("folds", self.folds) or self.folds:
-                if int(fold) in self.foldProgress:
-                    self.foldProgress[int(fold)].state = "finished"
-        elif event.stage in ("cancelled", "error"):
-            self.markStopped()
-
-    def markStopped(self) -> None:
-        """The child ended early: a running fold becomes "stopped" (it resumes from its checkpoint)."""
-        for progress in self.foldProgress.values():
-            if progress.state == "running":
-                progress.state = "stopped"
-
-    def _running(self, fold: int) -> FoldProgress:
-        progress = self.foldProgress.setdefault(fold, FoldProgress(fold, self.epochs))
-        if progress.state != "finished":
-            progress.state = "running"
-        self.latestFold = fold
-        return progress
-
-    def latestLosses(self) -> str:
-        """``"fold 2, epoch 37/300: train ..., val ..., PSNR ..., SSIM ..."`` for the fold trained last."""
-        if self.latestFold is None:
-            return ""
-        progress = self.foldProgress[self.latestFold]
-        losses = progress.lossesText()
-        head = f"fold {progress.fold}, epoch {progress.epochsDone}/{progress.epochs or '?'}"
-        return f"{head}: {losses}" if losses else head
-
-
-def _number(value) -> Optional[float]:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
@@ -347,52 +223,16 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def hasRun(outputFolder) -> bool:
         """True when ``outputFolder`` holds a run started by ``fit`` (Start then resumes it)."""
-        return bool(str(outputFolder).strip()) and (Path(outputFolder) / "plan.json").is_file()
+        return has_run(outputFolder)
 
     @staticmethod
-    def runStatus(outputFolder) -> Dict[int, FoldProgress]:
-        """Per-fold state of a run folder, read from ``fold_K/log.csv`` and ``done.json`` (no torch, cheap).
+    def runStatus(outputFolder) -> Dict[int, FoldStatus]:
+        """Per-fold state of a run folder (``run_status.read_run_status``: no torch, cheap).
 
         Returns:
-            fold -> :class:`FoldProgress` (epochs done and last losses); empty for a new folder.
+            fold -> :class:`FoldStatus` (epochs done and last losses); empty for a new folder.
         """
-        status: Dict[int, FoldProgress] = {}
-        folder = Path(outputFolder) if str(outputFolder).strip() else None
-        if folder is None or not folder.is_dir():
-            return status
-        for foldDir in sorted(folder.glob("fold_*")):
-            try:
-                fold = int(foldDir.name.split("_", 1)[1])
-            except ValueError:
-                continue
-            progress = FoldProgress(fold)
-            rows: List[Dict[str, str]] = []
-            log = foldDir / "log.csv"
-            if log.is_file():
-                try:
-                    with open(log, newline="", encoding="utf-8") as handle:
-                        rows = list(csv.DictReader(handle))
-                except (OSError, csv.Error):
-                    rows = []
-            if rows:
-                last = rows[-1]
-                progress.epochsDone = int(float(last.get("epoch") or len(rows)))
-                progress.trainLoss = _number(last.get("train_loss"))
-                progress.valLoss = _number(last.get("val_loss"))
-                progress.valPsnr = _number(last.get("val_psnr"))
-                progress.valSsim = _number(last.get("val_ssim"))
-                progress.secondsPerEpoch = _number(last.get("seconds"))
-            done = foldDir / "done.json"
-            if done.is_file():
-                try:
-                    progress.epochs = int(json.loads(done.read_text(encoding="utf-8")).get("epochs", progress.epochsDone))
-                except (OSError, ValueError):
-                    progress.epochs = progress.epochsDone
-                progress.state = "finished"
-            elif rows:
-                progress.state = "stopped"
-            status[fold] = progress
-        return status
+        return read_run_status(outputFolder).folds
 
     def train(self, manifest, outputFolder, folds: Sequence[int] = (0, 1, 2, 3, 4), epochs: int = 300,
               device: str = "auto", progressCallback: Optional[Callable[[process.ProgressEvent], None]] = None,
@@ -557,21 +397,20 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         """Fill the fold table from the run folder on disk (what a Resume would continue)."""
         if self._monitor is not None:
             return
-        status = self.logic.runStatus(outputFolder)
-        self._fillFoldTable(sorted(status.values(), key=lambda p: p.fold))
+        self._fillFoldTable(list(self.logic.runStatus(outputFolder).values()))
 
-    def _fillFoldTable(self, rows: Sequence[FoldProgress]) -> None:
+    def _fillFoldTable(self, rows: Sequence[FoldStatus]) -> None:
         import qt
 
         table = self.ui.foldTable
         table.setRowCount(len(rows))
-        for row, progress in enumerate(rows):
-            epochs = f"{progress.epochsDone}/{progress.epochs}" if progress.epochs else str(progress.epochsDone)
-            cells = (str(progress.fold), epochs, progress.state,
-                     "" if progress.trainLoss is None else f"{progress.trainLoss:.5f}",
-                     "" if progress.valLoss is None else f"{progress.valLoss:.5f}",
-                     "" if progress.valPsnr is None else f"{progress.valPsnr:.2f}",
-                     "" if progress.valSsim is None else f"{progress.valSsim:.4f}")
+        for row, status in enumerate(rows):
+            epochs = f"{status.epochs_done}/{status.epochs}" if status.epochs else str(status.epochs_done)
+            cells = (str(status.fold), epochs, status.state,
+                     "" if status.train_loss is None else f"{status.train_loss:.5f}",
+                     "" if status.val_loss is None else f"{status.val_loss:.5f}",
+                     "" if status.val_psnr is None else f"{status.val_psnr:.2f}",
+                     "" if status.val_ssim is None else f"{status.val_ssim:.4f}")
             for column, text in enumerate(cells):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
 
@@ -588,7 +427,7 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
                     upperClipPercentile=float(pn.GetParameter("ClipPercentile") or 99.0),
                 )
                 self._monitor = TrainingMonitor(folds, epochs, initial=self.logic.runStatus(outputFolder))
-                self._fillFoldTable([self._monitor.foldProgress[k] for k in self._monitor.folds])
+                self._fillFoldTable(self._monitor.ordered())
                 self.ui.logTextEdit.clear()
                 self.ui.lossesLabel.text = ""
                 self.ui.progressBar.value = 0
@@ -621,8 +460,8 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
             if event.stage not in ("fit",) and event.message:  # per-case lines would flood the log
                 self.ui.logTextEdit.appendPlainText(event.message)
         if changed:
-            self._fillFoldTable([monitor.foldProgress[k] for k in monitor.folds])
-            self.ui.lossesLabel.text = monitor.latestLosses()
+            self._fillFoldTable(monitor.ordered())
+            self.ui.lossesLabel.text = monitor.latest_losses()
         if job.running:
             return
         self._timer.stop()
@@ -630,13 +469,13 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         if job.state is process.ProcessState.SUCCEEDED:
             self.ui.statusLabel.text = "Training finished. Export a bundle with contrast-amplifier-train export."
         elif job.state is process.ProcessState.CANCELLED:
-            monitor.markStopped()
+            monitor.mark_stopped()
             self.ui.statusLabel.text = "Stopped. Resume training continues from the last saved epoch."
         else:
-            monitor.markStopped()
+            monitor.mark_stopped()
             self.ui.statusLabel.text = f"Failed: {job.error_message()}"
             slicer.util.errorDisplay(f"Training failed:\n{job.error_message()}", detailedText=job.stderr_text)
-        self._fillFoldTable([monitor.foldProgress[k] for k in monitor.folds])
+        self._fillFoldTable(monitor.ordered())
         self._monitor = None
         self._updateButtons()
 

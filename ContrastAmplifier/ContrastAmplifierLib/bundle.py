@@ -3,8 +3,9 @@
 A bundle holds everything inference needs (nnU-Net style "plans next to the weights"): the
 input modalities and their order, the geometry (atlas spacing, crop size, normalisation
 percentiles: DESIGN.md "Geometry is data"), the network hyper-parameters, the folds and the
-SHA-256 of each weight file. A bundle is checked in full before anything uses it (import,
-``models verify``, :func:`load_bundle`, hence ``predict`` before its preprocessing):
+SHA-256 of each weight file. :func:`read_manifest` reads and validates ``bundle.json`` alone,
+without torch (the Slicer GUI uses it). A bundle is checked in full before anything uses it
+(import, ``models verify``, :func:`load_bundle`, hence ``predict`` before its preprocessing):
 
 * ``bundle.json`` against ``bundle-schema.json`` (a JSON Schema shipped beside this module:
   types and the bounds of every number), then the cross-field rules of :func:`validate_manifest`
@@ -105,12 +106,13 @@ def validate_manifest(manifest: Mapping[str, Any], source: str = BUNDLE_FILE) ->
     modalities, ordered clip percentiles for every modality, every crop side at least the
     network's ``2 ** (levels - 1)`` and at most :data:`MAX_CROP_VOXELS` in total.
 
+    Needs no torch: the network is checked from its ``network`` entry (the schema has already
+    refused any entry :class:`~.network.NetworkConfig` would refuse).
+
     Raises:
         BundleError: naming ``source``, the offending field and the fix.
     """
     import jsonschema
-
-    from .network import NetworkConfig
 
     try:
         jsonschema.validate(dict(manifest), load_schema())
@@ -146,11 +148,12 @@ def validate_manifest(manifest: Mapping[str, Any], source: str = BUNDLE_FILE) ->
     levels = geometry.get("percentile_levels", [1.0, 99.0])
     if not levels[0] < levels[1]:
         refuse("geometry/percentile_levels", f"{levels} is not LOW < HIGH")
-    config = NetworkConfig.from_dict(network)
+    downsamplings = int(network["levels"]) - 1
+    size_multiple = 2**downsamplings  # NetworkConfig.size_multiple, without importing torch
     crop = [int(v) for v in geometry["crop_size"]]
-    if min(crop) < config.size_multiple:
-        refuse("geometry/crop_size", f"{crop} has a side below {config.size_multiple} voxels, the 2**(levels-1) that the "
-               f"network's {config.levels - 1} downsamplings need", "use a larger crop or fewer network levels, and retrain")
+    if min(crop) < size_multiple:
+        refuse("geometry/crop_size", f"{crop} has a side below {size_multiple} voxels, the 2**(levels-1) that the "
+               f"network's {downsamplings} downsamplings need", "use a larger crop or fewer network levels, and retrain")
     if math.prod(crop) > MAX_CROP_VOXELS:
         refuse("geometry/crop_size", f"{'x'.join(map(str, crop))} = {math.prod(crop):,} voxels exceeds MAX_CROP_VOXELS "
                f"({MAX_CROP_VOXELS:,} = 256^3): a forward pass would not fit in memory",
@@ -351,6 +354,42 @@ def verify_files(folder: Path, files: Mapping[str, str]) -> None:
             )
 
 
+def manifest_path_of(path: PathLike) -> Path:
+    """The ``bundle.json`` of a bundle given by its folder or by the manifest itself."""
+    path = Path(path)
+    return path if path.name == BUNDLE_FILE else path / BUNDLE_FILE
+
+
+def read_manifest(path: PathLike) -> Dict[str, Any]:
+    """Read and validate a bundle's ``bundle.json`` (schema and cross-field rules); no weight file is read.
+
+    Cheap and torch-free (the Slicer GUI reads folds and geometry with it); :func:`load_bundle`
+    adds the weight checks.
+
+    Args:
+        path: the bundle folder or its ``bundle.json``.
+
+    Returns:
+        The manifest as a dict (see ``bundle-schema.json``).
+
+    Raises:
+        BundleError: no manifest, invalid JSON, not an object, or a schema or cross-field rule
+            broken; the message names the file, the field and the fix.
+    """
+    manifest_path = manifest_path_of(path)
+    if not manifest_path.is_file():
+        raise BundleError(f"no {BUNDLE_FILE} in {manifest_path.parent}: point to a model bundle folder "
+                          "(made by `contrast-amplifier-train export`).")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); {REEXPORT}.") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} is not a JSON object; {REEXPORT}.")
+    validate_manifest(manifest, str(manifest_path))
+    return manifest
+
+
 def load_bundle(path: PathLike, verify: bool = True) -> ModelBundle:
     """Read and validate a bundle folder or its ``bundle.json``; by default check every weight file too.
 
@@ -362,19 +401,8 @@ def load_bundle(path: PathLike, verify: bool = True) -> ModelBundle:
         BundleError: missing folder/manifest, invalid JSON, schema or cross-field rule, missing,
             modified or non-safetensors weight file, weights of another network.
     """
-    path = Path(path)
-    folder = path.parent if path.name == BUNDLE_FILE else path
-    manifest_path = folder / BUNDLE_FILE
-    if not manifest_path.is_file():
-        raise BundleError(f"no {BUNDLE_FILE} in {folder}: point to a model bundle folder (made by `contrast-amplifier-train export`).")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); {REEXPORT}.") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{manifest_path} is not a JSON object; {REEXPORT}.")
-    validate_manifest(manifest, str(manifest_path))
-    bundle = ModelBundle(path=folder, manifest=manifest)
+    manifest = read_manifest(path)
+    bundle = ModelBundle(path=manifest_path_of(path).parent, manifest=manifest)
     if verify:
         bundle.verify()
     return bundle

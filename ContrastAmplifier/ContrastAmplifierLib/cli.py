@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import typer
 
 from .cliapp import cli_job, fail, run_cli
 from .progress import make_progress
+
+if TYPE_CHECKING:  # preprocessing imports SimpleITK: only inside the commands, so --help stays instant
+    from .preprocessing import Geometry
 
 app = typer.Typer(
     name="contrast-amplifier",
@@ -58,8 +61,9 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace this command's o
 def preprocess(
     case_dir: Path = typer.Argument(..., help="Folder with t1, flair, adc and t1c images (NIfTI/NRRD/MHA or DICOM sub-folders)."),
     out_dir: Path = typer.Argument(..., help="Output folder (new, or existing: only this command's files are written there)."),
-    spacing: float = typer.Option(1.0, "--spacing", help="Atlas-space voxel spacing in mm (paper: 1 mm)."),
-    crop: Tuple[int, int, int] = typer.Option((160, 192, 160), "--crop", help="Centre-crop size in voxels, x y z (paper: 160 192 160)."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Atlas-space voxel spacing in mm; default 1 mm (paper). Not with --model."),
+    crop: Optional[Tuple[int, int, int]] = typer.Option(None, "--crop", help="Centre-crop size in voxels, x y z; default 160 192 160 (paper). Not with --model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder: use its spacing, crop and clip percentiles, i.e. exactly what `predict --model` feeds that network."),
     skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode: fast (CPU default) or accurate (GPU, with mirroring)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (HD-BET)."),
     qc: bool = typer.Option(False, "--qc", help="Also write qc.png: mid slices of each registered modality with the template brain outline."),
@@ -68,15 +72,43 @@ def preprocess(
     progress: str = ProgressOpt,
 ) -> None:
     """Run the paper's preprocessing on one case: skull-strip, register to ICBM 2009a, resample, crop, normalise."""
-    from .preprocessing import Geometry, preprocess_case_dir
+    from .preprocessing import preprocess_case_dir
 
     report = _with_warnings(make_progress(progress), progress)
     with cli_job(report, "cancelled; nothing was written"):
+        geometry = _preprocess_geometry(model, spacing, crop)
         result = preprocess_case_dir(
-            case_dir, out_dir, Geometry(spacing=(spacing,) * 3, crop_size=tuple(crop)),
+            case_dir, out_dir, geometry,
             skull_strip_mode=skull_strip, device=device, qc=qc, progress=report, overwrite=overwrite, strict=strict,
         )
     typer.echo(f"wrote {out_dir} ({result.timings_s.get('total', float('nan')):.1f} s)", err=progress == "json")
+
+
+def _preprocess_geometry(model: Optional[str], spacing: Optional[float], crop: Optional[Tuple[int, int, int]]) -> "Geometry":
+    """The geometry of ``preprocess``: the bundle's with ``--model``, else ``--spacing``/``--crop`` over the paper's.
+
+    Args:
+        model: registry name or bundle folder (``registry.resolve_model``), or ``None``.
+        spacing: isotropic atlas spacing in mm (``None``: :class:`Geometry`'s default, 1 mm).
+        crop: centre-crop size x y z (``None``: :class:`Geometry`'s default, 160 x 192 x 160).
+
+    Raises:
+        ValueError: ``--model`` together with ``--spacing`` or ``--crop``.
+        BundleError: the model is not installed or fails its checks (the message says which and the fix).
+    """
+    from .preprocessing import Geometry
+
+    if model is None:
+        paper = Geometry()
+        return Geometry(spacing=paper.spacing if spacing is None else (spacing,) * 3,
+                        crop_size=paper.crop_size if crop is None else tuple(crop))
+    given = [name for name, value in (("--spacing", spacing), ("--crop", crop)) if value is not None]
+    if given:
+        raise ValueError(f"--model {model} sets the spacing, crop and clip percentiles from the bundle; "
+                         f"drop {' and '.join(given)}, or drop --model to choose the geometry yourself.")
+    from .registry import resolve_model
+
+    return resolve_model(model).geometry()
 
 
 def _with_warnings(report, progress: str):

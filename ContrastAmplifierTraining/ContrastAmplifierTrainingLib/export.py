@@ -11,6 +11,7 @@ from ContrastAmplifierLib.network import NetworkConfig
 
 from .data import BUNDLE_MODALITIES
 from .fit import read_plan
+from .run_status import DONE_FILE, FINAL_WEIGHTS_FILE, FOLD_DIR_PREFIX, fold_dir
 
 DEFAULT_INTENDED_USE = "research only - not for clinical use"
 
@@ -18,8 +19,8 @@ DEFAULT_INTENDED_USE = "research only - not for clinical use"
 def finished_folds(out_dir: Path) -> Dict[int, Dict[str, Any]]:
     """Fold index -> ``done.json`` content, for every fold whose final weights exist."""
     done = {}
-    for path in sorted(Path(out_dir).glob("fold_*/done.json")):
-        if (path.parent / "final.safetensors").is_file():
+    for path in sorted(Path(out_dir).glob(f"{FOLD_DIR_PREFIX}*/{DONE_FILE}")):
+        if (path.parent / FINAL_WEIGHTS_FILE).is_file():
             info = json.loads(path.read_text(encoding="utf-8"))
             done[int(info["fold"])] = info
     return done
@@ -56,7 +57,7 @@ def export_bundle(
             f"folds {missing} of {out_dir} have not finished (finished: {sorted(done)}); "
             "finish them with `contrast-amplifier-train fit ... --folds K` or export only finished folds with --folds."
         )
-    states = {k: load_file(str(Path(out_dir) / f"fold_{k}" / "final.safetensors")) for k in folds}
+    states = {k: load_file(str(fold_dir(out_dir, k) / FINAL_WEIGHTS_FILE)) for k in folds}
     geometry = plan["geometry"]
     n_patients = len({c["patient_id"] for c in plan["cases"]})
     training: Dict[str, Any] = {

@@ -26,9 +26,9 @@ from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, SubProg
 
 from .cohort import assign_folds
 from .data import PERCENTILE_LEVELS, CachedCase, TrainingCase, to_training_case, train_set_percentiles
+from .run_status import PLAN_FILE, fold_dir as fold_folder
 from .trainer import EpochCallback, FoldResult, TrainConfig, config_record, fit_fold
 
-PLAN_FILE = "plan.json"
 #: Plan entries that must match on resume (anything else may change, e.g. more epochs).
 PLAN_KEYS_CHECKED = ("n_folds", "split_seed", "cases", "geometry", "network", "learning_rate", "seed", "mirror", "simulate_low_dose")
 
@@ -200,7 +200,7 @@ def fit_cases(
     for i, fold in enumerate(folds):
         check_cancel(cancel)
         train, held_out = split_cases(tensors, plan, fold)
-        fold_dir = out_dir / f"fold_{fold}"
+        fold_dir = fold_folder(out_dir, fold)
         fold_dir.mkdir(parents=True, exist_ok=True)
         tb_log, writer = _tensorboard_callback(fold_dir)
 

@@ -51,6 +51,7 @@ from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, check_c
 
 from .data import TrainingCase
 from .metrics import mse, psnr, ssim3d
+from .run_status import CHECKPOINT_FILE, DONE_FILE, FINAL_WEIGHTS_FILE, LOG_FILE
 
 LOG_COLUMNS = ("fold", "epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "seconds", "lr", "rollbacks")
 #: Divergence guard: an epoch whose validation loss exceeds this factor x the best so far is undone.
@@ -266,9 +267,9 @@ def fit_fold(
     progress = progress or null_progress
     fold_dir = Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = fold_dir / "checkpoint.pt"
-    final_path = fold_dir / "final.safetensors"
-    done_path = fold_dir / "done.json"
+    checkpoint_path = fold_dir / CHECKPOINT_FILE
+    final_path = fold_dir / FINAL_WEIGHTS_FILE
+    done_path = fold_dir / DONE_FILE
     device = config.resolved_device()
     precision = config.resolved_precision(device)
 
@@ -349,7 +350,7 @@ def fit_fold(
                 },
                 checkpoint_path,
             )
-            _write_log(history, fold_dir / "log.csv")
+            _write_log(history, fold_dir / LOG_FILE)
             if on_epoch is not None:
                 on_epoch(dict(row))
             epoch += 1

@@ -219,3 +219,47 @@ def test_shipped_demo_bundle_passes_every_check():
 
     bundle = load_bundle(builtin_models_dir() / "phantom-demo")
     assert bundle.crop_size == (56, 64, 56) and len(bundle.folds) == 5
+
+
+# -- the manifest alone, without torch (the Slicer GUI reads folds and geometry with it) ----------
+
+
+def test_read_manifest_is_the_validated_bundle_json(random_bundle_dir, tmp_path):
+    from ContrastAmplifierLib.bundle import read_manifest
+
+    manifest = read_manifest(random_bundle_dir)
+    assert manifest == load_bundle(random_bundle_dir).manifest
+    assert read_manifest(random_bundle_dir / BUNDLE_FILE) == manifest
+    assert manifest["folds"] == [0, 1] and manifest["geometry"]["crop_size"] == [40, 48, 40]
+    with pytest.raises(BundleError, match=r"no bundle\.json in .*point to a model bundle folder"):
+        read_manifest(tmp_path)
+    folder = _copy_bundle(random_bundle_dir, tmp_path)
+    (folder / "fold0.safetensors").write_bytes(b"not read: only the manifest is")
+    assert read_manifest(folder) == manifest
+    _edit_manifest(folder, _set("network/levels", 6))  # 5 downsamplings: crop sides of at least 32 voxels
+    _edit_manifest(folder, _set("geometry/crop_size", [16, 48, 40]))
+    with pytest.raises(BundleError, match=r"geometry/crop_size: \[16, 48, 40\] has a side below 32 voxels"):
+        read_manifest(folder)
+
+
+def test_reading_a_manifest_does_not_import_torch(random_bundle_dir, tmp_path):
+    """``import ContrastAmplifierLib.bundle`` and :func:`read_manifest` (valid or refused) leave torch unloaded."""
+    import subprocess
+    import sys
+
+    refused = _copy_bundle(random_bundle_dir, tmp_path)
+    _edit_manifest(refused, _set("network/levels", 6))  # refused by the cross-field crop rule, not the schema
+    _edit_manifest(refused, _set("geometry/crop_size", [16, 48, 40]))
+    code = (
+        "import sys\n"
+        "import ContrastAmplifierLib.bundle as bundle\n"
+        f"folds = bundle.read_manifest({str(random_bundle_dir)!r})['folds']\n"
+        "try:\n"
+        f"    bundle.read_manifest({str(refused)!r})\n"
+        "except bundle.BundleError:\n"
+        "    folds.append('refused')\n"
+        "print(folds, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 1, 'refused'] False"

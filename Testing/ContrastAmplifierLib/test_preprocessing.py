@@ -265,3 +265,52 @@ def test_preprocess_refuses_destructive_outputs_before_any_work(case_dir, tmp_pa
 def test_preprocess_crop_takes_three_values_like_training():
     result = _preprocess_cli("missing-case", "out", "--crop", "160", "192", "160")
     assert result.exit_code == 2 and "case folder not found" in result.output  # parsed; the case is what is missing
+
+
+# -- preprocess --model: the bundle's geometry, as predict uses it (the Slicer "Preprocess (QC)") --
+
+
+def _skull_strip_from_case_mask(case_dir, monkeypatch):
+    """HD-BET replaced by the case's own brain mask (HD-BET itself: test_skullstrip.py)."""
+    from ContrastAmplifierLib import skullstrip
+
+    native_mask = sitk.ReadImage(str(case_dir / "brain_mask.nii.gz"))
+
+    def from_case_mask(image, mode="fast", device="cpu", postprocess=True):
+        mask = sitk.Cast(sitk.Resample(native_mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0) > 0, sitk.sitkUInt8)
+        return skullstrip.SkullStripResult(mask, sitk.Mask(image, mask), 0.0, mode, str(device))
+
+    monkeypatch.setattr(skullstrip, "skull_strip", from_case_mask)
+
+
+def test_preprocess_with_model_uses_the_bundle_geometry(case_dir, random_bundle_dir, tmp_path, monkeypatch):
+    from ContrastAmplifierLib.bundle import load_bundle
+
+    _skull_strip_from_case_mask(case_dir, monkeypatch)
+    out = tmp_path / "out"
+    result = _preprocess_cli(case_dir, out, "--model", random_bundle_dir)
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(random_bundle_dir)
+    meta = json.loads((out / "preprocess.json").read_text(encoding="utf-8"))
+    assert meta["geometry"] == bundle.geometry().to_dict()
+    assert meta["geometry"]["spacing"] == [4.0, 4.0, 4.0] and meta["geometry"]["crop_size"] == [40, 48, 40]
+    assert meta["percentiles_used"]["t1c"] == list(bundle.percentiles["t1c"]) == [-2.0, 3.0]
+    t1c = sitk.ReadImage(str(out / "t1c.nii.gz"))
+    assert t1c.GetSize() == (40, 48, 40) and t1c.GetSpacing() == pytest.approx((4.0, 4.0, 4.0))
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--spacing", "2"], "drop --spacing,"),
+    (["--crop", "80", "96", "80"], "drop --crop,"),
+    (["--spacing", "2", "--crop", "80", "96", "80"], "drop --spacing and --crop,"),
+])
+def test_preprocess_refuses_model_with_spacing_or_crop(case_dir, random_bundle_dir, tmp_path, extra, named):
+    result = _preprocess_cli(case_dir, tmp_path / "out", "--model", random_bundle_dir, *extra)
+    assert result.exit_code == 2, result.output
+    assert "sets the spacing, crop and clip percentiles from the bundle" in result.output and named in result.output
+    assert '"stage"' not in result.output and not (tmp_path / "out").exists()
+
+
+def test_preprocess_with_an_unknown_model_names_it():
+    result = _preprocess_cli("missing-case", "out", "--model", "no-such-model")
+    assert result.exit_code == 2 and "unknown model 'no-such-model'" in result.output

@@ -228,30 +228,7 @@ def test_synchronous_cancel_through_a_token_raises_and_leaves_nothing(ca, scene,
 
 
 # -- training: per-fold progress, Stop and Resume -------------------------------------------------
-
-
-def _event(stage, fraction=0.0, message="", **extra):
-    return process.ProgressEvent(stage, fraction, message, extra)
-
-
-def test_training_monitor_tracks_folds_and_latest_losses(training):
-    monitor = training.TrainingMonitor([0, 1], epochs=2)
-    monitor.update(_event("cache", 0.0, "case 1/4"))
-    monitor.update(_event("fit", 0.1, "fold 0 epoch 1/2 case 1/3"))
-    assert monitor.foldProgress[0].state == "running" and monitor.foldProgress[1].state == "waiting"
-    monitor.update(_event("epoch", 0.25, "...", fold=0, epoch=1, epochs=2, train_loss=0.02, val_loss=0.03,
-                          val_psnr=25.5, val_ssim=0.8, seconds=1.5))
-    assert monitor.latestLosses() == "fold 0, epoch 1/2: train 0.02000, val 0.03000, PSNR 25.50 dB, SSIM 0.8000"
-    monitor.update(_event("epoch", 0.5, "...", fold=0, epoch=2, epochs=2, train_loss=0.01, val_loss=0.02,
-                          val_psnr=27.0, val_ssim=0.85, seconds=1.4))
-    assert monitor.foldProgress[0].state == "finished"
-    monitor.update(_event("fit", 0.6, "fold 1 epoch 1/2 case 2/3"))
-    monitor.update(_event("cancelled", 0.0, "stopped; rerun the same command to resume"))
-    assert monitor.foldProgress[1].state == "stopped" and monitor.foldProgress[0].state == "finished"
-    resumed = training.TrainingMonitor([0, 1], 2, initial={0: monitor.foldProgress[0]})
-    assert resumed.foldProgress[0].state == "finished" and resumed.foldProgress[1].epochsDone == 0
-    resumed.update(_event("done", 1.0, "", folds=[0, 1]))
-    assert all(p.state == "finished" for p in resumed.foldProgress.values())
+# (the progress monitor itself is tested in Testing/ContrastAmplifierTrainingLib/test_run_status.py)
 
 
 def test_stop_then_resume_continues_after_the_last_saved_epoch(training, tmp_path):
@@ -282,11 +259,11 @@ def test_stop_then_resume_continues_after_the_last_saved_epoch(training, tmp_pat
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert job.state is process.ProcessState.CANCELLED, job.error_message()
-    monitor.markStopped()
-    assert monitor.foldProgress[0].epochsDone >= 1 and monitor.foldProgress[0].trainLoss is not None
+    monitor.mark_stopped()
+    assert monitor.fold_status[0].epochs_done >= 1 and monitor.fold_status[0].train_loss is not None
     assert logic.hasRun(run)
     saved = logic.runStatus(run)
-    assert saved[0].epochsDone == monitor.foldProgress[0].epochsDone and saved[0].state in ("stopped", "finished")
+    assert saved[0].epochs_done == monitor.fold_status[0].epochs_done and saved[0].state in ("stopped", "finished")
 
     resumed = training.TrainingMonitor([0, 1], 3, initial=saved)
     epochs = []
@@ -299,8 +276,8 @@ def test_stop_then_resume_continues_after_the_last_saved_epoch(training, tmp_pat
         assert time.monotonic() < deadline + 300
         time.sleep(0.05)
     assert job.state is process.ProcessState.SUCCEEDED, job.error_message()
-    done_before = saved[0].epochsDone
+    done_before = saved[0].epochs_done
     assert epochs[0] == (0, done_before + 1) if done_before < 3 else epochs[0] == (1, 1)
     assert len(epochs) == len(set(epochs)) == 6 - done_before, "no finished epoch is repeated"
-    assert all(p.state == "finished" for p in resumed.foldProgress.values())
-    assert {k: (p.epochsDone, p.state) for k, p in logic.runStatus(run).items()} == {0: (3, "finished"), 1: (3, "finished")}
+    assert all(p.state == "finished" for p in resumed.fold_status.values())
+    assert {k: (p.epochs_done, p.state) for k, p in logic.runStatus(run).items()} == {0: (3, "finished"), 1: (3, "finished")}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -118,6 +119,40 @@ def test_preprocess_command_line(ca, tmp_path):
         logic.preprocessCommand(tmp_path, tmp_path, device="tpu")
     # the command parses: the real CLI accepts every option we pass
     assert {"preprocess"} <= process.available_cli_commands("ContrastAmplifierLib.cli")
+
+
+def test_preprocess_command_line_carries_the_chosen_model(ca, tmp_path):
+    """Preprocess (QC) runs with the selected bundle's geometry, as Apply's network gets it."""
+    logic = ca.ContrastAmplifierLogic()
+    joined = " ".join(logic.preprocessCommand(tmp_path / "case", tmp_path / "out", "cpu", model="phantom-demo"))
+    assert "--model phantom-demo" in joined and "--spacing" not in joined and "--crop" not in joined
+    assert "--model" not in logic.preprocessCommand(tmp_path, tmp_path, model=None)
+    with pytest.raises(ValueError, match="Model 'phantom-demo' sets the preprocessing geometry; leave spacing and crop unset"):
+        logic.preprocessCommand(tmp_path, tmp_path, spacing=2, model="phantom-demo")
+    with pytest.raises(ValueError, match="Model 'phantom-demo' sets the preprocessing geometry"):
+        logic.preprocessCommand(tmp_path, tmp_path, crop=(80, 96, 80), model="phantom-demo")
+    # the real command line takes the option (a usage error would not name the model)
+    command = logic.preprocessCommand(tmp_path / "missing", tmp_path / "out", "cpu", model="no-such-model")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=process.child_environment())
+    assert done.returncode == 2 and "unknown model 'no-such-model'" in done.stderr, done.stderr
+
+
+def test_start_preprocess_passes_the_model_on(ca, scene, tmp_path, monkeypatch):
+    script = tmp_path / "fake_preprocess.py"
+    script.write_text(FAKE_PREPROCESS, encoding="utf-8")
+    logic = ca.ContrastAmplifierLogic()
+    seen = {}
+
+    def command(case, out, *args, **kwargs):
+        seen.update(kwargs)
+        return [sys.executable, str(script), str(case), str(out)]
+
+    monkeypatch.setattr(logic, "preprocessCommand", command)
+    job = logic.startPreprocess(*four_inputs(scene).values(), workDir=tmp_path / "work", installDependencies=False,
+                                model="random-tiny")
+    assert job.process.wait(timeout=60) is process.ProcessState.SUCCEEDED
+    assert seen["model"] == "random-tiny"
+    logic.discardJobFiles(job)
 
 
 FAKE_PREPROCESS = textwrap.dedent(
