@@ -121,7 +121,7 @@ def analyze(
     """Paper's metrics and statistics (Tables 3-6): detection, contrast, grades, reading times, report."""
     from .analysis import AnalysisError, analyze as run_analysis
 
-    def report(stage: str, fraction: float, message: str = "") -> None:
+    def show_progress(stage: str, fraction: float, message: str = "") -> None:
         if progress == "json":
             typer.echo(json.dumps({"stage": stage, "fraction": round(fraction, 4), "message": message}))
 
@@ -129,7 +129,7 @@ def analyze(
         result = run_analysis(
             study_dir, out, reference_phase=reference_phase, reference_reader=reference_reader,
             thresholds=thresholds or (0.0, 5.0, 10.0), contrast=contrast, brain_margin_mm=brain_margin_mm,
-            n_boot=n_boot, seed=seed, progress=report,
+            n_boot=n_boot, seed=seed, report=True, progress=show_progress,  # report: report.md/.html + plots
         )
     except AnalysisError as exc:
         fail(str(exc))

@@ -12,16 +12,15 @@ import html
 import itertools
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ContrastAmplifierLib.atomicfile import atomic_path, write_text_atomic
+
+from .results import AVERAGE, AnalysisResult, ordered_volumes
 from .stats import format_p
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .analysis import AnalysisResult
-
-AVERAGE = "average"
 Table = Tuple[str, List[str], List[List[str]], str]  # title, header, rows, caption
 
 
@@ -71,7 +70,16 @@ def _thr(t: float) -> str:
 # --------------------------------------------------------------------------- tables
 
 
-def _summary_table(result: "AnalysisResult", series_key: str, table: str, metric: str, title: str, caption: str, fmt) -> Table:
+def _mean_sd_cell(values: Optional[Mapping[str, float]], fmt: Callable[[float, float], str]) -> str:
+    """``fmt(mean, SD)`` of per-case values (SD ``nan`` for one case), "n/a" for none."""
+    if not values:
+        return "n/a"
+    x = np.array(list(values.values()), dtype=float)
+    sd = x.std(ddof=1) if x.size > 1 else math.nan
+    return fmt(x.mean(), sd)
+
+
+def _summary_table(result: AnalysisResult, series_key: str, table: str, metric: str, title: str, caption: str, fmt) -> Table:
     """Tables 3 and 6: rows readers (+ average), columns phases, then phase comparisons."""
     series = result.per_case[series_key]
     phases = [p for p in result.phases if any(k[1] == p for k in series)]
@@ -81,15 +89,7 @@ def _summary_table(result: "AnalysisResult", series_key: str, table: str, metric
     header = [""] + phases + [f"{a} vs. {b}" for a, b in pairs]
     rows = []
     for reader in order:
-        row = [_reader_label(reader)]
-        for phase in phases:
-            values = series.get((reader, phase))
-            if not values:
-                row.append("n/a")
-                continue
-            x = np.array(list(values.values()), dtype=float)
-            sd = x.std(ddof=1) if x.size > 1 else math.nan
-            row.append(fmt(x.mean(), sd))
+        row = [_reader_label(reader)] + [_mean_sd_cell(series.get((reader, phase)), fmt) for phase in phases]
         for a, b in pairs:
             row.append(_p(result.comparisons, table=table, metric=metric, phase_a=a, phase_b=b, reader_a=reader, reader_b=reader))
         rows.append(row)
@@ -101,7 +101,7 @@ def _summary_table(result: "AnalysisResult", series_key: str, table: str, metric
     return title, header, rows, caption
 
 
-def quality_table(result: "AnalysisResult") -> Table:
+def quality_table(result: AnalysisResult) -> Table:
     """Table 3: image quality grades, mean (+-SD), paired t-tests."""
     n = result.n_reference_cases
     return _summary_table(
@@ -112,7 +112,7 @@ def quality_table(result: "AnalysisResult") -> Table:
     )
 
 
-def times_table(result: "AnalysisResult") -> Table:
+def times_table(result: AnalysisResult) -> Table:
     """Table 6: reading times, mean (+-SD) in minutes' and seconds'', paired t-tests."""
     return _summary_table(
         result, "seconds", "table6", "seconds", "Table 6: reading times (RT) ± SD",
@@ -122,7 +122,7 @@ def times_table(result: "AnalysisResult") -> Table:
     )
 
 
-def time_per_lesion_table(result: "AnalysisResult") -> Table:
+def time_per_lesion_table(result: AnalysisResult) -> Table:
     """Reading time per marked lesion (paper, "Reading times")."""
     header = ["Reader", "Phase", "cases", "marks", "total", "s per mark", "paper-style s/lesion"]
     rows = [[_reader_label(r["reader"]), r["phase"], str(r["n_cases"]), _count(r["n_marks"]), format_minutes(r["total_seconds"]),
@@ -133,14 +133,11 @@ def time_per_lesion_table(result: "AnalysisResult") -> Table:
     return "Reading time per lesion", header, rows, caption
 
 
-def contrast_table(result: "AnalysisResult") -> Optional[Table]:
+def contrast_table(result: AnalysisResult) -> Optional[Table]:
     """Table 4: CNR, LBR, CEP mean (+-SD) per volume and paired t-tests."""
     if not result.contrast:
         return None
-    from .analysis import CONTRAST_VOLUMES
-
-    vols = list(dict.fromkeys(r["volume"] for r in result.contrast))
-    vols = [v for v in CONTRAST_VOLUMES if v in vols] + [v for v in vols if v not in CONTRAST_VOLUMES]
+    vols = ordered_volumes(r["volume"] for r in result.contrast)
     pairs = list(itertools.combinations(vols, 2))
     header = [""] + vols + [f"{a} vs. {b}" for a, b in pairs]
     rows = []
@@ -161,81 +158,93 @@ def contrast_table(result: "AnalysisResult") -> Optional[Table]:
     return "Table 4: contrast enhancement", header, rows, caption
 
 
-def detection_table(result: "AnalysisResult") -> Table:
-    """Table 5: SE, FDR, PPV, F1 per reader and phase, reader comparisons, reader average."""
+def _reader_cell(d: Optional[Mapping], metric: str) -> str:
+    """A reader's Table 5 cell: "57% (106/187)" (SE), "0.04 (3/79)" (FDR), "60% (106/177)" (PPV), "58%" (F1)."""
+    if d is None:
+        return "n/a"
+    if metric == "SE":
+        return f"{_pct(d['sensitivity'])} ({_count(d['tp'])}/{_count(d['tp'] + d['fn'])})"
+    if metric == "FDR":
+        return f"{d['fdr_per_case']:.2f} ({_count(d['fp'])}/{d['n_cases']})" if not _nan(d["fdr_per_case"]) else "n/a"
+    if metric == "PPV":
+        return f"{_pct(d['ppv'])} ({_count(d['tp'])}/{_count(d['tp'] + d['fp'])})"
+    return _pct(d["f1"])
+
+
+def _average_cell(d: Mapping, metric: str) -> str:
+    """A reader-average Table 5 cell: "59% [51; 65]" (SE, Clopper-Pearson), "0.05 [±0.04]" (FDR, Student t)."""
+    if metric == "SE":
+        return (f"{_pct(d['sensitivity'])} [{100 * d['sensitivity_ci_low']:.0f}; {100 * d['sensitivity_ci_high']:.0f}]"
+                if not _nan(d["sensitivity"]) else "n/a")
+    if metric == "FDR":
+        half = (d["fdr_ci_high"] - d["fdr_ci_low"]) / 2.0
+        return f"{d['fdr_per_case']:.2f} [±{half:.2f}]" if not _nan(half) else "n/a"
+    return _pct(d["ppv"] if metric == "PPV" else d["f1"])
+
+
+def _test_cell(comparisons: Sequence[Mapping], metric: str, t: float, **match) -> str:
+    """A Table 5 p-value: McNemar mid-p (SE), Wilcoxon (FDR); PPV is not tested ("n/a"), F1 left blank."""
+    if metric not in ("SE", "FDR"):
+        return "n/a" if metric == "PPV" else ""
+    return _p(comparisons, table="table5", threshold_mm=f"{t}", metric="sensitivity" if metric == "SE" else "fdr_per_case", **match)
+
+
+def _detection_row(result: AnalysisResult, det: Mapping[Tuple[float, str, str], Mapping], t: float, metric: str,
+                   readers: List[str], phases: List[str], avg_phases: List[str]) -> List[str]:
+    """One Table 5 row: a metric at threshold ``t`` per reader and phase, reader tests, averages, phase tests.
+
+    ``det`` maps (threshold, reader, phase) to the detection.csv row.
+    """
+    row = [_thr(t) if metric == "SE" else "", metric]
+    row += [_reader_cell(det.get((t, r, p)), metric) for r in readers for p in phases]
+    row += [_test_cell(result.comparisons, metric, t, phase_a=p, phase_b=p, reader_a=a, reader_b=b)
+            for a, b in itertools.combinations(readers, 2) for p in phases]
+    row += [_average_cell(det[(t, AVERAGE, p)], metric) for p in avg_phases]
+    row += [_test_cell(result.comparisons, metric, t, phase_a=a, phase_b=b, reader_a=AVERAGE, reader_b=AVERAGE)
+            for a, b in itertools.combinations(avg_phases, 2)]
+    return row
+
+
+def _detection_caption(result: AnalysisResult) -> str:
+    """Table 5's caption: the reference, its lesion sizes, the metrics, tests and intervals."""
+    long_mm = np.array(result.reference_long_mm, dtype=float)
+    size = (f" with a median long axis of {np.median(long_mm):.1f} mm (IQR {np.subtract(*np.percentile(long_mm, [75, 25])):.1f} mm)"
+            if long_mm.size else "")
+    return (f"Reference: {result.n_reference_lesions} lesions marked by reader {result.reference_reader} on "
+            f"{result.reference_phase} in {result.n_reference_cases} cases{size}. SE = sensitivity (TP / reference lesions), "
+            "FDR = false detections per case, PPV = TP / (TP + FP), F1 = harmonic mean of SE and PPV; a lesion counts at a "
+            "threshold when its long axis reaches it. Two-tailed McNemar mid-p (SE) and Wilcoxon signed-rank (FDR) tests; "
+            "Clopper-Pearson (SE) and Student-t (FDR) 95% intervals in brackets; * = P < .05.")
+
+
+def _detection_header(readers: List[str], phases: List[str], avg_phases: List[str]) -> List[str]:
+    """Table 5's columns: readers x phases, reader pairs x phases, averages, average phase pairs."""
+    header = ["", ""]
+    header += [f"{r} {p}" for r in readers for p in phases]
+    header += [f"{a} vs. {b} {p}" for a, b in itertools.combinations(readers, 2) for p in phases]
+    header += [f"Average {p}" for p in avg_phases]
+    header += [f"Average {a} vs. {b}" for a, b in itertools.combinations(avg_phases, 2)]
+    return header
+
+
+def detection_table(result: AnalysisResult) -> Table:
+    """Table 5: SE, FDR, PPV, F1 per reader and phase, reader comparisons, reader average.
+
+    Paper, "Performance metrics" (metrics, size thresholds) and "Statistical analysis" (McNemar
+    mid-p and Wilcoxon tests, Clopper-Pearson and Student-t intervals).
+    """
     det = result.detection
     readers = [r for r in dict.fromkeys(d["reader"] for d in det) if r != AVERAGE]
     phases = [p for p in result.phases if any(d["phase"] == p for d in det)]
     avg_phases = [p for p in phases if any(d["reader"] == AVERAGE and d["phase"] == p for d in det)]
-    reader_pairs = list(itertools.combinations(readers, 2))
-    avg_pairs = list(itertools.combinations(avg_phases, 2))
-    header = ["", ""]
-    header += [f"{r} {p}" for r in readers for p in phases]
-    header += [f"{a} vs. {b} {p}" for a, b in reader_pairs for p in phases]
-    header += [f"Average {p}" for p in avg_phases]
-    header += [f"Average {a} vs. {b}" for a, b in avg_pairs]
-
-    def get(t, reader, phase):
-        for d in det:
-            if d["threshold_mm"] == t and d["reader"] == reader and d["phase"] == phase:
-                return d
-        return None
-
-    rows: List[List[str]] = []
-    for t in result.thresholds:
-        for metric in ("SE", "FDR", "PPV", "F1"):
-            row = [_thr(t) if metric == "SE" else "", metric]
-            for r in readers:
-                for p in phases:
-                    d = get(t, r, p)
-                    if d is None:
-                        row.append("n/a")
-                    elif metric == "SE":
-                        row.append(f"{_pct(d['sensitivity'])} ({_count(d['tp'])}/{_count(d['tp'] + d['fn'])})")
-                    elif metric == "FDR":
-                        row.append(f"{d['fdr_per_case']:.2f} ({_count(d['fp'])}/{d['n_cases']})" if not _nan(d["fdr_per_case"]) else "n/a")
-                    elif metric == "PPV":
-                        row.append(f"{_pct(d['ppv'])} ({_count(d['tp'])}/{_count(d['tp'] + d['fp'])})")
-                    else:
-                        row.append(_pct(d["f1"]))
-            for a, b in reader_pairs:
-                for p in phases:
-                    if metric in ("SE", "FDR"):
-                        row.append(_p(result.comparisons, table="table5", threshold_mm=f"{t}", phase_a=p, phase_b=p, reader_a=a,
-                                      reader_b=b, metric="sensitivity" if metric == "SE" else "fdr_per_case"))
-                    else:
-                        row.append("n/a" if metric == "PPV" else "")
-            for p in avg_phases:
-                d = get(t, AVERAGE, p)
-                if metric == "SE":
-                    row.append(f"{_pct(d['sensitivity'])} [{100 * d['sensitivity_ci_low']:.0f}; {100 * d['sensitivity_ci_high']:.0f}]"
-                               if not _nan(d["sensitivity"]) else "n/a")
-                elif metric == "FDR":
-                    half = (d["fdr_ci_high"] - d["fdr_ci_low"]) / 2.0
-                    row.append(f"{d['fdr_per_case']:.2f} [±{half:.2f}]" if not _nan(half) else "n/a")
-                elif metric == "PPV":
-                    row.append(_pct(d["ppv"]))
-                else:
-                    row.append(_pct(d["f1"]))
-            for a, b in avg_pairs:
-                if metric in ("SE", "FDR"):
-                    row.append(_p(result.comparisons, table="table5", threshold_mm=f"{t}", phase_a=a, phase_b=b, reader_a=AVERAGE,
-                                  reader_b=AVERAGE, metric="sensitivity" if metric == "SE" else "fdr_per_case"))
-                else:
-                    row.append("n/a" if metric == "PPV" else "")
-            rows.append(row)
-    long_mm = np.array(result.reference_long_mm, dtype=float)
-    size = (f" with a median long axis of {np.median(long_mm):.1f} mm (IQR {np.subtract(*np.percentile(long_mm, [75, 25])):.1f} mm)"
-            if long_mm.size else "")
-    caption = (f"Reference: {result.n_reference_lesions} lesions marked by reader {result.reference_reader} on "
-               f"{result.reference_phase} in {result.n_reference_cases} cases{size}. SE = sensitivity (TP / reference lesions), "
-               "FDR = false detections per case, PPV = TP / (TP + FP), F1 = harmonic mean of SE and PPV; a lesion counts at a "
-               "threshold when its long axis reaches it. Two-tailed McNemar mid-p (SE) and Wilcoxon signed-rank (FDR) tests; "
-               "Clopper-Pearson (SE) and Student-t (FDR) 95% intervals in brackets; * = P < .05.")
-    return "Table 5: lesion detection", header, rows, caption
+    header = _detection_header(readers, phases, avg_phases)
+    by_key = {(d["threshold_mm"], d["reader"], d["phase"]): d for d in reversed(det)}  # the first row wins
+    rows = [_detection_row(result, by_key, t, metric, readers, phases, avg_phases)
+            for t in result.thresholds for metric in ("SE", "FDR", "PPV", "F1")]
+    return "Table 5: lesion detection", header, rows, _detection_caption(result)
 
 
-def beyond_tables(result: "AnalysisResult") -> List[Table]:
+def beyond_tables(result: AnalysisResult) -> List[Table]:
     """Beyond the paper: weighted kappa between readers' grades; bootstrap CIs of the average SE."""
     tables: List[Table] = []
     if result.agreement:
@@ -284,7 +293,31 @@ def _html(table: Table) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def plot_sensitivity(result: "AnalysisResult", path: Path) -> Optional[Path]:
+def _save(fig, path: Path) -> Path:
+    """Save a matplotlib figure as PNG atomically (100 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _sensitivity_panel(ax, det: Sequence[Mapping], phases: Sequence[str]) -> None:
+    """One reader's sensitivity (%) by threshold with its CI, one line per phase, offset along x."""
+    for k, phase in enumerate(phases):
+        rows = sorted((d for d in det if d["phase"] == phase), key=lambda d: d["threshold_mm"])
+        if not rows:
+            continue
+        x = np.array([d["threshold_mm"] for d in rows]) + 0.25 * (k - (len(phases) - 1) / 2)
+        y = np.array([d["sensitivity"] for d in rows])
+        err = np.array([[d["sensitivity"] - d["sensitivity_ci_low"] for d in rows], [d["sensitivity_ci_high"] - d["sensitivity"] for d in rows]])
+        ax.errorbar(x, 100 * y, yerr=100 * err, marker="o", capsize=3, label=phase)
+
+
+def plot_sensitivity(result: AnalysisResult, path: Path) -> Optional[Path]:
     """Sensitivity by size threshold with Clopper-Pearson 95% CIs, one line per phase, one panel per reader."""
     import matplotlib
 
@@ -298,14 +331,7 @@ def plot_sensitivity(result: "AnalysisResult", path: Path) -> Optional[Path]:
     phases = [p for p in result.phases if any(d["phase"] == p for d in det)]
     fig, axes = plt.subplots(1, len(readers), figsize=(4 * len(readers), 3.5), sharey=True, squeeze=False)
     for ax, reader in zip(axes[0], readers):
-        for k, phase in enumerate(phases):
-            rows = sorted((d for d in det if d["reader"] == reader and d["phase"] == phase), key=lambda d: d["threshold_mm"])
-            if not rows:
-                continue
-            x = np.array([d["threshold_mm"] for d in rows]) + 0.25 * (k - (len(phases) - 1) / 2)
-            y = np.array([d["sensitivity"] for d in rows])
-            err = np.array([[d["sensitivity"] - d["sensitivity_ci_low"] for d in rows], [d["sensitivity_ci_high"] - d["sensitivity"] for d in rows]])
-            ax.errorbar(x, 100 * y, yerr=100 * err, marker="o", capsize=3, label=phase)
+        _sensitivity_panel(ax, [d for d in det if d["reader"] == reader], phases)
         ax.set_title(_reader_label(reader))
         ax.set_xlabel("minimum long axis (mm)")
         ax.set_xticks(result.thresholds)
@@ -313,12 +339,10 @@ def plot_sensitivity(result: "AnalysisResult", path: Path) -> Optional[Path]:
     axes[0][0].set_ylabel("sensitivity (%) with 95% CI")
     axes[0][-1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_contrast(result: "AnalysisResult", path: Path) -> Optional[Path]:
+def plot_contrast(result: AnalysisResult, path: Path) -> Optional[Path]:
     """CNR, LBR and CEP per case across volumes, paired (one line per case)."""
     if not result.contrast:
         return None
@@ -327,10 +351,7 @@ def plot_contrast(result: "AnalysisResult", path: Path) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .analysis import CONTRAST_VOLUMES
-
-    vols = list(dict.fromkeys(r["volume"] for r in result.contrast))
-    vols = [v for v in CONTRAST_VOLUMES if v in vols] + [v for v in vols if v not in CONTRAST_VOLUMES]
+    vols = ordered_volumes(r["volume"] for r in result.contrast)
     cases = list(dict.fromkeys(r["case"] for r in result.contrast))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for ax, (metric, label) in zip(axes, (("cnr", "CNR"), ("lbr", "LBR"), ("cep", "CEP (%)"))):
@@ -345,12 +366,10 @@ def plot_contrast(result: "AnalysisResult", path: Path) -> Optional[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_grades(result: "AnalysisResult", path: Path) -> Optional[Path]:
+def plot_grades(result: AnalysisResult, path: Path) -> Optional[Path]:
     """Grade distributions (counts of 1-4) per reader and phase."""
     rows = [q for q in result.quality if q["reader"] != AVERAGE and q["n_cases"]]
     if not rows:
@@ -373,12 +392,10 @@ def plot_grades(result: "AnalysisResult", path: Path) -> Optional[Path]:
     ax.set_title("Image quality grades")
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_times(result: "AnalysisResult", path: Path) -> Optional[Path]:
+def plot_times(result: AnalysisResult, path: Path) -> Optional[Path]:
     """Reading time per case (box plots) per reader and phase."""
     series = {k: v for k, v in result.per_case["seconds"].items() if k[0] != AVERAGE and v}
     if not series:
@@ -397,9 +414,7 @@ def plot_times(result: "AnalysisResult", path: Path) -> Optional[Path]:
     ax.set_title("Reading times")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- report
@@ -409,7 +424,7 @@ table{border-collapse:collapse;font-size:13px;margin:.5em 0}th,td{border:1px sol
 th{background:#eee}td.sig{font-weight:bold}.caption{font-size:12px;color:#444;max-width:1100px}img{max-width:100%}"""
 
 
-def write_report(result: "AnalysisResult") -> Dict[str, Path]:
+def write_report(result: AnalysisResult) -> Dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the PNG plots into ``result.out_dir``.
 
     Returns:
@@ -457,10 +472,8 @@ def write_report(result: "AnalysisResult") -> Dict[str, Path]:
     if result.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
         body.append("<h2>Notes</h2>\n<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>\n")
-    files["report_md"] = out / "report.md"
-    files["report_md"].write_text("\n".join(md), encoding="utf-8")
-    files["report_html"] = out / "report.html"
-    files["report_html"].write_text(
+    files["report_md"] = write_text_atomic("\n".join(md), out / "report.md")
+    files["report_html"] = write_text_atomic(
         f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Reader study report</title><style>{_CSS}</style></head>\n<body>\n"
-        + "".join(body) + "</body></html>\n", encoding="utf-8")
+        + "".join(body) + "</body></html>\n", out / "report.html")
     return files

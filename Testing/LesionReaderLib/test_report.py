@@ -76,3 +76,28 @@ def test_report_files(result):
         assert f"({png})" in md and f'src="{png}"' in html
     assert "<table>" in html and html.count("<h3>") == 7  # Tables 3-6, time per lesion, kappa, bootstrap
     assert '<td class="sig">' in html or "*" not in md  # significant p-values are highlighted
+
+
+def test_report_does_not_import_the_pipeline():
+    """report.py renders a result (results.py) and never imports analysis.py, lazily or not: no cycle."""
+    import ast
+
+    import LesionReaderLib.report as report_module
+
+    tree = ast.parse(Path(report_module.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {m for m in imported if m == "analysis" or m.endswith(".analysis")}, imported
+
+
+def test_report_written_separately_after_analyze(tmp_path):
+    from LesionReaderLib.report import write_report
+
+    sim = sim_module.simulate_reads(tmp_path / "reads", n_cases=8, seed=2)
+    out = tmp_path / "out"
+    result = analyze(sim.folder, out, report=False, n_boot=0)
+    assert not (out / "report.md").exists() and not list(out.glob("*.png"))
+    files = write_report(result)
+    assert files["report_md"] == out / "report.md" and "Table 5: lesion detection" in files["report_md"].read_text(encoding="utf-8")
+    assert (out / "report.html").is_file() and (out / "sensitivity_by_threshold.png").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # atomic writes leave no temporary file

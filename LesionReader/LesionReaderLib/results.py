@@ -1,0 +1,238 @@
+"""Types and column layouts shared by the stages of the analysis (paper, Tables 3-6).
+
+Everything here is data: the columns of the input and output CSV files, the defaults taken from
+the paper, the parsed reads (:class:`Mark`, :class:`Reads`), what a study tells the analysis
+(:class:`StudyInfo`), the reference lesions (:class:`Reference`), the result of a run
+(:class:`AnalysisResult`) and the one error type (:class:`AnalysisError`). No stage imports
+another stage to reach these, so :mod:`.report` can render a result without importing the
+pipeline (:mod:`.analysis`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
+
+from . import stats
+from .matching import Lesion
+
+Point = Tuple[float, float, float]
+#: The two end points of a lesion axis, RAS mm.
+Axis = Tuple[Point, Point]
+#: A read: (reader, phase).
+ReadKey = Tuple[str, str]
+#: One value per case of a read (a grade, seconds, a count).
+CaseValues = Dict[str, float]
+
+# --------------------------------------------------------------------------- columns
+
+GRADES_COLUMNS = ("reader", "phase", "case", "grade", "seconds", "excluded")
+LESIONS_COLUMNS = (
+    "reader", "phase", "case", "lesion", "long_mm", "short_mm",
+    "long_x1", "long_y1", "long_z1", "long_x2", "long_y2", "long_z2",
+    "short_x1", "short_y1", "short_z1", "short_x2", "short_y2", "short_z2",
+    "center_x", "center_y", "center_z",
+)
+#: The twelve end-point coordinates of the long and short axes in lesions.csv.
+AXIS_COLUMNS = LESIONS_COLUMNS[6:18]
+CENTER_COLUMNS = LESIONS_COLUMNS[18:]
+DETECTION_COLUMNS = (
+    "threshold_mm", "reader", "phase", "tp", "fn", "fp", "n_cases", "sensitivity",
+    "sensitivity_ci_low", "sensitivity_ci_high", "fdr_per_case", "fdr_ci_low", "fdr_ci_high", "ppv", "f1",
+)
+COMPARISON_COLUMNS = (
+    "table", "threshold_mm", "metric", "phase_a", "reader_a", "phase_b", "reader_b", "test", "statistic", "p_value",
+)
+CONTRAST_COLUMNS = (
+    "case", "volume", "cnr", "lbr", "cep", "si_lesion", "si_brain", "sd_brain", "si_lesion_pre",
+    "n_lesions", "n_lesion_voxels", "n_brain_voxels", "brain_roi",
+)
+QUALITY_COLUMNS = ("reader", "phase", "n_cases", "mean_grade", "sd_grade", "n_grade_1", "n_grade_2", "n_grade_3", "n_grade_4")
+TIMES_COLUMNS = (
+    "reader", "phase", "n_cases", "mean_seconds", "sd_seconds", "total_seconds", "n_marks",
+    "seconds_per_mark", "paper_seconds_per_lesion",
+)
+AGREEMENT_COLUMNS = ("phase", "reader_a", "reader_b", "n_cases", "kappa_linear", "kappa_quadratic")
+BOOTSTRAP_COLUMNS = ("threshold_mm", "reader", "phase", "n_cases", "sensitivity", "ci_low", "ci_high", "n_boot", "seed")
+MATCHES_COLUMNS = ("reader", "phase", "case", "reference_lesion", "reference_long_mm", "mark_lesion", "mark_long_mm", "distance_mm")
+
+# --------------------------------------------------------------------------- defaults
+
+#: Case-level bootstrap replicates for the reader-average sensitivity (beyond the paper).
+DEFAULT_N_BOOT = 2000
+#: Size thresholds on the long axis, in mm (paper, "Performance metrics": 10, 5 and 0 mm).
+DEFAULT_THRESHOLDS_MM = (0.0, 5.0, 10.0)
+#: Reference phase when nothing else says (paper, "Performance metrics": lesions identified by
+#: S.A. on T1c-vfa).
+DEFAULT_REFERENCE_PHASE = "T1c-vfa"
+#: Reader id of the reader-average rows.
+AVERAGE = "average"
+#: Known phase order, used when the study does not give one.
+KNOWN_PHASE_ORDER = ("T1c-low", "T1c", "T1c-pro", "T1c-vfa")
+#: Post-contrast volumes scored for CNR/LBR/CEP when the study has them (Table 4 + extras).
+CONTRAST_VOLUMES = ("T1c-low", "T1c", "T1c-pro", "T1c-vfa", "T1c-x4")
+#: Volume keys (study.json ``volumes`` or volumes.csv columns) of the contrast ROI inputs.
+PRE_KEYS = ("T1",)
+HEALTHY_KEYS = ("healthy_brain", "healthy-brain", "brain_roi")
+BRAIN_MASK_KEYS = ("brain_mask", "brain-mask", "brainmask")
+LESION_LABEL_KEYS = ("lesion_labels", "lesion-labels", "lesions_label", "lesion_label")
+
+
+def ordered_volumes(volumes: Iterable[str]) -> List[str]:
+    """Volume names in :data:`CONTRAST_VOLUMES` order, then the others as first seen."""
+    seen = list(dict.fromkeys(volumes))
+    return [v for v in CONTRAST_VOLUMES if v in seen] + [v for v in seen if v not in CONTRAST_VOLUMES]
+
+
+class AnalysisError(ValueError):
+    """The analysis inputs are unusable; the message names the file or option and the fix."""
+
+
+# --------------------------------------------------------------------------- reads
+
+
+@dataclass(frozen=True)
+class Mark:
+    """One lesion row of lesions.csv: a lesion marked by one reader in one phase and case.
+
+    Attributes:
+        reader, phase, case, lesion: ids of the row.
+        long_mm, short_mm: axis lengths (paper, "Reader study protocol": major and minor axes).
+        long_axis, short_axis: end points, RAS mm.
+        center: the lesion centre used by the matching (paper, "Performance metrics").
+    """
+
+    reader: str
+    phase: str
+    case: str
+    lesion: str
+    long_mm: float
+    short_mm: float
+    long_axis: Axis
+    short_axis: Axis
+    center: Point
+
+    def as_lesion(self) -> Lesion:
+        """The mark as the matching sees it (centre and axis lengths)."""
+        return Lesion(center=self.center, long_mm=self.long_mm, short_mm=self.short_mm, lesion_id=self.lesion)
+
+
+@dataclass
+class Reads:
+    """Parsed reads: grades/seconds per (reader, phase) and case, marks per (reader, phase) and case.
+
+    Attributes:
+        grades: (reader, phase) -> case -> (grade, seconds); ``nan`` where not given.
+        marks: (reader, phase) -> case -> marks, in file order.
+        excluded: cases flagged ``excluded`` in any row.
+        readers: reader ids, study order first, then order of appearance.
+        phases: phase names in reading order.
+        notes: what was read but left out (rows without a reading time, lesions of ungraded cases).
+    """
+
+    grades: Dict[ReadKey, Dict[str, Tuple[float, float]]]
+    marks: Dict[ReadKey, Dict[str, List[Mark]]]
+    excluded: Set[str]
+    readers: List[str]
+    phases: List[str]
+    notes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class StudyInfo:
+    """What the analysis needs from a study: reference, order, marking readers, case volumes."""
+
+    reference_phase: Optional[str] = None
+    reference_reader: Optional[str] = None
+    phase_order: List[str] = field(default_factory=list)
+    reader_order: List[str] = field(default_factory=list)
+    markers: Dict[str, Union[str, Tuple[str, ...]]] = field(default_factory=dict)
+    volumes: Dict[str, Dict[str, Path]] = field(default_factory=dict)
+
+
+@dataclass
+class Reference:
+    """The reference lesions (paper, "Performance metrics": S.A.'s lesions on T1c-vfa).
+
+    Attributes:
+        phase, reader: the reference read.
+        cases: graded, non-excluded cases of the reference read, sorted.
+        lesions: case -> the reference reader's marks in that case (empty list: no lesion).
+    """
+
+    phase: str
+    reader: str
+    cases: List[str]
+    lesions: Dict[str, List[Mark]]
+
+    @property
+    def key(self) -> ReadKey:
+        """The reference read as (reader, phase)."""
+        return (self.reader, self.phase)
+
+    @property
+    def n_lesions(self) -> int:
+        """Number of reference lesions over all cases."""
+        return sum(len(v) for v in self.lesions.values())
+
+    def long_mm(self) -> List[float]:
+        """Long axes of every reference lesion, case by case."""
+        return [m.long_mm for v in self.lesions.values() for m in v]
+
+    def keys(self, cases: List[str], threshold: float) -> List[Tuple[str, str]]:
+        """(case, lesion) of the reference lesions of ``cases`` whose long axis reaches ``threshold``
+        (paper, "Performance metrics": lesion size is the length of the long axis)."""
+        return [(c, m.lesion) for c in cases for m in self.lesions.get(c, []) if m.long_mm >= threshold]
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class AnalysisResult:
+    """Everything ``analyze`` computed; :mod:`.report` renders it and :mod:`.tables` writes it.
+
+    ``out_dir`` is where the files are (while they are being written: the staging folder) and
+    ``files`` maps a name (``detection``, ``report_md``...) to each file written. ``matches``
+    holds the rows of ``matches.csv``.
+    """
+
+    out_dir: Path
+    reference_phase: str
+    reference_reader: str
+    readers: List[str]
+    phases: List[str]
+    thresholds: List[float]
+    n_reference_cases: int
+    n_reference_lesions: int
+    reference_long_mm: List[float]
+    excluded_cases: List[str]
+    detection: List[dict]
+    comparisons: List[dict]
+    quality: List[dict]
+    times: List[dict]
+    contrast: List[dict]
+    per_case: Dict[str, Dict[ReadKey, CaseValues]]
+    notes: List[str]
+    agreement: List[dict] = field(default_factory=list)
+    bootstrap: List[dict] = field(default_factory=list)
+    files: Dict[str, Path] = field(default_factory=dict)
+    matches: List[dict] = field(default_factory=list)
+
+
+def comparison_row(table: str, threshold: Union[float, str], metric: str, phase_a: str, reader_a: str, phase_b: str,
+                   reader_b: str, result: stats.TestResult) -> dict:
+    """One comparisons.csv row: which table, which two series, which test and its outcome.
+
+    Args:
+        table: ``table3`` (grades), ``table4`` (contrast), ``table5`` (detection) or ``table6`` (times).
+        threshold: the size threshold in mm for Table 5, ``""`` elsewhere.
+        metric: the compared column (``sensitivity``, ``grade``, ``cnr``...).
+        phase_a, reader_a, phase_b, reader_b: the two series (readers ``""`` for Table 4).
+        result: the two-tailed test (paper, "Statistical analysis").
+    """
+    return {
+        "table": table, "threshold_mm": threshold, "metric": metric, "phase_a": phase_a, "reader_a": reader_a,
+        "phase_b": phase_b, "reader_b": reader_b, "test": result.test, "statistic": result.statistic, "p_value": result.p_value,
+    }
