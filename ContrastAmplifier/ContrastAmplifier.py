@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import unittest
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -22,25 +21,17 @@ import vtk  # noqa: F401  (Slicer modules conventionally expose vtk)
 
 from slicer.util import VTKObservationMixin
 
-try:  # inside the Slicer application
-    from slicer.ScriptedLoadableModule import (
-        ScriptedLoadableModule,
-        ScriptedLoadableModuleLogic,
-        ScriptedLoadableModuleTest,
-        ScriptedLoadableModuleWidget,
-    )
+from ContrastAmplifierCommon.slicer_compat import IN_SLICER_APP as HAS_SLICER_APP
+from ContrastAmplifierCommon.slicer_compat import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 
-    HAS_SLICER_APP = True
-except ImportError:  # headless (slicer-core wheel, pytest): the Logic works, the GUI classes are inert
-    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModule as ScriptedLoadableModule
-    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleLogic as ScriptedLoadableModuleLogic
-    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleWidget as ScriptedLoadableModuleWidget
-
-    ScriptedLoadableModuleTest = unittest.TestCase
-    HAS_SLICER_APP = False
-
-from ContrastAmplifierLib import mrml_bridge, process
-from ContrastAmplifierLib.dependencies import ensure_dependencies
+from ContrastAmplifierCommon import process
+from ContrastAmplifierLib import mrml_bridge
+from ContrastAmplifierCommon.dependencies import ensure_dependencies
 
 PAPER = (
     "Bone A, Ammari S, Menu Y, Balleyguier C, Moulton E, Chouzenoux E, Volk A, Garcia GCTE, Nicolas F, Robert P, "
@@ -659,12 +650,12 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             precision: auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16).
             synchronous: wait and return the node; otherwise return the running :class:`AmplifyJob`
                 at once and call :meth:`pollAmplify` (e.g. from a ``qt.QTimer``) until it returns True.
-            progress: called with each :class:`ContrastAmplifierLib.process.ProgressEvent`
+            progress: called with each :class:`ContrastAmplifierCommon.process.ProgressEvent`
                 (``stage``, ``fraction`` of the whole job, ``message``).
             brainMask: optional brain mask on the T1c grid; skips HD-BET skull stripping.
             folds, flips: override the quality preset (e.g. ``folds=[0], flips=1``).
             threads: CPU threads of the child (default: all cores).
-            cancel: a :class:`ContrastAmplifierLib.progress.CancelToken` checked while waiting (synchronous only).
+            cancel: a :class:`ContrastAmplifierCommon.progress.CancelToken` checked while waiting (synchronous only).
             timeout: seconds before a synchronous run is cancelled and ``TimeoutError`` raised.
             installDependencies: install missing Python packages first (asks in the GUI).
 

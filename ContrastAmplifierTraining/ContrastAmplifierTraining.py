@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import unittest
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,25 +21,16 @@ import vtk
 
 from slicer.util import VTKObservationMixin
 
-try:  # inside the Slicer application
-    from slicer.ScriptedLoadableModule import (
-        ScriptedLoadableModule,
-        ScriptedLoadableModuleLogic,
-        ScriptedLoadableModuleTest,
-        ScriptedLoadableModuleWidget,
-    )
+from ContrastAmplifierCommon.slicer_compat import IN_SLICER_APP as HAS_SLICER_APP
+from ContrastAmplifierCommon.slicer_compat import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 
-    HAS_SLICER_APP = True
-except ImportError:  # headless (slicer-core wheel, pytest): the Logic works, the GUI classes are inert
-    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModule as ScriptedLoadableModule
-    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleLogic as ScriptedLoadableModuleLogic
-    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleWidget as ScriptedLoadableModuleWidget
-
-    ScriptedLoadableModuleTest = unittest.TestCase
-    HAS_SLICER_APP = False
-
-from ContrastAmplifierLib import process
-from ContrastAmplifierLib.dependencies import ensure_dependencies
+from ContrastAmplifierCommon import process
+from ContrastAmplifierCommon.dependencies import ensure_dependencies
 from ContrastAmplifierTrainingLib.run_status import FoldStatus, TrainingMonitor, has_run, read_run_status
 
 PAPER = (
@@ -62,7 +52,7 @@ class ContrastAmplifierTraining(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Contrast Amplifier Training"
         self.parent.categories = ["Contrast Amplifier"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["ContrastAmplifier"]  # imports ContrastAmplifierLib
         self.parent.contributors = ["SlicerContrastAmplifier developers"]
         self.parent.helpText = """
 Trains the contrast-amplification network of the paper: one 3D residual UNet per fold of a patient-wise

@@ -15,28 +15,20 @@ from typing import Dict, List, Optional
 
 import slicer
 
-try:  # GUI parts: present in the Slicer application, absent under slicer-core
+from ContrastAmplifierCommon.slicer_compat import IN_SLICER_APP as HAVE_GUI
+from ContrastAmplifierCommon.slicer_compat import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+
+if HAVE_GUI:  # GUI parts: present in the Slicer application, absent under slicer-core
     import ctk  # noqa: F401
     import qt
-    from slicer.ScriptedLoadableModule import (
-        ScriptedLoadableModule,
-        ScriptedLoadableModuleLogic,
-        ScriptedLoadableModuleTest,
-        ScriptedLoadableModuleWidget,
-    )
     from slicer.util import VTKObservationMixin
-
-    HAVE_GUI = True
-except ImportError:  # headless: plain bases so the Logic still imports
-    HAVE_GUI = False
+else:
     qt = None  # type: ignore[assignment]
-
-    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModule as ScriptedLoadableModule
-    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleLogic as ScriptedLoadableModuleLogic
-    from ContrastAmplifierLib.mrml_bridge import HeadlessScriptedModuleWidget as ScriptedLoadableModuleWidget
-
-    class ScriptedLoadableModuleTest:  # type: ignore[no-redef]
-        pass
 
     class VTKObservationMixin:  # type: ignore[no-redef]
         def __init__(self):
@@ -55,7 +47,7 @@ class LesionReader(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Lesion Reader"
         self.parent.categories = ["Quantification"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["ContrastAmplifier"]  # imports ContrastAmplifierLib
         self.parent.contributors = ["SlicerContrastAmplifier developers"]
         self.parent.helpText = (
             "Blinded multi-phase reader study (Bone, Ammari et al., Invest Radiol 2022): grade image quality 1-4 "

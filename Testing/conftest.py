@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Module folders (ContrastAmplifier/ ...) hold the *Lib packages; make them importable from a
 # plain checkout too (the editable install does the same).
-for module_dir in ("ContrastAmplifier", "ContrastAmplifierTraining", "LesionReader"):
+for module_dir in ("ContrastAmplifierCommon", "ContrastAmplifier", "ContrastAmplifierTraining", "LesionReader"):
     path = str(REPO / module_dir)
     if path not in sys.path:
         sys.path.insert(0, path)

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomicfile import write_text_atomic
+from ContrastAmplifierCommon.atomicfile import write_text_atomic
 from .registration import AffineSettings, Template, load_template, mask_points_mm, mean_point_error_mm, register_affine
 
 __all__ = ["known_affine", "moved_template", "synthetic_head_case", "run_ants", "run_bench"]

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
 
-from .atomicfile import atomic_path, write_text_atomic
+from ContrastAmplifierCommon.atomicfile import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:  # torch is imported where it is used: `from .bundle import BundleError` stays cheap (Slicer GUI)
     import torch

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import typer
 
-from .cliapp import cli_job, fail, run_cli
-from .progress import make_progress
+from ContrastAmplifierCommon.cliapp import cli_job, fail, run_cli
+from ContrastAmplifierCommon.progress import make_progress
 
 if TYPE_CHECKING:  # preprocessing imports SimpleITK: only inside the commands, so --help stays instant
     from .preprocessing import Geometry
@@ -163,7 +163,7 @@ def bench(
     """Benchmarks (ratios within one run; this machine is shared and noisy); writes OUT_DIR/*.json."""
     import json
 
-    from .atomicfile import write_text_atomic
+    from ContrastAmplifierCommon.atomicfile import write_text_atomic
 
     results = {}
     if only in (None, "preprocessing"):

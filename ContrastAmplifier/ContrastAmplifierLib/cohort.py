@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-from .atomicfile import write_text_atomic
+from ContrastAmplifierCommon.atomicfile import write_text_atomic
 from .imageio import find_case_inputs
-from .progress import Cancelled, CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
+from ContrastAmplifierCommon.progress import Cancelled, CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 OUTPUT_NAME = "T1c-pro.nii.gz"
 SUMMARY_COLUMNS = ("case", "status", "seconds", "n_predictions", "output", "error")
@@ -53,7 +53,7 @@ def predict_cohort(
     cases folder, contain it, or be the current directory (checked before any work).
     """
     from .inference import _resolve_bundle, amplify_case
-    from .outputs import check_output_folder
+    from ContrastAmplifierCommon.outputs import check_output_folder
 
     report = progress or null_progress
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)

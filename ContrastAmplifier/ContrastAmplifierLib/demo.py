@@ -20,9 +20,9 @@ from typing import Dict, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .atomicfile import write_text_atomic
+from ContrastAmplifierCommon.atomicfile import write_text_atomic
 from .metrics import healthy_brain_roi, roi_contrast
-from .progress import TqdmProgress
+from ContrastAmplifierCommon.progress import TqdmProgress
 
 DEMO_SEED = 20260
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .progress import CancelToken, ProgressCallback, check_cancel, null_progress
+from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, check_cancel, null_progress
 
 logger = logging.getLogger(__name__)
 

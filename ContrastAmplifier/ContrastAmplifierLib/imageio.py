@@ -14,7 +14,7 @@ from typing import Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomicfile import atomic_path
+from ContrastAmplifierCommon.atomicfile import atomic_path
 
 ImageLike = Union[str, os.PathLike, sitk.Image]
 

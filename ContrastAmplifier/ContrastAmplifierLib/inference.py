@@ -41,7 +41,7 @@ from .bundle import ModelBundle
 from .ensemble import InferenceSettings, configure_cpu_threads, predict_ensemble
 from .imageio import ImageLike, read_image, write_image_atomic
 from .preprocessing import PreprocessedCase, preprocess_case
-from .progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
+from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 #: Inputs of :func:`amplify_case`, in the paper's order (Figure 1).
 INPUT_MODALITIES = ("t1", "flair", "adc", "t1c")
@@ -196,7 +196,7 @@ def amplify_case(
     report = progress or null_progress
     timings: Dict[str, float] = {}
     if out_path is not None:
-        from .outputs import check_output_file
+        from ContrastAmplifierCommon.outputs import check_output_file
 
         sources = [p for p in (t1, flair, adc, t1c, brain_mask) if isinstance(p, (str, os.PathLike))]
         out_path = check_output_file(out_path, OUTPUT_SUFFIXES, inputs=sources, overwrite=overwrite, what="T1c-pro output")

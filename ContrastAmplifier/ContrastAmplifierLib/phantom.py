@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from . import mr_signal as mr
-from .atomicfile import apply_umask, write_text_atomic
+from ContrastAmplifierCommon.atomicfile import apply_umask, write_text_atomic
 from .imageio import write_image_atomic
 from .phantom_acquisition import (NativeGrid, apply_affine, bias_field, native_image, plan_grid,
                                   resample_to_native, sample_case_pose, sample_motion, sequence_spacing,
@@ -39,7 +39,7 @@ from .phantom_anatomy import (TemplateAnatomy, choroid_plexus, dural_sinuses, he
                               load_template_anatomy, random_curve, tube_fraction)
 from .phantom_lesions import (Lesion, LesionMaps, measure_lesion, place_lesions, rasterise_lesions,
                               sample_lesion_count, sample_lesion_shape)
-from .progress import CancelToken, ProgressCallback, check_cancel, null_progress
+from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, check_cancel, null_progress
 
 SYNTHETIC_LABEL = "synthetic phantom \u2014 not clinical data"
 SEQUENCES = ("t1", "flair", "adc", "t1c_low", "t1c", "t1c_x4", "t1c_vfa")
@@ -548,7 +548,7 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
     Raises:
         OutputPathError: ``out_dir`` is a file, not writable, or holds a ``case_NNN`` that is not a phantom case.
     """
-    from .outputs import OutputPathError, check_output_folder
+    from ContrastAmplifierCommon.outputs import OutputPathError, check_output_folder
 
     if cases < 1:
         raise ValueError(f"--cases must be >= 1, got {cases}.")

@@ -27,11 +27,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomicfile import write_text_atomic
+from ContrastAmplifierCommon.atomicfile import write_text_atomic
 from .imageio import ImageLike, display_name, find_case_inputs, read_image, write_image_atomic
 from .normalization import DEFAULT_CLIP, clip_to_unit, zscore_in_mask
 from .plausibility import Finding
-from .progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
+from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 from .registration import (
     AffineSettings,
     RigidSettings,
@@ -430,7 +430,7 @@ def preprocess_case_dir(
         OutputPathError: ``out_dir`` cannot be used (before any work).
         ImageValidationError: an input is unusable.
     """
-    from .outputs import check_output_folder, staged_folder
+    from ContrastAmplifierCommon.outputs import check_output_folder, staged_folder
 
     start = time.perf_counter()
     report = progress or null_progress

@@ -195,7 +195,7 @@ def set_default_model(name: Optional[str]) -> Optional[str]:
     Raises:
         BundleError: ``name`` is not installed or does not pass :func:`~.bundle.load_bundle`.
     """
-    from .atomicfile import write_text_atomic
+    from ContrastAmplifierCommon.atomicfile import write_text_atomic
     from .bundle import load_bundle
 
     if name is None:

@@ -19,8 +19,8 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from ContrastAmplifierLib.atomicfile import write_text_atomic
-from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
+from ContrastAmplifierCommon.atomicfile import write_text_atomic
+from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 from .cohort import CaseRecord, read_cohort
 from .data import CACHE_CHANNELS, CachedCase, load_cache_folder, load_cached_case, save_cached_case

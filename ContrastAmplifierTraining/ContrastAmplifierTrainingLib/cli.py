@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import typer
 
-from ContrastAmplifierLib.cliapp import cancelled, fail, run_cli
-from ContrastAmplifierLib.progress import CancelToken, Cancelled, make_progress
+from ContrastAmplifierCommon.cliapp import cancelled, fail, run_cli
+from ContrastAmplifierCommon.progress import CancelToken, Cancelled, make_progress
 
 app = typer.Typer(
     name="contrast-amplifier-train",
@@ -267,7 +267,7 @@ def bench(
     """Training throughput: seconds per iteration (one case: forward, MSE, backward, Adam) at demo and paper size."""
     import json
 
-    from ContrastAmplifierLib.atomicfile import write_text_atomic
+    from ContrastAmplifierCommon.atomicfile import write_text_atomic
 
     from .bench import run_training_bench
 

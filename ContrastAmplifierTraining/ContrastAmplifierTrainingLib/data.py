@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 import torch
 
-from ContrastAmplifierLib.atomicfile import atomic_path
+from ContrastAmplifierCommon.atomicfile import atomic_path
 
 #: Channels of a cached case: the four network inputs (paper, Figure 1) then the target T1c.
 CACHE_CHANNELS = ("t1", "flair", "adc", "t1c_low", "t1c")

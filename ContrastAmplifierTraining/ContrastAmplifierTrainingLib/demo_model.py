@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ContrastAmplifierLib.bundle import ModelBundle
 from ContrastAmplifierLib.network import NetworkConfig
-from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, SubProgress, null_progress
+from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, null_progress
 
 from .trainer import EpochCallback, TrainConfig
 

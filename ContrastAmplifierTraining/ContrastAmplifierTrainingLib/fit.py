@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ContrastAmplifierLib.atomicfile import write_text_atomic
-from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
+from ContrastAmplifierCommon.atomicfile import write_text_atomic
+from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 from .cohort import assign_folds
 from .data import PERCENTILE_LEVELS, CachedCase, TrainingCase, to_training_case, train_set_percentiles

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 if TYPE_CHECKING:
-    from ContrastAmplifierLib.process import ProgressEvent
+    from ContrastAmplifierCommon.process import ProgressEvent
 
 #: The run's plan (split, geometry, settings), in OUT_DIR.
 PLAN_FILE = "plan.json"

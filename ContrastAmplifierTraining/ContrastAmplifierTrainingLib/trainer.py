@@ -45,9 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ContrastAmplifierLib.atomicfile import atomic_path, write_text_atomic
+from ContrastAmplifierCommon.atomicfile import atomic_path, write_text_atomic
 from ContrastAmplifierLib.network import NetworkConfig, ResidualUNet3D, count_parameters
-from ContrastAmplifierLib.progress import CancelToken, ProgressCallback, check_cancel, null_progress
+from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, check_cancel, null_progress
 
 from .data import TrainingCase
 from .metrics import mse, psnr, ssim3d

@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
-from ContrastAmplifierLib.outputs import OutputPathError, folders_to_create
+from ContrastAmplifierCommon.outputs import OutputPathError, folders_to_create
 
 from . import report as report_module
 from .detection import DetectionTables, PairDetection, detect

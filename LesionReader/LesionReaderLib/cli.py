@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from ContrastAmplifierLib.cliapp import fail, run_cli  # one error path for every command line
+from ContrastAmplifierCommon.cliapp import fail, run_cli  # one error path for every command line
 
 app = typer.Typer(
     name="lesion-reader",

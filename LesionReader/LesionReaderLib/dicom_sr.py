@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ContrastAmplifierLib.atomicfile import atomic_path
+from ContrastAmplifierCommon.atomicfile import atomic_path
 
 from .session import LesionRecord, lesion_from_row
 from .storage import ReadKey, ReadsDatabase

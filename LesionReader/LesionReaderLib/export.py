@@ -23,7 +23,7 @@ import sqlite3
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
-from ContrastAmplifierLib.atomicfile import atomic_path
+from ContrastAmplifierCommon.atomicfile import atomic_path
 
 from .session import lesion_from_row
 from .storage import ReadKey, ReadsDatabase

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ContrastAmplifierLib.atomicfile import atomic_path, write_text_atomic
+from ContrastAmplifierCommon.atomicfile import atomic_path, write_text_atomic
 
 from .results import AVERAGE, AnalysisResult, ordered_volumes
 from .stats import format_p

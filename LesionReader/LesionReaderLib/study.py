@@ -25,8 +25,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ContrastAmplifierLib.atomicfile import write_text_atomic
-from ContrastAmplifierLib.outputs import OutputPathError, folders_to_create, remove_empty_folders
+from ContrastAmplifierCommon.atomicfile import write_text_atomic
+from ContrastAmplifierCommon.outputs import OutputPathError, folders_to_create, remove_empty_folders
 
 #: Format tag written in every ``study.json``; bumped on incompatible changes.
 STUDY_FORMAT = "lesion-reader-study/1"
@@ -113,7 +113,7 @@ def read_text_file(path: Union[str, os.PathLike], fix: str) -> str:
 
 
 def missing_folders(folder: Union[str, os.PathLike], option: str) -> List[Path]:
-    """:func:`ContrastAmplifierLib.outputs.folders_to_create` with a :class:`StudyError`.
+    """:func:`ContrastAmplifierCommon.outputs.folders_to_create` with a :class:`StudyError`.
 
     Returns:
         ``folder`` and its missing parents, deepest first (empty when ``folder`` exists).

@@ -7,9 +7,9 @@ beyond the paper: ``agreement.csv`` (weighted Cohen's kappa between readers' gra
 ``bootstrap.csv`` (case-level bootstrap interval of the reader-average sensitivity). A study
 read from its database also gets ``reads/grades.csv`` and ``reads/lesions.csv``.
 
-Each file is written atomically (:func:`ContrastAmplifierLib.atomicfile.atomic_path`) into a
+Each file is written atomically (:func:`ContrastAmplifierCommon.atomicfile.atomic_path`) into a
 hidden staging folder whose files are moved into ``OUT_DIR`` when all are written
-(:func:`ContrastAmplifierLib.outputs.staged_folder`): a failed run leaves nothing behind.
+(:func:`ContrastAmplifierCommon.outputs.staged_folder`): a failed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequen
 
 import numpy as np
 
-from ContrastAmplifierLib.atomicfile import atomic_path, write_text_atomic
-from ContrastAmplifierLib.outputs import staged_folder
+from ContrastAmplifierCommon.atomicfile import atomic_path, write_text_atomic
+from ContrastAmplifierCommon.outputs import staged_folder
 
 from .export import write_reads
 from .reads import ExportedRows
@@ -109,7 +109,7 @@ def output_folder(out_dir: Path) -> Iterator[Path]:
 
     ``out_dir`` (and its missing parents) is created only now, when the results exist; only this
     run's own file names are written into it and other files there are never touched; a failed
-    run leaves nothing behind (:func:`ContrastAmplifierLib.outputs.staged_folder`).
+    run leaves nothing behind (:func:`ContrastAmplifierCommon.outputs.staged_folder`).
 
     Raises:
         AnalysisError: an ``OSError`` while writing (disk full, permissions, a folder in the way),

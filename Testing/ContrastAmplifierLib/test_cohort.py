@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ContrastAmplifierLib.cohort import predict_cohort
-from ContrastAmplifierLib.progress import parse_json_progress_line
+from ContrastAmplifierCommon.progress import parse_json_progress_line
 
 torch.set_num_threads(1)
 
@@ -112,7 +112,7 @@ def test_predict_output_is_checked_before_any_work(tmp_path, small_case_dir, ran
 def test_cohort_output_may_not_be_the_cases_folder(tmp_path, small_case_dir, random_bundle_dir):
     import pytest
 
-    from ContrastAmplifierLib.outputs import OutputPathError
+    from ContrastAmplifierCommon.outputs import OutputPathError
 
     cases = _cohort(tmp_path, small_case_dir)
     before = sorted(p.relative_to(cases) for p in cases.rglob("*"))

@@ -16,7 +16,7 @@ from ContrastAmplifierLib.ensemble import (
     predict_ensemble,
     resolve_device,
 )
-from ContrastAmplifierLib.progress import CancelToken, Cancelled
+from ContrastAmplifierCommon.progress import CancelToken, Cancelled
 
 torch.set_num_threads(1)
 

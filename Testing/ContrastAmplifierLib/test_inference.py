@@ -12,7 +12,7 @@ import torch
 
 from ContrastAmplifierLib.bundle import BundleError
 from ContrastAmplifierLib.inference import amplify_case
-from ContrastAmplifierLib.progress import CancelToken, Cancelled
+from ContrastAmplifierCommon.progress import CancelToken, Cancelled
 
 torch.set_num_threads(1)
 MODALITIES = ["t1", "flair", "adc", "t1c"]

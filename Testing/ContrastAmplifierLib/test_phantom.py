@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from ContrastAmplifierLib import phantom
-from ContrastAmplifierLib.progress import CancelToken, Cancelled
+from ContrastAmplifierCommon.progress import CancelToken, Cancelled
 
 SPACING = 3.0
 SEED_METS = 5  # 5 metastases
@@ -310,7 +310,7 @@ def test_cli_phantom(tmp_path):
 
 
 def test_phantom_never_replaces_a_folder_it_did_not_make(tmp_path):
-    from ContrastAmplifierLib.outputs import OutputPathError
+    from ContrastAmplifierCommon.outputs import OutputPathError
 
     mine = tmp_path / "case_000"
     mine.mkdir()

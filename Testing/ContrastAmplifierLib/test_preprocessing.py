@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from ContrastAmplifierLib.bench import affine_from_params, synthetic_head_case
 from ContrastAmplifierLib.imageio import ImageValidationError
 from ContrastAmplifierLib.preprocessing import Geometry, PreprocessedCase, preprocess_case, preprocess_case_dir
-from ContrastAmplifierLib.progress import CancelToken, Cancelled
+from ContrastAmplifierCommon.progress import CancelToken, Cancelled
 from ContrastAmplifierLib.registration import mask_points_mm, mean_point_error_mm
 
 SPACING = 2.0
@@ -194,7 +194,7 @@ def test_preprocess_into_an_existing_folder_writes_only_its_own_files(case_dir, 
     import os
     import stat
 
-    from ContrastAmplifierLib.outputs import OutputPathError
+    from ContrastAmplifierCommon.outputs import OutputPathError
     from ContrastAmplifierLib.preprocessing import preprocess_output_names
 
     out = tmp_path / "results"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ContrastAmplifierLib.process import ProgressEvent
+from ContrastAmplifierCommon.process import ProgressEvent
 from ContrastAmplifierTrainingLib.run_status import (
     DONE_FILE,
     FINISHED,
@@ -35,7 +35,7 @@ def real_run(tmp_path_factory):
     """
     torch = pytest.importorskip("torch")
     from ContrastAmplifierLib.network import NetworkConfig
-    from ContrastAmplifierLib.progress import CancelToken, Cancelled
+    from ContrastAmplifierCommon.progress import CancelToken, Cancelled
     from ContrastAmplifierTrainingLib.fit import fit_cases
     from ContrastAmplifierTrainingLib.toy import toy_cohort
     from ContrastAmplifierTrainingLib.trainer import TrainConfig

@@ -71,6 +71,6 @@ def clock():
 def subprocess_env() -> dict:
     """Environment for child Python processes that import LesionReaderLib from this checkout."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "LesionReader"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "LesionReader"), str(REPO / "ContrastAmplifierCommon"), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     return env

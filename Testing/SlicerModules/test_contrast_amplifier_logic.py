@@ -21,8 +21,10 @@ slicer = pytest.importorskip("slicer", reason="slicer-core wheel (test extra) is
 sitk = pytest.importorskip("SimpleITK")
 pytest.importorskip("torch")
 
-from ContrastAmplifierLib import mrml_bridge, process  # noqa: E402
-from ContrastAmplifierLib.progress import CancelToken  # noqa: E402
+from ContrastAmplifierCommon import process  # noqa: E402
+
+from ContrastAmplifierLib import mrml_bridge  # noqa: E402
+from ContrastAmplifierCommon.progress import CancelToken  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

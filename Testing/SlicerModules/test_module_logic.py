@@ -20,7 +20,9 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core wheel (test extra) is required")
 sitk = pytest.importorskip("SimpleITK")
 
-from ContrastAmplifierLib import mrml_bridge, process  # noqa: E402
+from ContrastAmplifierCommon import process  # noqa: E402
+
+from ContrastAmplifierLib import mrml_bridge  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -362,3 +362,61 @@ def test_extension_description_json():
     category = re.search(r"set\(\s*EXTENSION_CATEGORY\s+\"([^\"]+)\"", top_cmake()).group(1)
     assert data["category"] == category, "ExtensionsIndex category must equal EXTENSION_CATEGORY"
     assert data["tier"] in (1, 3, 5)
+
+
+# -- the shared package and the direction of imports ---------------------------------------------
+
+COMMON = "ContrastAmplifierCommon"
+LIBS = {name: f"{name}Lib" for name in MODULES}
+
+
+def _package_imports(folder: Path) -> Dict[Path, Set[str]]:
+    return {p: imported_modules(ast.parse(p.read_text(encoding="utf-8"), filename=str(p)))
+            for p in sorted(folder.rglob("*.py")) if "__pycache__" not in p.parts}
+
+
+def _imports_any(imported: Set[str], roots) -> List[str]:
+    return sorted(m for m in imported if any(m == r or m.startswith(r + ".") for r in roots))
+
+
+def test_common_cmakelists_lists_every_file():
+    folder = REPO / COMMON
+    variables = cmake_lists(Module(COMMON, folder))
+    assert variables.get("MODULE_NAME") == [COMMON]
+    listed = set(variables.get("MODULE_PYTHON_SCRIPTS", [])) | set(variables.get("MODULE_PYTHON_RESOURCES", []))
+    on_disk = {p.relative_to(folder).as_posix() for p in (folder / COMMON).rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+    assert on_disk == listed, f"{COMMON}/CMakeLists.txt: unlisted {sorted(on_disk - listed)}, missing {sorted(listed - on_disk)}"
+    top = _strip_cmake_comments((REPO / "CMakeLists.txt").read_text(encoding="utf-8"))
+    subdirs = re.findall(r"add_subdirectory\((\w+)\)", top)
+    assert subdirs[0] == COMMON and set(MODULES) <= set(subdirs), subdirs
+
+
+def test_imports_point_one_way():
+    """Common imports no module; Libs import no module file and no Qt; ContrastAmplifierLib imports
+    neither the training nor the reader Lib; only slicer_compat decides "inside Slicer or headless"."""
+    module_files = set(MODULES)
+    for path, imported in _package_imports(REPO / COMMON / COMMON).items():
+        bad = _imports_any(imported, [*module_files, *LIBS.values()])
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}: the shared package imports none of the modules"
+        if path.name != "slicer_compat.py":
+            assert not _imports_any(imported, FORBIDDEN_IN_LIB), f"{path.relative_to(REPO)} imports Qt/ScriptedLoadableModule"
+    for name, lib in LIBS.items():
+        others = [LIBS[n] for n in MODULES if n != name] if name == "ContrastAmplifier" else []
+        for path, imported in _package_imports(REPO / name / lib).items():
+            bad = _imports_any(imported, [*module_files, *others])
+            assert not bad, f"{path.relative_to(REPO)} imports {bad}: Libs import no module file, and ContrastAmplifierLib no other Lib"
+    for name in MODULES:
+        imported = imported_modules(ast.parse((REPO / name / f"{name}.py").read_text(encoding="utf-8")))
+        assert not _imports_any(imported, ["slicer.ScriptedLoadableModule"]), f"{name}.py: use {COMMON}.slicer_compat"
+
+
+def test_modules_declare_the_libs_they_import():
+    """A module whose file or Lib imports another module's Lib lists that module in parent.dependencies."""
+    for name in MODULES:
+        text = (REPO / name / f"{name}.py").read_text(encoding="utf-8")
+        imported = imported_modules(ast.parse(text)).union(*_package_imports(REPO / name / LIBS[name]).values())
+        needed = sorted(other for other in MODULES if other != name and _imports_any(imported, [LIBS[other]]))
+        declared = re.search(r"self\.parent\.dependencies\s*=\s*(\[[^\]]*\])", text)
+        assert declared, f"{name}.py sets no parent.dependencies"
+        assert sorted(ast.literal_eval(declared.group(1))) == needed, f"{name}.py: parent.dependencies must be {needed}"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from pathlib import Path
 import textwrap
 import time
 
 import pytest
 
-from ContrastAmplifierLib import process
-from ContrastAmplifierLib.progress import CancelToken
+from ContrastAmplifierCommon import process
+from ContrastAmplifierCommon.progress import CancelToken
 
 EMITTER = textwrap.dedent(
     """
@@ -144,10 +145,11 @@ def test_child_environment_finds_the_lib_without_install(tmp_path):
     env = process.child_environment(extra_env={"CA_MARKER": "1"}, extra_paths=[str(tmp_path)])
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)
     assert env["CA_MARKER"] == "1" and env["PYTHONUNBUFFERED"] == "1"
-    code = "import ContrastAmplifierLib, os; print(os.path.dirname(ContrastAmplifierLib.__file__))"
-    # -S: no site-packages (so no editable install); only PYTHONPATH can find the Lib.
+    packages = ("ContrastAmplifierCommon", "ContrastAmplifierLib", "ContrastAmplifierTrainingLib", "LesionReaderLib")
+    code = f"import os, {', '.join(packages)}; print(*(os.path.dirname(p.__file__) for p in ({', '.join(packages)})))"
+    # -S: no site-packages (so no editable install); only PYTHONPATH can find the packages.
     result = process.run_to_completion([sys.executable, "-S", "-c", code], env=env, poll_interval=0.02)
-    assert result.log_lines[-1].endswith("ContrastAmplifierLib")
+    assert [Path(p).name for p in result.log_lines[-1].split()] == list(packages)
 
 
 def test_python_module_command_and_cli_probe():

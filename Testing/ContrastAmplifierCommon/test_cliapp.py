@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import typer
 
-from ContrastAmplifierLib.cliapp import CANCELLED_MESSAGE, cancelled, fail, run_cli
+from ContrastAmplifierCommon.cliapp import CANCELLED_MESSAGE, cancelled, fail, run_cli
 from ContrastAmplifierLib.imageio import ImageValidationError
-from ContrastAmplifierLib.progress import Cancelled
+from ContrastAmplifierCommon.progress import Cancelled
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,7 +93,9 @@ def test_debug_shows_the_traceback(capsys, monkeypatch):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_real_cancel_prints_one_line_and_leaves_nothing(tmp_path, sig):
     """Ctrl-C (SIGINT) or the Slicer module's Stop (SIGTERM) in the middle of a phantom case."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(REPO / m) for m in ("ContrastAmplifier",)))
+    from ContrastAmplifierCommon.process import child_environment
+
+    env = child_environment()  # this checkout's packages first, as the Slicer module's children get them
     out = tmp_path / "phantoms"
     child = subprocess.Popen(
         [sys.executable, "-m", "ContrastAmplifierLib.cli", "phantom", str(out), "--cases", "2", "--spacing", "4",

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from ContrastAmplifierLib.outputs import (
+from ContrastAmplifierCommon.outputs import (
     OutputPathError,
     check_output_file,
     check_output_folder,

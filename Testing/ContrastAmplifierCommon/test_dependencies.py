@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ContrastAmplifierLib import dependencies
+from ContrastAmplifierCommon import dependencies
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ def test_requirements_file_is_the_pyproject_list():
     listed = dependencies.load_requirements()
     if "dependencies" in project.get("dynamic", []):
         files = pyproject["tool"]["setuptools"]["dynamic"]["dependencies"]["file"]
-        assert "ContrastAmplifier/ContrastAmplifierLib/requirements.txt" in files
+        assert "ContrastAmplifierCommon/ContrastAmplifierCommon/requirements.txt" in files
     else:
         assert listed == project["dependencies"], "requirements.txt and pyproject.toml [project].dependencies differ"
 

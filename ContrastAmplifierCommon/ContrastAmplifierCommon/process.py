@@ -3,7 +3,7 @@
 Slicer's GUI must never freeze, so long work (preprocessing, inference, training) runs in a
 child Python process: the Lib's own CLI (``python -m ContrastAmplifierLib.cli ...``). The
 child prints one JSON object per line on stdout (``{"stage", "fraction", "message"}``, see
-:mod:`ContrastAmplifierLib.progress`); anything else on stdout is log text, and stderr is kept
+:mod:`ContrastAmplifierCommon.progress`); anything else on stdout is log text, and stderr is kept
 for the error message.
 
 :class:`BackgroundProcess` is poll-based and imports no Qt: a module widget calls
@@ -90,15 +90,17 @@ def python_executable() -> str:
 
 
 def lib_search_paths() -> List[str]:
-    """Folders that hold the ``*Lib`` packages (so a child finds them without an install)."""
-    here = Path(__file__).resolve().parent  # .../ContrastAmplifier/ContrastAmplifierLib
-    paths = [str(here.parent)]
-    # In a source checkout the sibling modules' Lib folders sit next to ours; in an installed
-    # Slicer extension every module shares one qt-scripted-modules folder (already listed).
-    for sibling in ("ContrastAmplifierTraining", "LesionReader"):
-        candidate = here.parent.parent / sibling
-        if candidate.is_dir():
-            paths.append(str(candidate))
+    """Folders that hold this package and the modules' ``*Lib`` packages, for a child's ``PYTHONPATH``.
+
+    Installed in Slicer, all of them sit in one ``qt-scripted-modules`` folder (the one holding
+    this package). In a source checkout each module folder sits next to this package's folder and
+    is recognised by the ``<folder>/<folder>Lib/__init__.py`` it holds, so no module is named here.
+    """
+    home = Path(__file__).resolve().parent.parent  # the folder holding ContrastAmplifierCommon/
+    paths = [str(home)]
+    for folder in sorted(p for p in home.parent.iterdir() if p.is_dir()):
+        if (folder / f"{folder.name}Lib" / "__init__.py").is_file():
+            paths.append(str(folder))
     return paths
 
 
