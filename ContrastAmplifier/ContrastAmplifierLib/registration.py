@@ -175,10 +175,10 @@ def register_rigid(
 
     Sequences of one examination share the scanner's coordinates, so the first start is the
     identity (the images as they lie); the second aligns the centres of the two image grids,
-    which helps when a header's origin was lost. Each start runs the whole pyramid and the
-    result whose metric is lower at the finest level wins. One start alone was seen to end
-    tens of mm away on phantom cases (ITK's multi-threaded metric is not bit-reproducible, and
-    the grid-centre start sat near a wrong basin); the plausibility checks flag such results.
+    which helps when a header's origin was lost. Both run the coarsest pyramid level, and the
+    finer levels continue from the one whose metric is lower there. The grid-centre start alone
+    was seen to end tens of mm away (a field of view cut short on one side moves the grid
+    centre, not the head); the plausibility checks flag such results.
 
     Args:
         fixed: reference image (the native T1c, with its skull).
@@ -199,24 +199,20 @@ def register_rigid(
     as_they_lie.SetCenter(centred.GetCenter())  # rotate about the fixed grid's centre, like the other start
     radius = 50.0  # mm: a rotation of 1/radius rad moves the brain surface by about 1 mm
     scales = [radius**2] * 3 + [1.0] * 3
-    best: Optional[Tuple[float, sitk.Transform]] = None
-    for start in (as_they_lie, centred):
-        result = _register_levels(fixed, moving, fixed_mask, start, scales, settings, seed)
-        value = _final_metric(fixed, moving, fixed_mask, result, settings, seed)
-        if best is None or value < best[0]:
-            best = (value, result)
-    assert best is not None
-    return sitk.Euler3DTransform(best[1])
+    # Both starts run the coarsest level (cheap); the finer levels continue from the better one.
+    coarse = [_register_levels(fixed, moving, fixed_mask, start, scales, settings, seed, levels=[0])
+              for start in (as_they_lie, centred)]
+    best = min(coarse, key=lambda t: _metric_at_level(fixed, moving, fixed_mask, t, settings, 0))
+    finer = range(1, len(settings.level_spacing_mm))
+    return sitk.Euler3DTransform(_register_levels(fixed, moving, fixed_mask, best, scales, settings, seed, levels=finer))
 
 
-def _final_metric(fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional[sitk.Image], transform: sitk.Transform,
-                  settings: RigidSettings, seed: int) -> float:
-    """The registration metric of ``transform`` at the finest pyramid level (lower is better)."""
-    level = len(settings.level_spacing_mm) - 1
-    fixed_l, mask_l = _pyramid_level(fixed, fixed_mask, float(settings.level_spacing_mm[level]),
-                                     float(settings.smoothing_sigmas_mm[level]))
-    moving_l, _ = _pyramid_level(moving, None, float(settings.level_spacing_mm[level]),
-                                 float(settings.smoothing_sigmas_mm[level]))
+def _metric_at_level(fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional[sitk.Image], transform: sitk.Transform,
+                     settings: RigidSettings, level: int) -> float:
+    """The registration metric of ``transform`` on pyramid level ``level`` (lower is better)."""
+    level_mm, sigma = float(settings.level_spacing_mm[level]), float(settings.smoothing_sigmas_mm[level])
+    fixed_l, mask_l = _pyramid_level(fixed, fixed_mask, level_mm, sigma)
+    moving_l, _ = _pyramid_level(moving, None, level_mm, sigma)
     reg = _method(settings.threads, settings.histogram_bins, settings.metric)
     if mask_l is not None and int(sitk.GetArrayViewFromImage(mask_l).sum()) > 0:
         reg.SetMetricFixedMask(mask_l)
@@ -278,6 +274,7 @@ def _register_levels(
     scales: Sequence[float],
     settings,
     seed: int,
+    levels: Optional[Sequence[int]] = None,
 ) -> sitk.Transform:
     """Coarse-to-fine registration; each level is its own single-level ITK registration.
 
@@ -286,9 +283,9 @@ def _register_levels(
     """
     kind = type(initial)
     transform = initial
-    for level, (level_mm, sigma, iterations) in enumerate(
-        zip(settings.level_spacing_mm, settings.smoothing_sigmas_mm, settings.iterations)
-    ):
+    schedule = list(zip(settings.level_spacing_mm, settings.smoothing_sigmas_mm, settings.iterations))
+    for level in (range(len(schedule)) if levels is None else levels):
+        level_mm, sigma, iterations = schedule[level]
         fixed_l, mask_l = _pyramid_level(fixed, fixed_mask, float(level_mm), float(sigma))
         moving_l, _ = _pyramid_level(moving, None, float(level_mm), float(sigma))
         reg = _method(settings.threads, settings.histogram_bins, settings.metric)
