@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from ContrastAmplifierCommon.cliapp import fail, run_cli  # one error path for every command line
+from ContrastAmplifierCommon.cliapp import cli_job, fail, run_cli  # one error path for every command line
+from ContrastAmplifierCommon.progress import make_progress
 
 app = typer.Typer(
     name="lesion-reader",
@@ -116,23 +117,18 @@ def analyze(
     brain_margin_mm: float = typer.Option(5.0, "--brain-margin", min=0.0, help="Margin (mm) around lesions removed from the automatic healthy-brain ROI."),
     n_boot: int = typer.Option(2000, "--n-boot", min=0, help="Case-level bootstrap replicates of the reader-average sensitivity (beyond the paper; 0 skips)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
-    progress: str = typer.Option("none", "--progress", help="none or json (one JSON object per line on stdout)."),
+    progress: str = typer.Option("none", "--progress", help="none, bar (tqdm on stderr) or json (one JSON object per line on stdout, read by Slicer)."),
 ) -> None:
     """Paper's metrics and statistics (Tables 3-6): detection, contrast, grades, reading times, report."""
-    from .analysis import AnalysisError, analyze as run_analysis
+    from .analysis import analyze as run_analysis
 
-    def show_progress(stage: str, fraction: float, message: str = "") -> None:
-        if progress == "json":
-            typer.echo(json.dumps({"stage": stage, "fraction": round(fraction, 4), "message": message}))
-
-    try:
+    report = make_progress(progress)
+    with cli_job(report, "cancelled; nothing was written (a failed or cancelled analysis leaves no output)"):
         result = run_analysis(
             study_dir, out, reference_phase=reference_phase, reference_reader=reference_reader,
             thresholds=thresholds or (0.0, 5.0, 10.0), contrast=contrast, brain_margin_mm=brain_margin_mm,
-            n_boot=n_boot, seed=seed, report=True, progress=show_progress,  # report: report.md/.html + plots
+            n_boot=n_boot, seed=seed, report=True, progress=report,  # report: report.md/.html + plots
         )
-    except AnalysisError as exc:
-        fail(str(exc))
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     for path in result.files.values():
