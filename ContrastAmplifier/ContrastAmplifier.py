@@ -31,6 +31,7 @@ from ContrastAmplifierCommon.slicer_compat import (
 
 from ContrastAmplifierCommon import process
 from ContrastAmplifierLib import mrml_bridge
+from ContrastAmplifierLib.imagefiles import IMAGE_SUFFIXES  # SimpleITK-free: safe before dependencies are installed
 from ContrastAmplifierCommon.dependencies import ensure_dependencies
 
 PAPER = (
@@ -748,7 +749,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _find(folder: Path, stem: str) -> Optional[Path]:
-        for suffix in (".nii.gz", ".nrrd", ".mha", ".nii"):
+        for suffix in IMAGE_SUFFIXES:
             if (folder / f"{stem}{suffix}").is_file():
                 return folder / f"{stem}{suffix}"
         return None

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from ContrastAmplifierCommon.atomicfile import write_text_atomic
+from ContrastAmplifierCommon.atomicfile import atomic_path, write_text_atomic
 from .metrics import healthy_brain_roi, roi_contrast
 from ContrastAmplifierCommon.progress import TqdmProgress
 
@@ -40,12 +40,10 @@ def _flair_on_t1c_grid(case_dir: Path, t1c: sitk.Image, t1c_to_flair: Optional[s
 
 def write_figure(panels: Dict[str, np.ndarray], slice_index: int, window: tuple, path: Path, title: str) -> Path:
     """Side-by-side axial slices; every panel but the first (FLAIR, own window) shares ``window``."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6), dpi=110)
+    fig = Figure(figsize=(4 * len(panels), 4.6), dpi=110)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for i, (ax, (name, volume)) in enumerate(zip(axes, panels.items())):
         image = volume[slice_index]
         if i == 0:
@@ -57,11 +55,8 @@ def write_figure(panels: Dict[str, np.ndarray], slice_index: int, window: tuple,
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp)
     return path
 
 

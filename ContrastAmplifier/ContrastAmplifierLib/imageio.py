@@ -16,10 +16,17 @@ import SimpleITK as sitk
 
 from ContrastAmplifierCommon.atomicfile import atomic_path
 
-ImageLike = Union[str, os.PathLike, sitk.Image]
+# The image suffixes, the folder finder and the DICOM series reader live in the SimpleITK-free
+# ``imagefiles`` (the one place for them); re-exported here.
+from .imagefiles import (  # noqa: F401  (re-exported)
+    IMAGE_SUFFIXES,
+    ImageValidationError,
+    find_image,
+    image_suffix,
+    read_dicom_series,
+)
 
-#: File suffixes read as single images; a folder is read as a DICOM series.
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+ImageLike = Union[str, os.PathLike, sitk.Image]
 
 #: Plausible voxel spacing range in mm for brain MRI (catches metres, microns and 0 spacing).
 SPACING_RANGE_MM = (0.05, 20.0)
@@ -44,18 +51,8 @@ def display_name(modality: str) -> str:
     return DISPLAY_NAMES.get(modality, modality.upper())
 
 
-class ImageValidationError(ValueError):
-    """An input image cannot be used; the message names it and the fix."""
-
-
 def _describe(name: str, source: object) -> str:
     return f"{name} ({source})" if isinstance(source, (str, os.PathLike)) else name
-
-
-def image_suffix(path: Union[str, os.PathLike]) -> str:
-    """The image-format suffix of ``path`` (``.nii.gz`` counts as one), lower-case."""
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
 def read_image(source: ImageLike, name: str = "image") -> sitk.Image:
@@ -86,7 +83,7 @@ def read_image(source: ImageLike, name: str = "image") -> sitk.Image:
             _check_nifti_payload(path, name)
         try:
             if path.is_dir():
-                image = _read_dicom_series(path, name)
+                image = read_dicom_series(path, name)
             else:
                 image = sitk.ReadImage(str(path))
         except ImageValidationError:
@@ -102,21 +99,6 @@ def read_image(source: ImageLike, name: str = "image") -> sitk.Image:
     image = sitk.Cast(image, sitk.sitkFloat32)
     validate_image(image, _describe(name, source))
     return image
-
-
-def _read_dicom_series(path: Path, name: str) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(path))
-    if not series:
-        raise ImageValidationError(
-            f"{name} folder {path} holds no DICOM series; point to a DICOM series folder or a NIfTI/NRRD/MHA file."
-        )
-    if len(series) > 1:
-        raise ImageValidationError(
-            f"{name} folder {path} holds {len(series)} DICOM series; put one series per folder."
-        )
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-    return reader.Execute()
 
 
 def _check_nifti_payload(path: Path, name: str) -> None:
@@ -234,20 +216,14 @@ def find_case_inputs(case_dir: Union[str, os.PathLike], names=("t1", "flair", "a
     folder = Path(case_dir)
     if not folder.is_dir():
         raise ImageValidationError(f"case folder not found: {folder}. Pass a folder holding {', '.join(names)} images.")
-    entries = {p.name.lower(): p for p in folder.iterdir() if not p.name.startswith(".")}
     found = {}
     for name in names:
-        hits = [entries[name + s] for s in IMAGE_SUFFIXES if name + s in entries]
-        if name in entries and entries[name].is_dir():
-            hits.append(entries[name])
-        if not hits:
+        hit = find_image(folder, name, name=display_name(name))
+        if hit is None:
+            entries = sorted(p.name.lower() for p in folder.iterdir() if not p.name.startswith("."))
             raise ImageValidationError(
-                f"{display_name(name)} is missing in {folder}: expected {name}.nii.gz (or .nii/.nrrd/.mha) or a {name}/ DICOM "
-                f"folder. Rename the {display_name(name)} file, or add it. Found: {sorted(entries) or 'nothing'}."
+                f"{display_name(name)} is missing in {folder}: expected {name}.nii.gz (or {'/'.join(IMAGE_SUFFIXES[1:])}) or a "
+                f"{name}/ DICOM folder. Rename the {display_name(name)} file, or add it. Found: {entries or 'nothing'}."
             )
-        if len(hits) > 1:
-            raise ImageValidationError(
-                f"{display_name(name)} is ambiguous in {folder}: {[h.name for h in hits]}; keep only one."
-            )
-        found[name] = hits[0]
+        found[name] = hit
     return found

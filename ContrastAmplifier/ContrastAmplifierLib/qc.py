@@ -15,6 +15,8 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
+from ContrastAmplifierCommon.atomicfile import atomic_path
+
 from .registration import Template, load_template, resample
 
 __all__ = ["write_qc_png"]
@@ -29,17 +31,15 @@ def _views(volume: np.ndarray):
 
 def write_qc_png(case, path: Union[str, os.PathLike], template: Optional[Template] = None, dpi: int = 80) -> Path:
     """Write the QC PNG of a :class:`preprocessing.PreprocessedCase` to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's (or Slicer's) backend is left alone
 
     template = template or load_template(1)
     outline = sitk.GetArrayFromImage(
         resample(template.brain_mask, case.brain_mask, None, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     ).astype(float)
     names = list(case.images)
-    fig, axes = plt.subplots(len(names), 3, figsize=(9, 3 * len(names)), squeeze=False)
+    fig = Figure(figsize=(9, 3 * len(names)))
+    axes = fig.subplots(len(names), 3, squeeze=False)
     for row, name in enumerate(names):
         volume = sitk.GetArrayFromImage(case.images[name])
         for col, ((view, image), (_, contour)) in enumerate(zip(_views(volume), _views(outline))):
@@ -56,7 +56,6 @@ def write_qc_png(case, path: Union[str, os.PathLike], template: Optional[Templat
     fig.suptitle("Registered to ICBM 2009a (red: template brain outline)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=dpi)
     return path

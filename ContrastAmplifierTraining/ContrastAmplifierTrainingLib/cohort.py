@@ -27,13 +27,14 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ContrastAmplifierLib.imagefiles import IMAGE_SUFFIXES, ImageValidationError, find_image  # noqa: F401  (IMAGE_SUFFIXES re-exported)
+
 #: Modalities a training case provides. ``t1c_low`` is input 4; ``t1c`` is the target.
 INPUT_MODALITIES = ("t1", "flair", "adc", "t1c_low")
 TARGET_MODALITY = "t1c"
 ALL_MODALITIES = INPUT_MODALITIES + (TARGET_MODALITY,)
 #: Optional brain mask on the T1c grid (phantoms ship one): skips HD-BET for that case.
 OPTIONAL_IMAGES = ("brain_mask",)
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 class CohortError(ValueError):
@@ -56,12 +57,11 @@ class CaseRecord:
 
 
 def _find_image(folder: Path, stem: str) -> Optional[Path]:
-    for suffix in IMAGE_SUFFIXES:
-        candidate = folder / f"{stem}{suffix}"
-        if candidate.is_file():
-            return candidate
-    candidate = folder / stem
-    return candidate if candidate.is_dir() else None
+    """``<stem>.<image suffix>`` or a ``<stem>/`` DICOM folder (case-insensitive), see :func:`find_image`."""
+    try:
+        return find_image(folder, stem)
+    except ImageValidationError as exc:
+        raise CohortError(f"case {folder.name}: {exc}") from None
 
 
 def _check_complete(record: CaseRecord, source: str, require_low_dose: bool) -> None:

@@ -294,14 +294,9 @@ def _html(table: Table) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    """Save a matplotlib figure as PNG atomically (100 dpi) and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path, suffix=path.suffix) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+    """Save a matplotlib figure as PNG atomically (100 dpi)."""
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=100)
     return path
 
 
@@ -319,17 +314,15 @@ def _sensitivity_panel(ax, det: Sequence[Mapping], phases: Sequence[str]) -> Non
 
 def plot_sensitivity(result: AnalysisResult, path: Path) -> Optional[Path]:
     """Sensitivity by size threshold with Clopper-Pearson 95% CIs, one line per phase, one panel per reader."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's (or Slicer's) backend is left alone
 
     det = [d for d in result.detection if not _nan(d["sensitivity"])]
     if not det:
         return None
     readers = list(dict.fromkeys(d["reader"] for d in det))
     phases = [p for p in result.phases if any(d["phase"] == p for d in det)]
-    fig, axes = plt.subplots(1, len(readers), figsize=(4 * len(readers), 3.5), sharey=True, squeeze=False)
+    fig = Figure(figsize=(4 * len(readers), 3.5))
+    axes = fig.subplots(1, len(readers), sharey=True, squeeze=False)
     for ax, reader in zip(axes[0], readers):
         _sensitivity_panel(ax, [d for d in det if d["reader"] == reader], phases)
         ax.set_title(_reader_label(reader))
@@ -346,14 +339,12 @@ def plot_contrast(result: AnalysisResult, path: Path) -> Optional[Path]:
     """CNR, LBR and CEP per case across volumes, paired (one line per case)."""
     if not result.contrast:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's (or Slicer's) backend is left alone
 
     vols = ordered_volumes(r["volume"] for r in result.contrast)
     cases = list(dict.fromkeys(r["case"] for r in result.contrast))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    fig = Figure(figsize=(12, 3.8))
+    axes = fig.subplots(1, 3)
     for ax, (metric, label) in zip(axes, (("cnr", "CNR"), ("lbr", "LBR"), ("cep", "CEP (%)"))):
         for case in cases:
             ys = [next((r[metric] for r in result.contrast if r["case"] == case and r["volume"] == v), np.nan) for v in vols]
@@ -374,12 +365,10 @@ def plot_grades(result: AnalysisResult, path: Path) -> Optional[Path]:
     rows = [q for q in result.quality if q["reader"] != AVERAGE and q["n_cases"]]
     if not rows:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's (or Slicer's) backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 3.5))
+    fig = Figure(figsize=(max(5, 1.2 * len(rows)), 3.5))
+    ax = fig.subplots()
     bottom = np.zeros(len(rows))
     labels = {1: "1 poor", 2: "2 average", 3: "3 good", 4: "4 excellent"}
     for g in range(1, 5):
@@ -400,13 +389,11 @@ def plot_times(result: AnalysisResult, path: Path) -> Optional[Path]:
     series = {k: v for k, v in result.per_case["seconds"].items() if k[0] != AVERAGE and v}
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's (or Slicer's) backend is left alone
 
     keys = sorted(series, key=lambda k: (result.phases.index(k[1]) if k[1] in result.phases else 99, k[0]))
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(keys)), 3.5))
+    fig = Figure(figsize=(max(5, 1.2 * len(keys)), 3.5))
+    ax = fig.subplots()
     ax.boxplot([np.array(list(series[k].values())) / 60.0 for k in keys])
     ax.set_xticks(range(1, len(keys) + 1))
     ax.set_xticklabels([f"{r}\n{p}" for r, p in keys], fontsize=8)

@@ -27,6 +27,12 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 from ContrastAmplifierCommon.atomicfile import write_text_atomic
 from ContrastAmplifierCommon.outputs import OutputPathError, folders_to_create, remove_empty_folders
+from ContrastAmplifierLib import imagefiles
+from ContrastAmplifierLib.imagefiles import (  # noqa: F401  (re-exported: the one list of image suffixes)
+    DICOM_MAGIC_OFFSET,
+    IMAGE_SUFFIXES,
+    is_dicom_series_folder,
+)
 
 #: Format tag written in every ``study.json``; bumped on incompatible changes.
 STUDY_FORMAT = "lesion-reader-study/1"
@@ -53,9 +59,8 @@ MODALITY_ALIASES: Dict[str, Tuple[str, ...]] = {
     "T1c-pro": ("t1cpro", "t1c+pro", "t1camplified"),
     "T1c-vfa": ("t1cvfa", "t1vfa", "t1cse", "t1ctse"),
 }
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-#: A case volume may also be a folder holding one DICOM series (see :func:`is_dicom_series_folder`).
-DICOM_MAGIC_OFFSET = 128
+#: A case volume may be an image file (:data:`IMAGE_SUFFIXES`) or a folder holding one DICOM
+#: series (see :func:`is_dicom_series_folder`); both come from :mod:`ContrastAmplifierLib.imagefiles`.
 
 Clock = Callable[[], datetime]
 Axis = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
@@ -412,51 +417,23 @@ def load_study(study_dir: Union[str, os.PathLike]) -> Study:
 
 
 def _strip_suffix(name: str) -> Optional[str]:
-    lower = name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def _is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(DICOM_MAGIC_OFFSET)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def is_dicom_series_folder(path: Union[str, os.PathLike]) -> bool:
-    """Whether ``path`` is a folder holding DICOM files (Part 10, ``DICM`` preamble) directly inside it.
-
-    Such a folder is accepted as a case volume (one series per folder); it is read with
-    :func:`read_volume` and, for DICOM SR export, by :mod:`LesionReaderLib.dicom_sr`.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        return False
-    return any(child.is_file() and _is_dicom_file(child) for child in sorted(folder.iterdir()))
+    return imagefiles.image_stem(name)
 
 
 def dicom_series_files(folder: Union[str, os.PathLike]) -> List[str]:
     """The files of the single DICOM series in ``folder``, in slice order (SimpleITK/GDCM sorting).
 
+    A DICOM series folder is accepted as a case volume (one series per folder, see
+    :func:`is_dicom_series_folder`); it is read with :func:`read_volume` and, for DICOM SR export,
+    by :mod:`LesionReaderLib.dicom_sr`. The reading is :func:`ContrastAmplifierLib.imagefiles.dicom_series_files`.
+
     Raises:
         StudyError: the folder holds no DICOM series, or more than one (one series per folder).
     """
-    import SimpleITK as sitk  # lazy: study.py stays importable without it
-
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        raise StudyError(f"DICOM folder {folder} holds no readable DICOM image series; point the case volume at a series folder or a NIfTI/NRRD file")
-    if len(series_ids) > 1:
-        raise StudyError(
-            f"DICOM folder {folder} holds {len(series_ids)} series ({', '.join(series_ids)}); "
-            "a case volume must be one series: move each series into its own folder"
-        )
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    try:
+        return imagefiles.dicom_series_files(folder, "case volume")
+    except imagefiles.ImageValidationError as exc:
+        raise StudyError(str(exc)) from None
 
 
 def read_volume(path: Union[str, os.PathLike]):
@@ -475,10 +452,10 @@ def read_volume(path: Union[str, os.PathLike]):
         raise StudyError(f"case volume {volume} does not exist; fix its path in study.json")
     try:
         if volume.is_dir():
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(dicom_series_files(volume))
-            return reader.Execute()
+            return imagefiles.read_dicom_series(volume, "case volume")
         return sitk.ReadImage(str(volume))
+    except imagefiles.ImageValidationError as exc:
+        raise StudyError(str(exc)) from None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise StudyError(f"case volume {volume} could not be read ({first}); check the file or DICOM folder") from exc

@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 from typing import Dict, Tuple, Union
 
+from ContrastAmplifierLib.imagefiles import ImageValidationError, find_image
+
 from .reads import read_csv
 from .results import BRAIN_MASK_KEYS, HEALTHY_KEYS, LESION_LABEL_KEYS, AnalysisError, StudyInfo
 from .study import StudyError, canonical_modality, load_study
 
 PathLike = Union[str, os.PathLike]
-#: File name endings of the ROI volumes looked for beside a case's T1c.
-_VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _VOLUMES_FIX = "write volumes.csv as a UTF-8 CSV file with the header case,T1,T1c,T1c-pro,T1c-vfa,..."
 
 
@@ -81,11 +81,18 @@ def _add_roi_volumes(vols: Dict[str, Path]) -> None:
 
 
 def _first_file(folder: Path, keys: Tuple[str, ...]) -> Union[Path, None]:
-    """The first ``folder/<key><suffix>`` that is a file, keys first, then suffixes."""
+    """The image file ``folder/<key><image suffix>`` of the first key that has one (see :func:`find_image`).
+
+    Raises:
+        AnalysisError: two files claim the same key (e.g. ``brain_mask.nii.gz`` and ``brain_mask.nrrd``).
+    """
     for key in keys:
-        hits = [h for h in (folder / f"{key}{suffix}" for suffix in _VOLUME_SUFFIXES) if h.is_file()]
-        if hits:
-            return hits[0]
+        try:
+            hit = find_image(folder, key, folders=False)
+        except ImageValidationError as exc:
+            raise AnalysisError(str(exc)) from None
+        if hit is not None:
+            return hit
     return None
 
 

@@ -178,3 +178,78 @@ def test_field_of_view_beyond_a_head():
         read_image(image, "T1c")
     image.SetSpacing((3.0, 3.0, 3.0))  # 201 x 246 x 219 mm: a head
     assert read_image(image, "T1c").GetSize() == (67, 82, 73)
+
+
+# -- one image discovery path: the suffixes and find_image (issue "House in order", point 3) ----------------------
+
+
+def test_every_place_uses_the_same_suffix_tuple():
+    """The image suffixes are one tuple object, imported everywhere (identity, not equality)."""
+    import ast
+    from pathlib import Path
+
+    from ContrastAmplifierLib import imagefiles, imageio
+    from ContrastAmplifierTrainingLib import cohort
+    from LesionReaderLib import study, studyinfo
+
+    assert imageio.IMAGE_SUFFIXES is imagefiles.IMAGE_SUFFIXES
+    assert cohort.IMAGE_SUFFIXES is imagefiles.IMAGE_SUFFIXES
+    assert study.IMAGE_SUFFIXES is imagefiles.IMAGE_SUFFIXES
+    assert studyinfo.find_image is imagefiles.find_image and imageio.find_image is imagefiles.find_image
+    # The Slicer module (needs slicer to import): it imports the tuple and spells no list of its own.
+    repo = Path(__file__).resolve().parents[2]
+    for source in (repo / "ContrastAmplifier" / "ContrastAmplifier.py", *sorted(repo.glob("*/*Lib/*.py"))):
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        # inference.OUTPUT_SUFFIXES is another thing: the formats an output may be written as.
+        allowed = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                   and any(isinstance(t, ast.Name) and t.id == "OUTPUT_SUFFIXES" for t in n.targets)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Tuple) and source.name != "imagefiles.py" and id(node) not in allowed:
+                values = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                assert not {".nii.gz", ".nrrd"} <= values, f"{source}: a list of image suffixes of its own; use imagefiles"
+    module = ast.parse((repo / "ContrastAmplifier" / "ContrastAmplifier.py").read_text(encoding="utf-8"))
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "ContrastAmplifierLib.imagefiles"
+               and any(a.name == "IMAGE_SUFFIXES" for a in n.names) for n in module.body)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"])
+def test_find_image_each_suffix_and_upper_case(tmp_path, suffix):
+    from ContrastAmplifierLib.imagefiles import IMAGE_SUFFIXES, find_image
+
+    assert suffix in IMAGE_SUFFIXES
+    (tmp_path / f"t1c{suffix}").write_bytes(b"x")
+    (tmp_path / "t1.nii.gz").write_bytes(b"x")  # another stem
+    (tmp_path / "t1c.txt").write_bytes(b"x")  # not an image
+    assert find_image(tmp_path, "t1c") == tmp_path / f"t1c{suffix}"
+    assert find_image(tmp_path, "T1C") == tmp_path / f"t1c{suffix}"
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / f"T1C{suffix.upper()}").write_bytes(b"x")
+    assert find_image(upper, "t1c") == upper / f"T1C{suffix.upper()}"
+    assert find_image(tmp_path, "adc") is None
+    assert find_image(tmp_path / "missing", "t1c") is None
+
+
+def test_find_image_dicom_folder_and_ambiguity(tmp_path):
+    from ContrastAmplifierLib.imagefiles import find_image
+
+    (tmp_path / "T1c").mkdir()
+    assert find_image(tmp_path, "t1c") == tmp_path / "T1c"
+    assert find_image(tmp_path, "t1c", folders=False) is None
+    (tmp_path / "t1c.nrrd").write_bytes(b"x")
+    with pytest.raises(ImageValidationError, match=r"t1c is ambiguous in .*: T1c, t1c\.nrrd"):
+        find_image(tmp_path, "t1c")
+    assert find_image(tmp_path, "t1c", folders=False) == tmp_path / "t1c.nrrd"
+    (tmp_path / "T1C.nii.gz").write_bytes(b"x")
+    with pytest.raises(ImageValidationError, match=r"T1c is ambiguous in .*T1C\.nii\.gz.*t1c\.nrrd"):
+        find_image(tmp_path, "t1c", folders=False, name="T1c")
+
+
+def test_dicom_series_reader_refuses_empty_and_mixed_folders(tmp_path):
+    from ContrastAmplifierLib.imagefiles import dicom_series_files
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageValidationError, match=r"T1c folder .*empty holds no DICOM series"):
+        read_image(tmp_path / "empty", "T1c")
+    with pytest.raises(ImageValidationError, match="holds no DICOM series"):
+        dicom_series_files(tmp_path / "empty")
