@@ -66,3 +66,15 @@ def test_folds_split_by_patient_balanced_and_seeded():
     assert sizes == [4] * 5
     with pytest.raises(CohortError, match="cannot be split"):
         assign_folds(records[:6], n_folds=5)
+
+
+def test_case_folder_images_any_suffix_any_case_and_ambiguity_named(tmp_path):
+    """Images are found by ContrastAmplifierLib.imagefiles.find_image: every suffix, any case, DICOM folders."""
+    folder = _case_folder(tmp_path, "case_000", modalities=("t1", "flair", "t1c"))
+    (folder / "ADC.mhd").write_bytes(b"x")
+    (folder / "T1c_low").mkdir()  # a DICOM series folder
+    record = read_cohort(tmp_path)[0]
+    assert record.paths["adc"].name == "ADC.mhd" and record.paths["t1c_low"].name == "T1c_low"
+    (folder / "adc.nhdr").write_bytes(b"x")
+    with pytest.raises(CohortError, match=r"case_000: adc is ambiguous .*ADC\.mhd, adc\.nhdr"):
+        read_cohort(tmp_path)

@@ -199,3 +199,29 @@ def test_binary_inputs_name_the_file_and_fix(make_study, tmp_path, case_folders)
     with pytest.raises(StudyError, match="file is not a database"):
         init_study(study_dir, case_folders, ["R1"])
     assert sorted(p.name for p in study_dir.iterdir()) == ["reads.sqlite"]  # the study.json it wrote is gone again
+
+
+def test_case_folder_uses_the_one_suffix_list(tmp_path):
+    """Case folders accept every suffix of ContrastAmplifierLib.imagefiles (the same tuple), in any case."""
+    from ContrastAmplifierLib import imagefiles
+    from LesionReaderLib import study
+    from LesionReaderLib.study import collect_cases
+
+    assert study.IMAGE_SUFFIXES is imagefiles.IMAGE_SUFFIXES
+    folder = tmp_path / "case1"
+    folder.mkdir()
+    (folder / "T1C.MHD").write_bytes(b"x")
+    (folder / "flair.nhdr").write_bytes(b"x")
+    (case,) = collect_cases([folder])
+    assert {k: os.path.basename(v) for k, v in case.volumes.items()} == {"T1c": "T1C.MHD", "T2-FLAIR": "flair.nhdr"}
+
+
+def test_read_volume_refuses_a_folder_without_series(tmp_path):
+    pytest.importorskip("SimpleITK")
+    from LesionReaderLib.study import dicom_series_files, read_volume
+
+    (tmp_path / "t1c").mkdir()
+    with pytest.raises(StudyError, match="holds no DICOM series"):
+        read_volume(tmp_path / "t1c")
+    with pytest.raises(StudyError, match="holds no DICOM series"):
+        dicom_series_files(tmp_path / "t1c")

@@ -1,7 +1,7 @@
 """Static checks of the Slicer side, runnable without Slicer.
 
-For each module folder (ContrastAmplifier, ContrastAmplifierTraining, LesionReader; a folder
-whose module file does not exist yet is skipped): the CMakeLists lists every file, the .ui
+For each module folder (ContrastAmplifier, ContrastAmplifierTraining, LesionReader; a missing
+module file or Lib fails): the CMakeLists lists every file, the .ui
 file holds every widget and parameter the module code uses, the module file has the four
 classes and compiles, and the ``*Lib`` packages stay free of Qt. Also the extension-level
 CMakeLists and the ExtensionsIndex description file.
@@ -53,10 +53,10 @@ class Module:
         return self.folder / "Resources" / "Icons" / f"{self.name}.png"
 
 
-def module_or_skip(name: str) -> Module:
+def existing_module(name: str) -> Module:
     module = Module(name, REPO / name)
-    if not module.script.is_file():
-        pytest.skip(f"{name}/{name}.py does not exist yet")
+    assert module.script.is_file(), f"{name}/{name}.py is missing"
+    assert module.lib.is_dir(), f"{name}/{name}Lib is missing"
     return module
 
 
@@ -170,7 +170,7 @@ def lib_files(module: Module) -> List[Path]:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_cmakelists_lists_every_file(name):
-    module = module_or_skip(name)
+    module = existing_module(name)
     variables = cmake_lists(module)
     text = _strip_cmake_comments((module.folder / "CMakeLists.txt").read_text(encoding="utf-8"))
     call = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", text, flags=re.S)
@@ -198,7 +198,7 @@ def test_cmakelists_lists_every_file(name):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_ui_file_holds_every_widget_the_code_uses(name):
-    module = module_or_skip(name)
+    module = existing_module(name)
     root = ui_tree(module)
     assert root.tag == "ui"
     top = root.find("widget")
@@ -212,7 +212,7 @@ def test_ui_file_holds_every_widget_the_code_uses(name):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_node_selectors_are_wired_to_the_scene(name):
-    module = module_or_skip(name)
+    module = existing_module(name)
     root = ui_tree(module)
     top_name = root.find("widget").get("name")
     receivers = {
@@ -230,7 +230,7 @@ def test_node_selectors_are_wired_to_the_scene(name):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_every_parameter_is_declared_and_bound_in_the_ui(name):
-    module = module_or_skip(name)
+    module = existing_module(name)
     tree = module_ast(module)
     ui_params = ui_parameter_names(ui_tree(module))
     used = literal_keys(tree, PARAMETER_METHODS | REFERENCE_METHODS)
@@ -250,7 +250,7 @@ def test_every_parameter_is_declared_and_bound_in_the_ui(name):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_module_file_has_the_four_classes_and_metadata(name):
-    module = module_or_skip(name)
+    module = existing_module(name)
     tree = module_ast(module)
     classes = class_defs(tree)
     for suffix in ("", "Widget", "Logic", "Test"):
@@ -276,16 +276,14 @@ def test_module_file_has_the_four_classes_and_metadata(name):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_module_and_lib_files_compile(name, tmp_path):
-    module = module_or_skip(name)
+    module = existing_module(name)
     for path in [module.script, *(p for p in lib_files(module) if p.suffix == ".py")]:
         py_compile.compile(str(path), cfile=str(tmp_path / (path.stem + ".pyc")), doraise=True)
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_lib_never_imports_qt(name):
-    module = Module(name, REPO / name)
-    if not module.lib.is_dir():
-        pytest.skip(f"{name}Lib does not exist yet")
+    module = existing_module(name)
     for path in (p for p in lib_files(module) if p.suffix == ".py"):
         imported = imported_modules(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
         bad = sorted(m for m in imported if any(m == f or m.startswith(f + ".") for f in FORBIDDEN_IN_LIB))
@@ -295,7 +293,7 @@ def test_lib_never_imports_qt(name):
 @pytest.mark.parametrize("name", MODULES)
 def test_module_file_is_importable_headless_and_installs_nothing_at_import(name):
     """Qt imports sit in functions or a try block; no pip install/ensure call at module level."""
-    module = module_or_skip(name)
+    module = existing_module(name)
     tree = module_ast(module)
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -313,7 +311,7 @@ def test_module_file_is_importable_headless_and_installs_nothing_at_import(name)
 
 @pytest.mark.parametrize("name", MODULES)
 def test_icons_exist(name):
-    module = module_or_skip(name)
+    module = existing_module(name)
     from PIL import Image
 
     assert module.icon.is_file(), f"{module.icon} is missing"
@@ -347,7 +345,7 @@ def test_top_level_cmakelists_is_a_slicer_extension():
 @pytest.mark.parametrize("name", MODULES)
 def test_top_level_cmakelists_adds_each_module(name):
     assert re.search(rf"add_subdirectory\(\s*{name}\s*\)", top_cmake()), f"add_subdirectory({name}) missing"
-    module_or_skip(name)
+    existing_module(name)
     assert (REPO / name / "CMakeLists.txt").is_file(), f"add_subdirectory({name}) needs {name}/CMakeLists.txt"
 
 
