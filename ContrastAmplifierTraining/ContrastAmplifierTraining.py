@@ -21,7 +21,6 @@ import vtk
 
 from slicer.util import VTKObservationMixin
 
-from ContrastAmplifierCommon.slicer_compat import IN_SLICER_APP as HAS_SLICER_APP
 from ContrastAmplifierCommon.slicer_compat import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,

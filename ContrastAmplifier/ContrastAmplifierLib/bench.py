@@ -3,7 +3,7 @@
 Two measurements, both on this machine and within one run (the machine is shared: compare
 ratios, not absolute seconds):
 
-1. Registration accuracy/speed, issue 3's protocol: the 1 mm ICBM 2009a template moved by a
+1. Registration accuracy/speed: the 1 mm ICBM 2009a template moved by a
    known affine (10 degrees, 10 mm, scale 1.05) is registered back with our
    :func:`registration.register_affine` and with ANTsPy ``Affine`` and ``AffineFast``; each
    result is scored by its mean error in mm over the template brain against the known truth.
@@ -31,7 +31,7 @@ from .registration import AffineSettings, Template, load_template, mask_points_m
 
 __all__ = ["known_affine", "moved_template", "synthetic_head_case", "run_ants", "run_bench"]
 
-#: Issue 3 reference misalignment.
+#: Reference misalignment of the registration benchmark.
 KNOWN_ROTATION_DEG = 10.0
 KNOWN_TRANSLATION_MM = 10.0
 KNOWN_SCALE = 1.05
@@ -126,7 +126,7 @@ def synthetic_head_case(out_dir: Union[str, os.PathLike], spacing: float = 2.0, 
     truth: Dict[str, dict] = {}
     poses: Dict[str, sitk.Transform] = {}
     for name, values in contrasts.items():
-        # native -> atlas pose: the T1c gets an affine like the issue's; the others the same head
+        # native -> atlas pose: the T1c gets an affine like the reference misalignment; the others the same head
         # (same scale) moved by a random rigid offset in native space, so T1c -> modality is rigid.
         if name == "t1c":
             pose = known_affine(centre, 8.0, 6.0, 1.0 / KNOWN_SCALE)

@@ -1,4 +1,4 @@
-"""Inference benchmark (issue 5): naive baseline vs the optimised ensemble, as ratios in one run.
+"""Inference benchmark: naive baseline vs the optimised ensemble, as ratios in one run.
 
 Each configuration runs in its own child process so that its peak RAM (``ru_maxrss``) is its own.
 

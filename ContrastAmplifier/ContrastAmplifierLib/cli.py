@@ -155,7 +155,7 @@ def demo(
 def bench(
     out_dir: Path = typer.Argument(Path("bench-output"), help="Where the bench writes its phantom case and results.json."),
     ants_python: Optional[Path] = typer.Option(None, "--ants-python", help="Python of a separate venv with antspyx, for the ANTs peer timings."),
-    spacing: float = typer.Option(1.0, "--spacing", help="Phantom spacing in mm (the issue asks for 1 mm)."),
+    spacing: float = typer.Option(1.0, "--spacing", help="Phantom spacing in mm (1 mm: the paper's atlas resolution)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for every measurement."),
     only: Optional[str] = typer.Option(None, "--only", help="preprocessing, inference or end-to-end (default: all)."),
     device: str = typer.Option("cpu", "--device", help="Device of the inference bench: cpu or cuda (end-to-end and preprocessing stay on the CPU)."),

@@ -126,11 +126,6 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
-def _batches(items: Sequence[Tuple[int, ...]], size: int) -> Iterator[Sequence[Tuple[int, ...]]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 #: Set by the first compilation that fails in this process (no C++ compiler, no Python headers
 #: in an embedded Python...): later models then run eagerly at once instead of failing again.
 _compile_failure: Optional[str] = None

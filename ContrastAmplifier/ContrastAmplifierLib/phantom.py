@@ -1,7 +1,7 @@
 """Synthetic brain phantom: physics-based multi-sequence MRI cases with known lesions and poses.
 
 SYNTHETIC PHANTOM, NOT CLINICAL DATA. It stands in for patients in tests, the demo and
-benchmarks (issue 3 section 2). Per case (``case_NNN/``):
+benchmarks. Per case (``case_NNN/``):
 
 * anatomy: ICBM 2009a GM/WM/brain mask from nilearn, CSF = mask - GM - WM, a scalp-fat and skull
   shell, dural sinuses, vessel-like tubes and choroid plexus (:mod:`.phantom_anatomy`);
@@ -48,7 +48,6 @@ SEQUENCES = ("t1", "flair", "adc", "t1c_low", "t1c", "t1c_x4", "t1c_vfa")
 SCANNER_GAIN = 10000.0
 #: ADC maps are written in 1e-6 mm^2/s (the usual scanner unit).
 ADC_UNIT = 1e-6
-ADC_B_VALUE = 1000.0
 
 Range = Tuple[float, float]
 #: Tissue parameter ranges, PHANTOM.md "Relaxation, proton density, diffusion" table:

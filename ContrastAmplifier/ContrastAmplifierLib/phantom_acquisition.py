@@ -17,7 +17,7 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-#: Native voxel sizes (mm) at 1 mm T1c: issue 3 section 2 and paper Table 1 (T1c-vfa 1.2 mm,
+#: Native voxel sizes (mm) at 1 mm T1c: clinical protocols and paper Table 1 (T1c-vfa 1.2 mm,
 #: ADC 4 mm slices); FLAIR 5 mm slices exercise slab partial volume.
 NOMINAL_SPACING_MM: Dict[str, Tuple[float, float, float]] = {
     "t1": (1.0, 1.0, 1.0), "t1c_low": (1.0, 1.0, 1.0), "t1c": (1.0, 1.0, 1.0), "t1c_x4": (1.0, 1.0, 1.0),

@@ -116,7 +116,7 @@ def block_mean(array: np.ndarray, factor: int) -> np.ndarray:
 
 
 def derive_tissue_fractions(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Clean GM/WM probabilities and derive CSF (nilearn ships no CSF map; issue 3 section 2).
+    """Clean GM/WM probabilities and derive CSF (nilearn ships no CSF map).
 
     GM and WM are clipped to [0, 1], zeroed outside the brain mask and rescaled where they sum to
     more than 1; ``CSF = brain - GM - WM`` is therefore in [0, 1] everywhere.

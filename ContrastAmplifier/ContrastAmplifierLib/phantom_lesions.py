@@ -16,7 +16,7 @@ from scipy import ndimage
 from .phantom_anatomy import TemplateAnatomy, soft_inside
 
 MAX_LESIONS = 25
-#: Long axes (mm): issue 3 asks for 2-40 mm; PHANTOM.md: metastases 2-30, gliomas 15-50 (capped at 40).
+#: Long axes (mm): 2-40 mm, small metastases to large gliomas; PHANTOM.md: metastases 2-30, gliomas 15-50 (capped at 40).
 METASTASIS_LONG_MM = (2.0, 30.0)
 GLIOMA_LONG_MM = (15.0, 40.0)
 #: Enhancing tissue concentration at the standard dose, PHANTOM.md "Gadolinium" (mmol/L).

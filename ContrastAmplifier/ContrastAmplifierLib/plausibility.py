@@ -1,4 +1,4 @@
-"""Plausibility checks on the inputs and on each preprocessing step (issue "Nothing lost, nothing silent").
+"""Plausibility checks on the inputs and on each preprocessing step: bad input never passes as good.
 
 Preprocessing used to accept a noise cube as a brain, a FLAIR of another patient and a negated
 T1c without a word. The paper removed such cases by hand ("an exhaustive quality control was

@@ -1,6 +1,6 @@
 """The paper's preprocessing, end to end (Materials and methods, "Preprocessing").
 
-Order of steps (differs from the paper, see issue 3): nilearn's ICBM 2009a template has no
+Order of steps (differs from the paper): nilearn's ICBM 2009a template has no
 skull, so
 
 1. read and validate every input (:func:`imageio.read_image`),

@@ -13,7 +13,7 @@ image M maps *points of F* to *points of M* (that is what resampling M onto F's 
 So ``atlas_to_t1c`` maps atlas millimetres to native T1c millimetres, and ``t1c_to_t1`` maps
 native T1c millimetres to native T1 millimetres.
 
-The affine step is tuned for speed (issue 3 asks for ANTs ``AffineFast`` speed at <= 0.15 mm
+The affine step is tuned for speed (the target: ANTs ``AffineFast`` speed at <= 0.15 mm
 mean error): moments initialisation on the brains, brain-bounding-box crops, a 3-level pyramid
 whose finest level is 2x shrunk, regular sampling restricted to the template brain mask,
 float32 images and a few iterations per level. The numbers are in :class:`AffineSettings`.
@@ -22,7 +22,6 @@ float32 images and a few iterations per level. The numbers are in :class:`Affine
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -77,8 +76,8 @@ class RigidSettings:
 class AffineSettings(RigidSettings):
     """Skull-stripped T1c -> skull-stripped ICBM 2009a template, affine (12 parameters).
 
-    Defaults were tuned on the 1 mm template moved by 10 degrees, 10 mm and scale 1.05 (issue 3
-    benchmark); see ``bench.py`` for the measurement.
+    Defaults were tuned on the 1 mm template moved by 10 degrees, 10 mm and scale 1.05 (the
+    registration benchmark); see ``bench.py`` for the measurement.
 
     Same pyramid and optimiser settings as :class:`RigidSettings` (the defaults are shared), plus
     the crop margin.
@@ -127,7 +126,7 @@ def load_template(resolution_mm: int = 1) -> Template:
     """Load nilearn's ICBM 2009a template and brain mask (offline, shipped with nilearn).
 
     The template is multiplied by its brain mask so that both sides of the affine registration
-    are brains (issue 3: register *after* skull stripping).
+    are brains (registered *after* skull stripping: the template has no skull).
     """
     from nilearn import datasets
 
@@ -404,9 +403,3 @@ def mean_point_error_mm(estimate: sitk.Transform, truth: sitk.Transform, points:
     b = np.array([truth.TransformPoint(tuple(map(float, p))) for p in points])
     return float(np.linalg.norm(a - b, axis=1).mean())
 
-
-def timed(fn, *args, **kwargs):
-    """Call ``fn`` and return ``(result, seconds)``."""
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start

@@ -2,7 +2,7 @@
 
 The paper ("Preprocessing") skull-strips with HD-BET after atlas registration. nilearn's ICBM
 2009a template has no skull, so here the T1c is stripped first, in its native space, and the
-brains are registered afterwards (issue 3: registering a head to the stripped template shrinks
+brains are registered afterwards (registering a head to the stripped template shrinks
 the head until the skull fits the brain outline).
 
 HD-BET 'fast' mode (one network, no mirroring) is the CPU default; 'accurate' (five networks)

@@ -1,6 +1,6 @@
 """Training throughput: seconds per training iteration (one case: forward, MSE, backward, Adam step).
 
-For ``make bench`` (issue 4): the demo size and the paper's 160 x 192 x 160 crop, on CPU and on
+For ``make bench``: the demo size and the paper's 160 x 192 x 160 crop, on CPU and on
 CUDA when one is visible. An epoch costs about ``seconds_per_iteration x training cases``
 (plus one forward pass per validation case).
 """
