@@ -270,7 +270,8 @@ def run_bench(out_dir: Union[str, os.PathLike], ants_python: Optional[Union[str,
         from .preprocessing import preprocess_case_dir
 
         case_dir, source = _phantom_case(work, spacing)
-        case = preprocess_case_dir(case_dir, out / "preprocessed", skull_strip_mode="fast", device="cpu", qc=True)
+        case = preprocess_case_dir(case_dir, out / "preprocessed", skull_strip_mode="fast", device="cpu", qc=True,
+                                   overwrite=True)  # the bench's own output of an earlier run
         t = case.timings_s
         pipeline = {"case": str(case_dir), "source": source, "spacing_mm": spacing, "timings_s": t}
         mask_path = case_dir / "brain_mask.nii.gz"

@@ -248,6 +248,7 @@ def run_end_to_end_bench(out_dir: Path, bundle_dir: Path, spacing: float = 1.0, 
     for label, folds, flips in (("paper", None, 8), ("quick", [0], 1)):
         start = time.perf_counter()
         result = amplify_case(*inputs, bundle=bundle_dir, out_path=out_dir / f"T1c-pro-{label}.nii.gz", folds=folds,
+                              overwrite=True,  # the bench's own output of an earlier run
                               n_mirrorings=flips, device="cpu", threads=threads)
         seconds = time.perf_counter() - start
         results[label] = {"seconds": seconds, "predictions": result.n_predictions,
