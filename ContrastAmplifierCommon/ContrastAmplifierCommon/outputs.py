@@ -40,15 +40,19 @@ def _absolute(path: PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path)))).resolve()
 
 
-def _nearest_existing(path: Path) -> Path:
+def _missing_chain(path: Path) -> List[Path]:
+    """``path`` and those of its parents that do not exist, deepest first."""
+    missing: List[Path] = []
     while not path.exists():
+        missing.append(path)
         path = path.parent
-    return path
+    return missing
 
 
 def _check_writable(folder: Path, what: str) -> None:
     """Create and remove a probe file in ``folder`` (or its nearest existing ancestor)."""
-    existing = _nearest_existing(folder)
+    missing = _missing_chain(folder)
+    existing = missing[-1].parent if missing else folder
     if not existing.is_dir():
         raise OutputPathError(f"cannot create {what} {folder}: {existing} is a file, not a folder. Choose another path.")
     try:
@@ -162,11 +166,7 @@ def folders_to_create(folder: PathLike, what: str = "output folder") -> List[Pat
     if folder.exists() and not folder.is_dir():
         raise OutputPathError(f"{what} {folder} is an existing file; name a folder (new or existing).")
     _check_writable(folder, what)
-    missing: List[Path] = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    return missing
+    return _missing_chain(folder)
 
 
 def remove_empty_folders(folders: Sequence[Path]) -> None:
