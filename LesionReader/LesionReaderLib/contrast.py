@@ -8,7 +8,8 @@
   all reference lesions of the case. Here the parallelogram is the one bounded by the two lines
   parallel to the short axis through the long-axis end points and the two lines parallel to the
   long axis through the short-axis end points (the four end points lie on its sides; when the
-  axes bisect each other it is centred on their crossing). It lies in the plane of the two axes
+  axes bisect each other it is centred on their crossing;
+  :meth:`.geometry.LesionGeometry.parallelogram`). It lies in the plane of the two axes
   and is voxelised on each image's own grid as a one-voxel-thick digital plane: every voxel
   column along the grid axis closest to the plane normal contributes the voxel whose centre is
   nearest to the plane, when that column crosses the plane inside the parallelogram.
@@ -27,14 +28,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
 from ContrastAmplifierLib.metrics import contrast_metrics  # the paper's formulae, shared with the demo
 
+from .geometry import LesionGeometry, LesionGeometryError
+
 PathLike = Union[str, os.PathLike]
-Point = Tuple[float, float, float]
 
 #: Default margin (mm) added around lesions when building the automatic healthy-brain ROI.
 DEFAULT_BRAIN_MARGIN_MM = 5.0
@@ -44,31 +46,7 @@ class ContrastInputError(ValueError):
     """A contrast-metric input is unusable; the message names it and the fix."""
 
 
-@dataclass(frozen=True)
-class LesionAxes:
-    """Long and short axes of one reference lesion, end points in RAS mm.
-
-    Attributes:
-        long_axis: ((x, y, z), (x, y, z)).
-        short_axis: ((x, y, z), (x, y, z)).
-        lesion_id: for error messages.
-    """
-
-    long_axis: Tuple[Point, Point]
-    short_axis: Tuple[Point, Point]
-    lesion_id: str = ""
-
-    @property
-    def long_mm(self) -> float:
-        return float(np.linalg.norm(np.subtract(self.long_axis[1], self.long_axis[0])))
-
-    @property
-    def short_mm(self) -> float:
-        return float(np.linalg.norm(np.subtract(self.short_axis[1], self.short_axis[0])))
-
-    @property
-    def center(self) -> np.ndarray:
-        return np.mean(np.array(self.long_axis + self.short_axis, dtype=float), axis=0)
+LesionAxes = LesionGeometry  # old public name, kept: LesionAxes(long_axis, short_axis, lesion_id) still builds one
 
 
 def ras_to_continuous_index(image: sitk.Image, points_ras: np.ndarray) -> np.ndarray:
@@ -82,11 +60,12 @@ def ras_to_continuous_index(image: sitk.Image, points_ras: np.ndarray) -> np.nda
     return (np.linalg.solve(direction, (pts - origin).T).T) / spacing
 
 
-def parallelogram_mask(image: sitk.Image, lesions: Sequence[LesionAxes]) -> np.ndarray:
+def parallelogram_mask(image: sitk.Image, lesions: Sequence[LesionGeometry]) -> np.ndarray:
     """Voxelise the lesions' axis parallelograms on the grid of ``image`` (pooled, union).
 
     Paper, "Performance metrics": lesion ROIs are the parallelograms built from the reference
-    long and short axes. See the module docstring for the exact construction.
+    long and short axes (:meth:`.geometry.LesionGeometry.parallelogram`, built here in the
+    image's continuous voxel indices). See the module docstring for the voxelisation.
 
     Args:
         image: grid on which to voxelise (any origin, spacing, direction).
@@ -101,40 +80,26 @@ def parallelogram_mask(image: sitk.Image, lesions: Sequence[LesionAxes]) -> np.n
     size = np.array(image.GetSize())  # (x, y, z)
     mask = np.zeros(size[::-1], dtype=bool)
     for lesion in lesions:
-        pts = ras_to_continuous_index(image, np.array(lesion.long_axis + lesion.short_axis, dtype=float))
-        l1, l2, s1, s2 = pts
-        u, v = l2 - l1, s2 - s1
-        m = np.cross(u, v)
-        if np.linalg.norm(u) == 0 or np.linalg.norm(v) == 0 or np.linalg.norm(m) < 1e-9 * np.linalg.norm(u) * np.linalg.norm(v):
-            raise ContrastInputError(
-                f"Lesion {lesion.lesion_id!r}: long and short axes are degenerate or parallel "
-                f"(long {lesion.long_mm:.2f} mm, short {lesion.short_mm:.2f} mm); redraw the short axis across the long axis."
-            )
-        origin = pts.mean(axis=0)
-        basis = np.stack([u, v, m], axis=1)
-        a_l1, _, _ = np.linalg.solve(basis, l1 - origin)
-        _, b_s1, _ = np.linalg.solve(basis, s1 - origin)
-        corners = np.array([origin + (a_l1 + a) * u + (b_s1 + b) * v for a in (0, 1) for b in (0, 1)])
+        try:
+            roi = lesion.parallelogram(lambda pts: ras_to_continuous_index(image, pts))
+        except LesionGeometryError as exc:
+            raise ContrastInputError(f"Lesion {lesion.lesion_id!r}: {exc}") from None
+        corners = roi.corners()
         lo = np.maximum(np.floor(corners.min(axis=0)) - 1, 0).astype(int)
         hi = np.minimum(np.ceil(corners.max(axis=0)) + 1, size - 1).astype(int)
         if np.any(hi < lo):
             continue  # entirely outside this grid
         grids = np.meshgrid(*[np.arange(lo[d], hi[d] + 1) for d in range(3)], indexing="ij")
         k = np.stack([g.ravel() for g in grids], axis=1).astype(float)
-        r = k - origin
+        r = k - roi.origin
+        m = roi.normal
         dom = int(np.argmax(np.abs(m)))
         # Signed offset along the dominant grid axis from the voxel centre to the plane.
         t = (r @ m) / m[dom]
         on_plane = (t >= -0.5) & (t < 0.5)
         proj = r.copy()
         proj[:, dom] -= t
-        ab = np.linalg.solve(basis, proj.T).T
-        eps = 1e-9
-        inside = (
-            on_plane
-            & (ab[:, 0] >= a_l1 - eps) & (ab[:, 0] <= a_l1 + 1 + eps)
-            & (ab[:, 1] >= b_s1 - eps) & (ab[:, 1] <= b_s1 + 1 + eps)
-        )
+        inside = on_plane & roi.covers(proj, from_origin=True)
         idx = k[inside].astype(int)
         mask[idx[:, 2], idx[:, 1], idx[:, 0]] = True
     return mask
@@ -169,7 +134,7 @@ def _read(path_or_image: Union[PathLike, sitk.Image], name: str) -> sitk.Image:
 def automatic_brain_mask(
     image: sitk.Image,
     brain_mask: sitk.Image,
-    lesions: Sequence[LesionAxes],
+    lesions: Sequence[LesionGeometry],
     lesion_labels: Optional[sitk.Image] = None,
     margin_mm: float = DEFAULT_BRAIN_MARGIN_MM,
 ) -> np.ndarray:
@@ -186,9 +151,11 @@ def automatic_brain_mask(
     spacing = np.array(image.GetSpacing())
     keep = brain.copy()
     for lesion in lesions:
-        # The direction matrix is orthonormal, so physical distances are spacing-scaled index distances.
-        c = ras_to_continuous_index(image, lesion.center[None, :])[0]
-        radius = lesion.long_mm / 2.0 + margin_mm
+        # The ball is around the drawn axes (their centroid and long axis as measured), whatever
+        # centre or length a file states. The direction matrix is orthonormal, so physical
+        # distances are spacing-scaled index distances.
+        c = ras_to_continuous_index(image, np.array([lesion.measured_center], dtype=float))[0]
+        radius = lesion.measured_long_mm / 2.0 + margin_mm
         lo = np.maximum(np.floor(c - radius / spacing), 0).astype(int)
         hi = np.minimum(np.ceil(c + radius / spacing), size - 1).astype(int)
         if np.any(hi < lo):
@@ -251,7 +218,7 @@ class CaseVolumes:
 
 def case_contrast(
     volumes: CaseVolumes,
-    lesions: Sequence[LesionAxes],
+    lesions: Sequence[LesionGeometry],
     margin_mm: float = DEFAULT_BRAIN_MARGIN_MM,
 ) -> List[ContrastResult]:
     """CNR, LBR and CEP of every post-contrast volume of one case (paper, Table 4).

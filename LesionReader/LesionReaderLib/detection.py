@@ -104,7 +104,7 @@ def evaluated_reads(reads: Reads, info: StudyInfo, reference: ReadKey) -> List[R
 def _match_case(reader: str, phase: str, case: str, ref: List[Mark], marks: List[Mark], detection: PairDetection) -> List[dict]:
     """Match the marks of one case to its reference lesions; fills ``detection``, returns matches.csv rows."""
     detection.marks_per_case[case] = len(marks)
-    result = match_lesions([m.as_lesion() for m in ref], [m.as_lesion() for m in marks])
+    result = match_lesions([m.geometry for m in ref], [m.geometry for m in marks])
     matched = result.mark_for_reference()
     for i, r in enumerate(ref):
         detection.detected[(case, r.lesion)] = i in matched

@@ -38,6 +38,7 @@ import numpy as np
 
 from ContrastAmplifierCommon.atomicfile import atomic_path
 
+from .geometry import Axis, Point
 from .session import LesionRecord, lesion_from_row
 from .storage import ReadKey, ReadsDatabase
 from .study import GRADE_LABELS, Study, StudyError, dicom_series_files, is_dicom_series_folder, load_study
@@ -52,8 +53,6 @@ GRADE_SCHEME_NAME = "LesionReader image quality grades (1 poor, 2 average, 3 goo
 MANUFACTURER = "SlicerContrastAmplifier LesionReader"
 #: Series number of the SR documents (a high number keeps them after the image series in viewers).
 SR_SERIES_NUMBER = 9001
-
-Point = Tuple[float, float, float]
 
 
 class DicomSRError(StudyError):
@@ -181,7 +180,7 @@ def build_sr(
         reader: reader id (person observer name).
         phase: phase name (series description and UIDs).
         grade: image quality grade 1-4.
-        lesions: the lesions, numbered as in ``lesions.csv`` (``LesionRecord.number``), axes in RAS mm.
+        lesions: the lesions, numbered as in ``lesions.csv`` (``LesionRecord.number``), their geometry in RAS mm.
         series_description: default ``LesionReader <reader> <phase>``.
 
     Returns:
@@ -200,7 +199,7 @@ def build_sr(
     source_code = Code("260753009", "SCT", "Source")
     base = (source.series_uid, reader, phase)
 
-    def axis_measurement(name: Any, axis: Tuple[Point, Point], length: float) -> Any:
+    def axis_measurement(name: Any, axis: Axis, length: float) -> Any:
         measurement = hd.sr.Measurement(name=name, value=round(float(length), 4), unit=codes.UCUM.Millimeter)
         scoord = hd.sr.Scoord3DContentItem(
             name=source_code,
@@ -217,14 +216,15 @@ def build_sr(
 
     groups = []
     for lesion in lesions:
-        points = [ras_to_lps(p) for p in (*lesion.long_axis, *lesion.short_axis)]
+        geometry = lesion.geometry
+        points = [ras_to_lps(p) for p in geometry.end_points]
         slices = sorted({source.nearest_slice(p) for p in points})
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid(*base, "lesion", lesion.id), identifier=f"lesion {lesion.number}"),
             finding_type=codes.SCT.Lesion,
             measurements=[
-                axis_measurement(codes.SCT.LongAxis, lesion.long_axis, lesion.long_mm),
-                axis_measurement(codes.SCT.ShortAxis, lesion.short_axis, lesion.short_mm),
+                axis_measurement(codes.SCT.LongAxis, geometry.long_axis, geometry.long_mm),
+                axis_measurement(codes.SCT.ShortAxis, geometry.short_axis, geometry.short_mm),
             ],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source.datasets[i]) for i in slices],
         ))
@@ -243,7 +243,7 @@ def build_sr(
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
     )
-    content_key = hashlib.sha256(repr((int(grade), [(l.id, l.long_axis, l.short_axis) for l in lesions])).encode()).hexdigest()
+    content_key = hashlib.sha256(repr((int(grade), [(l.id, l.geometry.long_axis, l.geometry.short_axis) for l in lesions])).encode()).hexdigest()
     sr = hd.sr.Comprehensive3DSR(
         evidence=source.datasets,
         content=report[0],

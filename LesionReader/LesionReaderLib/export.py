@@ -90,9 +90,9 @@ def collect_rows(study_dir: Union[str, os.PathLike]) -> Tuple[List[List[str]], L
         if case_key not in confirmed:
             continue  # an unconfirmed case is still being read: neither its grade nor its lesions are exported
         for number, row in enumerate(by_case[case_key], start=1):
-            lesion = lesion_from_row(row, number)
-            coords = [*lesion.long_axis[0], *lesion.long_axis[1], *lesion.short_axis[0], *lesion.short_axis[1], *lesion.center]
-            lesions.append([*case_key, str(number), _fmt(lesion.long_mm, 3), _fmt(lesion.short_mm, 3), *(_fmt(c) for c in coords)])
+            geometry = lesion_from_row(row, number).geometry
+            coords = [*(c for p in geometry.end_points for c in p), *geometry.center]
+            lesions.append([*case_key, str(number), _fmt(geometry.long_mm, 3), _fmt(geometry.short_mm, 3), *(_fmt(c) for c in coords)])
     return grades, lesions
 
 

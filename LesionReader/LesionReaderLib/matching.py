@@ -10,6 +10,9 @@ pair is eligible when
 close to two lesions (or two marks close to one lesion) is resolved; here matching is
 one-to-one and optimal: the largest number of eligible pairs, and among those the smallest
 total centre distance (Hungarian algorithm, :func:`scipy.optimize.linear_sum_assignment`).
+
+Lesions are :class:`~.geometry.LesionGeometry` values: their centre and long/short axis lengths
+(as ``lesions.csv`` states them, else measured from the end points) are what is compared.
 """
 
 from __future__ import annotations
@@ -20,22 +23,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-
-@dataclass(frozen=True)
-class Lesion:
-    """One lesion as drawn by a reader: centre (RAS mm) and long/short axis lengths (mm).
-
-    Attributes:
-        center: (x, y, z) in RAS mm.
-        long_mm: long-axis length; the lesion size used by the size thresholds (paper).
-        short_mm: short-axis length.
-        lesion_id: identifier carried through (e.g. the ``lesion`` column of lesions.csv).
-    """
-
-    center: Tuple[float, float, float]
-    long_mm: float
-    short_mm: float
-    lesion_id: str = ""
+from .geometry import LesionGeometry
 
 
 @dataclass
@@ -57,12 +45,12 @@ class MatchResult:
         return {r: m for r, m, _ in self.pairs}
 
 
-def matching_radius(a: Lesion, b: Lesion) -> float:
+def matching_radius(a: LesionGeometry, b: LesionGeometry) -> float:
     """Half the average of both lesions' long and short axes (paper, "Performance metrics")."""
     return 0.5 * (a.long_mm + a.short_mm + b.long_mm + b.short_mm) / 4.0
 
 
-def eligible_pairs(reference: Sequence[Lesion], marks: Sequence[Lesion]) -> Tuple[np.ndarray, np.ndarray]:
+def eligible_pairs(reference: Sequence[LesionGeometry], marks: Sequence[LesionGeometry]) -> Tuple[np.ndarray, np.ndarray]:
     """Centre distances and the eligibility mask (distance strictly below the matching radius).
 
     Returns:
@@ -71,16 +59,14 @@ def eligible_pairs(reference: Sequence[Lesion], marks: Sequence[Lesion]) -> Tupl
     n_ref, n_mark = len(reference), len(marks)
     if n_ref == 0 or n_mark == 0:
         return np.zeros((n_ref, n_mark)), np.zeros((n_ref, n_mark), dtype=bool)
-    rc = np.array([r.center for r in reference], dtype=float)
-    mc = np.array([m.center for m in marks], dtype=float)
-    dist = np.linalg.norm(rc[:, None, :] - mc[None, :, :], axis=2)
+    dist = np.array([[r.center_distance_mm(m) for m in marks] for r in reference], dtype=float)
     rs = np.array([r.long_mm + r.short_mm for r in reference], dtype=float)
     ms = np.array([m.long_mm + m.short_mm for m in marks], dtype=float)
     radius = (rs[:, None] + ms[None, :]) / 8.0
     return dist, dist < radius
 
 
-def match_lesions(reference: Sequence[Lesion], marks: Sequence[Lesion]) -> MatchResult:
+def match_lesions(reference: Sequence[LesionGeometry], marks: Sequence[LesionGeometry]) -> MatchResult:
     """Match marks to reference lesions of one case, one-to-one, by the paper's centre rule.
 
     Eligible pairs get their centre distance as cost, ineligible ones a cost larger than any

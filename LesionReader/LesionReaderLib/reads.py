@@ -19,13 +19,12 @@ import csv
 import io
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, NoReturn, Optional, Sequence, Set, Tuple, Union
 
-import numpy as np
-
 from .export import GRADES_HEADER, LESIONS_HEADER, collect_rows
+from .geometry import LesionGeometry, Point
 from .results import (
     AVERAGE,
     AXIS_COLUMNS,
@@ -35,7 +34,6 @@ from .results import (
     KNOWN_PHASE_ORDER,
     LESIONS_COLUMNS,
     AnalysisError,
-    Axis,
     Mark,
     ReadKey,
     Reads,
@@ -242,34 +240,33 @@ def _parse_grades(grade_rows: Sequence[CsvRow]) -> _GradeRows:
 # --------------------------------------------------------------------------- lesions.csv
 
 
-def _axis_length(row: CsvRow, column: str, axis: Axis) -> float:
-    """``long_mm``/``short_mm``: the end points' distance when empty, else a value that agrees with it."""
-    measured = math.dist(*axis)
+def _stated_length(row: CsvRow, column: str, measured: float) -> Optional[float]:
+    """``long_mm``/``short_mm`` as stated: ``None`` when empty (the end points' distance is used), else a value that agrees with it."""
     value = row.number(column, f"write the axis length in mm (>= 0), or leave {column} empty to use the end points' distance",
                        low=0.0, blank_ok=True)
     if math.isnan(value):
-        return measured
+        return None
     if abs(value - measured) > AXIS_LENGTH_TOLERANCE_MM:
         row.fail(column, f"is {value:g} mm but the axis end points are {measured:.3f} mm apart",
                  f"write the distance between the end points, or leave {column} empty to use it")
     return value
 
 
-def _axes(row: CsvRow) -> Tuple[Axis, Axis]:
+def _axes(row: CsvRow) -> LesionGeometry:
     """The long and short axes' end points of a lesion row, each coordinate within the head's range."""
     pts = {c: row.number(c, _COORDINATE_FIX, -MAX_ABS_COORDINATE_MM, MAX_ABS_COORDINATE_MM) for c in AXIS_COLUMNS}
     la = ((pts["long_x1"], pts["long_y1"], pts["long_z1"]), (pts["long_x2"], pts["long_y2"], pts["long_z2"]))
     sa = ((pts["short_x1"], pts["short_y1"], pts["short_z1"]), (pts["short_x2"], pts["short_y2"], pts["short_z2"]))
-    return la, sa
+    return LesionGeometry(la, sa, row["lesion"])
 
 
-def _center(row: CsvRow, la: Axis, sa: Axis, long_mm: float) -> Tuple[float, float, float]:
-    """The lesion centre: the given one when it lies within a long axis of the axes' middle, else that middle."""
-    middle = tuple(float(v) for v in np.mean(np.array(la + sa), axis=0))
-    center = tuple(row.number(c, _COORDINATE_FIX, -MAX_ABS_COORDINATE_MM, MAX_ABS_COORDINATE_MM, blank_ok=True) for c in CENTER_COLUMNS)
+def _stated_center(row: CsvRow, middle: Point, long_mm: float) -> Optional[Point]:
+    """The centre as stated: ``None`` when empty (the axes' middle is used), else one within a long axis of that middle."""
+    x, y, z = (row.number(c, _COORDINATE_FIX, -MAX_ABS_COORDINATE_MM, MAX_ABS_COORDINATE_MM, blank_ok=True) for c in CENTER_COLUMNS)
+    center = (x, y, z)
     blank = [c for c, v in zip(CENTER_COLUMNS, center) if math.isnan(v)]
     if len(blank) == len(CENTER_COLUMNS):
-        return middle
+        return None
     if blank:
         row.fail(blank[0], "is empty while other centre columns are not", "give center_x, center_y and center_z, or leave all three empty to use the mean of the end points")
     if math.dist(center, middle) > long_mm + AXIS_LENGTH_TOLERANCE_MM:
@@ -286,15 +283,19 @@ def _mark(row: CsvRow, seen: Dict[Tuple[str, str, str, str], int]) -> Mark:
         row.fail("lesion", f"lesion {row['lesion']!r} appears twice for reader {ident[0]}, phase {ident[1]}, case {ident[2]} "
                  f"(first on line {seen[ident]})", "lesion ids must be unique per read")
     seen[ident] = row.line
-    la, sa = _axes(row)
-    long_mm = _axis_length(row, "long_mm", la)
-    short_mm = _axis_length(row, "short_mm", sa)
+    axes = _axes(row)
+    stated_long = _stated_length(row, "long_mm", axes.measured_long_mm)
+    stated_short = _stated_length(row, "short_mm", axes.measured_short_mm)
+    long_mm = axes.measured_long_mm if stated_long is None else stated_long
+    short_mm = axes.measured_short_mm if stated_short is None else stated_short
     if long_mm <= 0:
         row.fail("long_mm", "the long axis has zero length", "draw the long axis across the lesion's largest extent")
     if short_mm > long_mm + AXIS_LENGTH_TOLERANCE_MM:
         row.fail("short_mm", f"the short axis ({short_mm:g} mm) is longer than the long axis ({long_mm:g} mm)",
                  "the short (minor) axis is never the longer one (paper, 'Reader study protocol': major and minor axes); swap the two axes")
-    return Mark(row["reader"], row["phase"], row["case"], row["lesion"], long_mm, short_mm, la, sa, _center(row, la, sa, long_mm))
+    center = _stated_center(row, axes.measured_center, long_mm)
+    geometry = replace(axes, recorded_long_mm=stated_long, recorded_short_mm=stated_short, recorded_center=center)
+    return Mark(row["reader"], row["phase"], row["case"], geometry)
 
 
 def _parse_lesions(lesion_rows: Sequence[CsvRow], grades: Mapping[ReadKey, Mapping[str, object]]) -> Tuple[Dict[ReadKey, Dict[str, List[Mark]]], List[str]]:

@@ -1,11 +1,11 @@
 """Types and column layouts shared by the stages of the analysis (paper, Tables 3-6).
 
 Everything here is data: the columns of the input and output CSV files, the defaults taken from
-the paper, the parsed reads (:class:`Mark`, :class:`Reads`), what a study tells the analysis
-(:class:`StudyInfo`), the reference lesions (:class:`Reference`), the result of a run
-(:class:`AnalysisResult`) and the one error type (:class:`AnalysisError`). No stage imports
-another stage to reach these, so :mod:`.report` can render a result without importing the
-pipeline (:mod:`.analysis`).
+the paper, the parsed reads (:class:`Mark`, whose lesion is a :class:`~.geometry.LesionGeometry`,
+and :class:`Reads`), what a study tells the analysis (:class:`StudyInfo`), the reference lesions
+(:class:`Reference`), the result of a run (:class:`AnalysisResult`) and the one error type
+(:class:`AnalysisError`). No stage imports another stage to reach these, so :mod:`.report` can
+render a result without importing the pipeline (:mod:`.analysis`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from . import stats
-from .matching import Lesion
+from .geometry import Axis, LesionGeometry, Point
 
-Point = Tuple[float, float, float]
-#: The two end points of a lesion axis, RAS mm.
-Axis = Tuple[Point, Point]
 #: A read: (reader, phase).
 ReadKey = Tuple[str, str]
 #: One value per case of a read (a grade, seconds, a count).
@@ -97,25 +94,46 @@ class Mark:
     """One lesion row of lesions.csv: a lesion marked by one reader in one phase and case.
 
     Attributes:
-        reader, phase, case, lesion: ids of the row.
-        long_mm, short_mm: axis lengths (paper, "Reader study protocol": major and minor axes).
-        long_axis, short_axis: end points, RAS mm.
-        center: the lesion centre used by the matching (paper, "Performance metrics").
+        reader, phase, case: ids of the read.
+        geometry: the lesion, labelled with the row's ``lesion`` id; its lengths and centre are
+            the row's (``long_mm``, ``short_mm``, ``center_x..z``) where given (paper, "Reader
+            study protocol": major and minor axes; "Performance metrics": centres for matching).
     """
 
     reader: str
     phase: str
     case: str
-    lesion: str
-    long_mm: float
-    short_mm: float
-    long_axis: Axis
-    short_axis: Axis
-    center: Point
+    geometry: LesionGeometry
 
-    def as_lesion(self) -> Lesion:
-        """The mark as the matching sees it (centre and axis lengths)."""
-        return Lesion(center=self.center, long_mm=self.long_mm, short_mm=self.short_mm, lesion_id=self.lesion)
+    @property
+    def lesion(self) -> str:
+        """The row's ``lesion`` id."""
+        return self.geometry.lesion_id
+
+    # The attributes a Mark always had (analysis re-exports it), read from its geometry.
+    @property
+    def long_mm(self) -> float:
+        return self.geometry.long_mm
+
+    @property
+    def short_mm(self) -> float:
+        return self.geometry.short_mm
+
+    @property
+    def long_axis(self) -> Axis:
+        return self.geometry.long_axis
+
+    @property
+    def short_axis(self) -> Axis:
+        return self.geometry.short_axis
+
+    @property
+    def center(self) -> Point:
+        return self.geometry.center
+
+    def as_lesion(self) -> LesionGeometry:
+        """The mark as the matching sees it (kept for callers: the geometry has the old ``Lesion``'s attributes)."""
+        return self.geometry
 
 
 @dataclass

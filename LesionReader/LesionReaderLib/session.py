@@ -22,7 +22,6 @@ Blinding: nothing a reader sees (:attr:`ReaderSession.case_label`, :meth:`Reader
 from __future__ import annotations
 
 import json
-import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
+from .geometry import PERPENDICULAR_TOLERANCE_DEG, Axis, LesionGeometry, LesionGeometryError, Point
 from .storage import ReadKey, ReadsDatabase, from_iso
 from .study import (
     GRADE_LABELS,
-    Axis,
     as_utc_aware,
     Clock,
     Study,
@@ -47,11 +46,6 @@ from .study import (
     utc_now,
 )
 
-#: Short axis: angle to the long axis must be within 90 deg +/- this tolerance ("roughly perpendicular").
-PERPENDICULAR_TOLERANCE_DEG = 20.0
-#: Shortest axis accepted (mm): below this a click was taken for a drag.
-MIN_AXIS_MM = 0.5
-
 
 class SessionError(StudyError):
     """A reader action is not possible now; the message says why and what to do."""
@@ -61,123 +55,74 @@ class LesionAxisError(SessionError):
     """The drawn long/short axes do not describe a lesion (bidirectional measurement rules)."""
 
 
-Point = Tuple[float, float, float]
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class LesionRecord:
-    """One lesion as stored: long and short axes in RAS mm.
+    """One lesion as stored: its database id, its number in the case, and its geometry.
 
     Attributes:
         id: database id (stable; use it with ``remove_lesion``/``update_lesion``).
         number: 1-based rank within the case for this reader and phase (what the reader sees).
-        long_axis, short_axis: ``((x1, y1, z1), (x2, y2, z2))`` in RAS mm.
+        geometry: long and short axes in RAS mm (:class:`~.geometry.LesionGeometry`, labelled
+            with ``number``).
     """
 
     id: int
     number: int
-    long_axis: Axis
-    short_axis: Axis
+    geometry: LesionGeometry
+
+    # The public attributes of a lesion record (README, "Python API"), read from its geometry.
+    @property
+    def long_axis(self) -> Axis:
+        """``((x1, y1, z1), (x2, y2, z2))`` in RAS mm."""
+        return self.geometry.long_axis
+
+    @property
+    def short_axis(self) -> Axis:
+        return self.geometry.short_axis
 
     @property
     def long_mm(self) -> float:
-        return _length(self.long_axis)
+        return self.geometry.long_mm
 
     @property
     def short_mm(self) -> float:
-        return _length(self.short_axis)
+        return self.geometry.short_mm
 
     @property
     def center(self) -> Point:
         """Centroid of the four end points (= mean of the two axes' midpoints), used for matching."""
-        pts = (*self.long_axis, *self.short_axis)
-        return tuple(sum(p[i] for p in pts) / 4.0 for i in range(3))  # type: ignore[return-value]
+        return self.geometry.center
 
     def to_dict(self) -> Dict[str, Any]:
         """UI-facing view (no case id)."""
+        g = self.geometry
         return {
-            "id": self.id, "number": self.number, "long_mm": round(self.long_mm, 2), "short_mm": round(self.short_mm, 2),
-            "long_axis": [list(p) for p in self.long_axis], "short_axis": [list(p) for p in self.short_axis],
-            "center": list(self.center),
+            "id": self.id, "number": self.number, "long_mm": round(g.long_mm, 2), "short_mm": round(g.short_mm, 2),
+            "long_axis": [list(p) for p in g.long_axis], "short_axis": [list(p) for p in g.short_axis],
+            "center": list(g.center),
         }
-
-
-def _length(axis: Axis) -> float:
-    (a, b) = axis
-    return math.sqrt(sum((b[i] - a[i]) ** 2 for i in range(3)))
-
-
-def _as_axis(value: Any, name: str) -> Axis:
-    try:
-        p1, p2 = value
-        axis = (tuple(float(c) for c in p1), tuple(float(c) for c in p2))
-    except (TypeError, ValueError):
-        raise LesionAxisError(f"{name} must be two RAS points ((x1, y1, z1), (x2, y2, z2)) in mm, got {value!r}") from None
-    if any(len(p) != 3 for p in axis) or not all(math.isfinite(c) for p in axis for c in p):
-        raise LesionAxisError(f"{name} must be two finite 3D points in RAS mm, got {value!r}")
-    return axis  # type: ignore[return-value]
-
-
-def _segment_distance(a: Axis, b: Axis) -> float:
-    """Shortest distance between two 3D segments (clamped closest points)."""
-    p, q = list(a[0]), list(b[0])
-    d1 = [a[1][i] - a[0][i] for i in range(3)]
-    d2 = [b[1][i] - b[0][i] for i in range(3)]
-    r = [p[i] - q[i] for i in range(3)]
-    dot = lambda u, v: sum(u[i] * v[i] for i in range(3))  # noqa: E731
-    aa, ee, ff = dot(d1, d1), dot(d2, d2), dot(d2, r)
-    c, bb = dot(d1, r), dot(d1, d2)
-    denom = aa * ee - bb * bb
-    s = min(max((bb * ff - c * ee) / denom, 0.0), 1.0) if denom > 1e-12 else 0.0
-    t = (bb * s + ff) / ee
-    if t < 0.0:
-        t, s = 0.0, min(max(-c / aa, 0.0), 1.0)
-    elif t > 1.0:
-        t, s = 1.0, min(max((bb - c) / aa, 0.0), 1.0)
-    c1 = [p[i] + d1[i] * s for i in range(3)]
-    c2 = [q[i] + d2[i] * t for i in range(3)]
-    return math.sqrt(sum((c1[i] - c2[i]) ** 2 for i in range(3)))
 
 
 def validate_lesion_axes(long_axis: Any, short_axis: Any, tolerance_deg: float = PERPENDICULAR_TOLERANCE_DEG) -> Tuple[Axis, Axis]:
     """Check a bidirectional lesion measurement and return the axes as float tuples.
 
-    Rules (the paper's "major and minor axes"): both axes longer than ``MIN_AXIS_MM``; the short
-    axis no longer than the long one; roughly perpendicular (90 deg +/- ``tolerance_deg``); and
-    the short axis crosses or nearly touches the long one (within half the long axis), so the two
-    belong to the same lesion.
+    Rules (the paper's "major and minor axes", :meth:`.geometry.LesionGeometry.check_bidirectional`):
+    both axes at least ``geometry.MIN_AXIS_MM`` long; the short axis no longer than the long one; roughly
+    perpendicular (90 deg +/- ``tolerance_deg``); and the short axis crosses or nearly touches the
+    long one (within half the long axis), so the two belong to the same lesion.
 
     Raises:
         LesionAxisError: which rule failed, with the measured values and how to redraw.
     """
-    long_axis = _as_axis(long_axis, "long_axis")
-    short_axis = _as_axis(short_axis, "short_axis")
-    long_mm, short_mm = _length(long_axis), _length(short_axis)
-    if long_mm < MIN_AXIS_MM:
-        raise LesionAxisError(f"long axis is {long_mm:.2f} mm long (< {MIN_AXIS_MM} mm); drag across the lesion's largest extent")
-    if short_mm < MIN_AXIS_MM:
-        raise LesionAxisError(f"short axis is {short_mm:.2f} mm long (< {MIN_AXIS_MM} mm); drag across the lesion's width")
-    if short_mm > long_mm * (1 + 1e-9):
-        raise LesionAxisError(
-            f"short axis ({short_mm:.1f} mm) is longer than the long axis ({long_mm:.1f} mm); "
-            "draw the lesion's largest extent first, or swap the two lines"
-        )
-    u = [(long_axis[1][i] - long_axis[0][i]) / long_mm for i in range(3)]
-    v = [(short_axis[1][i] - short_axis[0][i]) / short_mm for i in range(3)]
-    angle = math.degrees(math.acos(min(1.0, abs(sum(u[i] * v[i] for i in range(3))))))
-    if angle < 90.0 - tolerance_deg:
-        raise LesionAxisError(
-            f"short axis makes {angle:.0f} deg with the long axis; it must be roughly perpendicular "
-            f"(90 +/- {tolerance_deg:g} deg): redraw it across the lesion, at right angles to the long axis"
-        )
-    gap = _segment_distance(long_axis, short_axis)
-    if gap > 0.5 * long_mm:
-        raise LesionAxisError(
-            f"short axis passes {gap:.1f} mm from the long axis (more than half its {long_mm:.1f} mm); "
-            "draw both axes on the same lesion, the short one crossing the long one"
-        )
-    return long_axis, short_axis
+    try:
+        geometry = LesionGeometry(long_axis, short_axis)
+        geometry.check_bidirectional(tolerance_deg)
+    except LesionGeometryError as exc:
+        raise LesionAxisError(str(exc)) from None
+    return geometry.long_axis, geometry.short_axis
 
 
 def phase_opens_at(db: ReadsDatabase, study: Study, reader: str, phase: str) -> Tuple[Optional[datetime], str]:
@@ -704,10 +649,13 @@ class ReaderSession:
 
 
 def lesion_from_row(row: Any, number: int) -> LesionRecord:
-    """Build a :class:`LesionRecord` from a ``lesions`` table row."""
+    """Build a :class:`LesionRecord` from a ``lesions`` table row (its geometry labelled ``number``)."""
     return LesionRecord(
         id=int(row["id"]),
         number=number,
-        long_axis=((row["long_x1"], row["long_y1"], row["long_z1"]), (row["long_x2"], row["long_y2"], row["long_z2"])),
-        short_axis=((row["short_x1"], row["short_y1"], row["short_z1"]), (row["short_x2"], row["short_y2"], row["short_z2"])),
+        geometry=LesionGeometry(
+            long_axis=((row["long_x1"], row["long_y1"], row["long_z1"]), (row["long_x2"], row["long_y2"], row["long_z2"])),
+            short_axis=((row["short_x1"], row["short_y1"], row["short_z1"]), (row["short_x2"], row["short_y2"], row["short_z2"])),
+            lesion_id=str(number),
+        ),
     )

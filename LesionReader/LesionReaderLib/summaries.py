@@ -268,7 +268,7 @@ def contrast_rows(info: StudyInfo, reference: Mapping[str, List[Mark]], margin_m
     Returns:
         contrast.csv rows, and notes on skipped cases and on the automatic ROI.
     """
-    from .contrast import ContrastInputError, LesionAxes, case_contrast  # SimpleITK: only when asked
+    from .contrast import ContrastInputError, case_contrast  # SimpleITK: only when asked
 
     if not info.volumes:
         return [], [
@@ -283,7 +283,7 @@ def contrast_rows(info: StudyInfo, reference: Mapping[str, List[Mark]], margin_m
         if not vols:
             skipped.append(f"{case} (no volumes listed)")
             continue
-        lesions = [LesionAxes(m.long_axis, m.short_axis, m.lesion) for m in reference[case]]
+        lesions = [m.geometry for m in reference[case]]
         try:
             results = case_contrast(_case_volumes(case, vols), lesions, margin_mm=margin_mm)
         except ContrastInputError as exc:

@@ -12,13 +12,13 @@ import SimpleITK as sitk
 from LesionReaderLib.contrast import (
     CaseVolumes,
     ContrastInputError,
-    LesionAxes,
     automatic_brain_mask,
     case_contrast,
     contrast_metrics,
     parallelogram_mask,
     ras_to_continuous_index,
 )
+from LesionReaderLib.geometry import LesionGeometry
 
 
 def make_image(size=(40, 40, 20), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None, value=0.0):
@@ -38,7 +38,7 @@ def ras_of_index(image, index):
 
 
 def axes_from_index(image, l1, l2, s1, s2):
-    return LesionAxes((ras_of_index(image, l1), ras_of_index(image, l2)), (ras_of_index(image, s1), ras_of_index(image, s2)), "t")
+    return LesionGeometry((ras_of_index(image, l1), ras_of_index(image, l2)), (ras_of_index(image, s1), ras_of_index(image, s2)), "t")
 
 
 def test_ras_lps_conversion_round_trip():
@@ -107,7 +107,7 @@ def test_anisotropic_grid_oblique_plane():
     e1 = np.array([math.cos(0.35), 0, math.sin(0.35)])
     e2 = np.array([-math.sin(0.35), 0, math.cos(0.35)])
     L, S = 20.0, 10.0
-    axes = LesionAxes((tuple(c - e1 * L / 2), tuple(c + e1 * L / 2)), (tuple(c - e2 * S / 2), tuple(c + e2 * S / 2)))
+    axes = LesionGeometry((tuple(c - e1 * L / 2), tuple(c + e1 * L / 2)), (tuple(c - e2 * S / 2), tuple(c + e2 * S / 2)))
     mask = parallelogram_mask(image, [axes])
     # Plane normal is y: one voxel per y-column; columns are 0.5 x 2 mm in x-z.
     assert mask.sum() == pytest.approx(L * S / (0.5 * 2.0), rel=0.06)
@@ -217,7 +217,8 @@ def _to_t1c_grid(case: Path, name: str, params: dict) -> sitk.Image:
 
 @pytest.fixture(scope="module")
 def phantom_case(tmp_path_factory):
-    phantom = pytest.importorskip("ContrastAmplifierLib.phantom")
+    from ContrastAmplifierLib import phantom
+
     root = tmp_path_factory.mktemp("phantom")
     case = Path(phantom.generate_case(root / "case_000", seed=0, spacing=2.0).case_dir)
     import json
@@ -235,7 +236,7 @@ def phantom_case(tmp_path_factory):
 
 def test_phantom_cnr_orders_with_dose(phantom_case, tmp_path):
     case, lesions, aligned = phantom_case
-    axes = [LesionAxes(tuple(map(tuple, l["long_axis_ras"])), tuple(map(tuple, l["short_axis_ras"])), str(l["id"])) for l in lesions]
+    axes = [LesionGeometry(tuple(map(tuple, l["long_axis_ras"])), tuple(map(tuple, l["short_axis_ras"])), str(l["id"])) for l in lesions]
     post = {"T1c-low": aligned["t1c_low"], "T1c": case / "t1c.nii.gz", "T1c-x4": case / "t1c_x4.nii.gz"}
     cv = CaseVolumes("case_000", post, pre=aligned["t1"], brain_mask=case / "brain_mask.nii.gz", lesion_labels=case / "lesion_labels.nii.gz")
     res = {r.volume: r for r in case_contrast(cv, axes)}

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from LesionReaderLib.matching import Lesion, match_lesions, matching_radius
+from LesionReaderLib.geometry import LesionGeometry
+from LesionReaderLib.matching import match_lesions, matching_radius
 
 
 def L(x, y=0.0, z=0.0, long_mm=4.0, short_mm=4.0, name=""):
-    return Lesion(center=(x, y, z), long_mm=long_mm, short_mm=short_mm, lesion_id=name)
+    """A lesion centred at (x, y, z): long axis along x, short axis along y, lengths and centre as stated."""
+    long_axis = ((x - long_mm / 2, y, z), (x + long_mm / 2, y, z))
+    short_axis = ((x, y - short_mm / 2, z), (x, y + short_mm / 2, z))
+    return LesionGeometry(long_axis, short_axis, name, recorded_long_mm=long_mm, recorded_short_mm=short_mm, recorded_center=(x, y, z))
 
 
 def test_radius_is_half_the_average_of_four_axes():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from LesionReaderLib import analysis, stats
+from LesionReaderLib.geometry import LesionGeometry
 from LesionReaderLib.results import (
     COMPARISON_COLUMNS,
     CONTRAST_VOLUMES,
@@ -28,8 +29,8 @@ def test_comparison_row_has_the_comparisons_columns():
 
 def test_mark_and_reference():
     axis = ((0.0, 0.0, 0.0), (8.0, 0.0, 0.0))
-    big = Mark("R2", "T1c-vfa", "c1", "1", 8.0, 4.0, axis, axis, (4.0, 0.0, 0.0))
-    small = Mark("R2", "T1c-vfa", "c1", "2", 3.0, 2.0, axis, axis, (40.0, 0.0, 0.0))
+    big = Mark("R2", "T1c-vfa", "c1", LesionGeometry(axis, axis, "1", 8.0, 4.0, (4.0, 0.0, 0.0)))
+    small = Mark("R2", "T1c-vfa", "c1", LesionGeometry(axis, axis, "2", 3.0, 2.0, (40.0, 0.0, 0.0)))
     lesion = big.as_lesion()
     assert (lesion.center, lesion.long_mm, lesion.short_mm, lesion.lesion_id) == ((4.0, 0.0, 0.0), 8.0, 4.0, "1")
     ref = Reference("T1c-vfa", "R2", ["c1", "c2"], {"c1": [big, small], "c2": []})

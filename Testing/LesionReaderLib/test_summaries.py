@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from LesionReaderLib import stats
+from LesionReaderLib.geometry import LesionGeometry
 from LesionReaderLib.reads import CsvRow, parse_reads
 from LesionReaderLib.results import GRADES_COLUMNS, Mark, StudyInfo
 from LesionReaderLib.summaries import (
@@ -106,7 +107,7 @@ def test_contrast_comparisons_follow_the_volume_order():
 
 def test_contrast_skipped_without_volumes():
     axis = ((0.0, 0.0, 0.0), (8.0, 0.0, 0.0))
-    reference = {"c1": [Mark("R2", "T1c-vfa", "c1", "1", 8.0, 4.0, axis, axis, (4.0, 0.0, 0.0))], "c2": []}
+    reference = {"c1": [Mark("R2", "T1c-vfa", "c1", LesionGeometry(axis, axis, "1", 8.0, 4.0, (4.0, 0.0, 0.0)))], "c2": []}
     said = []
     out = summarise_contrast(StudyInfo(), reference, 5.0, lambda *a: said.append(a))
     assert out.rows == [] and out.comparisons == [] and "Contrast metrics (Table 4) skipped" in out.notes[0]
