@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from ContrastAmplifierLib.bench_inference import _input_volume, run_inference_bench
 

@@ -1,8 +1,11 @@
-"""The training CLI end to end on physics phantoms: preprocess (shared pipeline), fit, export, reload."""
+"""The training CLI: end to end on physics phantoms (preprocess with the shared pipeline, fit, export,
+reload), its dependencies on a bare GPU node, SIGTERM and refused checkpoints as one error line."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +14,8 @@ import pytest
 
 from ContrastAmplifierLib.bundle import BundleError, load_bundle
 from ContrastAmplifierTrainingLib.cli import expand_multi_value_options
-from ContrastAmplifierTrainingLib.data import load_cache_folder
+from ContrastAmplifierTrainingLib.data import load_cache_folder, save_cached_case
+from ContrastAmplifierTrainingLib.toy import toy_cohort
 
 
 def test_folds_flag_takes_several_values():
@@ -81,3 +85,56 @@ def test_prepare_with_simulated_low_dose(tmp_path):
     low, full = cached.channel("t1c_low")[cached.mask], cached.channel("t1c")[cached.mask]
     assert np.corrcoef(low, full)[0, 1] > 0.8
     assert (tmp_path / "run" / "cache" / "case_000_t1c_low_simulated.nii.gz").is_file()
+
+
+def test_training_and_bundles_need_no_simpleitk(tmp_path):
+    """A bare GPU node (torch, numpy, safetensors, jsonschema) can fit, export and load bundles."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('SimpleITK', 'nibabel', 'nilearn', 'HD_BET', 'matplotlib'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ContrastAmplifierTrainingLib.cli, ContrastAmplifierTrainingLib.fit, ContrastAmplifierTrainingLib.export\n"
+        "import ContrastAmplifierLib.bundle, ContrastAmplifierLib.ensemble, ContrastAmplifierLib.bench_inference\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_sigterm_stops_cleanly_with_a_cancelled_event(tmp_path, train_cli):
+    cache = tmp_path / "cache"
+    for case in toy_cohort(4, (16, 16, 16), seed=5):
+        save_cached_case(case, cache / f"{case.case_id}.npz")
+    cmd = train_cli("fit", str(cache), str(tmp_path / "run"), "--n-folds", "2", "--epochs", "50", "--base-channels", "4",
+                    "--levels", "2", "--device", "cpu", "--progress", "json")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    events, sent = [], False
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1]["stage"] == "epoch" and not sent:
+            proc.send_signal(signal.SIGTERM)  # what the Slicer module's Stop sends
+            sent = True
+    assert proc.wait(timeout=120) == 130
+    assert events[-1]["stage"] == "cancelled" and "rerun" in events[-1]["message"]
+    assert (tmp_path / "run" / "fold_0" / "checkpoint.pt").is_file()
+
+
+def test_malicious_checkpoint_through_the_cli_is_one_error_line(tmp_path, train_cli, malicious_checkpoint):
+    cache = tmp_path / "cache"
+    for case in toy_cohort(4, (16, 16, 16), seed=9):
+        save_cached_case(case, cache / f"{case.case_id}.npz")
+    marker = tmp_path / "payload-ran"
+    checkpoint = tmp_path / "run" / "fold_0" / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(malicious_checkpoint("torch-zip", marker))
+    done = subprocess.run(train_cli("fit", str(cache), str(tmp_path / "run"), "--n-folds", "2", "--folds", "0", "--epochs", "1",
+                                    "--base-channels", "4", "--levels", "2", "--device", "cpu", "--progress", "none"),
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Warning" not in done.stderr
+    assert f"error: {checkpoint} was refused" in done.stderr and "delete the fold folder" in done.stderr
+    assert not marker.exists()

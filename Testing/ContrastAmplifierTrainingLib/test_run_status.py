@@ -33,7 +33,7 @@ def real_run(tmp_path_factory):
 
     Returns the run folder, the per-epoch rows the trainer reported and its "fit" progress messages.
     """
-    torch = pytest.importorskip("torch")
+    import torch
     from ContrastAmplifierLib.network import NetworkConfig
     from ContrastAmplifierCommon.progress import CancelToken, Cancelled
     from ContrastAmplifierTrainingLib.fit import fit_cases

@@ -230,7 +230,6 @@ def test_dicom_case_volume_loads_into_the_scene_with_the_series_geometry(tmp_pat
     """The reading module opens a DICOM series folder like a NIfTI file (slicer-core MRML)."""
     import numpy as np
     import slicer
-    import SimpleITK as sitk
 
     from LesionReaderLib import mrml_bridge as bridge
     from LesionReaderLib.study import read_volume

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from LesionReaderLib.analysis import analyze
 from LesionReaderLib.report import detection_table, format_minutes, quality_table, times_table
-
-_spec = importlib.util.spec_from_file_location("lr_test_analysis", Path(__file__).with_name("test_analysis.py"))
-sim_module = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault(_spec.name, sim_module)  # dataclasses look their module up there
-_spec.loader.exec_module(sim_module)
-
+from simulated_reads import simulate_reads
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    sim = sim_module.simulate_reads(root / "reads", n_cases=20, seed=11)
+    sim = simulate_reads(root / "reads", n_cases=20, seed=11)
     return analyze(sim.folder, root / "out")
 
 
@@ -93,7 +86,7 @@ def test_report_does_not_import_the_pipeline():
 def test_report_written_separately_after_analyze(tmp_path):
     from LesionReaderLib.report import write_report
 
-    sim = sim_module.simulate_reads(tmp_path / "reads", n_cases=8, seed=2)
+    sim = simulate_reads(tmp_path / "reads", n_cases=8, seed=2)
     out = tmp_path / "out"
     result = analyze(sim.folder, out, report=False, n_boot=0)
     assert not (out / "report.md").exists() and not list(out.glob("*.png"))

@@ -36,11 +36,7 @@ def _load(path: Path, name: str):
     spec.loader.exec_module(module)
     return module
 
-
-# The Lib suite's session fixtures (phantom case, random bundle), shared rather than copied.
-_lib_fixtures = _load(REPO / "Testing" / "ContrastAmplifierLib" / "conftest.py", "_ca_lib_fixtures")
-small_case_dir = _lib_fixtures.small_case_dir
-random_bundle_dir = _lib_fixtures.random_bundle_dir
+# The phantom case and random bundle (small_case_dir, random_bundle_dir) come from Testing/conftest.py.
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +231,6 @@ def test_synchronous_cancel_through_a_token_raises_and_leaves_nothing(ca, scene,
 
 def test_stop_then_resume_continues_after_the_last_saved_epoch(training, tmp_path):
     """Stop (SIGTERM through the Logic) after the first epoch; Resume repeats no finished epoch."""
-    pytest.importorskip("ContrastAmplifierTrainingLib.toy")
     from ContrastAmplifierTrainingLib.data import save_cached_case
     from ContrastAmplifierTrainingLib.toy import toy_cohort
 

@@ -1,20 +1,15 @@
-"""Held-out evaluation against baselines, and the training-throughput bench, on tiny inputs."""
+"""Held-out evaluation of a bundle against baselines (evaluate.py), on tiny inputs."""
 
 from __future__ import annotations
 
 import math
 
-import torch
-
 from ContrastAmplifierLib.network import NetworkConfig
-from ContrastAmplifierTrainingLib.bench import training_iteration_seconds
 from ContrastAmplifierTrainingLib.evaluate import evaluate_bundle
 from ContrastAmplifierTrainingLib.export import export_bundle
 from ContrastAmplifierTrainingLib.fit import fit_cases
 from ContrastAmplifierTrainingLib.toy import toy_cohort
 from ContrastAmplifierTrainingLib.trainer import TrainConfig
-
-torch.set_num_threads(1)
 
 
 def test_evaluate_bundle_reports_model_and_baselines(tmp_path):
@@ -27,8 +22,3 @@ def test_evaluate_bundle_reports_model_and_baselines(tmp_path):
         assert values["nrmse"] > 0 and math.isfinite(values["psnr"])
     # The least-squares linear fit can only improve on the identity it contains.
     assert metrics["linear_fit"]["nrmse"] <= metrics["identity"]["nrmse"] + 1e-9
-
-
-def test_training_iteration_bench_runs():
-    result = training_iteration_seconds((16, 16, 16), NetworkConfig(base_channels=4, levels=2), iterations=1)
-    assert result["seconds_per_iteration"] > 0 and result["parameters"] > 0
