@@ -28,8 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -160,7 +161,7 @@ def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-inference-", dir=out_dir))
-    results: Dict[str, object] = {"threads": threads, "shape_zyx": list(shape_zyx), "device": device}
+    results: dict[str, object] = {"threads": threads, "shape_zyx": list(shape_zyx), "device": device}
     where = f"{threads} threads" if device == "cpu" else device
     print(f"\ninference, paper-size UNet (base 16, 4 levels, random weights) at {'x'.join(map(str, shape_zyx[::-1]))}, {where}")
 
@@ -172,7 +173,7 @@ def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Pa
         gpu = f"  peak GPU {row['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in row else ""
         return f"peak RAM {row['peak_rss_mb']:6.0f} MB{gpu}"
 
-    rows: List[dict] = []
+    rows: list[dict] = []
     # One fold x 8 mirrorings compares the three modes on identical work; then 1 and 40 predictions.
     modes = ("naive", "exact", "compiled", "fast")
     for mode in modes:
@@ -190,7 +191,7 @@ def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Pa
     print(f"  (compiled: compiling the first fold model took {compiled_row['warmup_seconds']:.1f} s, untimed; "
           "further folds compile inside the per-case timings)")
     results["paper_8_predictions"] = rows
-    per_case: Dict[str, Dict[int, float]] = {}
+    per_case: dict[str, dict[int, float]] = {}
     for mode in modes[1:]:
         per_case[mode] = {}
         for n in paper_predictions:
@@ -242,12 +243,12 @@ def run_end_to_end_bench(out_dir: Path, bundle_dir: Path, spacing: float = 1.0, 
     case_dir = out_dir / "end-to-end-phantom" / "case_000"
     if not (case_dir / "phantom.json").is_file():
         generate_cohort(case_dir.parent, cases=1, seed=20261, spacing=spacing)
-    inputs = [case_dir / f"{m}.nii.gz" for m in ("t1", "flair", "adc", "t1c")]
-    results = {}
+    t1_path, flair_path, adc_path, t1c_path = (case_dir / f"{m}.nii.gz" for m in ("t1", "flair", "adc", "t1c"))
+    results: dict[str, Any] = {}
     print(f"\nend to end on one {spacing:g} mm phantom case with bundle {Path(bundle_dir).name} ({threads} threads)")
     for label, folds, flips in (("paper", None, 8), ("quick", [0], 1)):
         start = time.perf_counter()
-        result = amplify_case(*inputs, bundle=bundle_dir, out_path=out_dir / f"T1c-pro-{label}.nii.gz", folds=folds,
+        result = amplify_case(t1_path, flair_path, adc_path, t1c_path, bundle=bundle_dir, out_path=out_dir / f"T1c-pro-{label}.nii.gz", folds=folds,
                               overwrite=True,  # the bench's own output of an earlier run
                               n_mirrorings=flips, device="cpu", threads=threads)
         seconds = time.perf_counter() - start

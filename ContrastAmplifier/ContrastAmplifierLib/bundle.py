@@ -32,10 +32,11 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Union
 
 from ContrastAmplifierCommon.atomicfile import atomic_path, write_text_atomic
 
@@ -60,7 +61,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 REEXPORT = "re-export the bundle with `contrast-amplifier-train export` (or re-download it)"
 
 PathLike = Union[str, os.PathLike]
-Shapes = Dict[str, Tuple[int, ...]]
+Shapes = dict[str, tuple[int, ...]]
 
 
 class BundleError(ValueError):
@@ -81,7 +82,7 @@ def fold_file_name(fold: int) -> str:
     return f"fold{int(fold)}.safetensors"
 
 
-def load_schema() -> Dict[str, Any]:
+def load_schema() -> dict[str, Any]:
     """The JSON Schema of ``bundle.json``."""
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
@@ -184,7 +185,7 @@ def _file_kind(prefix: bytes) -> str:
     return ""
 
 
-def read_safetensors_header(path: PathLike) -> Dict[str, Any]:
+def read_safetensors_header(path: PathLike) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets); no tensor is read.
 
     The layout is an 8-byte little-endian header length, the JSON header, then the tensor bytes.
@@ -219,7 +220,7 @@ def read_safetensors_header(path: PathLike) -> Dict[str, Any]:
     return header
 
 
-def check_weight_file(path: PathLike, expected: Mapping[str, Tuple[int, ...]], manifest_path: PathLike) -> None:
+def check_weight_file(path: PathLike, expected: Mapping[str, tuple[int, ...]], manifest_path: PathLike) -> None:
     """Check that a weight file holds exactly the tensors ``expected`` (name -> shape), floating point.
 
     Raises:
@@ -251,19 +252,19 @@ class ModelBundle:
     """
 
     path: Path
-    manifest: Dict[str, Any] = field(repr=False)
+    manifest: dict[str, Any] = field(repr=False)
 
     @property
     def name(self) -> str:
         return str(self.manifest["name"])
 
     @property
-    def modalities(self) -> List[str]:
+    def modalities(self) -> list[str]:
         """Input channel order, e.g. ``["t1", "flair", "adc", "t1c"]``."""
         return list(self.manifest["modalities"])
 
     @property
-    def folds(self) -> List[int]:
+    def folds(self) -> list[int]:
         return [int(k) for k in self.manifest["folds"]]
 
     @property
@@ -277,7 +278,7 @@ class ModelBundle:
         return tuple(int(v) for v in self.manifest["geometry"]["crop_size"])
 
     @property
-    def percentiles(self) -> Dict[str, tuple]:
+    def percentiles(self) -> dict[str, tuple]:
         """Per modality ``(low, high)`` brain z-score clip values (train-set 1st/99th percentiles)."""
         return {k: (float(v[0]), float(v[1])) for k, v in self.manifest["geometry"]["percentiles"].items()}
 
@@ -308,7 +309,7 @@ class ModelBundle:
         for name in self.manifest["files"]:
             self._check_file(name)
 
-    def load_state_dict(self, fold: int) -> Dict[str, torch.Tensor]:
+    def load_state_dict(self, fold: int) -> dict[str, torch.Tensor]:
         """Weights of one fold (safetensors only, file re-checked just before reading)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -334,7 +335,7 @@ class ModelBundle:
             ) from None
         return model.to(device).eval()
 
-    def load_models(self, folds: Optional[Sequence[int]] = None, device: Union[str, torch.device] = "cpu") -> List[ResidualUNet3D]:
+    def load_models(self, folds: Optional[Sequence[int]] = None, device: Union[str, torch.device] = "cpu") -> list[ResidualUNet3D]:
         """Networks of ``folds`` (default: all)."""
         return [self.load_model(k, device) for k in (self.folds if folds is None else folds)]
 
@@ -360,7 +361,7 @@ def manifest_path_of(path: PathLike) -> Path:
     return path if path.name == BUNDLE_FILE else path / BUNDLE_FILE
 
 
-def read_manifest(path: PathLike) -> Dict[str, Any]:
+def read_manifest(path: PathLike) -> dict[str, Any]:
     """Read and validate a bundle's ``bundle.json`` (schema and cross-field rules); no weight file is read.
 
     Cheap and torch-free (the Slicer GUI reads folds and geometry with it); :func:`load_bundle`
@@ -442,14 +443,14 @@ def write_bundle(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files: Dict[str, str] = {}
+    files: dict[str, str] = {}
     for fold in sorted(state_dicts):
         file_name = fold_file_name(fold)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dicts[fold].items()}
         with atomic_path(out / file_name, ".safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"fold": str(fold), "bundle": name})
         files[file_name] = sha256_file(out / file_name)
-    manifest: Dict[str, Any] = {
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,

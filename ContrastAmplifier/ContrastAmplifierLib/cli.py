@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -35,7 +35,7 @@ def phantom(
     cases: int = typer.Option(1, "--cases", min=1, help="Number of cases."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first case; case i uses seed + i. Same seed, same bytes."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Isotropic spacing (mm) of the T1/T1c grids; default 1 mm. Coarser = faster, for tests."),
-    size: Optional[Tuple[int, int, int]] = typer.Option(None, "--size", help="T1c grid size in voxels (x y z); default covers the head at --spacing."),
+    size: Optional[tuple[int, int, int]] = typer.Option(None, "--size", help="T1c grid size in voxels (x y z); default covers the head at --spacing."),
     field_strength: float = typer.Option(1.5, "--field-strength", help="1.5 or 3 (tesla): picks relaxation times and Table 1 sequence parameters."),
     progress: str = ProgressOpt,
 ) -> None:
@@ -46,7 +46,7 @@ def phantom(
     with cli_job(report, "cancelled; finished cases are kept, the unfinished one was removed"):
         paths = generate_cohort(
             out_dir, cases=cases, seed=seed, spacing=spacing,
-            size=None if size is None else tuple(int(v) for v in size),
+            size=size,
             field_strength=field_strength, progress=report,
         )
     for path in paths:
@@ -62,7 +62,7 @@ def preprocess(
     case_dir: Path = typer.Argument(..., help="Folder with t1, flair, adc and t1c images (NIfTI/NRRD/MHA or DICOM sub-folders)."),
     out_dir: Path = typer.Argument(..., help="Output folder (new, or existing: only this command's files are written there)."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Atlas-space voxel spacing in mm; default 1 mm (paper). Not with --model."),
-    crop: Optional[Tuple[int, int, int]] = typer.Option(None, "--crop", help="Centre-crop size in voxels, x y z; default 160 192 160 (paper). Not with --model."),
+    crop: Optional[tuple[int, int, int]] = typer.Option(None, "--crop", help="Centre-crop size in voxels, x y z; default 160 192 160 (paper). Not with --model."),
     model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder: use its spacing, crop and clip percentiles, i.e. exactly what `predict --model` feeds that network."),
     skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode: fast (CPU default) or accurate (GPU, with mirroring)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (HD-BET)."),
@@ -74,7 +74,7 @@ def preprocess(
     """Run the paper's preprocessing on one case: skull-strip, register to ICBM 2009a, resample, crop, normalise."""
     from .preprocessing import preprocess_case_dir
 
-    report = _with_warnings(make_progress(progress), progress)
+    report = _WithWarnings(make_progress(progress), progress)
     with cli_job(report, "cancelled; nothing was written"):
         geometry = _preprocess_geometry(model, spacing, crop)
         result = preprocess_case_dir(
@@ -84,7 +84,7 @@ def preprocess(
     typer.echo(f"wrote {out_dir} ({result.timings_s.get('total', float('nan')):.1f} s)", err=progress == "json")
 
 
-def _preprocess_geometry(model: Optional[str], spacing: Optional[float], crop: Optional[Tuple[int, int, int]]) -> "Geometry":
+def _preprocess_geometry(model: Optional[str], spacing: Optional[float], crop: Optional[tuple[int, int, int]]) -> Geometry:
     """The geometry of ``preprocess``: the bundle's with ``--model``, else ``--spacing``/``--crop`` over the paper's.
 
     Args:
@@ -101,7 +101,7 @@ def _preprocess_geometry(model: Optional[str], spacing: Optional[float], crop: O
     if model is None:
         paper = Geometry()
         return Geometry(spacing=paper.spacing if spacing is None else (spacing,) * 3,
-                        crop_size=paper.crop_size if crop is None else tuple(crop))
+                        crop_size=paper.crop_size if crop is None else crop)
     given = [name for name, value in (("--spacing", spacing), ("--crop", crop)) if value is not None]
     if given:
         raise ValueError(f"--model {model} sets the spacing, crop and clip percentiles from the bundle; "
@@ -111,26 +111,29 @@ def _preprocess_geometry(model: Optional[str], spacing: Optional[float], crop: O
     return resolve_model(model).geometry()
 
 
-def _with_warnings(report, progress: str):
+class _WithWarnings:
     """Show plausibility warnings (progress stage ``warning``) as ``warning:`` lines on stderr.
 
     With ``--progress json`` they also stay in the JSON stream, where the Slicer module reads them.
+    ``close`` is the wrapped reporter's, so :func:`cli_job` closes the bar.
     """
-    bar = getattr(report, "bar", None)
 
-    def callback(stage: str, fraction: float, message: str = "") -> None:
+    def __init__(self, report, progress: str) -> None:
+        self.report = report
+        self.progress = progress
+        self.bar = getattr(report, "bar", None)
+        self.close = getattr(report, "close", lambda: None)
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         if stage == "warning":
             line = typer.style(f"warning: {message}", fg=typer.colors.YELLOW)
-            if bar is not None:
-                bar.write(line, file=sys.stderr)  # above the progress bar, not through it
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)  # above the progress bar, not through it
             else:
                 typer.echo(line, err=True)
-            if progress != "json":
+            if self.progress != "json":
                 return
-        report(stage, fraction, message)
-
-    callback.close = getattr(report, "close", lambda: None)  # type: ignore[attr-defined]
-    return callback
+        self.report(stage, fraction, message)
 
 
 @app.command()
@@ -197,7 +200,7 @@ def predict(
     t1c: Path = typer.Option(..., "--t1c", help="Routine contrast-enhanced T1 (T1c); T1c-pro is written on its grid."),
     out: Path = typer.Option(..., "--out", help="Output T1c-pro file (.nii.gz, .nii, .nrrd, .mha); checked before any work, written atomically."),
     model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder (default: the default model; see `models list` / `models set-default`)."),
-    folds: Optional[List[int]] = typer.Option(None, "--folds", help="Fold models to average (repeat the option; default: all)."),
+    folds: Optional[list[int]] = typer.Option(None, "--folds", help="Fold models to average (repeat the option; default: all)."),
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
@@ -213,7 +216,7 @@ def predict(
     """Amplify one case: T1, T2-FLAIR, ADC and T1c in, T1c-pro out (5 folds x 8 mirrorings by default)."""
     from .inference import amplify_case
 
-    report = _with_warnings(make_progress(progress), progress)
+    report = _WithWarnings(make_progress(progress), progress)
     with cli_job(report, "cancelled; no output was written"):
         result = amplify_case(t1, flair, adc, t1c, bundle=model, out_path=out, folds=folds, n_mirrorings=flips,
                               device=device, precision=precision, compile=compile_models, mapping=mapping, skull_strip_mode=skull_strip, brain_mask=brain_mask,
@@ -227,7 +230,7 @@ def predict_cohort(
     cases_dir: Path = typer.Argument(..., help="Folder of case folders, each with t1, flair, adc, t1c images."),
     out_dir: Path = typer.Argument(..., help="Receives <case>/T1c-pro.nii.gz and summary.csv."),
     model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder."),
-    folds: Optional[List[int]] = typer.Option(None, "--folds", help="Fold models to average (default: all)."),
+    folds: Optional[list[int]] = typer.Option(None, "--folds", help="Fold models to average (default: all)."),
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
@@ -240,7 +243,7 @@ def predict_cohort(
     """Amplify every case of a folder; finished cases are skipped, a failing case does not stop the others."""
     from .cohort import predict_cohort as run_cohort
 
-    report = _with_warnings(make_progress(progress), progress)
+    report = _WithWarnings(make_progress(progress), progress)
     with cli_job(report, "cancelled; finished cases are kept, the current one was not written"):
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
                           precision=precision, overwrite=overwrite, compile=compile_models, mapping=mapping,
@@ -344,7 +347,7 @@ def models_path() -> None:
     typer.echo(str(user_models_dir()))
 
 
-def main(argv: Optional[List[str]] = None) -> None:  # console-script entry point
+def main(argv: Optional[list[str]] = None) -> None:  # console-script entry point
     """``contrast-amplifier``: one error line instead of a traceback (``--debug`` shows it); the
     Slicer module's Stop (SIGTERM) unwinds like Ctrl-C, so no half-written output is left."""
     run_cli(app, argv, prog_name="contrast-amplifier")

@@ -11,8 +11,9 @@ import csv
 import io
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Optional, Union
 
 from ContrastAmplifierCommon.atomicfile import write_text_atomic
 from .imageio import find_case_inputs
@@ -22,7 +23,7 @@ OUTPUT_NAME = "T1c-pro.nii.gz"
 SUMMARY_COLUMNS = ("case", "status", "seconds", "n_predictions", "output", "error")
 
 
-def _case_folders(cases_dir: Path) -> List[Path]:
+def _case_folders(cases_dir: Path) -> list[Path]:
     if not cases_dir.is_dir():
         raise ValueError(f"cases folder not found: {cases_dir}; pass a folder holding one sub-folder per case.")
     folders = sorted(p for p in cases_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -45,7 +46,7 @@ def predict_cohort(
     strict: bool = False,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
-) -> List[Dict[str, object]]:
+) -> list[dict[str, object]]:
     """Amplify every case of ``cases_dir`` into ``out_dir/<case>/T1c-pro.nii.gz``; returns the summary rows.
 
     ``out_dir`` may exist; only ``<case>/T1c-pro.nii.gz`` and ``summary.csv`` are written there
@@ -60,11 +61,11 @@ def predict_cohort(
     folders = _case_folders(cases_dir)
     check_output_folder(out_dir, [], inputs=[cases_dir], what="cohort output folder")
     model = _resolve_bundle(bundle)  # load and hash-check once for all cases
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     for index, folder in enumerate(folders):
         check_cancel(cancel)
         target = out_dir / folder.name / OUTPUT_NAME
-        row: Dict[str, object] = {"case": folder.name, "status": "", "seconds": "", "n_predictions": "", "output": str(target), "error": ""}
+        row: dict[str, object] = {"case": folder.name, "status": "", "seconds": "", "n_predictions": "", "output": str(target), "error": ""}
         span = SubProgress(report, index / len(folders), (index + 1) / len(folders))
         if target.exists() and not overwrite:
             row["status"] = "skipped"
@@ -88,7 +89,7 @@ def predict_cohort(
     return rows
 
 
-def _write_summary(path: Path, rows: List[Dict[str, object]]) -> None:
+def _write_summary(path: Path, rows: list[dict[str, object]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
     writer.writeheader()

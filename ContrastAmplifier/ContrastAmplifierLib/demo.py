@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,7 +38,7 @@ def _flair_on_t1c_grid(case_dir: Path, t1c: sitk.Image, t1c_to_flair: Optional[s
     return sitk.GetArrayFromImage(sitk.Resample(flair, t1c, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
 
 
-def write_figure(panels: Dict[str, np.ndarray], slice_index: int, window: tuple, path: Path, title: str) -> Path:
+def write_figure(panels: dict[str, np.ndarray], slice_index: int, window: tuple, path: Path, title: str) -> Path:
     """Side-by-side axial slices; every panel but the first (FLAIR, own window) shares ``window``."""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
@@ -77,7 +77,8 @@ def run_demo(out_dir: Path, spacing: float = 1.0, seed: int = DEMO_SEED, model: 
         generate_cohort(out_dir / "phantom", cases=1, seed=seed, spacing=spacing, progress=bar)
         bar.close()
     bar = TqdmProgress()
-    result = amplify_case(*(case_dir / f"{m}.nii.gz" for m in ("t1", "flair", "adc", "t1c")), bundle=bundle,
+    t1_path, flair_path, adc_path, t1c_path = (case_dir / f"{m}.nii.gz" for m in ("t1", "flair", "adc", "t1c"))
+    result = amplify_case(t1_path, flair_path, adc_path, t1c_path, bundle=bundle,
                           out_path=out_dir / "T1c-pro.nii.gz", overwrite=True,  # the demo's own output of an earlier run
                           n_mirrorings=flips, device=device, progress=bar)
     bar.close()
@@ -86,7 +87,7 @@ def run_demo(out_dir: Path, spacing: float = 1.0, seed: int = DEMO_SEED, model: 
     volumes = {name: _array(case_dir / f"{file}.nii.gz") for name, file in
                (("T1", "t1"), ("T1c-low", "t1c_low"), ("T1c", "t1c"), ("T1c-x4", "t1c_x4"))}
     volumes["T1c-pro"] = sitk.GetArrayFromImage(result.image)
-    labels = _array(case_dir / "lesion_labels.nii.gz").astype(np.int32)
+    labels: np.ndarray = _array(case_dir / "lesion_labels.nii.gz").astype(np.int32)
     brain = _array(case_dir / "brain_mask.nii.gz") > 0
     lesions = labels > 0
     # T1 and T1c-low have their own poses: bring them onto the T1c grid for the pre-contrast SI
@@ -95,7 +96,7 @@ def run_demo(out_dir: Path, spacing: float = 1.0, seed: int = DEMO_SEED, model: 
         transform = result.preprocessed.t1c_to.get(file, sitk.Transform()) if file == "t1" else _pose(case_dir, file)
         volumes[name] = sitk.GetArrayFromImage(sitk.Resample(moving, t1c_image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
 
-    metrics: Dict[str, dict] = {}
+    metrics: dict[str, dict] = {}
     if lesions.any():
         roi = healthy_brain_roi(brain, lesions, margin_voxels=max(1, int(round(3.0 / min(t1c_image.GetSpacing())))))
         for name in ("T1c-low", "T1c", "T1c-pro", "T1c-x4"):

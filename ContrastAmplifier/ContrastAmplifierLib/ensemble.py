@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 #: Mirrorings in order of usefulness: identity, left-right (the brain's symmetry axis) first, so
 #: that 2 or 4 mirrorings are the most informative subsets. All 8 = every subset of the 3 axes.
-MIRRORINGS: Tuple[Tuple[int, ...], ...] = ((), (4,), (3,), (2,), (3, 4), (2, 4), (2, 3), (2, 3, 4))
+MIRRORINGS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (2,), (3, 4), (2, 4), (2, 3), (2, 3, 4))
 
 #: Precision modes. "exact": fp32 (channels-last; TF32 off on CUDA; same result to ~1e-7); "fast": bf16
 #: autocast (max error ~3e-3 on the [0, 1] output, see README); "auto": fast on CUDA, exact on CPU.
@@ -38,7 +39,7 @@ PRECISIONS = ("auto", "exact", "fast")
 AUTO_COMPILE_VOXELS = 2_000_000
 
 
-def mirrorings(count: int) -> Tuple[Tuple[int, ...], ...]:
+def mirrorings(count: int) -> tuple[tuple[int, ...], ...]:
     """The first ``count`` mirrorings of :data:`MIRRORINGS` (``count`` in 1, 2, 4, 8)."""
     if count not in (1, 2, 4, 8):
         raise ValueError(f"number of mirrorings must be 1, 2, 4 or 8 (got {count})")
@@ -89,7 +90,7 @@ class InferenceSettings:
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", max_batch: Optional[int] = None,
-               compile: Optional[bool] = None) -> "InferenceSettings":
+               compile: Optional[bool] = None) -> InferenceSettings:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
         dev = resolve_device(device)
@@ -175,7 +176,7 @@ def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return wrapper
 
 
-def _forward_mirrored(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[Tuple[int, ...]],
+def _forward_mirrored(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[tuple[int, ...]],
                       settings: InferenceSettings) -> torch.Tensor:
     """Sum over ``flips`` of flip^-1(model(flip(x))) as float32, one forward pass for the batch."""
     batch = torch.cat([torch.flip(x, dims) if dims else x for dims in flips], dim=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -94,7 +94,7 @@ def is_dicom_series_folder(path: PathLike) -> bool:
     return any(child.is_file() and _is_dicom_file(child) for child in sorted(folder.iterdir()))
 
 
-def dicom_series_files(folder: PathLike, name: str = "image") -> List[str]:
+def dicom_series_files(folder: PathLike, name: str = "image") -> list[str]:
     """The files of the single DICOM series in ``folder``, in slice order (SimpleITK/GDCM sorting).
 
     Raises:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from ContrastAmplifierCommon.atomicfile import atomic_path
+
+if TYPE_CHECKING:
+    from nibabel.dataobj_images import DataobjImage
 
 # The image suffixes, the folder finder and the DICOM series reader live in the SimpleITK-free
 # ``imagefiles`` (the one place for them); re-exported here.
@@ -106,7 +109,9 @@ def _check_nifti_payload(path: Path, name: str) -> None:
     import nibabel as nib
 
     try:
-        nifti = nib.load(str(path))
+        # nib.load is annotated with the FileBasedImage base class; a NIfTI file loads as a
+        # Nifti1Image or Nifti2Image, both DataobjImage (shape, dataobj).
+        nifti: DataobjImage = nib.load(str(path))  # type: ignore[assignment]
     except Exception as exc:  # nibabel raises many types for a bad header
         raise _unreadable(name, path, exc) from None
     shape = tuple(int(v) for v in nifti.shape)

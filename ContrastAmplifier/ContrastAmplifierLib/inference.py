@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -74,7 +75,7 @@ class AmplifyResult:
     preprocessed: PreprocessedCase
     output_path: Optional[Path] = None
     n_predictions: int = 0
-    timings_s: Dict[str, float] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
     mapping: str = "direct"
 
 
@@ -194,7 +195,7 @@ def amplify_case(
     """
     start = time.perf_counter()
     report = progress or null_progress
-    timings: Dict[str, float] = {}
+    timings: dict[str, float] = {}
     if out_path is not None:
         from ContrastAmplifierCommon.outputs import check_output_file
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 from scipy import ndimage
 
 
-def contrast_metrics(si_lesion: float, si_brain: float, sd_brain: float, si_lesion_pre: float) -> Tuple[float, float, float]:
+def contrast_metrics(si_lesion: float, si_brain: float, sd_brain: float, si_lesion_pre: float) -> tuple[float, float, float]:
     """(CNR, LBR, CEP %) from ROI statistics (paper, "Performance metrics" formulae)."""
     cnr = (si_lesion - si_brain) / sd_brain if sd_brain > 0 else math.nan
     lbr = si_lesion / si_brain if si_brain != 0 else math.nan

@@ -8,7 +8,7 @@ Times are in milliseconds, concentrations in mmol/L, relaxivities in L/mmol/s.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, Tuple, Union
+from typing import Union
 
 import numpy as np
 
@@ -79,7 +79,7 @@ def csf_null_inversion_time(t1_csf_ms: float, tr_ms: float) -> float:
     return float(t1_csf_ms * np.log(2.0 / (1.0 + np.exp(-tr_ms / t1_csf_ms))))
 
 
-def table1_protocols(field_strength: float) -> Dict[str, Protocol]:
+def table1_protocols(field_strength: float) -> dict[str, Protocol]:
     """Sequence parameters of the paper's Table 1 for the 1.5 T (Optima) or 3 T (Discovery) scanner.
 
     ``t1`` uses the T1c row on purpose: the dose series t1 / t1c_low / t1c / t1c_x4 is one
@@ -113,7 +113,7 @@ def _check_field_strength(field_strength: float) -> float:
 
 
 def relax_with_gadolinium(t1_ms: ArrayLike, t2_ms: ArrayLike, conc_mmol_l: ArrayLike,
-                          field_strength: float = 1.5) -> Tuple[ArrayLike, ArrayLike]:
+                          field_strength: float = 1.5) -> tuple[ArrayLike, ArrayLike]:
     """Relaxation times shortened by gadolinium: ``1/T = 1/T_0 + r * C`` (PHANTOM.md).
 
     Args:

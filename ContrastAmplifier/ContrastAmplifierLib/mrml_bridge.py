@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -62,7 +63,7 @@ def _array_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
     return matrix
 
 
-def ijk_to_ras_matrix(node: "slicer.vtkMRMLScalarVolumeNode", world: bool = True) -> np.ndarray:
+def ijk_to_ras_matrix(node: slicer.vtkMRMLScalarVolumeNode, world: bool = True) -> np.ndarray:
     """Return the 4x4 matrix that maps the node's voxel-array indices (i, j, k) to RAS millimetres.
 
     Folds in what Slicer usually keeps trivial (image-data origin, spacing and extent start) so
@@ -111,7 +112,7 @@ def _geometry_from_ijk_to_ras(matrix: np.ndarray):
     return tuple(lps[:3, 3].tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
 
 
-def volume_node_to_sitk(node: "slicer.vtkMRMLScalarVolumeNode", world: bool = True) -> sitk.Image:
+def volume_node_to_sitk(node: slicer.vtkMRMLScalarVolumeNode, world: bool = True) -> sitk.Image:
     """Copy a scalar volume node into a SimpleITK image with the same geometry and pixel type.
 
     Args:
@@ -156,7 +157,7 @@ def sitk_ijk_to_ras(image: sitk.Image) -> np.ndarray:
     return LPS_TO_RAS @ lps
 
 
-def update_volume_node_from_sitk(node: "slicer.vtkMRMLScalarVolumeNode", image: sitk.Image) -> "slicer.vtkMRMLScalarVolumeNode":
+def update_volume_node_from_sitk(node: slicer.vtkMRMLScalarVolumeNode, image: sitk.Image) -> slicer.vtkMRMLScalarVolumeNode:
     """Replace the voxels and geometry of ``node`` with those of ``image`` (pixel type kept).
 
     The node's parent transform, if any, is left in place (the image geometry becomes the
@@ -178,7 +179,7 @@ def update_volume_node_from_sitk(node: "slicer.vtkMRMLScalarVolumeNode", image: 
     return node
 
 
-def _scene(scene: Optional["slicer.vtkMRMLScene"]) -> "slicer.vtkMRMLScene":
+def _scene(scene: Optional[slicer.vtkMRMLScene]) -> slicer.vtkMRMLScene:
     if scene is not None:
         return scene
     app_scene = getattr(slicer, "mrmlScene", None)
@@ -190,10 +191,10 @@ def _scene(scene: Optional["slicer.vtkMRMLScene"]) -> "slicer.vtkMRMLScene":
 def add_volume_node_from_sitk(
     image: sitk.Image,
     name: str,
-    scene: Optional["slicer.vtkMRMLScene"] = None,
-    node: Optional["slicer.vtkMRMLScalarVolumeNode"] = None,
+    scene: Optional[slicer.vtkMRMLScene] = None,
+    node: Optional[slicer.vtkMRMLScalarVolumeNode] = None,
     node_class: str = "vtkMRMLScalarVolumeNode",
-) -> "slicer.vtkMRMLScalarVolumeNode":
+) -> slicer.vtkMRMLScalarVolumeNode:
     """Put ``image`` into the scene as a volume node called ``name`` (or into ``node`` if given).
 
     Args:
@@ -218,7 +219,7 @@ def add_volume_node_from_sitk(
     return node
 
 
-def export_volume_node(node: "slicer.vtkMRMLScalarVolumeNode", path: PathLike, compress: bool = True) -> Path:
+def export_volume_node(node: slicer.vtkMRMLScalarVolumeNode, path: PathLike, compress: bool = True) -> Path:
     """Write a volume node to ``path`` (format from the suffix: .nrrd, .nii.gz, .mha...) for a child process.
 
     NRRD and MHA keep geometry in double precision; NIfTI stores the orientation as float32
@@ -229,7 +230,7 @@ def export_volume_node(node: "slicer.vtkMRMLScalarVolumeNode", path: PathLike, c
     return write_image_atomic(volume_node_to_sitk(node), path, compress=compress)
 
 
-def export_volume_nodes(nodes: Mapping[str, "slicer.vtkMRMLScalarVolumeNode"], folder: PathLike, suffix: str = ".nii.gz") -> Dict[str, Path]:
+def export_volume_nodes(nodes: Mapping[str, slicer.vtkMRMLScalarVolumeNode], folder: PathLike, suffix: str = ".nii.gz") -> dict[str, Path]:
     """Write several nodes as ``folder/<key><suffix>`` (e.g. ``t1.nii.gz``, the Lib's case layout).
 
     Args:
@@ -245,7 +246,7 @@ def export_volume_nodes(nodes: Mapping[str, "slicer.vtkMRMLScalarVolumeNode"], f
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written: Dict[str, Path] = {}
+    written: dict[str, Path] = {}
     for key, node in nodes.items():
         if node is None:
             raise VolumeNodeError(f"No volume selected for '{key}'; choose it in the module's input selectors.")
@@ -259,10 +260,10 @@ def export_volume_nodes(nodes: Mapping[str, "slicer.vtkMRMLScalarVolumeNode"], f
 def import_volume_file(
     path: PathLike,
     name: str,
-    scene: Optional["slicer.vtkMRMLScene"] = None,
-    node: Optional["slicer.vtkMRMLScalarVolumeNode"] = None,
+    scene: Optional[slicer.vtkMRMLScene] = None,
+    node: Optional[slicer.vtkMRMLScalarVolumeNode] = None,
     label_map: bool = False,
-) -> "slicer.vtkMRMLScalarVolumeNode":
+) -> slicer.vtkMRMLScalarVolumeNode:
     """Load an image file written by a child process into the scene as a node called ``name``.
 
     The file's pixel type and geometry are kept (no intensity cast), so the result lands in
@@ -281,7 +282,7 @@ def import_volume_file(
     )
 
 
-def voxel_to_ras(node: "slicer.vtkMRMLScalarVolumeNode", ijk, world: bool = True) -> np.ndarray:
+def voxel_to_ras(node: slicer.vtkMRMLScalarVolumeNode, ijk, world: bool = True) -> np.ndarray:
     """RAS position (mm) of voxel index ``ijk = (i, j, k)`` of ``node``."""
     return (ijk_to_ras_matrix(node, world=world) @ np.array([*map(float, ijk), 1.0]))[:3]
 
@@ -297,7 +298,7 @@ class ExchangeFolder:
     path: Path
 
     @classmethod
-    def create(cls, prefix: str = "ContrastAmplifier-", parent: Optional[PathLike] = None) -> "ExchangeFolder":
+    def create(cls, prefix: str = "ContrastAmplifier-", parent: Optional[PathLike] = None) -> ExchangeFolder:
         """Make a fresh empty folder."""
         return cls(Path(tempfile.mkdtemp(prefix=prefix, dir=None if parent is None else str(parent))))
 

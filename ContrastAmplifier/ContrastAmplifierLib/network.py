@@ -22,8 +22,9 @@ images) and crops the output back, so crops of odd sizes and their mirrorings ke
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ class NetworkConfig:
             raise ValueError(f"network channel counts must be positive (got {self})")
 
     @property
-    def widths(self) -> List[int]:
+    def widths(self) -> list[int]:
         """Channels per level, e.g. ``[16, 32, 64, 128]``."""
         return [self.base_channels * 2**level for level in range(self.levels)]
 
@@ -77,12 +78,12 @@ class NetworkConfig:
         """Spatial sizes the convolutions need without padding: ``2 ** (levels - 1)``."""
         return 2 ** (self.levels - 1)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with the architecture name (bundle ``network`` entry)."""
         return {"architecture": ARCHITECTURE, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "NetworkConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> NetworkConfig:
         """Inverse of :meth:`to_dict`; refuses an unknown architecture with a clear message."""
         data = dict(data)
         architecture = data.pop("architecture", ARCHITECTURE)
@@ -129,7 +130,7 @@ class ResidualUNet3D(nn.Module):
         torch.Size([1, 1, 21, 30, 17])
     """
 
-    def __init__(self, config: NetworkConfig | None = None):
+    def __init__(self, config: Optional[NetworkConfig] = None):
         super().__init__()
         self.config = config or NetworkConfig()
         c = self.config
@@ -148,16 +149,17 @@ class ResidualUNet3D(nn.Module):
         self.head = nn.Conv3d(widths[0], c.out_channels, kernel_size=1)
         if c.input_skip:
             nn.init.zeros_(self.head.weight)
+            assert self.head.bias is not None  # Conv3d's default bias=True
             nn.init.zeros_(self.head.bias)
 
-    def _pad(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
         m = self.config.size_multiple
         sizes = x.shape[2:]
         pads = [(-s) % m for s in sizes]
         if not any(pads):
             return x, ()
         # F.pad lists the last dimension first; split the padding on both sides of each axis.
-        flat: List[int] = []
+        flat: list[int] = []
         for p in reversed(pads):
             flat += [p // 2, p - p // 2]
         crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, sizes))
@@ -171,7 +173,7 @@ class ResidualUNet3D(nn.Module):
         x, crop = self._pad(x)
         slope = self.config.negative_slope
         h = F.leaky_relu(self.stem(x), slope)
-        skips: List[torch.Tensor] = []
+        skips: list[torch.Tensor] = []
         for level, encoder in enumerate(self.encoders):
             h = encoder(h, h)
             if level < len(self.downs):
@@ -196,7 +198,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_network(config: NetworkConfig | Mapping[str, Any] | None = None) -> ResidualUNet3D:
+def build_network(config: Union[NetworkConfig, Mapping[str, Any], None] = None) -> ResidualUNet3D:
     """Create a network from a :class:`NetworkConfig` or a bundle's ``network`` dict."""
     if config is None or isinstance(config, NetworkConfig):
         return ResidualUNet3D(config)

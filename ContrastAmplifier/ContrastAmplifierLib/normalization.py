@@ -8,7 +8,7 @@ a training set. Arrays are SimpleITK order (z, y, x) throughout.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ __all__ = [
 
 #: Fallback clip range in brain z-score units, used when no bundle provides training-set
 #: percentiles (about the 0.1st/99.9th percentile of a normal distribution).
-DEFAULT_CLIP: Tuple[float, float] = (-3.0, 3.0)
+DEFAULT_CLIP: tuple[float, float] = (-3.0, 3.0)
 
 
 def center_crop(array: np.ndarray, size: Sequence[int], fill: float = 0.0) -> np.ndarray:
@@ -62,7 +62,7 @@ def clip_to_unit(z: np.ndarray, low: float, high: float) -> np.ndarray:
     return ((np.clip(z, low, high) - low) / (high - low)).astype(np.float32)
 
 
-def normalize(array: np.ndarray, mask: np.ndarray, clip: Tuple[float, float] = DEFAULT_CLIP) -> np.ndarray:
+def normalize(array: np.ndarray, mask: np.ndarray, clip: tuple[float, float] = DEFAULT_CLIP) -> np.ndarray:
     """Z-score inside the brain, clip to ``clip`` (z units), map to [0, 1], zero outside the brain.
 
     The one brain mask (from the T1c) is applied to every modality, as in the paper.
@@ -74,8 +74,8 @@ def normalize(array: np.ndarray, mask: np.ndarray, clip: Tuple[float, float] = D
 
 
 def compute_clip_percentiles(
-    arrays: Iterable[np.ndarray], masks: Iterable[np.ndarray], q: Tuple[float, float] = (1.0, 99.0)
-) -> Tuple[float, float]:
+    arrays: Iterable[np.ndarray], masks: Iterable[np.ndarray], q: tuple[float, float] = (1.0, 99.0)
+) -> tuple[float, float]:
     """Global training-set percentiles of brain z-scores (the paper's "first and last percentiles").
 
     Args:

@@ -21,9 +21,10 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -49,13 +50,13 @@ SCANNER_GAIN = 10000.0
 #: ADC maps are written in 1e-6 mm^2/s (the usual scanner unit).
 ADC_UNIT = 1e-6
 
-Range = Tuple[float, float]
+Range = tuple[float, float]
 #: Tissue parameter ranges, PHANTOM.md "Relaxation, proton density, diffusion" table:
 #: (T1 at 1.5 T, T1 at 3 T, T2, PD, ADC in 1e-3 mm^2/s). Values for blood (vessels) and choroid
 #: plexus are not in PHANTOM.md: literature blood T1 ~1.45 s (1.5 T) / ~1.65 s (3 T), T2 ~150-250 ms;
 #: plexus is taken as grey-matter-like tissue without a blood-brain barrier. Skull T1 is not given
 #: (PD 0.05 and T2 < 1 ms make its signal ~0 whatever T1 is).
-TISSUE_RANGES: Dict[str, Dict[str, Range]] = {
+TISSUE_RANGES: dict[str, dict[str, Range]] = {
     "wm": {"t1_1.5": (650, 800), "t1_3": (830, 1100), "t2": (70, 85), "pd": (0.65, 0.72), "adc": (0.65, 0.80)},
     "gm": {"t1_1.5": (1050, 1250), "t1_3": (1300, 1800), "t2": (90, 110), "pd": (0.78, 0.85), "adc": (0.75, 0.90)},
     "csf": {"t1_1.5": (3500, 4500), "t1_3": (3800, 4500), "t2": (1500, 2200), "pd": (1.0, 1.0), "adc": (2.9, 3.2)},
@@ -90,7 +91,7 @@ DWI_FAT_SUPPRESSION = 0.1
 class TissueFractions:
     """Partial-volume fractions on the world grid; they sum to <= 1 (the rest is air)."""
 
-    maps: Dict[str, np.ndarray]
+    maps: dict[str, np.ndarray]
     conc_standard_dose: np.ndarray  # mmol/L inside enhancing lesion tissue at 0.1 mmol/kg
 
 
@@ -99,7 +100,7 @@ class CaseResult:
     """What :func:`generate_case` wrote (paths) and its ground truth (lesions, poses)."""
 
     case_dir: Path
-    lesions: List[dict]
+    lesions: list[dict]
     parameters: dict = field(repr=False, default_factory=dict)
 
 
@@ -107,10 +108,10 @@ class CaseResult:
 # Parameters
 # ---------------------------------------------------------------------------------------------
 
-def sample_tissue_parameters(rng: np.random.Generator, field_strength: float) -> Dict[str, Dict[str, float]]:
+def sample_tissue_parameters(rng: np.random.Generator, field_strength: float) -> dict[str, dict[str, float]]:
     """Per-case T1 (ms), T2 (ms), PD, ADC (1e-3 mm^2/s) for every tissue inside PHANTOM.md ranges."""
     key = "t1_1.5" if float(field_strength) == 1.5 else "t1_3"
-    out: Dict[str, Dict[str, float]] = {}
+    out: dict[str, dict[str, float]] = {}
     for tissue, ranges in TISSUE_RANGES.items():
         out[tissue] = {
             "t1_ms": float(rng.uniform(*ranges[key])), "t2_ms": float(rng.uniform(*ranges["t2"])),
@@ -119,7 +120,7 @@ def sample_tissue_parameters(rng: np.random.Generator, field_strength: float) ->
     return out
 
 
-def _streams(seed: int) -> Dict[str, np.random.Generator]:
+def _streams(seed: int) -> dict[str, np.random.Generator]:
     """Independent random streams per concern, so changing one part never reshuffles the others."""
     names = ("tissues", "pose", "lesions", "vessels", "noise", "acquisition")
     children = np.random.SeedSequence(int(seed)).spawn(len(names))
@@ -131,7 +132,7 @@ def _streams(seed: int) -> Dict[str, np.random.Generator]:
 # ---------------------------------------------------------------------------------------------
 
 def vessel_fraction(anatomy: TemplateAnatomy, rng: np.random.Generator, signed_mm: np.ndarray,
-                    csf_mm: float) -> Tuple[np.ndarray, dict]:
+                    csf_mm: float) -> tuple[np.ndarray, dict]:
     """Dural sinuses plus 4-8 vessel-like tubes inside the brain (flowing blood)."""
     sinus_width = float(rng.uniform(5.0, 8.0))
     vessels = dural_sinuses(anatomy, signed_mm, csf_mm, sinus_width)
@@ -155,7 +156,7 @@ def vessel_fraction(anatomy: TemplateAnatomy, rng: np.random.Generator, signed_m
     return vessels, {"sinus_width_mm": round(sinus_width, 4), "tubes": tubes}
 
 
-def compose_fractions(anatomy: TemplateAnatomy, shell: Dict[str, np.ndarray], lesions: LesionMaps,
+def compose_fractions(anatomy: TemplateAnatomy, shell: dict[str, np.ndarray], lesions: LesionMaps,
                       vessels: np.ndarray, plexus: np.ndarray) -> TissueFractions:
     """Mix tissues: lesions replace brain tissue, plexus replaces CSF, vessels replace everything."""
     healthy = np.clip(1.0 - lesions.enhancing - lesions.necrosis - lesions.oedema, 0.0, 1.0)
@@ -179,13 +180,13 @@ def compose_fractions(anatomy: TemplateAnatomy, shell: Dict[str, np.ndarray], le
 # Signals on the world grid
 # ---------------------------------------------------------------------------------------------
 
-def tissue_concentrations(dose: float, plasma_std: float, plexus_std: float) -> Dict[str, float]:
+def tissue_concentrations(dose: float, plasma_std: float, plexus_std: float) -> dict[str, float]:
     """Gadolinium (mmol/L) per tissue class at ``dose`` (mmol/kg), linear in dose (PHANTOM.md)."""
     k = dose / mr.STANDARD_DOSE
     return {t: 0.0 for t in TISSUES} | {"vessel": plasma_std * k, "plexus": plexus_std * k}
 
 
-def tissue_signal(name: str, p: Dict[str, float], protocol: mr.Protocol, conc: float, field_strength: float,
+def tissue_signal(name: str, p: dict[str, float], protocol: mr.Protocol, conc: float, field_strength: float,
                   t2star_factor: float) -> float:
     """Noise-free signal of one tissue with ``conc`` mmol/L of gadolinium (PD 1 = fully relaxed water)."""
     t1, t2 = mr.relax_with_gadolinium(p["t1_ms"], p["t2_ms"], conc, field_strength)
@@ -196,7 +197,7 @@ def tissue_signal(name: str, p: Dict[str, float], protocol: mr.Protocol, conc: f
     return float(mr.spin_echo(p["pd"], t1, t2, protocol))
 
 
-def mix_signal(fractions: TissueFractions, per_tissue: Dict[str, float],
+def mix_signal(fractions: TissueFractions, per_tissue: dict[str, float],
                enhancing_signal: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
     """Partial-volume signal ``sum_k f_k S_k``; enhancing tissue may depend on its voxel concentration."""
     out = np.zeros_like(fractions.maps["wm"])
@@ -219,15 +220,15 @@ def mix_signal(fractions: TissueFractions, per_tissue: Dict[str, float],
 class PhysicsModel:
     """Everything needed to turn tissue fractions into one sequence's noise-free signal."""
 
-    tissues: Dict[str, Dict[str, float]]
-    protocols: Dict[str, mr.Protocol]
+    tissues: dict[str, dict[str, float]]
+    protocols: dict[str, mr.Protocol]
     field_strength: float
     t2star_factor: float
     plasma_conc_std: float
     plexus_conc_std: float
 
     def per_tissue(self, sequence: str, dose: float, protocol: Optional[mr.Protocol] = None,
-                   black_blood: bool = False) -> Dict[str, float]:
+                   black_blood: bool = False) -> dict[str, float]:
         protocol = protocol or self.protocols[sequence]
         conc = tissue_concentrations(dose, self.plasma_conc_std, self.plexus_conc_std)
         out = {t: tissue_signal(t, self.tissues[t], protocol, conc[t], self.field_strength, self.t2star_factor)
@@ -238,7 +239,17 @@ class PhysicsModel:
             out = {t: s * VFA_MT_SCALE.get(t, 1.0) for t, s in out.items()}
         return out
 
+    @property
+    def diffusion(self) -> mr.DiffusionEPI:
+        """The ADC series' protocol (DWI at b = 0 and b = ``b_value``)."""
+        protocol = self.protocols["adc"]
+        if not isinstance(protocol, mr.DiffusionEPI):
+            raise TypeError(f"the adc protocol must be a DiffusionEPI, got {type(protocol).__name__}")
+        return protocol
+
     def enhancing_signal(self, protocol: mr.Protocol, dose: float) -> Callable[[np.ndarray], np.ndarray]:
+        if isinstance(protocol, mr.InversionRecovery):  # FLAIR mixes the enhancing tissue's per_tissue signal
+            raise ValueError("a concentration-dependent enhancing signal exists for gradient-echo and spin-echo sequences only")
         p = self.tissues["enhancing"]
 
         def signal(conc_std: np.ndarray) -> np.ndarray:
@@ -250,9 +261,9 @@ class PhysicsModel:
 
         return signal
 
-    def world_signals(self, fractions: TissueFractions) -> Dict[str, np.ndarray]:
+    def world_signals(self, fractions: TissueFractions) -> dict[str, np.ndarray]:
         """Noise-free world-grid signals: GRE at four doses, FLAIR, T1c-vfa, DWI b=0 and b=1000."""
-        out: Dict[str, np.ndarray] = {}
+        out: dict[str, np.ndarray] = {}
         for seq, dose in mr.DOSES_MMOL_PER_KG.items():
             proto = self.protocols[seq]
             out[seq] = mix_signal(fractions, self.per_tissue(seq, dose), self.enhancing_signal(proto, dose))
@@ -262,7 +273,7 @@ class PhysicsModel:
                                     self.enhancing_signal(vfa, mr.STANDARD_DOSE))
         b0 = self.per_tissue("adc", 0.0, black_blood=True)
         b0["fat"] *= DWI_FAT_SUPPRESSION
-        bval = self.protocols["adc"].b_value
+        bval = self.diffusion.b_value
         b1000 = {t: s * float(mr.diffusion_attenuation(self.tissues[t]["adc_1e-3_mm2_s"] * 1e-3, bval))
                  for t, s in b0.items()}
         out["dwi_b0"] = mix_signal(fractions, b0)
@@ -286,7 +297,7 @@ def _truth_resolution(spacing: float) -> int:
     return 1 if spacing < 1.5 else 2
 
 
-def _head_extent(anatomy: TemplateAnatomy, shell_total_mm: float) -> Tuple[np.ndarray, np.ndarray]:
+def _head_extent(anatomy: TemplateAnatomy, shell_total_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Bounding box (world LPS) of the brain grown by the shell, and the brain centre."""
     z, y, x = anatomy.axis_coordinates()
     idx = np.nonzero(anatomy.brain)
@@ -300,7 +311,7 @@ def _head_extent(anatomy: TemplateAnatomy, shell_total_mm: float) -> Tuple[np.nd
 
 
 def plan_acquisition(rng: np.random.Generator, anatomy: TemplateAnatomy, shell_total_mm: float, spacing: float,
-                     size: Optional[Tuple[int, int, int]]) -> Tuple[Dict[str, np.ndarray], Dict[str, NativeGrid], dict]:
+                     size: Optional[tuple[int, int, int]]) -> tuple[dict[str, np.ndarray], dict[str, NativeGrid], dict]:
     """Per-sequence world->native matrices and native grids (t1c_x4 shares t1c's)."""
     corners, centre = _head_extent(anatomy, shell_total_mm)
     case_pose, case_info = sample_case_pose(rng, centre)
@@ -310,9 +321,9 @@ def plan_acquisition(rng: np.random.Generator, anatomy: TemplateAnatomy, shell_t
     fov_centre = (scanner_corners.max(0) + scanner_corners.min(0)) / 2.0
     t1c_grid = plan_grid(fov_centre, fov, sequence_spacing("t1c", spacing), size)
     fov = np.asarray(t1c_grid.size) * np.asarray(t1c_grid.spacing)
-    poses: Dict[str, np.ndarray] = {}
-    grids: Dict[str, NativeGrid] = {}
-    motion_info = {}
+    poses: dict[str, np.ndarray] = {}
+    grids: dict[str, NativeGrid] = {}
+    motion_info: dict[str, Union[dict, str]] = {}
     for seq in SEQUENCES:
         if seq == "t1c_x4":
             continue
@@ -325,7 +336,7 @@ def plan_acquisition(rng: np.random.Generator, anatomy: TemplateAnatomy, shell_t
 
 
 def _lesion_truth(rng: np.random.Generator, anatomy: TemplateAnatomy, depth: np.ndarray, t1c_grid: NativeGrid,
-                  t1c_pose: np.ndarray) -> Tuple[str, List[Lesion]]:
+                  t1c_pose: np.ndarray) -> tuple[str, list[Lesion]]:
     case_type, count = sample_lesion_count(rng)
     kind = "glioma" if case_type == "glioma" else "metastasis"
     shapes = [sample_lesion_shape(rng, kind, i + 1) for i in range(count)]
@@ -336,7 +347,7 @@ def _lesion_truth(rng: np.random.Generator, anatomy: TemplateAnatomy, depth: np.
     return case_type, place_lesions(rng, anatomy, depth, shapes, inside_fov)
 
 
-def _matrix_json(m: np.ndarray) -> List[List[float]]:
+def _matrix_json(m: np.ndarray) -> list[list[float]]:
     return [[round(float(v), 9) for v in row] for row in m]
 
 
@@ -345,7 +356,7 @@ def _write(image: sitk.Image, path: Path) -> None:
 
 
 def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float] = None,
-                  size: Optional[Tuple[int, int, int]] = None, field_strength: float = 1.5, noise: bool = True,
+                  size: Optional[tuple[int, int, int]] = None, field_strength: float = 1.5, noise: bool = True,
                   progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> CaseResult:
     """Generate one phantom case into ``case_dir`` (written in place; see :func:`generate_cohort`).
 
@@ -409,7 +420,7 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
     check_cancel(cancel)
 
     case_dir.mkdir(parents=True, exist_ok=True)
-    outputs: Dict[str, dict] = {}
+    outputs: dict[str, dict] = {}
     steps = list(SEQUENCES)
     for n, seq in enumerate(steps):
         report("phantom", 0.35 + 0.5 * n / len(steps), f"acquiring {seq}")
@@ -424,7 +435,7 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
             b0 = mr.add_rician_noise(b0, s, noise_rng)
             b1 = mr.add_rician_noise(b1, s, noise_rng)
             threshold = max(4.0 * s, 0.1 * wm_signal["adc"])
-            array = adc_from_dwi(b0, b1, model.protocols["adc"].b_value, threshold) / ADC_UNIT
+            array = adc_from_dwi(b0, b1, model.diffusion.b_value, threshold) / ADC_UNIT
             seq_sigma, unit = s, "1e-6 mm^2/s (ADC from b=0 and b=1000 images)"
         else:
             key = "gre" if seq in mr.DOSES_MMOL_PER_KG else seq
@@ -529,9 +540,9 @@ def lesion_labels_on_grid(maps: LesionMaps, anatomy: TemplateAnatomy, lesions: S
 
 
 def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, spacing: Optional[float] = None,
-                    size: Optional[Tuple[int, int, int]] = None, field_strength: float = 1.5,
+                    size: Optional[tuple[int, int, int]] = None, field_strength: float = 1.5,
                     progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                    noise: bool = True, skip_existing: bool = False) -> List[Path]:
+                    noise: bool = True, skip_existing: bool = False) -> list[Path]:
     """Generate ``cases`` phantom cases ``OUT_DIR/case_NNN`` (case ``i`` uses ``seed + i``).
 
     Each case is built in a hidden temporary folder and renamed into place when complete, so a

@@ -11,15 +11,16 @@ Native grids are axial (identity direction), centred on the head in scanner spac
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 #: Native voxel sizes (mm) at 1 mm T1c: clinical protocols and paper Table 1 (T1c-vfa 1.2 mm,
 #: ADC 4 mm slices); FLAIR 5 mm slices exercise slab partial volume.
-NOMINAL_SPACING_MM: Dict[str, Tuple[float, float, float]] = {
+NOMINAL_SPACING_MM: dict[str, tuple[float, float, float]] = {
     "t1": (1.0, 1.0, 1.0), "t1c_low": (1.0, 1.0, 1.0), "t1c": (1.0, 1.0, 1.0), "t1c_x4": (1.0, 1.0, 1.0),
     "flair": (1.0, 1.0, 5.0), "adc": (2.0, 2.0, 4.0), "t1c_vfa": (1.2, 1.2, 1.2),
 }
@@ -38,9 +39,9 @@ MAX_SUPERSAMPLING = 6
 class NativeGrid:
     """An axial (identity-direction) image grid in scanner LPS coordinates."""
 
-    size: Tuple[int, int, int]
-    spacing: Tuple[float, float, float]
-    origin: Tuple[float, float, float]
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
 
     def to_json(self) -> dict:
         return {"size_xyz": list(self.size), "spacing_mm": [round(s, 6) for s in self.spacing],
@@ -82,7 +83,7 @@ def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:3, :3].T + matrix[:3, 3]
 
 
-def sample_case_pose(rng: np.random.Generator, head_centre: np.ndarray) -> Tuple[np.ndarray, dict]:
+def sample_case_pose(rng: np.random.Generator, head_centre: np.ndarray) -> tuple[np.ndarray, dict]:
     """Per-case head pose and size in the scanner (world -> scanner), with its parameters."""
     angles = rng.uniform(-CASE_ROTATION_DEG, CASE_ROTATION_DEG, 3)
     shift = rng.uniform(-CASE_TRANSLATION_MM, CASE_TRANSLATION_MM, 3)
@@ -92,7 +93,7 @@ def sample_case_pose(rng: np.random.Generator, head_centre: np.ndarray) -> Tuple
                     "scale_xyz": scale.round(6).tolist(), "centre_lps_world": head_centre.round(6).tolist()}
 
 
-def sample_motion(rng: np.random.Generator, centre_scanner: np.ndarray) -> Tuple[np.ndarray, dict]:
+def sample_motion(rng: np.random.Generator, centre_scanner: np.ndarray) -> tuple[np.ndarray, dict]:
     """Small rigid motion of the head between two acquisitions (scanner -> scanner)."""
     angles = rng.uniform(-MOTION_ROTATION_DEG, MOTION_ROTATION_DEG, 3)
     shift = rng.uniform(-MOTION_TRANSLATION_MM, MOTION_TRANSLATION_MM, 3)
@@ -100,23 +101,33 @@ def sample_motion(rng: np.random.Generator, centre_scanner: np.ndarray) -> Tuple
         "rotation_deg_xyz": angles.round(6).tolist(), "translation_mm": shift.round(6).tolist()}
 
 
-def sequence_spacing(name: str, spacing: float) -> Tuple[float, float, float]:
+def _floats_xyz(values: Iterable[float]) -> tuple[float, float, float]:
+    x, y, z = (float(v) for v in values)
+    return x, y, z
+
+
+def _ints_xyz(values: Iterable[float]) -> tuple[int, int, int]:
+    x, y, z = (int(v) for v in values)
+    return x, y, z
+
+
+def sequence_spacing(name: str, spacing: float) -> tuple[float, float, float]:
     """Native voxel size: the nominal one, coarsened to at least ``spacing`` (``--spacing``)."""
-    return tuple(float(max(spacing, s)) for s in NOMINAL_SPACING_MM[name])  # type: ignore[return-value]
+    return _floats_xyz(max(spacing, s) for s in NOMINAL_SPACING_MM[name])
 
 
 def plan_grid(centre_scanner: np.ndarray, fov_mm: np.ndarray, spacing: Sequence[float],
-              size: Sequence[int] | None = None) -> NativeGrid:
+              size: Optional[Sequence[int]] = None) -> NativeGrid:
     """Axial grid centred on ``centre_scanner`` covering ``fov_mm`` (or of explicit ``size``)."""
     sp = np.asarray(spacing, dtype=np.float64)
     n = np.asarray(size, dtype=int) if size is not None else np.maximum(np.ceil(fov_mm / sp).astype(int), 2)
     origin = centre_scanner - (n - 1) / 2.0 * sp
-    return NativeGrid(tuple(int(v) for v in n), tuple(float(v) for v in sp), tuple(float(v) for v in origin))
+    return NativeGrid(_ints_xyz(n), _floats_xyz(sp), _floats_xyz(origin))
 
 
-def supersampling(spacing: Sequence[float], truth_spacing: float) -> Tuple[int, int, int]:
+def supersampling(spacing: Sequence[float], truth_spacing: float) -> tuple[int, int, int]:
     """Sub-samples per native voxel and axis so thick slices average their slab (partial volume)."""
-    return tuple(int(min(MAX_SUPERSAMPLING, max(1, round(s / truth_spacing)))) for s in spacing)  # type: ignore
+    return _ints_xyz(min(MAX_SUPERSAMPLING, max(1, round(s / truth_spacing))) for s in spacing)
 
 
 def resample_to_native(world: sitk.Image, grid: NativeGrid, world_to_native: np.ndarray,

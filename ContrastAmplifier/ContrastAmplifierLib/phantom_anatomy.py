@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -34,15 +33,15 @@ class TemplateAnatomy:
     gm: np.ndarray
     csf: np.ndarray
     brain: np.ndarray
-    origin: Tuple[float, float, float]
+    origin: tuple[float, float, float]
     spacing: float
     resolution: int
 
     @property
-    def shape(self) -> Tuple[int, int, int]:
-        return tuple(self.brain.shape)  # type: ignore[return-value]
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.brain.shape)
 
-    def axis_coordinates(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def axis_coordinates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """1D LPS coordinates (mm) of the grid along z, y, x (broadcastable (Z,1,1), (1,Y,1), (1,1,X))."""
         nz, ny, nx = self.shape
         s = self.spacing
@@ -52,7 +51,7 @@ class TemplateAnatomy:
         return z, y, x
 
 
-def _nilearn_lps(loader, resolution: int) -> Tuple[np.ndarray, np.ndarray]:
+def _nilearn_lps(loader, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """Load a nilearn MNI152 image as a (z, y, x) LPS array with identity direction; returns (array, origin)."""
     img = loader(resolution=resolution)
     affine = np.asarray(img.affine, dtype=np.float64)
@@ -102,7 +101,9 @@ def load_template_anatomy(resolution: int = 1) -> TemplateAnatomy:
         sl = tuple(slice(l + p[0], h + p[0]) for l, h, p in zip(lo, hi, pad))
         return np.ascontiguousarray(a[sl])
 
-    new_origin = tuple(float(origin[a] + resolution * lo[2 - a]) for a in range(3))
+    # origin is x-y-z, lo is z-y-x
+    new_origin = (float(origin[0] + resolution * lo[2]), float(origin[1] + resolution * lo[1]),
+                  float(origin[2] + resolution * lo[0]))
     return TemplateAnatomy(wm=crop(wm), gm=crop(gm), csf=crop(csf), brain=crop(brain), origin=new_origin,
                            spacing=float(resolution), resolution=resolution)
 
@@ -115,7 +116,7 @@ def block_mean(array: np.ndarray, factor: int) -> np.ndarray:
     return a.reshape(z, factor, y, factor, x, factor).mean(axis=(1, 3, 5), dtype=np.float32)
 
 
-def derive_tissue_fractions(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def derive_tissue_fractions(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Clean GM/WM probabilities and derive CSF (nilearn ships no CSF map).
 
     GM and WM are clipped to [0, 1], zeroed outside the brain mask and rescaled where they sum to
@@ -132,7 +133,7 @@ def derive_tissue_fractions(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -
 
 
 @functools.lru_cache(maxsize=2)
-def head_distance_maps(resolution: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+def head_distance_maps(resolution: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Signed distance (mm) to the intracranial surface (negative inside) and depth inside the brain.
 
     The intracranial volume is the brain mask smoothed (sulci filled) and slightly dilated.
@@ -144,7 +145,7 @@ def head_distance_maps(resolution: int = 1) -> Tuple[np.ndarray, np.ndarray]:
         coarse = load_template_anatomy(2)
         signed2, depth2 = head_distance_maps(2)
         offset = (np.asarray(anatomy.origin) - np.asarray(coarse.origin))[::-1] / coarse.spacing
-        return tuple(_upsample(a, anatomy.shape, offset) for a in (signed2, depth2))  # type: ignore[return-value]
+        return _upsample(signed2, anatomy.shape, offset), _upsample(depth2, anatomy.shape, offset)
     h = anatomy.spacing
     smooth = ndimage.gaussian_filter(anatomy.brain.astype(np.float32), sigma=2.5 / h)
     icv = ndimage.binary_fill_holes(smooth > 0.25)
@@ -154,7 +155,7 @@ def head_distance_maps(resolution: int = 1) -> Tuple[np.ndarray, np.ndarray]:
     return outside - inside, depth
 
 
-def _upsample(coarse: np.ndarray, shape: Tuple[int, int, int], offset_vox: np.ndarray) -> np.ndarray:
+def _upsample(coarse: np.ndarray, shape: tuple[int, int, int], offset_vox: np.ndarray) -> np.ndarray:
     """Linear interpolation of a 2 mm (z, y, x) map onto a 1 mm grid starting at ``offset_vox`` (2 mm voxels)."""
     axes = [offset_vox[a] + 0.5 * np.arange(shape[a]) for a in range(3)]
     out = coarse
@@ -180,7 +181,7 @@ def soft_inside(distance_mm: np.ndarray, radius_mm: float, voxel_mm: float) -> n
 
 
 def head_shell(signed_mm: np.ndarray, brain: np.ndarray, csf_mm: float, skull_mm: float, scalp_mm: float,
-               voxel_mm: float) -> Dict[str, np.ndarray]:
+               voxel_mm: float) -> dict[str, np.ndarray]:
     """Extra-axial CSF, skull and scalp-fat layers around the intracranial surface (PHANTOM.md table).
 
     Returns fractions ``{"csf": ..., "skull": ..., "fat": ...}`` that are zero inside the brain mask.
@@ -210,7 +211,7 @@ def _points_to_index(anatomy: TemplateAnatomy, points_lps: np.ndarray) -> np.nda
     return np.rint((points_lps - np.asarray(anatomy.origin)) / anatomy.spacing).astype(int)[..., ::-1]
 
 
-def tube_fraction(anatomy: TemplateAnatomy, curve_lps: np.ndarray, radius_mm: float) -> Tuple[Tuple[slice, ...], np.ndarray]:
+def tube_fraction(anatomy: TemplateAnatomy, curve_lps: np.ndarray, radius_mm: float) -> tuple[tuple[slice, ...], np.ndarray]:
     """Partial-volume fraction of a tube of ``radius_mm`` around a polyline, on its bounding box.
 
     Returns ``(slices, fraction)`` so the caller can add it into a full-size map.
@@ -220,7 +221,7 @@ def tube_fraction(anatomy: TemplateAnatomy, curve_lps: np.ndarray, radius_mm: fl
     h = anatomy.spacing
     pad = radius_mm + 2 * h
     lo = _points_to_index(anatomy, curve_lps.min(axis=0) - pad)
-    hi = _points_to_index(anatomy, curve_lps.max(axis=0) + pad) + 1
+    hi: np.ndarray = _points_to_index(anatomy, curve_lps.max(axis=0) + pad) + 1
     lo = np.maximum(lo, 0)
     hi = np.minimum(hi, anatomy.shape)
     sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))

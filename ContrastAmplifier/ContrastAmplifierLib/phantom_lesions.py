@@ -7,8 +7,9 @@ necrotic core when larger than about 10 mm, surrounding oedema), gliomas are irr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 from scipy import ndimage
@@ -92,7 +93,7 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
-def sample_lesion_count(rng: np.random.Generator) -> Tuple[str, int]:
+def sample_lesion_count(rng: np.random.Generator) -> tuple[str, int]:
     """Case type and lesion count: 15 % no lesion, 25 % glioma (1), 60 % metastases (1-25, skewed low)."""
     u = rng.uniform()
     if u < 0.15:
@@ -124,8 +125,8 @@ def sample_lesion_shape(rng: np.random.Generator, kind: str, lesion_id: int) -> 
     )
 
 
-def place_lesions(rng: np.random.Generator, anatomy: TemplateAnatomy, depth_mm: np.ndarray, lesions: List[Lesion],
-                  inside_fov) -> List[Lesion]:
+def place_lesions(rng: np.random.Generator, anatomy: TemplateAnatomy, depth_mm: np.ndarray, lesions: list[Lesion],
+                  inside_fov) -> list[Lesion]:
     """Choose lesion centres inside the brain; metastases mostly at the grey/white junction.
 
     Args:
@@ -138,7 +139,7 @@ def place_lesions(rng: np.random.Generator, anatomy: TemplateAnatomy, depth_mm: 
     junction = (anatomy.gm > 0.25) & (anatomy.wm > 0.25) & anatomy.brain
     parenchyma = ((anatomy.gm + anatomy.wm) > 0.6) & anatomy.brain
     deep_wm = (anatomy.wm > 0.6) & anatomy.brain
-    placed: List[Lesion] = []
+    placed: list[Lesion] = []
     for lesion in lesions:
         a = float(lesion.semi_axes_mm[0])
         if lesion.kind == "glioma":
@@ -162,7 +163,7 @@ def place_lesions(rng: np.random.Generator, anatomy: TemplateAnatomy, depth_mm: 
     return placed
 
 
-def _bbox(anatomy: TemplateAnatomy, centre: np.ndarray, radius: float) -> Tuple[slice, ...]:
+def _bbox(anatomy: TemplateAnatomy, centre: np.ndarray, radius: float) -> tuple[slice, ...]:
     lo = np.floor((centre - radius - np.asarray(anatomy.origin)) / anatomy.spacing).astype(int)
     hi = np.ceil((centre + radius - np.asarray(anatomy.origin)) / anatomy.spacing).astype(int) + 1
     lo = np.maximum(lo, 0)
@@ -170,7 +171,7 @@ def _bbox(anatomy: TemplateAnatomy, centre: np.ndarray, radius: float) -> Tuple[
     return tuple(slice(int(lo[a]), int(hi[a])) for a in (2, 1, 0))
 
 
-def _normalised_radius(anatomy: TemplateAnatomy, sl: Tuple[slice, ...], lesion: Lesion) -> Tuple[np.ndarray, np.ndarray]:
+def _normalised_radius(anatomy: TemplateAnatomy, sl: tuple[slice, ...], lesion: Lesion) -> tuple[np.ndarray, np.ndarray]:
     """Ellipsoidal radius rho (1 on the surface) and Euclidean distance |u| (mm) on a bounding box."""
     h = anatomy.spacing
     o = np.asarray(anatomy.origin)
@@ -193,13 +194,13 @@ def _shell_fraction(rho: np.ndarray, dist: np.ndarray, scale: float, h: float) -
     return soft_inside(signed, 0.0, h)
 
 
-def _smooth_noise(seed: int, shape: Tuple[int, ...], sigma_vox: float) -> np.ndarray:
+def _smooth_noise(seed: int, shape: tuple[int, ...], sigma_vox: float) -> np.ndarray:
     noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     noise = ndimage.gaussian_filter(noise, sigma=sigma_vox)
     return noise / max(float(noise.std()), 1e-6)
 
 
-def lesion_components(anatomy: TemplateAnatomy, lesion: Lesion) -> Tuple[Tuple[slice, ...], Dict[str, np.ndarray]]:
+def lesion_components(anatomy: TemplateAnatomy, lesion: Lesion) -> tuple[tuple[slice, ...], dict[str, np.ndarray]]:
     """Enhancing / necrotic / oedema fractions and concentration factor of one lesion on its bounding box."""
     h = anatomy.spacing
     a = float(lesion.semi_axes_mm[0])
@@ -250,7 +251,10 @@ def lesion_components(anatomy: TemplateAnatomy, lesion: Lesion) -> Tuple[Tuple[s
 def rasterise_lesions(anatomy: TemplateAnatomy, lesions: Sequence[Lesion]) -> LesionMaps:
     """Add every lesion's partial-volume components into full world-grid maps."""
     shape = anatomy.shape
-    maps = LesionMaps(*(np.zeros(shape, np.float32) for _ in range(4)), owner=np.zeros(shape, np.uint8))
+    maps = LesionMaps(
+        enhancing=np.zeros(shape, np.float32), necrosis=np.zeros(shape, np.float32), oedema=np.zeros(shape, np.float32),
+        conc_standard_dose=np.zeros(shape, np.float32), owner=np.zeros(shape, np.uint8),
+    )
     for lesion in lesions:
         sl, comp = lesion_components(anatomy, lesion)
         maps.enhancing[sl] += comp["enhancing"]
@@ -271,7 +275,7 @@ def rasterise_lesions(anatomy: TemplateAnatomy, lesions: Sequence[Lesion]) -> Le
 # Radiologist-style measurement on the label map (lesions.json)
 # ---------------------------------------------------------------------------------------------
 
-def lps_to_ras(point: Sequence[float]) -> List[float]:
+def lps_to_ras(point: Sequence[float]) -> list[float]:
     """SimpleITK physical points are LPS; Slicer and lesions.json use RAS: (-x, -y, z)."""
     return [-float(point[0]), -float(point[1]), float(point[2])]
 
@@ -331,8 +335,8 @@ def measure_lesion(labels_zyx: np.ndarray, lesion_id: int, origin: Sequence[floa
               and labels_zyx[k, ci[1], ci[0]] == lesion_id)
     centre = pts[np.argmin(((pts - centroid) ** 2).sum(1))] if not inside else origin[:2] + ci * np.array([sx, sy])
 
-    def ras(p2d: np.ndarray) -> List[float]:
-        return [round(v, 4) for v in lps_to_ras([p2d[0], p2d[1], z])]
+    def ras(p2d: np.ndarray) -> list[float]:
+        return [round(v, 4) for v in lps_to_ras([float(p2d[0]), float(p2d[1]), z])]
 
     long_axis = [ras(l1), ras(l2)]
     short_axis = [ras(q1), ras(q2)]

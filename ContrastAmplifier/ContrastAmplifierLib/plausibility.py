@@ -82,8 +82,9 @@ correlation) and 0.5 s at 3 mm; HD-BET alone takes 20-30 s on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -154,7 +155,7 @@ class PlausibilityError(ImageValidationError):
     """Strict mode: the inputs failed plausibility checks (``findings`` lists them all)."""
 
     def __init__(self, findings: Sequence[Finding]):
-        self.findings: Tuple[Finding, ...] = tuple(findings)
+        self.findings: tuple[Finding, ...] = tuple(findings)
         super().__init__(f"implausible inputs (strict mode):\n{format_findings(self.findings)}")
 
     def __reduce__(self):  # picklable across worker processes (the default would pass the message)
@@ -204,7 +205,7 @@ def distinct_levels(array: np.ndarray, limit: int = 1000) -> int:
     return int(min(limit, np.unique(_sample(array)).size))
 
 
-def check_intensity(image: sitk.Image, modality: str) -> List[Finding]:
+def check_intensity(image: sitk.Image, modality: str) -> list[Finding]:
     """Intensities that do not look like an MR magnitude image (or an ADC map, also >= 0).
 
     Args:
@@ -241,7 +242,7 @@ class MaskShape:
     """Shape of a brain mask: volume (mL), sorted oriented-bounding-box sides (mm), fill, connectivity."""
 
     volume_ml: float
-    extents_mm: Tuple[float, float, float]
+    extents_mm: tuple[float, float, float]
     fill: float
     largest_component: float
 
@@ -259,14 +260,15 @@ def mask_shape(mask: sitk.Image) -> MaskShape:
     if not stats.HasLabel(1):
         return MaskShape(0.0, (0.0, 0.0, 0.0), 0.0, 0.0)
     volume = stats.GetPhysicalSize(1)
-    extents = tuple(sorted(float(v) for v in stats.GetOrientedBoundingBoxSize(1)))
+    e1, e2, e3 = sorted(float(v) for v in stats.GetOrientedBoundingBoxSize(1))
+    extents = (e1, e2, e3)
     components = sitk.RelabelComponent(sitk.ConnectedComponent(binary, True), sortByObjectSize=True)
     largest = int(np.count_nonzero(sitk.GetArrayViewFromImage(components) == 1))
     total = int(np.count_nonzero(sitk.GetArrayViewFromImage(binary)))
     return MaskShape(volume / 1000.0, extents, float(volume / max(np.prod(extents), 1e-9)), largest / total)
 
 
-def check_brain_mask(mask: sitk.Image, modality: str = "t1c") -> List[Finding]:
+def check_brain_mask(mask: sitk.Image, modality: str = "t1c") -> list[Finding]:
     """Does the skull-stripping mask (native T1c grid) look like an adult brain?"""
     shape = mask_shape(mask)
     hint = "this does not look like a brain MRI; check that the T1c is a head MRI of an adult."
@@ -329,7 +331,7 @@ def _atlas_grid(template_mask: sitk.Image, spacing_mm: float, margin_mm: float =
 
 
 def atlas_fit(template_image: sitk.Image, template_mask: sitk.Image, t1c: sitk.Image, native_mask: sitk.Image,
-              atlas_to_t1c: sitk.Transform, spacing_mm: float = CHECK_SPACING_MM) -> Tuple[float, float]:
+              atlas_to_t1c: sitk.Transform, spacing_mm: float = CHECK_SPACING_MM) -> tuple[float, float]:
     """Dice and correlation between the template and the T1c brain mapped into atlas space.
 
     Args:
@@ -353,7 +355,7 @@ def atlas_fit(template_image: sitk.Image, template_mask: sitk.Image, t1c: sitk.I
     return dice(tmask, nmask), masked_correlation(timage, nimage, tmask)
 
 
-def check_atlas_fit(dice_value: float, correlation: float, modality: str = "t1c") -> List[Finding]:
+def check_atlas_fit(dice_value: float, correlation: float, modality: str = "t1c") -> list[Finding]:
     """Findings for an atlas registration that did not bring a brain onto the template."""
     hint = ("the T1c brain does not match the ICBM 2009a template after the affine registration: "
             "check that the T1c is a brain MRI and that its header orientation is right.")
@@ -428,7 +430,7 @@ def gradient_correlation(fixed: sitk.Image, moving: sitk.Image, transform: sitk.
 
 
 def check_alignment(modality: str, t1c: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
-                    native_mask: sitk.Image, points_mm: Optional[np.ndarray] = None) -> List[Finding]:
+                    native_mask: sitk.Image, points_mm: Optional[np.ndarray] = None) -> list[Finding]:
     """Overlap, motion and similarity of one modality after its rigid registration to the T1c.
 
     Args:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -47,7 +48,7 @@ from .registration import (
 __all__ = ["Geometry", "NativeGrid", "PreprocessedCase", "preprocess_case", "preprocess_case_dir", "MODALITIES"]
 
 #: The paper's four inputs (Figure 1); "t1c" is the post-contrast slot and the reference grid.
-MODALITIES: Tuple[str, ...] = ("t1", "flair", "adc", "t1c")
+MODALITIES: tuple[str, ...] = ("t1", "flair", "adc", "t1c")
 REFERENCE = "t1c"
 #: Written last by :func:`preprocess_case_dir`: present only when the rest of the output is.
 MANIFEST_FILE = "preprocess.json"
@@ -65,20 +66,22 @@ class Geometry:
             :data:`normalization.DEFAULT_CLIP`.
     """
 
-    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
-    crop_size: Tuple[int, int, int] = (160, 192, 160)
-    percentiles: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    crop_size: tuple[int, int, int] = (160, 192, 160)
+    percentiles: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
-        self.crop_size = tuple(int(s) for s in self.crop_size)  # type: ignore[assignment]
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"geometry spacing must be three positive mm values, got {self.spacing}")
-        if len(self.crop_size) != 3 or min(self.crop_size) < 2:
-            raise ValueError(f"geometry crop_size must be three voxel counts >= 2, got {self.crop_size}")
+        spacing = tuple(float(s) for s in self.spacing)
+        crop_size = tuple(int(s) for s in self.crop_size)
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError(f"geometry spacing must be three positive mm values, got {spacing}")
+        if len(crop_size) != 3 or min(crop_size) < 2:
+            raise ValueError(f"geometry crop_size must be three voxel counts >= 2, got {crop_size}")
+        self.spacing = spacing
+        self.crop_size = crop_size
         self.percentiles = {k: (float(v[0]), float(v[1])) for k, v in dict(self.percentiles).items()}
 
-    def clip_for(self, modality: str) -> Tuple[float, float]:
+    def clip_for(self, modality: str) -> tuple[float, float]:
         """The clip range of ``modality`` (``t1c_low`` shares the ``t1c`` pair)."""
         if modality in self.percentiles:
             return self.percentiles[modality]
@@ -95,7 +98,7 @@ class Geometry:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "Geometry":
+    def from_dict(cls, data: Mapping) -> Geometry:
         return cls(spacing=tuple(data["spacing"]), crop_size=tuple(data["crop_size"]),
                    percentiles={k: tuple(v) for k, v in data.get("percentiles", {}).items()})
 
@@ -104,13 +107,13 @@ class Geometry:
 class NativeGrid:
     """Size, origin, spacing and direction of the native T1c (where outputs are written)."""
 
-    size: Tuple[int, int, int]
-    origin: Tuple[float, float, float]
-    spacing: Tuple[float, float, float]
-    direction: Tuple[float, ...]
+    size: tuple[int, int, int]
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "NativeGrid":
+    def of(cls, image: sitk.Image) -> NativeGrid:
         return cls(tuple(image.GetSize()), tuple(image.GetOrigin()), tuple(image.GetSpacing()), tuple(image.GetDirection()))
 
     def reference(self, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:
@@ -140,19 +143,19 @@ class PreprocessedCase:
             ``preprocess.json`` as ``"warnings"``; empty when every check passed.
     """
 
-    images: Dict[str, sitk.Image]
-    zscores: Dict[str, np.ndarray]
+    images: dict[str, sitk.Image]
+    zscores: dict[str, np.ndarray]
     brain_mask: sitk.Image
     native_brain_mask: sitk.Image
     atlas_to_t1c: sitk.AffineTransform
-    t1c_to: Dict[str, sitk.Transform]
+    t1c_to: dict[str, sitk.Transform]
     native_grid: NativeGrid
     geometry: Geometry
-    timings_s: Dict[str, float] = field(default_factory=dict)
-    findings: List[Finding] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
 
     @property
-    def arrays(self) -> Dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray]:
         """Normalised arrays (z, y, x) per modality."""
         return {k: sitk.GetArrayFromImage(v) for k, v in self.images.items()}
 
@@ -225,7 +228,7 @@ class PreprocessedCase:
         return out
 
     @classmethod
-    def load(cls, out_dir: Union[str, os.PathLike]) -> "PreprocessedCase":
+    def load(cls, out_dir: Union[str, os.PathLike]) -> PreprocessedCase:
         """Read back what :meth:`write` wrote (zscores are not stored: empty dict)."""
         out = Path(out_dir)
         meta = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -287,8 +290,8 @@ def preprocess_case(
 
     geometry = geometry or Geometry()
     sink = progress or null_progress
-    timings: Dict[str, float] = {"checks": 0.0}
-    findings: List[plaus.Finding] = []
+    timings: dict[str, float] = {"checks": 0.0}
+    findings: list[plaus.Finding] = []
     last_fraction = [0.0]
     start = time.perf_counter()
 
@@ -296,7 +299,7 @@ def preprocess_case(
         last_fraction[0] = fraction
         sink(stage, fraction, message)
 
-    def flag(group: List[plaus.Finding], t0: float) -> None:
+    def flag(group: list[plaus.Finding], t0: float) -> None:
         """Keep one group of findings and report each as a "warning" (strict: raise instead)."""
         timings["checks"] += time.perf_counter() - t0
         plaus.raise_if_strict(group, strict)
@@ -342,7 +345,7 @@ def preprocess_case(
     flag(plaus.check_brain_mask(native_mask) + plaus.check_atlas_fit(*fit), t0)
     check_cancel(cancel)
 
-    t1c_to: Dict[str, sitk.Transform] = {}
+    t1c_to: dict[str, sitk.Transform] = {}
     others = [m for m in images if m != REFERENCE]
     t0 = time.perf_counter()
     for i, name in enumerate(others):
@@ -361,11 +364,11 @@ def preprocess_case(
     grid = atlas_crop_grid(template, geometry.spacing, geometry.crop_size)
     mask_atlas = resample(sitk.Cast(native_mask, sitk.sitkFloat32), grid, atlas_to_t1c, sitk.sitkLinear)
     mask_atlas = sitk.Cast(mask_atlas > 0.5, sitk.sitkUInt8)
-    mask_np = sitk.GetArrayViewFromImage(mask_atlas).astype(bool)
+    mask_np: np.ndarray = sitk.GetArrayViewFromImage(mask_atlas).astype(bool)
     if mask_np.sum() < 2:
         raise ImageValidationError("the brain mask falls outside the atlas crop grid: registration failed; check the inputs' orientation.")
-    normalised: Dict[str, sitk.Image] = {}
-    zscores: Dict[str, np.ndarray] = {}
+    normalised: dict[str, sitk.Image] = {}
+    zscores: dict[str, np.ndarray] = {}
     for name, image in images.items():
         transform = atlas_to_t1c if name == REFERENCE else compose(atlas_to_t1c, t1c_to[name])
         moved = sitk.GetArrayFromImage(resample(image, grid, transform, sitk.sitkBSpline))
@@ -389,7 +392,7 @@ def preprocess_case(
     )
 
 
-def preprocess_output_names(modalities: Sequence[str] = MODALITIES, qc: bool = False) -> List[str]:
+def preprocess_output_names(modalities: Sequence[str] = MODALITIES, qc: bool = False) -> list[str]:
     """The file names :func:`preprocess_case_dir` writes (and the only ones it ever replaces)."""
     names = [f"{m}.nii.gz" for m in modalities] + ["brain_mask.nii.gz", "native_brain_mask.nii.gz", "atlas_to_t1c.tfm"]
     names += [f"t1c_to_{m}.tfm" for m in modalities if m != REFERENCE]

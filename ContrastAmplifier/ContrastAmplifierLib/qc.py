@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,6 +18,9 @@ import SimpleITK as sitk
 from ContrastAmplifierCommon.atomicfile import atomic_path
 
 from .registration import Template, load_template, resample
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = ["write_qc_png"]
 
@@ -34,7 +37,7 @@ def write_qc_png(case, path: Union[str, os.PathLike], template: Optional[Templat
     from matplotlib.figure import Figure  # no pyplot: the caller's (or Slicer's) backend is left alone
 
     template = template or load_template(1)
-    outline = sitk.GetArrayFromImage(
+    outline: np.ndarray = sitk.GetArrayFromImage(
         resample(template.brain_mask, case.brain_mask, None, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     ).astype(float)
     names = list(case.images)
@@ -43,7 +46,8 @@ def write_qc_png(case, path: Union[str, os.PathLike], template: Optional[Templat
     for row, name in enumerate(names):
         volume = sitk.GetArrayFromImage(case.images[name])
         for col, ((view, image), (_, contour)) in enumerate(zip(_views(volume), _views(outline))):
-            ax = axes[row][col]
+            # subplots returns an object array of Axes, which numpy's stubs type as ndarray
+            ax: Axes = axes[row, col]  # type: ignore[assignment]
             ax.imshow(image, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
             if contour.max() > 0:
                 ax.contour(contour, levels=[0.5], colors="red", linewidths=0.8, origin="lower")

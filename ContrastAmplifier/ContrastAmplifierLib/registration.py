@@ -22,8 +22,9 @@ float32 images and a few iterations per level. The numbers are in :class:`Affine
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -62,10 +63,10 @@ class RigidSettings:
         threads: ITK threads (the CI machine has 2 cores).
     """
 
-    level_spacing_mm: Tuple[float, ...] = (8.0, 4.0, 2.0)
-    smoothing_sigmas_mm: Tuple[float, ...] = (2.0, 1.0, 0.0)
+    level_spacing_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
+    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0, 0.0)
     sampling_percentage: float = 0.25
-    iterations: Tuple[int, ...] = (100, 60, 30)
+    iterations: tuple[int, ...] = (100, 60, 30)
     learning_rate: float = 1.0
     metric: str = "mattes"
     histogram_bins: int = 32
@@ -311,7 +312,7 @@ def _register_levels(
 
 def _pyramid_level(
     image: sitk.Image, mask: Optional[sitk.Image], level_mm: float, sigma_mm: float
-) -> Tuple[sitk.Image, Optional[sitk.Image]]:
+) -> tuple[sitk.Image, Optional[sitk.Image]]:
     """Block-average ``image`` to about ``level_mm`` voxels (cheap anti-aliasing), then smooth.
 
     ITK's own pyramid smooths the full-resolution images at every level (~0.1 s per image and

@@ -27,7 +27,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 if TYPE_CHECKING:  # loading a bundle imports torch: listing models and the default stays cheap (Slicer GUI)
     from .bundle import ModelBundle
@@ -72,7 +72,7 @@ class ModelEntry:
     intended_use: str
     path: Path
     source: str  # "user" or "builtin"
-    folds: Tuple[int, ...] = ()
+    folds: tuple[int, ...] = ()
 
 
 def _entry(folder: Path, source: str) -> Optional[ModelEntry]:
@@ -95,7 +95,7 @@ def _entry(folder: Path, source: str) -> Optional[ModelEntry]:
     )
 
 
-def _builtin_folders() -> List[Path]:
+def _builtin_folders() -> list[Path]:
     root = builtin_models_dir()
     if root is None:
         return []
@@ -103,9 +103,9 @@ def _builtin_folders() -> List[Path]:
     return [root / item["folder"] for item in registry.get("models", [])]
 
 
-def list_models() -> List[ModelEntry]:
+def list_models() -> list[ModelEntry]:
     """Every bundle found: user bundles first, then shipped ones not overridden by name."""
-    entries: List[ModelEntry] = []
+    entries: list[ModelEntry] = []
     user_dir = user_models_dir()
     if user_dir.is_dir():
         for folder in sorted(p for p in user_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -220,7 +220,7 @@ def _find_entry(name: str, fix: str = "or pass a bundle folder path") -> ModelEn
     )
 
 
-def resolve_model(name_or_path: Optional[str] = None) -> "ModelBundle":
+def resolve_model(name_or_path: Optional[str] = None) -> ModelBundle:
     """Load (and check in full) a bundle given by registry name or by folder path; default model if ``None``."""
     from .bundle import load_bundle
 
@@ -232,11 +232,11 @@ def resolve_model(name_or_path: Optional[str] = None) -> "ModelBundle":
     return load_bundle(_find_entry(name_or_path).path)
 
 
-def verify_models() -> List[tuple]:
+def verify_models() -> list[tuple[ModelEntry, Optional[str]]]:
     """``(entry, error_or_None)`` for every listed bundle, after a full check (manifest, hashes, tensors)."""
     from .bundle import BundleError, load_bundle
 
-    results = []
+    results: list[tuple[ModelEntry, Optional[str]]] = []
     for entry in list_models():
         try:
             load_bundle(entry.path)
@@ -271,7 +271,7 @@ def _safe_extract(archive: Path, target: Path) -> None:
         zf.extractall(target)
 
 
-def import_model(source: Union[str, os.PathLike], overwrite: bool = False) -> "ModelBundle":
+def import_model(source: Union[str, os.PathLike], overwrite: bool = False) -> ModelBundle:
     """Check a bundle folder or ``.zip`` in full and copy it into the per-user models folder.
 
     The copy goes to a temporary folder first and is renamed into place, so an interrupted import

@@ -22,7 +22,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator, List, NoReturn, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NoReturn, Optional
 
 import typer
 
@@ -89,7 +90,7 @@ def run_cli(app: typer.Typer, argv: Optional[Sequence[str]] = None, prog_name: O
             cancel line printed); commands that handle SIGTERM themselves may install their own.
         cancelled_message: the line printed on a cancel the command did not report itself.
     """
-    args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    args: list[str] = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in args or os.environ.get(ENV_DEBUG, "") not in ("", "0")
     args = [a for a in args if a != DEBUG_FLAG]
     if sigterm_as_interrupt and threading.current_thread() is threading.main_thread():

@@ -22,8 +22,9 @@ import importlib
 import importlib.metadata
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ SLICER_PROVIDED = ("SimpleITK", "vtk")
 TORCH = "torch"
 
 ConfirmCallback = Callable[[str], bool]
-Installer = Callable[[List[str]], None]
+Installer = Callable[[list[str]], None]
 
 
 class DependencyError(RuntimeError):
@@ -58,7 +59,7 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def load_requirements(path: Optional[Path] = None) -> List[str]:
+def load_requirements(path: Optional[Path] = None) -> list[str]:
     """Read the requirement specifiers (``["numpy>=1.24", ...]``).
 
     Args:
@@ -90,7 +91,7 @@ def is_satisfied(requirement: str) -> bool:
     return Requirement(requirement).specifier.contains(installed, prereleases=True)
 
 
-def missing_requirements(requirements: Optional[Iterable[str]] = None) -> List[str]:
+def missing_requirements(requirements: Optional[Iterable[str]] = None) -> list[str]:
     """The requirements (default: :func:`load_requirements`) that are not satisfied, in order."""
     requirements = load_requirements() if requirements is None else list(requirements)
     return [r for r in requirements if not is_satisfied(r)]
@@ -118,7 +119,7 @@ def _in_slicer() -> bool:
 def slicer_pip_installer(requester: str = "ContrastAmplifier") -> Installer:
     """An installer that uses Slicer's own pip wrappers (needs the Slicer application)."""
 
-    def install(requirements: List[str]) -> None:
+    def install(requirements: list[str]) -> None:
         import slicer
 
         pydeps = getattr(slicer, "pydeps", None)
@@ -161,7 +162,7 @@ def ensure_dependencies(
     installer: Optional[Installer] = None,
     torch_installer: Optional[Callable[[str], bool]] = None,
     module_title: str = "Contrast Amplifier",
-) -> List[str]:
+) -> list[str]:
     """Make sure every requirement is importable, installing the missing ones after confirmation.
 
     Args:

@@ -18,8 +18,9 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Optional, Union
 
 from .atomicfile import apply_umask
 
@@ -40,9 +41,9 @@ def _absolute(path: PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path)))).resolve()
 
 
-def _missing_chain(path: Path) -> List[Path]:
+def _missing_chain(path: Path) -> list[Path]:
     """``path`` and those of its parents that do not exist, deepest first."""
-    missing: List[Path] = []
+    missing: list[Path] = []
     while not path.exists():
         missing.append(path)
         path = path.parent
@@ -152,7 +153,7 @@ def check_output_file(
     return out
 
 
-def folders_to_create(folder: PathLike, what: str = "output folder") -> List[Path]:
+def folders_to_create(folder: PathLike, what: str = "output folder") -> list[Path]:
     """Check, before any work, that ``folder`` can be created or written; return what must be created.
 
     Returns:
@@ -177,7 +178,7 @@ def remove_empty_folders(folders: Sequence[Path]) -> None:
 
 
 @contextlib.contextmanager
-def created_parents(folder: PathLike) -> Iterator[List[Path]]:
+def created_parents(folder: PathLike) -> Iterator[list[Path]]:
     """Create ``folder`` and its missing parents; remove the ones created here if the block fails."""
     missing = folders_to_create(folder)
     for path in reversed(missing):
@@ -207,8 +208,8 @@ def staged_folder(out_dir: PathLike, last: Optional[str] = None) -> Iterator[Pat
     with created_parents(out.parent):
         inside = out.is_dir()
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out if inside else out.parent))
-        added: List[Path] = []
-        made: List[Path] = []
+        added: list[Path] = []
+        made: list[Path] = []
         try:
             yield staging
             apply_umask(staging, directory=True)

@@ -25,9 +25,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Set
+from typing import Any, Callable, Optional
 
 from .progress import CancelToken, parse_json_progress_line
 
@@ -58,7 +59,7 @@ class ProgressEvent:
     stage: str
     fraction: float
     message: str = ""
-    extra: Mapping[str, object] = field(default_factory=dict, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)  # decoded JSON values
 
 
 class ProcessError(RuntimeError):
@@ -89,7 +90,7 @@ def python_executable() -> str:
     return executable
 
 
-def lib_search_paths() -> List[str]:
+def lib_search_paths() -> list[str]:
     """Folders that hold this package and the modules' ``*Lib`` packages, for a child's ``PYTHONPATH``.
 
     Installed in Slicer, all of them sit in one ``qt-scripted-modules`` folder (the one holding
@@ -104,7 +105,7 @@ def lib_search_paths() -> List[str]:
     return paths
 
 
-def child_environment(extra_env: Optional[Mapping[str, str]] = None, extra_paths: Iterable[str] = ()) -> Dict[str, str]:
+def child_environment(extra_env: Optional[Mapping[str, str]] = None, extra_paths: Iterable[str] = ()) -> dict[str, str]:
     """Environment for a child: ours, plus the Lib folders on ``PYTHONPATH`` and unbuffered UTF-8 output."""
     env = dict(os.environ)
     paths = [*map(str, extra_paths), *lib_search_paths()]
@@ -118,12 +119,12 @@ def child_environment(extra_env: Optional[Mapping[str, str]] = None, extra_paths
     return env
 
 
-def python_module_command(module: str, *args: object) -> List[str]:
+def python_module_command(module: str, *args: object) -> list[str]:
     """``[python, "-m", module, *args]`` with every argument turned into a string."""
     return [python_executable(), "-m", module, *(str(a) for a in args)]
 
 
-def available_cli_commands(module: str) -> Set[str]:
+def available_cli_commands(module: str) -> set[str]:
     """Sub-command names of a Lib CLI module (a typer/click app called ``app``), or an empty set.
 
     Lets a module widget say "this command line does not exist yet" instead of starting a
@@ -159,7 +160,7 @@ def available_cli_commands(module: str) -> Set[str]:
 _BOX_CHARS = " \u2502\u256d\u256e\u2570\u256f\u2500"
 
 
-def _boxed_error(lines: List[str]) -> str:
+def _boxed_error(lines: list[str]) -> str:
     """The text inside the last ``Error`` box of a typer/rich usage error, or ``""``."""
     starts = [i for i, line in enumerate(lines) if line.startswith("\u256d") and "Error" in line]
     if not starts:
@@ -214,7 +215,7 @@ class BackgroundProcess:
         """
         if not command:
             raise ValueError("command is empty; pass the program and its arguments as a list.")
-        self.command: List[str] = [str(c) for c in command]
+        self.command: list[str] = [str(c) for c in command]
         self.env = dict(env) if env is not None else child_environment()
         self.cwd = cwd
         self.on_progress = on_progress
@@ -222,11 +223,11 @@ class BackgroundProcess:
         self.state = ProcessState.NOT_STARTED
         self.returncode: Optional[int] = None
         self.latest: Optional[ProgressEvent] = None
-        self.log_lines: Deque[str] = collections.deque(maxlen=2000)
-        self._stderr: Deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
-        self._queue: "queue.Queue[tuple]" = queue.Queue()
+        self.log_lines: collections.deque[str] = collections.deque(maxlen=2000)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self._queue: queue.Queue[tuple] = queue.Queue()
         self._proc: Optional[subprocess.Popen] = None
-        self._threads: List[threading.Thread] = []
+        self._threads: list[threading.Thread] = []
         self._cancel_requested = False
         self._kill_deadline: Optional[float] = None
         self.started_at: Optional[float] = None
@@ -234,21 +235,23 @@ class BackgroundProcess:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> "BackgroundProcess":
+    def start(self) -> BackgroundProcess:
         """Start the child and the pipe readers; returns self."""
         if self.state is not ProcessState.NOT_STARTED:
             raise RuntimeError(f"process already {self.state.value}; create a new BackgroundProcess to run again.")
-        kwargs: Dict[str, object] = {}
-        if os.name == "nt":
+        creationflags = 0
+        start_new_session = False
+        if sys.platform == "win32":
             # No console window; own process group so cancel can end the whole tree.
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0) | subprocess.CREATE_NEW_PROCESS_GROUP
+            creationflags = getattr(subprocess, "CREATE_NO_WINDOW", 0) | subprocess.CREATE_NEW_PROCESS_GROUP
         else:
-            kwargs["start_new_session"] = True  # own process group: cancel reaches grandchildren too
+            start_new_session = True  # own process group: cancel reaches grandchildren too
         try:
             self._proc = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=self.env, cwd=None if self.cwd is None else str(self.cwd),
-                text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs,
+                text=True, encoding="utf-8", errors="replace", bufsize=1,
+                creationflags=creationflags, start_new_session=start_new_session,
             )
         except OSError as exc:
             self.state = ProcessState.FAILED
@@ -289,7 +292,7 @@ class BackgroundProcess:
         """The kept tail of the child's stderr."""
         return "\n".join(self._stderr)
 
-    def poll(self) -> List[ProgressEvent]:
+    def poll(self) -> list[ProgressEvent]:
         """Drain what the child wrote since the last call; update :attr:`state` when it has ended.
 
         Never blocks. Call it from a GUI timer (every 100-500 ms) or a loop.
@@ -297,7 +300,7 @@ class BackgroundProcess:
         Returns:
             The new progress events, oldest first (also passed to ``on_progress``).
         """
-        events: List[ProgressEvent] = []
+        events: list[ProgressEvent] = []
         if self._proc is None:
             return events
         if self._kill_deadline is not None and time.monotonic() >= self._kill_deadline and self._proc.poll() is None:
@@ -337,9 +340,13 @@ class BackgroundProcess:
         return events
 
     def _finish(self) -> None:
-        self.returncode = self._proc.returncode
+        proc = self._proc
+        assert proc is not None, "_finish runs only after start()"
+        self.returncode = proc.returncode
         self.finished_at = time.monotonic()
-        for stream in (self._proc.stdout, self._proc.stderr):
+        for stream in (proc.stdout, proc.stderr):
+            if stream is None:
+                continue
             try:
                 stream.close()
             except Exception:
@@ -356,7 +363,7 @@ class BackgroundProcess:
         if proc is None or proc.poll() is not None:
             return
         try:
-            if os.name == "nt":
+            if sys.platform == "win32":
                 if kill:
                     subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
                 else:
@@ -450,8 +457,8 @@ class ProcessResult:
     """What a finished child left behind."""
 
     returncode: int
-    progress: List[ProgressEvent] = field(default_factory=list)
-    log_lines: List[str] = field(default_factory=list)
+    progress: list[ProgressEvent] = field(default_factory=list)
+    log_lines: list[str] = field(default_factory=list)
     stderr: str = ""
     seconds: float = 0.0
 
@@ -483,7 +490,7 @@ def run_to_completion(
         TimeoutError: ran past ``timeout``.
     """
     job = BackgroundProcess(command, env=env, cwd=cwd, on_progress=on_progress, on_log=on_log).start()
-    events: List[ProgressEvent] = []
+    events: list[ProgressEvent] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while job.running:

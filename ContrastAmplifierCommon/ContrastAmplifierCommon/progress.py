@@ -68,7 +68,7 @@ class SubProgress:
 class JsonLinesProgress:
     """Writes one JSON object per call: the protocol read by the Slicer modules."""
 
-    def __init__(self, stream: IO[str] | None = None):
+    def __init__(self, stream: Optional[IO[str]] = None):
         self.stream = stream or sys.stdout
         self._lock = threading.Lock()
 

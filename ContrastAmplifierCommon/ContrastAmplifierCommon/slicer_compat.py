@@ -30,6 +30,7 @@ try:  # inside the Slicer application (Qt and the scripted-module machinery are 
 except ImportError:  # headless: the Logic works, the GUI classes are inert
     IN_SLICER_APP = False
 
+    # The stand-ins take the names of the classes imported above (hence mypy's no-redef ignores).
     class ScriptedLoadableModule:  # type: ignore[no-redef]
         """Stand-in for ``ScriptedLoadableModule`` outside Slicer: keeps ``parent``, shows nothing."""
 
@@ -73,4 +74,4 @@ except ImportError:  # headless: the Logic works, the GUI classes are inert
                 node = scene.AddNode(node)
             return node
 
-    ScriptedLoadableModuleTest = unittest.TestCase  # type: ignore[misc,assignment]
+    ScriptedLoadableModuleTest = unittest.TestCase

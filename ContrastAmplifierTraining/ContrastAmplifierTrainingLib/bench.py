@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ def training_iteration_seconds(
     device: str = "cpu",
     precision: str = "fp32",
     threads: Optional[int] = None,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Median seconds of ``iterations`` training steps at ``shape_zyx`` (after ``warmup`` steps).
 
     Args:
@@ -69,9 +70,9 @@ def training_iteration_seconds(
     }
 
 
-def run_training_bench(devices: Sequence[str] = ("cpu",)) -> Dict[str, Dict[str, float]]:
+def run_training_bench(devices: Sequence[str] = ("cpu",)) -> dict[str, dict[str, float]]:
     """Demo size (3 mm, 56 x 64 x 56, base 8: the shipped demo bundle) and paper size (1 mm, 160 x 192 x 160, base 16)."""
-    results: Dict[str, Dict[str, float]] = {}
+    results: dict[str, dict[str, float]] = {}
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             continue

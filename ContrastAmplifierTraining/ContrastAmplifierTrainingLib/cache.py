@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from .data import CACHE_CHANNELS, CachedCase, load_cache_folder, load_cached_cas
 CACHE_VERSION = 1
 
 
-def _file_signature(path: Path) -> List[Any]:
+def _file_signature(path: Path) -> list[Any]:
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -81,14 +82,26 @@ def preprocess_record(
         seed = int(hashlib.sha256(record.case_id.encode()).hexdigest()[:8], 16)
         paths["t1c_low"] = simulate_low_dose_file(paths["t1"], paths["t1c"], Path(work_dir) / f"{record.case_id}_t1c_low_simulated.nii.gz", seed=seed)
     inputs = {m: paths[m] for m in CACHE_CHANNELS}
+    sx, sy, sz = spacing
+    cx, cy, cz = crop_size
+    geometry = Geometry(spacing=(sx, sy, sz), crop_size=(cx, cy, cz))
     result = preprocess_case(
-        inputs, Geometry(spacing=tuple(spacing), crop_size=tuple(crop_size)), skull_strip_mode=skull_strip,
+        inputs, geometry, skull_strip_mode=skull_strip,
         device=device, brain_mask=mask, progress=progress, cancel=cancel,
     )
     mask_array = result.mask_array
     zscores = np.stack([np.where(mask_array, result.zscores[m], 0.0).astype(np.float32) for m in CACHE_CHANNELS])
     return CachedCase(record.case_id, record.patient_id, zscores, mask_array,
-                      spacing=tuple(float(s) for s in spacing), crop_size=tuple(int(s) for s in crop_size))
+                      spacing=geometry.spacing, crop_size=geometry.crop_size)
+
+
+def _case_progress(progress: ProgressCallback, case_id: str) -> ProgressCallback:
+    """One case's progress, reported under the cohort's ``"cache"`` stage with the case id."""
+
+    def report(stage: str, fraction: float, message: str = "") -> None:
+        progress("cache", fraction, f"{case_id}: {message or stage}")
+
+    return report
 
 
 def prepare_cases(
@@ -101,7 +114,7 @@ def prepare_cases(
     device: str = "cpu",
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
-) -> List[CachedCase]:
+) -> list[CachedCase]:
     """Cached cases of a cohort, preprocessing those that are missing or stale.
 
     Args:
@@ -131,7 +144,7 @@ def prepare_cases(
             cases.append(load_cached_case(npz))
             progress("cache", (i + 1) / len(records), f"{record.case_id} cached")
             continue
-        sub = SubProgress(lambda stage, f, m="": progress("cache", f, f"{record.case_id}: {m or stage}"), i / len(records), (i + 1) / len(records))
+        sub = SubProgress(_case_progress(progress, record.case_id), i / len(records), (i + 1) / len(records))
         case = preprocess_record(record, spacing, crop_size, cache_dir, simulate_low_dose, skull_strip, device, sub, cancel)
         save_cached_case(case, npz)
         write_text_atomic(key + "\n", key_path)

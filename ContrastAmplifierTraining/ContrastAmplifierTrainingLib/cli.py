@@ -20,8 +20,9 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import typer
 
@@ -57,7 +58,7 @@ def _cancelled(progress: str) -> None:
     cancelled(RESUME_MESSAGE)
 
 
-def _json_line(obj: Dict[str, Any]) -> None:
+def _json_line(obj: dict[str, Any]) -> None:
     with _json_lock:
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()
@@ -76,10 +77,10 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(int(threads))
 
 
-def _parse_folds(values: Optional[List[str]]) -> Optional[List[int]]:
+def _parse_folds(values: Optional[list[str]]) -> Optional[list[int]]:
     if not values:
         return None
-    folds: List[int] = []
+    folds: list[int] = []
     for value in values:
         for part in str(value).replace(",", " ").split():
             try:
@@ -89,9 +90,9 @@ def _parse_folds(values: Optional[List[str]]) -> Optional[List[int]]:
     return sorted(set(folds))
 
 
-def expand_multi_value_options(argv: Sequence[str], options: Sequence[str] = MULTI_VALUE_OPTIONS) -> List[str]:
+def expand_multi_value_options(argv: Sequence[str], options: Sequence[str] = MULTI_VALUE_OPTIONS) -> list[str]:
     """Rewrite ``--folds 0 1 2`` as ``--folds 0 --folds 1 --folds 2`` (click takes one value per flag)."""
-    out: List[str] = []
+    out: list[str] = []
     i = 0
     argv = list(argv)
     while i < len(argv):
@@ -125,7 +126,7 @@ def prepare(
     manifest: Path = typer.Argument(..., help="Cohort: manifest CSV (case_id,patient_id,t1,flair,adc,t1c_low,t1c[,split]) or a folder of case folders."),
     out_dir: Path = typer.Argument(..., help="Run folder: the cache goes to OUT_DIR/cache."),
     spacing: float = SpacingOpt,
-    crop: Tuple[int, int, int] = CropOpt,
+    crop: tuple[int, int, int] = CropOpt,
     simulate_low_dose: bool = typer.Option(False, "--simulate-low-dose", help="Synthesise T1c-low from T1 and T1c (approximation; see README)."),
     skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode: fast or accurate."),
     device: str = typer.Option("cpu", "--device", help="Device for HD-BET during preprocessing (cpu or cuda)."),
@@ -156,7 +157,7 @@ def prepare(
 def fit(
     manifest: Path = typer.Argument(..., help="Cohort: manifest CSV, a folder of case folders, or a folder of cached *.npz cases."),
     out_dir: Path = typer.Argument(..., help="Run folder (plan, cache, fold_K/ checkpoints and logs). Rerun to resume."),
-    folds: Optional[List[str]] = typer.Option(None, "--folds", "--fold", help="Folds to train, e.g. --folds 0 1 2 3 4 (default all) or --fold 3 for one array job."),
+    folds: Optional[list[str]] = typer.Option(None, "--folds", "--fold", help="Folds to train, e.g. --folds 0 1 2 3 4 (default all) or --fold 3 for one array job."),
     n_folds: int = typer.Option(5, "--n-folds", min=2, help="Number of folds of the patient-wise split (paper: 5)."),
     epochs: int = typer.Option(300, "--epochs", min=1, help="Epochs per fold (paper: 300)."),
     learning_rate: float = typer.Option(1e-3, "--lr", help="Adam learning rate (paper: 1e-3)."),
@@ -172,8 +173,8 @@ def fit(
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", min=0.0, help="Clip the gradient norm to this value (default off, as in the paper)."),
     divergence_guard: bool = typer.Option(True, "--divergence-guard/--no-divergence-guard", help="Roll a diverged epoch back and halve the learning rate (default on; off = the paper's loop exactly; see README)."),
     spacing: float = SpacingOpt,
-    crop: Tuple[int, int, int] = CropOpt,
-    clip_percentiles: Tuple[float, float] = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality before [0, 1] (paper: 1 99; see README 'Clip percentiles')."),
+    crop: tuple[int, int, int] = CropOpt,
+    clip_percentiles: tuple[float, float] = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality before [0, 1] (paper: 1 99; see README 'Clip percentiles')."),
     simulate_low_dose: bool = typer.Option(False, "--simulate-low-dose", help="Synthesise T1c-low from T1 and T1c (approximation; see README)."),
     skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode for preprocessing: fast or accurate."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores; use 1 on a busy shared machine)."),
@@ -200,7 +201,7 @@ def fit(
         _fail(str(exc), progress)
     requested = fold_list if fold_list is not None else list(range(n_folds))
 
-    def on_epoch(row: Dict[str, Any]) -> None:
+    def on_epoch(row: dict[str, Any]) -> None:
         done = requested.index(row["fold"]) + row["epoch"] / epochs
         message = (f"fold {row['fold']} epoch {row['epoch']}/{epochs}: train {row['train_loss']:.5f}, val {row['val_loss']:.5f}, "
                    f"PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.4f} ({row['seconds']:.1f} s)")
@@ -218,7 +219,7 @@ def fit(
                               progress=report, cancel=cancel)
         results = fit_cases(cases, out_dir, folds=fold_list, n_folds=n_folds, split_seed=split_seed, config=config,
                             simulate_low_dose=simulate_low_dose, source=str(manifest), progress=report,
-                            cancel=cancel, on_epoch=on_epoch, percentile_levels=tuple(clip_percentiles))
+                            cancel=cancel, on_epoch=on_epoch, percentile_levels=clip_percentiles)
     except Cancelled:
         getattr(report, "close", lambda: None)()
         _cancelled(progress)
@@ -238,7 +239,7 @@ def fit(
 def export(
     out_dir: Path = typer.Argument(..., help="Run folder written by fit."),
     bundle_dir: Path = typer.Argument(..., help="Bundle folder to write (bundle.json + fold<K>.safetensors)."),
-    folds: Optional[List[str]] = typer.Option(None, "--folds", help="Folds to include (default: every finished fold)."),
+    folds: Optional[list[str]] = typer.Option(None, "--folds", help="Folds to include (default: every finished fold)."),
     name: str = typer.Option("contrast-amplifier", "--name", help="Bundle name in the model registry."),
     version: str = typer.Option("1.0.0", "--version", help="Bundle version."),
     description: Optional[str] = typer.Option(None, "--description", help="One-paragraph description."),
@@ -248,12 +249,12 @@ def export(
     """Write a model bundle (SHA-256 per file, validated bundle.json) from a finished run."""
     from ContrastAmplifierLib.bundle import BundleError
 
-    from .export import export_bundle
+    from .export import DEFAULT_DESCRIPTION, export_bundle
 
-    kwargs = {} if description is None else {"description": description}
     try:
         bundle = export_bundle(out_dir, bundle_dir, folds=_parse_folds(folds), name=name, version=version,
-                               intended_use=intended_use, training_data=training_data, **kwargs)
+                               description=DEFAULT_DESCRIPTION if description is None else description,
+                               intended_use=intended_use, training_data=training_data)
     except (BundleError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), "bar")
     typer.echo(f"wrote bundle {bundle.name!r} with folds {bundle.folds} to {bundle.path}")
@@ -285,13 +286,13 @@ def demo_model(
     cases: int = typer.Option(20, "--cases", min=5, help="Training phantom cases."),
     eval_cases: int = typer.Option(4, "--eval-cases", min=1, help="Held-out phantom cases for the evaluation."),
     spacing: float = typer.Option(3.0, "--spacing", help="Atlas spacing in mm (phantoms are generated at this spacing too)."),
-    crop: Tuple[int, int, int] = typer.Option((56, 64, 56), "--crop", help="Crop size x y z in voxels."),
+    crop: tuple[int, int, int] = typer.Option((56, 64, 56), "--crop", help="Crop size x y z in voxels."),
     base_channels: int = typer.Option(8, "--base-channels", min=1, help="UNet base channels."),
     levels: int = typer.Option(4, "--levels", min=1, help="UNet levels."),
     input_skip: bool = typer.Option(True, "--input-skip/--no-input-skip", help="Post-contrast input skip (starts as identity; without it 150 epochs at 4 mm did not beat the identity baseline)."),
-    folds: Optional[List[int]] = typer.Option(None, "--folds", help="Train only these folds (to run folds side by side); the bundle is exported once all five exist."),
+    folds: Optional[list[int]] = typer.Option(None, "--folds", help="Train only these folds (to run folds side by side); the bundle is exported once all five exist."),
     epochs: int = typer.Option(40, "--epochs", min=1, help="Epochs per fold."),
-    clip_percentiles: Tuple[float, float] = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality (paper: 1 99; the shipped demo uses 1 99.99, see README)."),
+    clip_percentiles: tuple[float, float] = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality (paper: 1 99; the shipped demo uses 1 99.99, see README)."),
     seed: int = typer.Option(0, "--seed", help="Training seed."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16."),
@@ -308,9 +309,9 @@ def demo_model(
     report = make_progress(progress)
     try:
         bundle, metrics = build_demo_model(work_dir, bundle_dir, cases=cases, eval_cases=eval_cases, spacing=spacing,
-                                           crop_size=tuple(crop), base_channels=base_channels, levels=levels, epochs=epochs,
+                                           crop_size=crop, base_channels=base_channels, levels=levels, epochs=epochs,
                                            input_skip=input_skip, folds=folds, seed=seed, device=device, progress=report, cancel=cancel,
-                                           percentile_levels=tuple(clip_percentiles), grad_clip=grad_clip, precision=precision)
+                                           percentile_levels=clip_percentiles, grad_clip=grad_clip, precision=precision)
     except Cancelled:
         _cancelled(progress)
     getattr(report, "close", lambda: None)()

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def _check_complete(record: CaseRecord, source: str, require_low_dose: bool) -> 
             raise CohortError(f"case {record.case_id!r} in {source}: {modality} file {path} does not exist; fix the path.")
 
 
-def read_cohort(source: Path, require_low_dose: bool = True) -> List[CaseRecord]:
+def read_cohort(source: Path, require_low_dose: bool = True) -> list[CaseRecord]:
     """Read a manifest CSV or a folder of case folders (see the module docstring).
 
     Raises:
@@ -87,7 +88,7 @@ def read_cohort(source: Path, require_low_dose: bool = True) -> List[CaseRecord]
     records = _read_csv(source) if source.is_file() else _read_folder(source)
     if not records:
         raise CohortError(f"cohort {source} holds no cases; each case needs t1, flair, adc, t1c_low and t1c images.")
-    seen: Dict[str, int] = {}
+    seen: dict[str, int] = {}
     for record in records:
         seen[record.case_id] = seen.get(record.case_id, 0) + 1
         _check_complete(record, str(source), require_low_dose)
@@ -97,7 +98,7 @@ def read_cohort(source: Path, require_low_dose: bool = True) -> List[CaseRecord]
     return sorted(records, key=lambda r: r.case_id)
 
 
-def _read_csv(path: Path) -> List[CaseRecord]:
+def _read_csv(path: Path) -> list[CaseRecord]:
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or [])
@@ -121,7 +122,7 @@ def _read_csv(path: Path) -> List[CaseRecord]:
     return records
 
 
-def _read_folder(folder: Path) -> List[CaseRecord]:
+def _read_folder(folder: Path) -> list[CaseRecord]:
     records = []
     for case_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         paths = {m: found for m in ALL_MODALITIES + OPTIONAL_IMAGES if (found := _find_image(case_dir, m)) is not None}
@@ -135,7 +136,7 @@ def _read_folder(folder: Path) -> List[CaseRecord]:
     return records
 
 
-def assign_folds(records: Sequence[CaseRecord], n_folds: int = 5, seed: int = 0) -> Dict[str, int]:
+def assign_folds(records: Sequence[CaseRecord], n_folds: int = 5, seed: int = 0) -> dict[str, int]:
     """Patient-wise fold index of every case (deterministic for a seed).
 
     Patients are shuffled with ``seed`` and dealt round-robin, largest patients (most scans)
@@ -144,7 +145,7 @@ def assign_folds(records: Sequence[CaseRecord], n_folds: int = 5, seed: int = 0)
     Raises:
         CohortError: fewer patients than folds.
     """
-    by_patient: Dict[str, List[str]] = {}
+    by_patient: dict[str, list[str]] = {}
     for record in records:
         by_patient.setdefault(record.patient_id, []).append(record.case_id)
     patients = sorted(by_patient)
@@ -156,7 +157,7 @@ def assign_folds(records: Sequence[CaseRecord], n_folds: int = 5, seed: int = 0)
     shuffled = [patients[i] for i in order]
     shuffled.sort(key=lambda p: -len(by_patient[p]))  # stable: ties keep the seeded order
     fold_sizes = [0] * n_folds
-    folds: Dict[str, int] = {}
+    folds: dict[str, int] = {}
     for patient in shuffled:
         fold = min(range(n_folds), key=lambda k: (fold_sizes[k], k))
         fold_sizes[fold] += len(by_patient[patient])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,8 +48,8 @@ class CachedCase:
     patient_id: str
     zscores: np.ndarray
     mask: np.ndarray
-    spacing: Tuple[float, float, float]
-    crop_size: Tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    crop_size: tuple[int, int, int]
 
     def channel(self, name: str) -> np.ndarray:
         return self.zscores[CACHE_CHANNELS.index(name)]
@@ -75,13 +75,15 @@ def load_cached_case(path: Path) -> CachedCase:
     """Read a ``.npz`` written by :func:`save_cached_case` (never unpickles)."""
     try:
         with np.load(path, allow_pickle=False) as data:
+            sx, sy, sz = (float(v) for v in data["spacing"])
+            cx, cy, cz = (int(v) for v in data["crop_size"])
             case = CachedCase(
                 case_id=str(data["case_id"]),
                 patient_id=str(data["patient_id"]),
                 zscores=np.ascontiguousarray(data["zscores"], dtype=np.float32),
                 mask=np.ascontiguousarray(data["mask"], dtype=bool),
-                spacing=tuple(float(v) for v in data["spacing"]),
-                crop_size=tuple(int(v) for v in data["crop_size"]),
+                spacing=(sx, sy, sz),
+                crop_size=(cx, cy, cz),
             )
     except (OSError, KeyError, ValueError) as exc:
         raise CacheError(f"cached case {path} is unreadable ({exc}); delete it so it is rebuilt.") from None
@@ -93,7 +95,7 @@ def load_cached_case(path: Path) -> CachedCase:
     return case
 
 
-def load_cache_folder(folder: Path) -> List[CachedCase]:
+def load_cache_folder(folder: Path) -> list[CachedCase]:
     """Every ``*.npz`` cached case of a folder, sorted by case id."""
     files = sorted(Path(folder).glob("*.npz"))
     if not files:
@@ -102,8 +104,8 @@ def load_cache_folder(folder: Path) -> List[CachedCase]:
 
 
 def train_set_percentiles(
-    cases: Sequence[CachedCase], levels: Tuple[float, float] = PERCENTILE_LEVELS, seed: int = 0
-) -> Dict[str, Tuple[float, float]]:
+    cases: Sequence[CachedCase], levels: tuple[float, float] = PERCENTILE_LEVELS, seed: int = 0
+) -> dict[str, tuple[float, float]]:
     """Per bundle modality, the ``levels`` percentiles of brain z-scores over ``cases``.
 
     Pass the training cases only (the held-out test set must not leak in). The "t1c" pair is
@@ -112,7 +114,7 @@ def train_set_percentiles(
     if not cases:
         raise ValueError("percentiles need at least one training case")
     rng = np.random.default_rng(seed)
-    out: Dict[str, Tuple[float, float]] = {}
+    out: dict[str, tuple[float, float]] = {}
     for modality in BUNDLE_MODALITIES:
         samples = []
         for case in cases:
@@ -151,7 +153,7 @@ class TrainingCase:
     inputs: torch.Tensor
     target: torch.Tensor
 
-    def to(self, device: torch.device) -> "TrainingCase":
+    def to(self, device: torch.device) -> TrainingCase:
         return TrainingCase(self.case_id, self.patient_id, self.inputs.to(device), self.target.to(device))
 
 

@@ -16,8 +16,9 @@ Reproduce with::
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 from ContrastAmplifierLib.bundle import ModelBundle
 from ContrastAmplifierLib.network import NetworkConfig
@@ -37,7 +38,7 @@ def build_demo_model(
     cases: int = 20,
     eval_cases: int = 4,
     spacing: float = 3.0,
-    crop_size: Tuple[int, int, int] = (56, 64, 56),
+    crop_size: tuple[int, int, int] = (56, 64, 56),
     base_channels: int = 8,
     levels: int = 4,
     input_skip: bool = True,
@@ -45,13 +46,13 @@ def build_demo_model(
     folds: Optional[Sequence[int]] = None,
     seed: int = 0,
     device: str = "cpu",
-    percentile_levels: Tuple[float, float] = (1.0, 99.0),
+    percentile_levels: tuple[float, float] = (1.0, 99.0),
     grad_clip: Optional[float] = None,
     precision: str = "auto",
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     on_epoch: Optional[EpochCallback] = None,
-) -> Tuple[Optional[ModelBundle], Dict[str, Dict[str, float]]]:
+) -> tuple[Optional[ModelBundle], dict[str, dict[str, float]]]:
     """Generate phantoms, fit five folds, export the bundle and evaluate it on held-out phantoms.
 
     Every stage resumes: phantoms and cache are reused, finished epochs and folds are skipped.
@@ -93,7 +94,7 @@ def build_demo_model(
         progress("done", 1.0, f"folds {sorted(folds)} trained; run again without --folds to export the bundle")
         return None, {}
     held_out = prepare_cases(eval_dir, work_dir / "eval-cache", spacing=spacing3, crop_size=crop_size, cancel=cancel)
-    metadata: Dict[str, Any] = dict(
+    metadata: dict[str, Any] = dict(
         name=DEMO_NAME,
         version="0.2.0",
         description=(

@@ -16,7 +16,7 @@ Metrics: NRMSE (RMSE / RMS of the target, inside the brain) and PSNR (data range
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,14 +27,14 @@ from .data import CachedCase, normalize
 DOSE_FACTOR = 0.1 / 0.025
 
 
-def _metrics(prediction: np.ndarray, target: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
+def _metrics(prediction: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     error = prediction[mask].astype(np.float64) - target[mask]
     mse = float(np.mean(error**2))
     rms = float(np.sqrt(np.mean(target[mask].astype(np.float64) ** 2)))
     return {"nrmse": math.sqrt(mse) / max(rms, 1e-12), "psnr": math.inf if mse == 0 else 10 * math.log10(1.0 / mse)}
 
 
-def evaluate_bundle(bundle: ModelBundle, cases: Sequence[CachedCase], n_mirrorings: int = 8, device: str = "cpu") -> Dict[str, Dict[str, float]]:
+def evaluate_bundle(bundle: ModelBundle, cases: Sequence[CachedCase], n_mirrorings: int = 8, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Mean NRMSE and PSNR per method (see the module docstring) over ``cases``."""
     from ContrastAmplifierLib.ensemble import InferenceSettings, predict_ensemble
 
@@ -42,7 +42,7 @@ def evaluate_bundle(bundle: ModelBundle, cases: Sequence[CachedCase], n_mirrorin
     settings = InferenceSettings.create(device=device, precision="exact")
     percentiles = bundle.percentiles
     lo, hi = percentiles["t1c"]
-    per_method: Dict[str, List[Dict[str, float]]] = {"model": [], "identity": [], "linear_dose": [], "linear_fit": []}
+    per_method: dict[str, list[dict[str, float]]] = {"model": [], "identity": [], "linear_dose": [], "linear_fit": []}
     lows, targets, masks = [], [], []
     for case in cases:
         mask = case.mask

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Optional
 
 from ContrastAmplifierLib.bundle import ModelBundle, write_bundle
 from ContrastAmplifierLib.network import NetworkConfig
@@ -14,9 +15,10 @@ from .fit import read_plan
 from .run_status import DONE_FILE, FINAL_WEIGHTS_FILE, FOLD_DIR_PREFIX, fold_dir
 
 DEFAULT_INTENDED_USE = "research only - not for clinical use"
+DEFAULT_DESCRIPTION = "Residual 3D UNet ensemble amplifying gadolinium contrast on brain MRI (Bone, Ammari et al., Invest Radiol 2022)."
 
 
-def finished_folds(out_dir: Path) -> Dict[int, Dict[str, Any]]:
+def finished_folds(out_dir: Path) -> dict[int, dict[str, Any]]:
     """Fold index -> ``done.json`` content, for every fold whose final weights exist."""
     done = {}
     for path in sorted(Path(out_dir).glob(f"{FOLD_DIR_PREFIX}*/{DONE_FILE}")):
@@ -32,10 +34,10 @@ def export_bundle(
     folds: Optional[Sequence[int]] = None,
     name: str = "contrast-amplifier",
     version: str = "1.0.0",
-    description: str = "Residual 3D UNet ensemble amplifying gadolinium contrast on brain MRI (Bone, Ammari et al., Invest Radiol 2022).",
+    description: str = DEFAULT_DESCRIPTION,
     intended_use: str = DEFAULT_INTENDED_USE,
     training_data: Optional[str] = None,
-    extra_training: Optional[Dict[str, Any]] = None,
+    extra_training: Optional[dict[str, Any]] = None,
 ) -> ModelBundle:
     """Write the bundle of ``folds`` (default: every finished fold) of the run in ``out_dir``.
 
@@ -60,7 +62,7 @@ def export_bundle(
     states = {k: load_file(str(fold_dir(out_dir, k) / FINAL_WEIGHTS_FILE)) for k in folds}
     geometry = plan["geometry"]
     n_patients = len({c["patient_id"] for c in plan["cases"]})
-    training: Dict[str, Any] = {
+    training: dict[str, Any] = {
         "paper": "Bone, Ammari et al., Invest Radiol 2022;57(8):527-535",
         "optimizer": "Adam",
         "learning_rate": plan["learning_rate"],

@@ -17,9 +17,10 @@ run them side by side against the same ``OUT_DIR`` once the cache and plan exist
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 from ContrastAmplifierCommon.atomicfile import write_text_atomic
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
@@ -44,8 +45,8 @@ def make_plan(
     config: TrainConfig,
     simulate_low_dose: bool = False,
     source: str = "",
-    percentile_levels: Tuple[float, float] = PERCENTILE_LEVELS,
-) -> Dict[str, Any]:
+    percentile_levels: tuple[float, float] = PERCENTILE_LEVELS,
+) -> dict[str, Any]:
     """The run's plan: patient-wise folds, geometry with train-set percentiles, settings."""
     low_level, high_level = (float(v) for v in percentile_levels)
     if not 0.0 <= low_level < high_level <= 100.0:
@@ -111,7 +112,7 @@ def _same_setting(key: str, a: Any, b: Any) -> bool:
     return a == b
 
 
-def check_or_write_plan(out_dir: Path, plan: Dict[str, Any]) -> Dict[str, Any]:
+def check_or_write_plan(out_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
     """Write ``plan.json``, or check an existing one agrees (resume); returns the plan in force."""
     path = Path(out_dir) / PLAN_FILE
     if path.is_file():
@@ -127,14 +128,14 @@ def check_or_write_plan(out_dir: Path, plan: Dict[str, Any]) -> Dict[str, Any]:
     return plan
 
 
-def read_plan(out_dir: Path) -> Dict[str, Any]:
+def read_plan(out_dir: Path) -> dict[str, Any]:
     path = Path(out_dir) / PLAN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {PLAN_FILE} in {out_dir}: run `contrast-amplifier-train fit` into this folder first.")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def split_cases(cases: Sequence[TrainingCase], plan: Mapping[str, Any], fold: int) -> tuple[List[TrainingCase], List[TrainingCase]]:
+def split_cases(cases: Sequence[TrainingCase], plan: Mapping[str, Any], fold: int) -> tuple[list[TrainingCase], list[TrainingCase]]:
     """(training cases, held-out cases) of ``fold`` according to the plan."""
     fold_of = {c["case_id"]: int(c["fold"]) for c in plan["cases"]}
     train = [c for c in cases if fold_of[c.case_id] != fold]
@@ -149,12 +150,24 @@ def _tensorboard_callback(fold_dir: Path) -> tuple[Optional[EpochCallback], Any]
         return None, None
     writer = SummaryWriter(log_dir=str(fold_dir / "tensorboard"))
 
-    def log(row: Dict[str, Any]) -> None:
+    def log(row: dict[str, Any]) -> None:
         for key in ("train_loss", "val_loss", "val_psnr", "val_ssim"):
             writer.add_scalar(key, row[key], row["epoch"])
         writer.flush()
 
     return log, writer
+
+
+def _both_callbacks(first: Optional[EpochCallback], second: Optional[EpochCallback]) -> EpochCallback:
+    """One epoch callback that feeds each row to ``first`` then ``second`` (either may be None)."""
+
+    def epoch_done(row: dict[str, Any]) -> None:
+        if first is not None:
+            first(row)
+        if second is not None:
+            second(row)
+
+    return epoch_done
 
 
 def fit_cases(
@@ -169,8 +182,8 @@ def fit_cases(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     on_epoch: Optional[EpochCallback] = None,
-    percentile_levels: Tuple[float, float] = PERCENTILE_LEVELS,
-) -> List[FoldResult]:
+    percentile_levels: tuple[float, float] = PERCENTILE_LEVELS,
+) -> list[FoldResult]:
     """Train the requested folds on preprocessed cases (the part of :func:`fit` after the cache).
 
     Args:
@@ -203,19 +216,12 @@ def fit_cases(
         fold_dir = fold_folder(out_dir, fold)
         fold_dir.mkdir(parents=True, exist_ok=True)
         tb_log, writer = _tensorboard_callback(fold_dir)
-
-        def epoch_done(row: Dict[str, Any]) -> None:
-            if tb_log is not None:
-                tb_log(row)
-            if on_epoch is not None:
-                on_epoch(row)
-
         try:
             results.append(
                 fit_fold(
                     fold, train, held_out, fold_dir, config,
                     progress=SubProgress(progress, i / len(folds), (i + 1) / len(folds)),
-                    cancel=cancel, on_epoch=epoch_done,
+                    cancel=cancel, on_epoch=_both_callbacks(tb_log, on_epoch),
                 )
             )
         finally:

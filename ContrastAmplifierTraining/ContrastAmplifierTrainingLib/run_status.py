@@ -19,9 +19,10 @@ import csv
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:
     from ContrastAmplifierCommon.process import ProgressEvent
@@ -125,10 +126,10 @@ class RunStatus:
 
     run_dir: Optional[Path]
     has_plan: bool = False
-    folds: Dict[int, FoldStatus] = field(default_factory=dict)
+    folds: dict[int, FoldStatus] = field(default_factory=dict)
 
 
-def _log_rows(path: Path) -> List[Dict[str, str]]:
+def _log_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a fold's ``log.csv``; none when it is missing or unreadable (e.g. being rewritten)."""
     if not path.is_file():
         return []
@@ -180,7 +181,7 @@ def read_run_status(run_dir: Optional[PathLike]) -> RunStatus:
     folder = Path(run_dir)
     if not folder.is_dir():
         return RunStatus(folder)
-    folds: Dict[int, FoldStatus] = {}
+    folds: dict[int, FoldStatus] = {}
     for path in sorted(folder.iterdir()):
         fold = fold_of_dir(path)
         if fold is not None and path.is_dir():
@@ -214,9 +215,9 @@ class TrainingMonitor:
 
     def __init__(self, folds: Sequence[int], epochs: int, initial: Optional[Mapping[int, FoldStatus]] = None) -> None:
         """Start from ``initial`` (e.g. :func:`read_run_status` of the folder a Resume continues)."""
-        self.folds: List[int] = [int(k) for k in folds]
+        self.folds: list[int] = [int(k) for k in folds]
         self.epochs = int(epochs)
-        self.fold_status: Dict[int, FoldStatus] = {}
+        self.fold_status: dict[int, FoldStatus] = {}
         for fold in self.folds:
             known = (initial or {}).get(fold)
             status = FoldStatus(fold, self.epochs) if known is None else replace(known, epochs=self.epochs)
@@ -265,7 +266,7 @@ class TrainingMonitor:
         self.latest_fold = fold
         return status
 
-    def ordered(self) -> List[FoldStatus]:
+    def ordered(self) -> list[FoldStatus]:
         """The status of each fold of the run, in :attr:`folds` order."""
         return [self.fold_status[k] for k in self.folds]
 

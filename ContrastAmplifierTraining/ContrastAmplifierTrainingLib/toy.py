@@ -8,7 +8,7 @@ training cache. Use :mod:`ContrastAmplifierLib.phantom` for anything that must l
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -45,7 +45,7 @@ def toy_case(case_id: str, patient_id: str, shape: Sequence[int] = (32, 32, 32),
     return CachedCase(case_id, patient_id, zscores, mask, spacing=(2.0, 2.0, 2.0), crop_size=(shape[2], shape[1], shape[0]))
 
 
-def toy_cohort(n_cases: int, shape: Sequence[int] = (32, 32, 32), seed: int = 0, scans_per_patient: int = 1) -> List[CachedCase]:
+def toy_cohort(n_cases: int, shape: Sequence[int] = (32, 32, 32), seed: int = 0, scans_per_patient: int = 1) -> list[CachedCase]:
     """``n_cases`` toy cases; consecutive cases share a patient when ``scans_per_patient`` > 1."""
     return [
         toy_case(f"toy_{i:03d}", f"patient_{i // scans_per_patient:03d}", shape, seed=seed * 10_000 + i)

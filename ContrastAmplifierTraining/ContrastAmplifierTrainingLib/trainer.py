@@ -37,9 +37,10 @@ import math
 import pickle
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ LOG_COLUMNS = ("fold", "epoch", "train_loss", "val_loss", "val_psnr", "val_ssim"
 DIVERGENCE_FACTOR = 2.0
 #: Rollbacks allowed per fold before the fit stops with an error (the learning rate is then 1/256 of its start).
 MAX_ROLLBACKS = 8
-EpochCallback = Callable[[Dict[str, Any]], None]
+EpochCallback = Callable[[dict[str, Any]], None]
 #: Entries of ``checkpoint.pt``, written by :func:`fit_fold` after every epoch.
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "history", "network")
 
@@ -120,8 +121,8 @@ class FoldResult:
     fold: int
     epochs: int
     weights: Path
-    metrics: Dict[str, float]
-    history: List[Dict[str, Any]] = field(repr=False, default_factory=list)
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -131,7 +132,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 def restore_checkpoint(
     path: Path, model: ResidualUNet3D, optimizer: torch.optim.Optimizer, network: NetworkConfig, device: torch.device
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Load ``checkpoint.pt`` into ``model`` and ``optimizer``; return it (epoch, history, ...).
 
     ``torch.load(weights_only=True)`` never runs code from the file: a pickle holding anything but
@@ -173,7 +174,7 @@ def restore_checkpoint(
     return state
 
 
-def _write_log(history: Sequence[Dict[str, Any]], path: Path) -> None:
+def _write_log(history: Sequence[dict[str, Any]], path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -218,7 +219,7 @@ def epoch_plan(seed: int, fold: int, epoch: int, n_cases: int, mirror: bool) -> 
     return order, axes if mirror else np.zeros_like(axes)
 
 
-def evaluate(model: ResidualUNet3D, cases: Sequence[TrainingCase], device: torch.device, precision: str) -> Dict[str, float]:
+def evaluate(model: ResidualUNet3D, cases: Sequence[TrainingCase], device: torch.device, precision: str) -> dict[str, float]:
     """Mean MSE, PSNR and SSIM of the model's predictions on ``cases`` (no mirroring)."""
     if not cases:
         return {"val_loss": math.nan, "val_psnr": math.nan, "val_ssim": math.nan}
@@ -287,7 +288,7 @@ def fit_fold(
         torch.manual_seed(config.seed * 1000 + fold)
         model = ResidualUNet3D(config.network).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-        history: List[Dict[str, Any]] = []
+        history: list[dict[str, Any]] = []
         start_epoch = 0
         if checkpoint_path.is_file():
             state = restore_checkpoint(checkpoint_path, model, optimizer, config.network, device)
@@ -322,7 +323,7 @@ def fit_fold(
                 fraction = (epoch + (step + 1) / len(order)) / config.epochs
                 progress("fit", fraction, f"fold {fold} epoch {epoch + 1}/{config.epochs} case {step + 1}/{len(order)}")
             check_cancel(cancel)
-            row: Dict[str, Any] = {"fold": fold, "epoch": epoch + 1, "train_loss": total / len(order)}
+            row: dict[str, Any] = {"fold": fold, "epoch": epoch + 1, "train_loss": total / len(order)}
             row.update(evaluate(model, val_data, device, precision))
             row["seconds"] = time.perf_counter() - started
             if config.divergence_guard and history and _diverged(row, history):
@@ -368,7 +369,7 @@ def fit_fold(
     return FoldResult(fold, config.epochs, final_path, dict(history[-1]) if history else {}, history)
 
 
-def _diverged(row: Dict[str, Any], history: Sequence[Dict[str, Any]]) -> bool:
+def _diverged(row: dict[str, Any], history: Sequence[dict[str, Any]]) -> bool:
     """The epoch in ``row`` blew up: non-finite loss, or validation loss > factor x the best so far."""
     key = "val_loss" if math.isfinite(float(history[0].get("val_loss", math.nan))) else "train_loss"
     if not (math.isfinite(float(row["train_loss"])) and math.isfinite(float(row.get(key, math.nan)))):
@@ -377,7 +378,7 @@ def _diverged(row: Dict[str, Any], history: Sequence[Dict[str, Any]]) -> bool:
     return float(row[key]) > DIVERGENCE_FACTOR * best
 
 
-def config_record(config: TrainConfig) -> Dict[str, Any]:
+def config_record(config: TrainConfig) -> dict[str, Any]:
     """JSON-ready record of a config (for plan.json and the bundle's ``training`` entry)."""
     record = asdict(config)
     record["network"] = config.network.to_dict()
