@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 from ContrastAmplifierCommon.outputs import OutputPathError, folders_to_create
 
@@ -101,7 +102,7 @@ def _silent(stage: str, fraction: float, message: str = "") -> None:
     """The progress callback when none is given."""
 
 
-def check_options(study_dir: Path, out_dir: Path, thresholds: Sequence[float], brain_margin_mm: float) -> List[float]:
+def check_options(study_dir: Path, out_dir: Path, thresholds: Sequence[float], brain_margin_mm: float) -> list[float]:
     """Refuse unusable options before any work; returns the thresholds as ascending floats.
 
     Raises:
@@ -129,8 +130,8 @@ def _contrast(info: StudyInfo, reference: Reference, contrast: bool, brain_margi
     return summarise_contrast(info, reference.lesions, brain_margin_mm, say)
 
 
-def _result(out_dir: Path, reads: Reads, reference: Reference, thresholds: List[float], detection: DetectionTables,
-            summaries: ReadSummaries, table4: ContrastSummary, notes: List[str]) -> AnalysisResult:
+def _result(out_dir: Path, reads: Reads, reference: Reference, thresholds: list[float], detection: DetectionTables,
+            summaries: ReadSummaries, table4: ContrastSummary, notes: list[str]) -> AnalysisResult:
     """The stages' outputs as one :class:`AnalysisResult`."""
     return AnalysisResult(
         out_dir=out_dir, reference_phase=reference.phase, reference_reader=reference.reader,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from ContrastAmplifierCommon.cliapp import cli_job, fail, run_cli  # one error path for every command line
@@ -33,9 +33,9 @@ StudyDirArg = typer.Argument(..., help="Study folder (holds study.json and reads
 @app.command()
 def init(
     study_dir: Path = typer.Argument(..., help="Folder to create the study in (study.json and the reads database go here)."),
-    cases: List[Path] = typer.Option(..., "--cases", help="Case folders (files named after their modality: t1c.nii.gz, t1c_pro.nii.gz, flair.nii.gz...) and/or a CSV manifest with header 'case,<modality>,...'. Repeat the option or pass a shell glob."),
-    readers: List[str] = typer.Option(..., "--readers", help="Reader ids, e.g. --readers R1 --readers R2 (names only; no password)."),
-    phases: Optional[List[str]] = typer.Option(None, "--phases", help="Phases in reading order: NAME (paper defaults: T1c shows T1c+T2-FLAIR; T1c-pro and T1c-vfa also show T1c) or NAME=VOL1+VOL2+... Default: T1c T1c-pro T1c-vfa."),
+    cases: list[Path] = typer.Option(..., "--cases", help="Case folders (files named after their modality: t1c.nii.gz, t1c_pro.nii.gz, flair.nii.gz...) and/or a CSV manifest with header 'case,<modality>,...'. Repeat the option or pass a shell glob."),
+    readers: list[str] = typer.Option(..., "--readers", help="Reader ids, e.g. --readers R1 --readers R2 (names only; no password)."),
+    phases: Optional[list[str]] = typer.Option(None, "--phases", help="Phases in reading order: NAME (paper defaults: T1c shows T1c+T2-FLAIR; T1c-pro and T1c-vfa also show T1c) or NAME=VOL1+VOL2+... Default: T1c T1c-pro T1c-vfa."),
     reference_reader: Optional[str] = typer.Option(None, "--reference-reader", help="Reader whose marks in the reference phase are the reference lesions (default: the last reader)."),
     reference_phase: Optional[str] = typer.Option(None, "--reference-phase", help="Phase whose lesions only the reference reader marks (default: T1c-vfa when present, else none)."),
     washout_days: float = typer.Option(10.0, "--washout-days", min=0.0, help="Minimum delay between a reader's phases (paper: 10 days)."),
@@ -112,7 +112,7 @@ def analyze(
     out: Path = typer.Option(..., "--out", help="Folder that receives detection.csv, comparisons.csv, contrast.csv, quality.csv, times.csv, report.md/.html and plots."),
     reference_phase: Optional[str] = typer.Option(None, "--reference-phase", help="Phase of the reference lesions (default: study.json, else T1c-vfa)."),
     reference_reader: Optional[str] = typer.Option(None, "--reference-reader", help="Reader of the reference lesions (default: study.json, else the only reader with marks in that phase)."),
-    thresholds: Optional[List[float]] = typer.Option(None, "--threshold", help="Long-axis size thresholds in mm, repeatable (paper: 0 5 10)."),
+    thresholds: Optional[list[float]] = typer.Option(None, "--threshold", help="Long-axis size thresholds in mm, repeatable (paper: 0 5 10)."),
     contrast: bool = typer.Option(True, "--contrast/--no-contrast", help="Compute CNR/LBR/CEP when the study lists the volumes."),
     brain_margin_mm: float = typer.Option(5.0, "--brain-margin", min=0.0, help="Margin (mm) around lesions removed from the automatic healthy-brain ROI."),
     n_boot: int = typer.Option(2000, "--n-boot", min=0, help="Case-level bootstrap replicates of the reader-average sensitivity (beyond the paper; 0 skips)."),
@@ -135,7 +135,7 @@ def analyze(
         typer.echo(str(path), err=progress == "json")
 
 
-def main(argv: Optional[List[str]] = None) -> None:  # console-script entry point
+def main(argv: Optional[list[str]] = None) -> None:  # console-script entry point
     """Run the ``lesion-reader`` app: one error line instead of a traceback (``--debug`` shows it), 130 on Ctrl-C."""
     run_cli(app, argv, prog_name="lesion-reader")
 

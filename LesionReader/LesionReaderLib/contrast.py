@@ -26,9 +26,10 @@ so RAS (x, y, z) is LPS (-x, -y, z).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -209,7 +210,7 @@ class CaseVolumes:
     """
 
     case: str
-    post: Dict[str, PathLike]
+    post: Mapping[str, PathLike]  # only read: any mapping of name -> path (dict[str, Path] included)
     pre: Optional[PathLike] = None
     healthy_brain: Optional[PathLike] = None
     brain_mask: Optional[PathLike] = None
@@ -220,7 +221,7 @@ def case_contrast(
     volumes: CaseVolumes,
     lesions: Sequence[LesionGeometry],
     margin_mm: float = DEFAULT_BRAIN_MARGIN_MM,
-) -> List[ContrastResult]:
+) -> list[ContrastResult]:
     """CNR, LBR and CEP of every post-contrast volume of one case (paper, Table 4).
 
     Args:
@@ -251,16 +252,18 @@ def case_contrast(
     results = []
     for name, path in volumes.post.items():
         image = _read(path, f"case {volumes.case} {name}")
-        data = sitk.GetArrayViewFromImage(image).astype(float)
+        data: np.ndarray = sitk.GetArrayViewFromImage(image).astype(float)
         roi = parallelogram_mask(image, lesions)
         if not roi.any():
             raise ContrastInputError(f"Case {volumes.case}: the lesion ROIs fall outside the {name} grid; check the lesion coordinates (RAS mm).")
         if healthy is not None:
             brain_roi = sitk.GetArrayFromImage(_on_grid(healthy, image)) > 0
             kind = "label"
-        else:
+        elif brain is not None:
             brain_roi = automatic_brain_mask(image, brain, lesions, labels, margin_mm)
             kind = "automatic"
+        else:  # not reached: a case with neither input is refused above
+            raise ContrastInputError(f"Case {volumes.case}: no healthy-brain label and no brain mask; add one of them to the study to compute CNR/LBR.")
         brain_roi &= ~roi
         if brain_roi.sum() < 2:
             raise ContrastInputError(f"Case {volumes.case}: the healthy-brain ROI on {name} has {int(brain_roi.sum())} voxel(s); check the label/brain mask.")

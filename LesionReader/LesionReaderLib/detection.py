@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from .matching import match_lesions
 from .results import AVERAGE, Mark, ReadKey, Reads, Reference, StudyInfo, comparison_row
 
 #: (case, reference lesion id).
-LesionKey = Tuple[str, str]
+LesionKey = tuple[str, str]
 
 
 @dataclass
@@ -50,10 +51,10 @@ class PairDetection:
 
     reader: str
     phase: str
-    cases: List[str]
-    detected: Dict[LesionKey, bool]
-    fp_long: Dict[str, List[float]]
-    marks_per_case: Dict[str, int]
+    cases: list[str]
+    detected: dict[LesionKey, bool]
+    fp_long: dict[str, list[float]]
+    marks_per_case: dict[str, int]
 
     def fp_counts(self, cases: Sequence[str], threshold: float) -> np.ndarray:
         """False positives per case whose own long axis reaches ``threshold``."""
@@ -74,21 +75,21 @@ class DetectionTables:
         notes: reads left out, cases without a reference read.
     """
 
-    evaluated: List[ReadKey] = field(default_factory=list)
-    readers: List[str] = field(default_factory=list)
-    rows: List[dict] = field(default_factory=list)
-    comparisons: List[dict] = field(default_factory=list)
-    bootstrap: List[dict] = field(default_factory=list)
-    matches: List[dict] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
+    evaluated: list[ReadKey] = field(default_factory=list)
+    readers: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    comparisons: list[dict] = field(default_factory=list)
+    bootstrap: list[dict] = field(default_factory=list)
+    matches: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- matching
 
 
-def evaluated_reads(reads: Reads, info: StudyInfo, reference: ReadKey) -> List[ReadKey]:
+def evaluated_reads(reads: Reads, info: StudyInfo, reference: ReadKey) -> list[ReadKey]:
     """Graded reads other than the reference that marked lesions or were asked to (study.json markers)."""
-    evaluated: List[ReadKey] = []
+    evaluated: list[ReadKey] = []
     for reader in reads.readers:
         for phase in reads.phases:
             key = (reader, phase)
@@ -101,7 +102,7 @@ def evaluated_reads(reads: Reads, info: StudyInfo, reference: ReadKey) -> List[R
     return evaluated
 
 
-def _match_case(reader: str, phase: str, case: str, ref: List[Mark], marks: List[Mark], detection: PairDetection) -> List[dict]:
+def _match_case(reader: str, phase: str, case: str, ref: list[Mark], marks: list[Mark], detection: PairDetection) -> list[dict]:
     """Match the marks of one case to its reference lesions; fills ``detection``, returns matches.csv rows."""
     detection.marks_per_case[case] = len(marks)
     result = match_lesions([m.geometry for m in ref], [m.geometry for m in marks])
@@ -117,7 +118,7 @@ def _match_case(reader: str, phase: str, case: str, ref: List[Mark], marks: List
     return rows
 
 
-def match_read(reads: Reads, reference: Reference, key: ReadKey) -> Tuple[PairDetection, List[dict], List[str]]:
+def match_read(reads: Reads, reference: Reference, key: ReadKey) -> tuple[PairDetection, list[dict], list[str]]:
     """Match one read's marks to the reference lesions, case by case.
 
     Returns:
@@ -130,7 +131,7 @@ def match_read(reads: Reads, reference: Reference, key: ReadKey) -> Tuple[PairDe
     if graded - set(reference.cases):
         notes.append(f"Reader {reader}, phase {phase}: {len(graded - set(reference.cases))} case(s) without a reference read are left out of detection.")
     detection = PairDetection(reader, phase, cases, {}, {}, {})
-    rows: List[dict] = []
+    rows: list[dict] = []
     for case in cases:
         rows += _match_case(reader, phase, case, reference.lesions[case], reads.marks.get(key, {}).get(case, []), detection)
     return detection, rows, notes
@@ -168,23 +169,23 @@ def detection_row(threshold: float, reader: str, phase: str, tp: float, n_ref: i
 class _Detections:
     """The matched reads of one analysis, with the reference, for the rows and tests of Table 5."""
 
-    def __init__(self, detections: Dict[ReadKey, PairDetection], reference: Reference, readers: List[str], phases: List[str]):
+    def __init__(self, detections: dict[ReadKey, PairDetection], reference: Reference, readers: list[str], phases: list[str]):
         self.by_read = detections
         self.reference = reference
         self.readers = readers
         self.phases = phases
         # Reader-average sets (Table 5, "Reader Average"): phases read by at least two readers.
-        self.average_sets: Dict[str, List[str]] = {}
+        self.average_sets: dict[str, list[str]] = {}
         for phase in phases:
             rs = [r for r in readers if (r, phase) in detections]
             if len(rs) >= 2:
                 self.average_sets[phase] = rs
 
-    def common_cases(self, readers: Sequence[str], phases: Sequence[str]) -> List[str]:
+    def common_cases(self, readers: Sequence[str], phases: Sequence[str]) -> list[str]:
         """Cases read by every one of ``readers`` in every one of ``phases``, sorted."""
         return sorted(set.intersection(*[set(self.by_read[(r, p)].cases) for r in readers for p in phases]))
 
-    def reader_rows(self, t: float) -> List[dict]:
+    def reader_rows(self, t: float) -> list[dict]:
         """detection.csv rows of every reader and phase at threshold ``t``."""
         rows = []
         for reader in self.readers:
@@ -236,7 +237,7 @@ class _Detections:
 
     # ------------------------------------------------------------------- Table 5 tests
 
-    def _compared_readers(self, reader: str, pa: str, pb: str) -> Optional[List[str]]:
+    def _compared_readers(self, reader: str, pa: str, pb: str) -> Optional[list[str]]:
         """Readers behind ``reader``'s series in both phases; ``None`` when not comparable."""
         if reader != AVERAGE:
             return [reader] if (reader, pa) in self.by_read and (reader, pb) in self.by_read else None
@@ -244,7 +245,7 @@ class _Detections:
             return None  # different reader sets: the averages are not comparable
         return self.average_sets[pa]
 
-    def _phase_tests(self, t: float, reader: str, pa: str, pb: str, rs: List[str]) -> List[dict]:
+    def _phase_tests(self, t: float, reader: str, pa: str, pb: str, rs: list[str]) -> list[dict]:
         """McNemar mid-p on the pooled lesion pairs and Wilcoxon on per-case mean FPs, phase ``pa`` vs ``pb``."""
         cases = self.common_cases(rs, [pa, pb])
         keys = self.reference.keys(cases, t)
@@ -255,7 +256,7 @@ class _Detections:
         return [comparison_row("table5", t, "sensitivity", pa, reader, pb, reader, mcnemar(xa, xb)),
                 comparison_row("table5", t, "fdr_per_case", pa, reader, pb, reader, stats.wilcoxon_signed_rank(fa, fb))]
 
-    def _reader_tests(self, t: float, phase: str, ra: str, rb: str) -> List[dict]:
+    def _reader_tests(self, t: float, phase: str, ra: str, rb: str) -> list[dict]:
         """Reader ``ra`` vs ``rb`` within ``phase`` (Table 5, "R1 vs. R2") on their common cases."""
         da, db = self.by_read[(ra, phase)], self.by_read[(rb, phase)]
         cases = sorted(set(da.cases) & set(db.cases))
@@ -265,9 +266,9 @@ class _Detections:
                 comparison_row("table5", t, "fdr_per_case", phase, ra, phase, rb,
                                stats.wilcoxon_signed_rank(da.fp_counts(cases, t), db.fp_counts(cases, t)))]
 
-    def comparisons(self, t: float) -> List[dict]:
+    def comparisons(self, t: float) -> list[dict]:
         """Table 5 tests at threshold ``t``: phase vs phase per reader and for the average, then reader vs reader."""
-        rows: List[dict] = []
+        rows: list[dict] = []
         for reader in self.readers + [AVERAGE]:
             for pa, pb in itertools.combinations(self.phases, 2):
                 rs = self._compared_readers(reader, pa, pb)
@@ -303,7 +304,7 @@ def detect(reads: Reads, info: StudyInfo, reference: Reference, thresholds: Sequ
     for key in reads.marks:
         if key not in reads.grades and key != reference.key:
             out.notes.append(f"Reader {key[0]} has marks but no grades rows in phase {key[1]}: that read is ignored (the cases of a read are those with a grades row).")
-    by_read: Dict[ReadKey, PairDetection] = {}
+    by_read: dict[ReadKey, PairDetection] = {}
     for key in out.evaluated:
         by_read[key], matches, notes = match_read(reads, reference, key)
         out.matches += matches

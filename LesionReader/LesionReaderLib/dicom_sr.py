@@ -30,9 +30,10 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -71,8 +72,8 @@ class SourceSeries:
     """
 
     folder: Path
-    files: List[str]
-    datasets: List[Any]
+    files: list[str]
+    datasets: list[Any]
     series_uid: str
     study_uid: str
     frame_of_reference_uid: str
@@ -93,8 +94,8 @@ class DicomSRExport:
         notes: human-readable notes (skipped cases), also passed to the ``note`` callback.
     """
 
-    written: List[Path] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def ras_to_lps(point: Sequence[float]) -> Point:
@@ -273,7 +274,7 @@ def _write_dataset(dataset: Any, path: Path) -> None:
         pydicom.dcmwrite(str(path), dataset, write_like_original=False)
 
 
-def _confirmed_reads(study: Study) -> Tuple[List[Any], Dict[ReadKey, List[LesionRecord]]]:
+def _confirmed_reads(study: Study) -> tuple[list[Any], dict[ReadKey, list[LesionRecord]]]:
     with ReadsDatabase(study.database_path) as db:
         reads = db.confirmed_case_reads()
         by_case = db.lesions_by_read()
@@ -309,8 +310,8 @@ def export_dicom_sr(
     result = DicomSRExport()
     emit = note or logger.warning
     reads, lesions = _confirmed_reads(study)
-    sources: Dict[Path, Optional[SourceSeries]] = {}
-    skipped: Dict[Tuple[str, str], List[str]] = {}
+    sources: dict[Path, Optional[SourceSeries]] = {}
+    skipped: dict[tuple[str, str], list[str]] = {}
     for row in reads:
         reader, phase_name, case_id = row["reader"], row["phase"], row["case_id"]
         try:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import csv
 import os
 import sqlite3
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Optional, Union
 
 from ContrastAmplifierCommon.atomicfile import atomic_path
 
@@ -29,8 +30,8 @@ from .session import lesion_from_row
 from .storage import ReadKey, ReadsDatabase
 from .study import StudyError, load_study
 
-GRADES_HEADER: Tuple[str, ...] = ("reader", "phase", "case", "grade", "seconds", "excluded")
-LESIONS_HEADER: Tuple[str, ...] = (
+GRADES_HEADER: tuple[str, ...] = ("reader", "phase", "case", "grade", "seconds", "excluded")
+LESIONS_HEADER: tuple[str, ...] = (
     "reader", "phase", "case", "lesion", "long_mm", "short_mm",
     "long_x1", "long_y1", "long_z1", "long_x2", "long_y2", "long_z2",
     "short_x1", "short_y1", "short_z1", "short_x2", "short_y2", "short_z2",
@@ -50,7 +51,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object
         writer.writerows(rows)
 
 
-def write_reads(out_dir: Union[str, os.PathLike], grades: Iterable[Sequence[object]], lesions: Iterable[Sequence[object]]) -> Tuple[Path, Path]:
+def write_reads(out_dir: Union[str, os.PathLike], grades: Iterable[Sequence[object]], lesions: Iterable[Sequence[object]]) -> tuple[Path, Path]:
     """Write rows from :func:`collect_rows` as ``OUT_DIR/grades.csv`` and ``OUT_DIR/lesions.csv`` (atomically).
 
     Returns:
@@ -64,7 +65,7 @@ def write_reads(out_dir: Union[str, os.PathLike], grades: Iterable[Sequence[obje
     return grades_path, lesions_path
 
 
-def collect_rows(study_dir: Union[str, os.PathLike]) -> Tuple[List[List[str]], List[List[str]]]:
+def collect_rows(study_dir: Union[str, os.PathLike]) -> tuple[list[list[str]], list[list[str]]]:
     """The grades and lesions rows of a study (without headers), in study order of readers and phases."""
     study = load_study(study_dir)
     reader_rank = {r: i for i, r in enumerate(study.readers)}
@@ -77,22 +78,23 @@ def collect_rows(study_dir: Union[str, os.PathLike]) -> Tuple[List[List[str]], L
     except sqlite3.Error as exc:
         raise StudyError(f"reads database {study.database_path} cannot be read ({exc}); restore it from a backup or check the folder's permissions") from None
     key = lambda r: (reader_rank.get(r["reader"], len(reader_rank)), r["reader"], phase_rank.get(r["phase"], len(phase_rank)), r["phase"], r["case_id"])  # noqa: E731
-    grades: List[List[str]] = []
-    confirmed: Set[ReadKey] = set()
+    grades: list[list[str]] = []
+    confirmed: set[ReadKey] = set()
     for row in sorted(reads, key=key):
         confirmed.add(ReadKey(row["reader"], row["phase"], row["case_id"]))
         grades.append([
             row["reader"], row["phase"], row["case_id"], str(int(row["grade"])), _fmt(float(row["seconds"]), 3),
             "1" if row["case_id"] in excluded_cases else "0",
         ])
-    lesions: List[List[str]] = []
+    lesions: list[list[str]] = []
     for case_key in sorted(by_case, key=lambda k: (reader_rank.get(k.reader, 99), k.reader, phase_rank.get(k.phase, 99), k.phase, k.case)):
         if case_key not in confirmed:
             continue  # an unconfirmed case is still being read: neither its grade nor its lesions are exported
         for number, row in enumerate(by_case[case_key], start=1):
             geometry = lesion_from_row(row, number).geometry
             coords = [*(c for p in geometry.end_points for c in p), *geometry.center]
-            lesions.append([*case_key, str(number), _fmt(geometry.long_mm, 3), _fmt(geometry.short_mm, 3), *(_fmt(c) for c in coords)])
+            # case_key.case is set: lesions.case_id is NOT NULL (str() only narrows Optional[str] for the row type)
+            lesions.append([case_key.reader, case_key.phase, str(case_key.case), str(number), _fmt(geometry.long_mm, 3), _fmt(geometry.short_mm, 3), *(_fmt(c) for c in coords)])
     return grades, lesions
 
 
@@ -102,7 +104,7 @@ def export_study(
     *,
     dicom_sr: bool = False,
     note: Optional[Callable[[str], None]] = None,
-) -> List[Path]:
+) -> list[Path]:
     """Write ``OUT_DIR/grades.csv`` and ``OUT_DIR/lesions.csv`` (atomically; see module doc).
 
     Only confirmed cases are exported, so an export taken during a phase holds finished reads only.

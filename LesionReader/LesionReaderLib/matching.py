@@ -17,8 +17,8 @@ Lesions are :class:`~.geometry.LesionGeometry` values: their centre and long/sho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -36,9 +36,9 @@ class MatchResult:
         unmatched_marks: indices of marks matching no reference lesion (false positives).
     """
 
-    pairs: List[Tuple[int, int, float]] = field(default_factory=list)
-    unmatched_reference: List[int] = field(default_factory=list)
-    unmatched_marks: List[int] = field(default_factory=list)
+    pairs: list[tuple[int, int, float]] = field(default_factory=list)
+    unmatched_reference: list[int] = field(default_factory=list)
+    unmatched_marks: list[int] = field(default_factory=list)
 
     def mark_for_reference(self) -> dict:
         """Map reference index -> matched mark index."""
@@ -50,7 +50,7 @@ def matching_radius(a: LesionGeometry, b: LesionGeometry) -> float:
     return 0.5 * (a.long_mm + a.short_mm + b.long_mm + b.short_mm) / 4.0
 
 
-def eligible_pairs(reference: Sequence[LesionGeometry], marks: Sequence[LesionGeometry]) -> Tuple[np.ndarray, np.ndarray]:
+def eligible_pairs(reference: Sequence[LesionGeometry], marks: Sequence[LesionGeometry]) -> tuple[np.ndarray, np.ndarray]:
     """Centre distances and the eligibility mask (distance strictly below the matching radius).
 
     Returns:
@@ -82,7 +82,7 @@ def match_lesions(reference: Sequence[LesionGeometry], marks: Sequence[LesionGeo
     """
     dist, ok = eligible_pairs(reference, marks)
     result = MatchResult()
-    pairs: List[Tuple[int, int, float]] = []
+    pairs: list[tuple[int, int, float]] = []
     if ok.any():
         big = float(dist[ok].sum()) + 1.0
         cost = np.where(ok, dist, big)

@@ -12,7 +12,8 @@ runs under the ``slicer-core`` wheel in tests; the module widget adds the GUI ar
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import slicer
 import vtk
@@ -38,7 +39,7 @@ class SceneError(ValueError):
     """A scene object does not have the expected shape; the message names it and the fix."""
 
 
-def line_endpoints(node: "slicer.vtkMRMLMarkupsLineNode") -> Axis:
+def line_endpoints(node: slicer.vtkMRMLMarkupsLineNode) -> Axis:
     """The two end points of a line node in world RAS mm.
 
     Raises:
@@ -55,7 +56,7 @@ def line_endpoints(node: "slicer.vtkMRMLMarkupsLineNode") -> Axis:
     return points[0], points[1]
 
 
-def set_line_endpoints(node: "slicer.vtkMRMLMarkupsLineNode", axis: Axis) -> None:
+def set_line_endpoints(node: slicer.vtkMRMLMarkupsLineNode, axis: Axis) -> None:
     """Place (or move) both points of a line node at ``axis`` (world RAS mm)."""
     (p1, p2) = axis
     was_modifying = node.StartModify()
@@ -68,7 +69,7 @@ def set_line_endpoints(node: "slicer.vtkMRMLMarkupsLineNode", axis: Axis) -> Non
         node.EndModify(was_modifying)
 
 
-def new_axis_node(scene: "slicer.vtkMRMLScene", role: str, name: str, axis: Optional[Axis] = None) -> "slicer.vtkMRMLMarkupsLineNode":
+def new_axis_node(scene: slicer.vtkMRMLScene, role: str, name: str, axis: Optional[Axis] = None) -> slicer.vtkMRMLMarkupsLineNode:
     """Add a line node for a lesion axis (``role`` ``"long"`` or ``"short"``), optionally placed at ``axis``."""
     if role not in (LONG, SHORT):
         raise SceneError(f"axis role must be 'long' or 'short', got {role!r}")
@@ -85,7 +86,7 @@ def new_axis_node(scene: "slicer.vtkMRMLScene", role: str, name: str, axis: Opti
     return node
 
 
-def tag_lesion(long_node: "slicer.vtkMRMLMarkupsLineNode", short_node: "slicer.vtkMRMLMarkupsLineNode", lesion_id: int, number: int) -> None:
+def tag_lesion(long_node: slicer.vtkMRMLMarkupsLineNode, short_node: slicer.vtkMRMLMarkupsLineNode, lesion_id: int, number: int) -> None:
     """Mark a (long, short) node pair as lesion ``lesion_id`` and name it ``L<number> long/short``."""
     for node, role in ((long_node, LONG), (short_node, SHORT)):
         node.SetAttribute(ATTR_LESION_ID, str(int(lesion_id)))
@@ -93,27 +94,27 @@ def tag_lesion(long_node: "slicer.vtkMRMLMarkupsLineNode", short_node: "slicer.v
         node.SetName(f"L{number} {role}")
 
 
-def axes_from_nodes(long_node: "slicer.vtkMRMLMarkupsLineNode", short_node: "slicer.vtkMRMLMarkupsLineNode") -> Tuple[Axis, Axis]:
+def axes_from_nodes(long_node: slicer.vtkMRMLMarkupsLineNode, short_node: slicer.vtkMRMLMarkupsLineNode) -> tuple[Axis, Axis]:
     """``(long_axis, short_axis)`` in world RAS mm, ready for ``ReaderSession.add_lesion``."""
     return line_endpoints(long_node), line_endpoints(short_node)
 
 
-def lesion_node_pairs(scene: "slicer.vtkMRMLScene") -> Dict[int, Tuple["slicer.vtkMRMLMarkupsLineNode", "slicer.vtkMRMLMarkupsLineNode"]]:
+def lesion_node_pairs(scene: slicer.vtkMRMLScene) -> dict[int, tuple[slicer.vtkMRMLMarkupsLineNode, slicer.vtkMRMLMarkupsLineNode]]:
     """Tagged lesion nodes in the scene: ``{lesion id: (long node, short node)}`` (complete pairs only)."""
-    found: Dict[int, Dict[str, object]] = {}
+    found: dict[int, dict[str, slicer.vtkMRMLMarkupsLineNode]] = {}
     for node in _line_nodes(scene):
         lesion_id, role = node.GetAttribute(ATTR_LESION_ID), node.GetAttribute(ATTR_ROLE)
         if lesion_id and role in (LONG, SHORT):
             found.setdefault(int(lesion_id), {})[role] = node
-    return {k: (v[LONG], v[SHORT]) for k, v in found.items() if LONG in v and SHORT in v}  # type: ignore[misc]
+    return {k: (v[LONG], v[SHORT]) for k, v in found.items() if LONG in v and SHORT in v}
 
 
-def lesion_nodes(scene: "slicer.vtkMRMLScene") -> List["slicer.vtkMRMLMarkupsLineNode"]:
+def lesion_nodes(scene: slicer.vtkMRMLScene) -> list[slicer.vtkMRMLMarkupsLineNode]:
     """Every line node the reading created (tagged lesions and axes being drawn)."""
     return [node for node in _line_nodes(scene) if node.GetAttribute(ATTR_ROLE) in (LONG, SHORT)]
 
 
-def clear_lesion_nodes(scene: "slicer.vtkMRMLScene") -> int:
+def clear_lesion_nodes(scene: slicer.vtkMRMLScene) -> int:
     """Remove every lesion line node (when leaving a case); returns how many were removed."""
     nodes = lesion_nodes(scene)
     for node in nodes:
@@ -121,7 +122,7 @@ def clear_lesion_nodes(scene: "slicer.vtkMRMLScene") -> int:
     return len(nodes)
 
 
-def show_lesions(scene: "slicer.vtkMRMLScene", records: Iterable[LesionRecord]) -> Dict[int, Tuple["slicer.vtkMRMLMarkupsLineNode", "slicer.vtkMRMLMarkupsLineNode"]]:
+def show_lesions(scene: slicer.vtkMRMLScene, records: Iterable[LesionRecord]) -> dict[int, tuple[slicer.vtkMRMLMarkupsLineNode, slicer.vtkMRMLMarkupsLineNode]]:
     """Replace the scene's lesion nodes with one tagged (long, short) pair per record."""
     clear_lesion_nodes(scene)
     pairs = {}
@@ -133,7 +134,7 @@ def show_lesions(scene: "slicer.vtkMRMLScene", records: Iterable[LesionRecord]) 
     return pairs
 
 
-def sync_lesions_to_session(scene: "slicer.vtkMRMLScene", session) -> Dict[str, List[int]]:
+def sync_lesions_to_session(scene: slicer.vtkMRMLScene, session) -> dict[str, list[int]]:
     """Write moved axes back: every tagged pair whose end points differ from the stored lesion is updated.
 
     Returns:
@@ -141,7 +142,7 @@ def sync_lesions_to_session(scene: "slicer.vtkMRMLScene", session) -> Dict[str, 
         and was put back where it was stored.
     """
     stored = {record.id: record for record in session.lesions()}
-    result: Dict[str, List[int]] = {"updated": [], "rejected": []}
+    result: dict[str, list[int]] = {"updated": [], "rejected": []}
     for lesion_id, (long_node, short_node) in lesion_node_pairs(scene).items():
         record = stored.get(lesion_id)
         if record is None:
@@ -163,7 +164,7 @@ def _same(a: Axis, b: Axis, tol: float = 1e-6) -> bool:
     return all(abs(a[i][j] - b[i][j]) <= tol for i in range(2) for j in range(3))
 
 
-def _line_nodes(scene: "slicer.vtkMRMLScene") -> List["slicer.vtkMRMLMarkupsLineNode"]:
+def _line_nodes(scene: slicer.vtkMRMLScene) -> list[slicer.vtkMRMLMarkupsLineNode]:
     collection = scene.GetNodesByClass("vtkMRMLMarkupsLineNode")
     nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
     return nodes
@@ -176,7 +177,7 @@ def neutral_volume_name(case_label: str, volume: str) -> str:
     return f"{case_label} {volume}"
 
 
-def blind_volume_node(scene: "slicer.vtkMRMLScene", node, case_label: str, volume: str) -> None:
+def blind_volume_node(scene: slicer.vtkMRMLScene, node, case_label: str, volume: str) -> None:
     """Strip what could identify the case from a loaded volume node.
 
     Renames it neutrally, removes its storage node (which holds the file name and would show it
@@ -197,7 +198,7 @@ def blind_volume_node(scene: "slicer.vtkMRMLScene", node, case_label: str, volum
     node.SetDescription("")
 
 
-def load_blinded_volume(scene: "slicer.vtkMRMLScene", path, case_label: str, volume: str):
+def load_blinded_volume(scene: slicer.vtkMRMLScene, path, case_label: str, volume: str):
     """Load a NIfTI/NRRD/MHA volume or a DICOM series folder into the scene without leaving its file name anywhere.
 
     Uses the MRML archetype storage node directly (no ``slicer.util``), so it works in Slicer
@@ -235,7 +236,7 @@ def load_blinded_volume(scene: "slicer.vtkMRMLScene", path, case_label: str, vol
     return node
 
 
-def blank_views(scene: "slicer.vtkMRMLScene") -> None:
+def blank_views(scene: slicer.vtkMRMLScene) -> None:
     """Empty the reading views (while paused, nothing can be read off the screen)."""
     collection = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
     for i in range(collection.GetNumberOfItems()):
@@ -245,14 +246,14 @@ def blank_views(scene: "slicer.vtkMRMLScene") -> None:
             composite.SetForegroundVolumeID(None)
 
 
-def reading_volume_nodes(scene: "slicer.vtkMRMLScene") -> List[object]:
+def reading_volume_nodes(scene: slicer.vtkMRMLScene) -> list[object]:
     """Volume nodes loaded for the reading (tagged by :func:`blind_volume_node`)."""
     collection = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
     nodes = [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
     return [n for n in nodes if n.GetAttribute(ATTR_VOLUME)]
 
 
-def clear_reading_volumes(scene: "slicer.vtkMRMLScene") -> int:
+def clear_reading_volumes(scene: slicer.vtkMRMLScene) -> int:
     """Remove the volumes of the previous case (so no two cases share the scene)."""
     nodes = reading_volume_nodes(scene)
     for node in nodes:
@@ -287,7 +288,7 @@ def phase_layout_xml(view_count: int) -> str:
     return f'<layout type="horizontal" split="true">{items}</layout>'
 
 
-def assign_views(scene: "slicer.vtkMRMLScene", volume_node_ids: Sequence[str], link: bool = True) -> List[str]:
+def assign_views(scene: slicer.vtkMRMLScene, volume_node_ids: Sequence[str], link: bool = True) -> list[str]:
     """Show one volume per slice view (in order) and link the views (same slice, zoom and pan).
 
     Args:

@@ -19,9 +19,10 @@ import csv
 import io
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, NoReturn, Optional, Sequence, Set, Tuple, Union
+from typing import NoReturn, Optional, Union
 
 from .export import GRADES_HEADER, LESIONS_HEADER, collect_rows
 from .geometry import LesionGeometry, Point
@@ -44,7 +45,7 @@ from .study import StudyError, read_text_file
 
 PathLike = Union[str, os.PathLike]
 #: The rows of grades.csv and lesions.csv as exported from a reads database (without headers).
-ExportedRows = Tuple[List[List[str]], List[List[str]]]
+ExportedRows = tuple[list[list[str]], list[list[str]]]
 
 #: Largest |coordinate| accepted in lesions.csv, in RAS mm. World coordinates of a head scan lie
 #: within a few hundred mm of the scanner's isocentre (no MR bore is 1 m wide); 10 m leaves room
@@ -127,7 +128,7 @@ class CsvRow:
         return value
 
 
-def read_csv(path: Path, columns: Sequence[str], fix: str = _EXPORT_FIX) -> List[CsvRow]:
+def read_csv(path: Path, columns: Sequence[str], fix: str = _EXPORT_FIX) -> list[CsvRow]:
     """The rows of an input CSV with their line numbers.
 
     Args:
@@ -159,7 +160,7 @@ def read_csv(path: Path, columns: Sequence[str], fix: str = _EXPORT_FIX) -> List
     return rows
 
 
-def _order_phases(phases: Iterable[str], preferred: Optional[Sequence[str]] = None) -> List[str]:
+def _order_phases(phases: Iterable[str], preferred: Optional[Sequence[str]] = None) -> list[str]:
     """Phases in reading order: ``preferred`` first, then :data:`KNOWN_PHASE_ORDER`, then as seen."""
     seen = list(dict.fromkeys(phases))
     order = list(preferred or []) + [p for p in KNOWN_PHASE_ORDER if p not in (preferred or [])]
@@ -173,11 +174,11 @@ def _order_phases(phases: Iterable[str], preferred: Optional[Sequence[str]] = No
 class _GradeRows:
     """The parsed rows of grades.csv (see :func:`parse_reads`)."""
 
-    grades: Dict[ReadKey, Dict[str, Tuple[float, float]]] = field(default_factory=dict)
-    excluded: Set[str] = field(default_factory=set)
-    readers: List[str] = field(default_factory=list)
-    phases: List[str] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
+    grades: dict[ReadKey, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    excluded: set[str] = field(default_factory=set)
+    readers: list[str] = field(default_factory=list)
+    phases: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _excluded_flag(row: CsvRow) -> bool:
@@ -190,7 +191,7 @@ def _excluded_flag(row: CsvRow) -> bool:
     return False
 
 
-def _grade_row(row: CsvRow, first_line: Dict[Tuple[str, str, str], int]) -> Tuple[bool, float, float]:
+def _grade_row(row: CsvRow, first_line: dict[tuple[str, str, str], int]) -> tuple[bool, float, float]:
     """Validate one grades row; returns (excluded flag, grade, seconds), ``nan`` where empty."""
     row.require(("reader", "phase", "case"), "every grades row needs its reader, phase and case")
     if row["reader"] == AVERAGE:
@@ -211,9 +212,9 @@ def _grade_row(row: CsvRow, first_line: Dict[Tuple[str, str, str], int]) -> Tupl
 def _parse_grades(grade_rows: Sequence[CsvRow]) -> _GradeRows:
     """grades.csv rows -> grades per read; only excluded cases may lack a grade."""
     out = _GradeRows()
-    first_line: Dict[Tuple[str, str, str], int] = {}
-    ungraded: List[CsvRow] = []
-    untimed: List[CsvRow] = []
+    first_line: dict[tuple[str, str, str], int] = {}
+    ungraded: list[CsvRow] = []
+    untimed: list[CsvRow] = []
     for row in grade_rows:
         excluded, grade, seconds = _grade_row(row, first_line)
         if excluded:
@@ -275,7 +276,7 @@ def _stated_center(row: CsvRow, middle: Point, long_mm: float) -> Optional[Point
     return center
 
 
-def _mark(row: CsvRow, seen: Dict[Tuple[str, str, str, str], int]) -> Mark:
+def _mark(row: CsvRow, seen: dict[tuple[str, str, str, str], int]) -> Mark:
     """Validate one lesions row (ids, uniqueness, coordinates, lengths, centre) into a :class:`Mark`."""
     row.require(("reader", "phase", "case", "lesion"), "every lesion row needs its reader, phase, case and lesion id")
     ident = (row["reader"], row["phase"], row["case"], row["lesion"])
@@ -298,17 +299,17 @@ def _mark(row: CsvRow, seen: Dict[Tuple[str, str, str, str], int]) -> Mark:
     return Mark(row["reader"], row["phase"], row["case"], geometry)
 
 
-def _parse_lesions(lesion_rows: Sequence[CsvRow], grades: Mapping[ReadKey, Mapping[str, object]]) -> Tuple[Dict[ReadKey, Dict[str, List[Mark]]], List[str]]:
+def _parse_lesions(lesion_rows: Sequence[CsvRow], grades: Mapping[ReadKey, Mapping[str, object]]) -> tuple[dict[ReadKey, dict[str, list[Mark]]], list[str]]:
     """lesions.csv rows -> marks per read and case, and a note on lesions of cases without a grades row."""
-    marks: Dict[ReadKey, Dict[str, List[Mark]]] = {}
-    seen: Dict[Tuple[str, str, str, str], int] = {}
-    orphans: List[CsvRow] = []
+    marks: dict[ReadKey, dict[str, list[Mark]]] = {}
+    seen: dict[tuple[str, str, str, str], int] = {}
+    orphans: list[CsvRow] = []
     for row in lesion_rows:
         mark = _mark(row, seen)
         marks.setdefault((mark.reader, mark.phase), {}).setdefault(mark.case, []).append(mark)
         if (mark.reader, mark.phase) in grades and mark.case not in grades[(mark.reader, mark.phase)]:
             orphans.append(row)
-    notes: List[str] = []
+    notes: list[str] = []
     if orphans:
         o = orphans[0]
         notes.append(f"{o.source}: {len(orphans)} lesion row(s) of cases without a grades row for their reader and phase are ignored "
@@ -382,7 +383,7 @@ class LoadedReads:
 
     reads: Reads
     exported: Optional[ExportedRows]
-    notes: List[str]
+    notes: list[str]
 
 
 def load_reads(study_dir: Path, info: StudyInfo) -> LoadedReads:
@@ -402,9 +403,12 @@ def load_reads(study_dir: Path, info: StudyInfo) -> LoadedReads:
     except StudyError as exc:
         raise AnalysisError(f"could not export the reads of {study_dir}: {exc}") from exc
     source = f"{study_dir / 'reads.sqlite'} exported as %s (see it with 'lesion-reader export')"
+
+    def csv_rows(name: str, header: Sequence[str], rows: list[list[str]]) -> list[CsvRow]:
+        return [CsvRow(source % name, line, dict(zip(header, row))) for line, row in enumerate(rows, start=2)]
+
     reads = parse_reads(
-        *[[CsvRow(source % name, line, dict(zip(header, row))) for line, row in enumerate(rows, start=2)]
-          for name, header, rows in (("grades.csv", GRADES_HEADER, exported[0]), ("lesions.csv", LESIONS_HEADER, exported[1]))],
+        csv_rows("grades.csv", GRADES_HEADER, exported[0]), csv_rows("lesions.csv", LESIONS_HEADER, exported[1]),
         info.phase_order, info.reader_order,
     )
     return LoadedReads(reads, exported, ["Reads exported from the study database to reads/grades.csv and lesions.csv."] + reads.notes)
@@ -455,9 +459,9 @@ def select_reference(reads: Reads, info: StudyInfo, phase: Optional[str] = None,
     return Reference(phase=phase, reader=reader, cases=cases, lesions=lesions)
 
 
-def reference_notes(reference: Reference, reads: Reads) -> List[str]:
+def reference_notes(reference: Reference, reads: Reads) -> list[str]:
     """Notes on an empty reference read and on the cases left out of every analysis."""
-    notes: List[str] = []
+    notes: list[str] = []
     if reference.n_lesions == 0:
         notes.append("The reference read has no lesion: detection metrics are undefined.")
     excluded = sorted(reads.excluded)

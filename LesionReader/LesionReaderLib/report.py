@@ -11,8 +11,9 @@ from __future__ import annotations
 import html
 import itertools
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
@@ -21,7 +22,10 @@ from ContrastAmplifierCommon.atomicfile import atomic_path, write_text_atomic
 from .results import AVERAGE, AnalysisResult, ordered_volumes
 from .stats import format_p
 
-Table = Tuple[str, List[str], List[List[str]], str]  # title, header, rows, caption
+if TYPE_CHECKING:  # annotations only: matplotlib is imported inside the plot functions
+    from matplotlib.axes import Axes
+
+Table = tuple[str, list[str], list[list[str]], str]  # title, header, rows, caption
 
 
 # --------------------------------------------------------------------------- formatting
@@ -189,8 +193,8 @@ def _test_cell(comparisons: Sequence[Mapping], metric: str, t: float, **match) -
     return _p(comparisons, table="table5", threshold_mm=f"{t}", metric="sensitivity" if metric == "SE" else "fdr_per_case", **match)
 
 
-def _detection_row(result: AnalysisResult, det: Mapping[Tuple[float, str, str], Mapping], t: float, metric: str,
-                   readers: List[str], phases: List[str], avg_phases: List[str]) -> List[str]:
+def _detection_row(result: AnalysisResult, det: Mapping[tuple[float, str, str], Mapping], t: float, metric: str,
+                   readers: list[str], phases: list[str], avg_phases: list[str]) -> list[str]:
     """One Table 5 row: a metric at threshold ``t`` per reader and phase, reader tests, averages, phase tests.
 
     ``det`` maps (threshold, reader, phase) to the detection.csv row.
@@ -217,7 +221,7 @@ def _detection_caption(result: AnalysisResult) -> str:
             "Clopper-Pearson (SE) and Student-t (FDR) 95% intervals in brackets; * = P < .05.")
 
 
-def _detection_header(readers: List[str], phases: List[str], avg_phases: List[str]) -> List[str]:
+def _detection_header(readers: list[str], phases: list[str], avg_phases: list[str]) -> list[str]:
     """Table 5's columns: readers x phases, reader pairs x phases, averages, average phase pairs."""
     header = ["", ""]
     header += [f"{r} {p}" for r in readers for p in phases]
@@ -244,9 +248,9 @@ def detection_table(result: AnalysisResult) -> Table:
     return "Table 5: lesion detection", header, rows, _detection_caption(result)
 
 
-def beyond_tables(result: AnalysisResult) -> List[Table]:
+def beyond_tables(result: AnalysisResult) -> list[Table]:
     """Beyond the paper: weighted kappa between readers' grades; bootstrap CIs of the average SE."""
-    tables: List[Table] = []
+    tables: list[Table] = []
     if result.agreement:
         rows = [[r["phase"], f"{r['reader_a']} vs. {r['reader_b']}", str(r["n_cases"]),
                  "n/a" if _nan(r["kappa_linear"]) else f"{r['kappa_linear']:.2f}",
@@ -322,15 +326,16 @@ def plot_sensitivity(result: AnalysisResult, path: Path) -> Optional[Path]:
     readers = list(dict.fromkeys(d["reader"] for d in det))
     phases = [p for p in result.phases if any(d["phase"] == p for d in det)]
     fig = Figure(figsize=(4 * len(readers), 3.5))
-    axes = fig.subplots(1, len(readers), sharey=True, squeeze=False)
-    for ax, reader in zip(axes[0], readers):
+    # squeeze=False: a 1 x n array of Axes, typed as a bare ndarray (its items as ndarrays); listed as Axes.
+    panels: list[Axes] = list(fig.subplots(1, len(readers), sharey=True, squeeze=False)[0])
+    for ax, reader in zip(panels, readers):
         _sensitivity_panel(ax, [d for d in det if d["reader"] == reader], phases)
         ax.set_title(_reader_label(reader))
         ax.set_xlabel("minimum long axis (mm)")
         ax.set_xticks(result.thresholds)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("sensitivity (%) with 95% CI")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    panels[0].set_ylabel("sensitivity (%) with 95% CI")
+    panels[-1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -411,14 +416,14 @@ table{border-collapse:collapse;font-size:13px;margin:.5em 0}th,td{border:1px sol
 th{background:#eee}td.sig{font-weight:bold}.caption{font-size:12px;color:#444;max-width:1100px}img{max-width:100%}"""
 
 
-def write_report(result: AnalysisResult) -> Dict[str, Path]:
+def write_report(result: AnalysisResult) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the PNG plots into ``result.out_dir``.
 
     Returns:
         name -> path of every file written.
     """
     out = Path(result.out_dir)
-    files: Dict[str, Path] = {}
+    files: dict[str, Path] = {}
     plots = {
         "sensitivity_plot": ("sensitivity_by_threshold.png", plot_sensitivity, "Sensitivity by size threshold (95% Clopper-Pearson CI)"),
         "contrast_plot": ("contrast_per_case.png", plot_contrast, "CNR, LBR and CEP per case (paired)"),
@@ -431,7 +436,7 @@ def write_report(result: AnalysisResult) -> Dict[str, Path]:
         if path is not None:
             files[key] = path
             made[key] = (name, caption)
-    tables: List[Tuple[Table, Optional[str]]] = [
+    tables: list[tuple[Optional[Table], Optional[str]]] = [  # contrast_table: None when not computed
         (quality_table(result), "grades_plot"),
         (contrast_table(result), "contrast_plot"),
         (detection_table(result), "sensitivity_plot"),

@@ -10,17 +10,18 @@ render a result without importing the pipeline (:mod:`.analysis`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Optional, Union
 
 from . import stats
 from .geometry import Axis, LesionGeometry, Point
 
 #: A read: (reader, phase).
-ReadKey = Tuple[str, str]
+ReadKey = tuple[str, str]
 #: One value per case of a read (a grade, seconds, a count).
-CaseValues = Dict[str, float]
+CaseValues = dict[str, float]
 
 # --------------------------------------------------------------------------- columns
 
@@ -76,7 +77,7 @@ BRAIN_MASK_KEYS = ("brain_mask", "brain-mask", "brainmask")
 LESION_LABEL_KEYS = ("lesion_labels", "lesion-labels", "lesions_label", "lesion_label")
 
 
-def ordered_volumes(volumes: Iterable[str]) -> List[str]:
+def ordered_volumes(volumes: Iterable[str]) -> list[str]:
     """Volume names in :data:`CONTRAST_VOLUMES` order, then the others as first seen."""
     seen = list(dict.fromkeys(volumes))
     return [v for v in CONTRAST_VOLUMES if v in seen] + [v for v in seen if v not in CONTRAST_VOLUMES]
@@ -149,12 +150,12 @@ class Reads:
         notes: what was read but left out (rows without a reading time, lesions of ungraded cases).
     """
 
-    grades: Dict[ReadKey, Dict[str, Tuple[float, float]]]
-    marks: Dict[ReadKey, Dict[str, List[Mark]]]
-    excluded: Set[str]
-    readers: List[str]
-    phases: List[str]
-    notes: List[str] = field(default_factory=list)
+    grades: dict[ReadKey, dict[str, tuple[float, float]]]
+    marks: dict[ReadKey, dict[str, list[Mark]]]
+    excluded: set[str]
+    readers: list[str]
+    phases: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -163,10 +164,10 @@ class StudyInfo:
 
     reference_phase: Optional[str] = None
     reference_reader: Optional[str] = None
-    phase_order: List[str] = field(default_factory=list)
-    reader_order: List[str] = field(default_factory=list)
-    markers: Dict[str, Union[str, Tuple[str, ...]]] = field(default_factory=dict)
-    volumes: Dict[str, Dict[str, Path]] = field(default_factory=dict)
+    phase_order: list[str] = field(default_factory=list)
+    reader_order: list[str] = field(default_factory=list)
+    markers: dict[str, Union[str, tuple[str, ...]]] = field(default_factory=dict)
+    volumes: dict[str, dict[str, Path]] = field(default_factory=dict)
 
 
 @dataclass
@@ -181,8 +182,8 @@ class Reference:
 
     phase: str
     reader: str
-    cases: List[str]
-    lesions: Dict[str, List[Mark]]
+    cases: list[str]
+    lesions: dict[str, list[Mark]]
 
     @property
     def key(self) -> ReadKey:
@@ -194,11 +195,11 @@ class Reference:
         """Number of reference lesions over all cases."""
         return sum(len(v) for v in self.lesions.values())
 
-    def long_mm(self) -> List[float]:
+    def long_mm(self) -> list[float]:
         """Long axes of every reference lesion, case by case."""
         return [m.long_mm for v in self.lesions.values() for m in v]
 
-    def keys(self, cases: List[str], threshold: float) -> List[Tuple[str, str]]:
+    def keys(self, cases: list[str], threshold: float) -> list[tuple[str, str]]:
         """(case, lesion) of the reference lesions of ``cases`` whose long axis reaches ``threshold``
         (paper, "Performance metrics": lesion size is the length of the long axis)."""
         return [(c, m.lesion) for c in cases for m in self.lesions.get(c, []) if m.long_mm >= threshold]
@@ -219,24 +220,24 @@ class AnalysisResult:
     out_dir: Path
     reference_phase: str
     reference_reader: str
-    readers: List[str]
-    phases: List[str]
-    thresholds: List[float]
+    readers: list[str]
+    phases: list[str]
+    thresholds: list[float]
     n_reference_cases: int
     n_reference_lesions: int
-    reference_long_mm: List[float]
-    excluded_cases: List[str]
-    detection: List[dict]
-    comparisons: List[dict]
-    quality: List[dict]
-    times: List[dict]
-    contrast: List[dict]
-    per_case: Dict[str, Dict[ReadKey, CaseValues]]
-    notes: List[str]
-    agreement: List[dict] = field(default_factory=list)
-    bootstrap: List[dict] = field(default_factory=list)
-    files: Dict[str, Path] = field(default_factory=dict)
-    matches: List[dict] = field(default_factory=list)
+    reference_long_mm: list[float]
+    excluded_cases: list[str]
+    detection: list[dict]
+    comparisons: list[dict]
+    quality: list[dict]
+    times: list[dict]
+    contrast: list[dict]
+    per_case: dict[str, dict[ReadKey, CaseValues]]
+    notes: list[str]
+    agreement: list[dict] = field(default_factory=list)
+    bootstrap: list[dict] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+    matches: list[dict] = field(default_factory=list)
 
 
 def comparison_row(table: str, threshold: Union[float, str], metric: str, phase_a: str, reader_a: str, phase_b: str,

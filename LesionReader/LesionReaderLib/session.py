@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from .geometry import PERPENDICULAR_TOLERANCE_DEG, Axis, LesionGeometry, LesionGeometryError, Point
 from .storage import ReadKey, ReadsDatabase, from_iso
@@ -96,7 +96,7 @@ class LesionRecord:
         """Centroid of the four end points (= mean of the two axes' midpoints), used for matching."""
         return self.geometry.center
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """UI-facing view (no case id)."""
         g = self.geometry
         return {
@@ -106,7 +106,7 @@ class LesionRecord:
         }
 
 
-def validate_lesion_axes(long_axis: Any, short_axis: Any, tolerance_deg: float = PERPENDICULAR_TOLERANCE_DEG) -> Tuple[Axis, Axis]:
+def validate_lesion_axes(long_axis: Any, short_axis: Any, tolerance_deg: float = PERPENDICULAR_TOLERANCE_DEG) -> tuple[Axis, Axis]:
     """Check a bidirectional lesion measurement and return the axes as float tuples.
 
     Rules (the paper's "major and minor axes", :meth:`.geometry.LesionGeometry.check_bidirectional`):
@@ -125,7 +125,7 @@ def validate_lesion_axes(long_axis: Any, short_axis: Any, tolerance_deg: float =
     return geometry.long_axis, geometry.short_axis
 
 
-def phase_opens_at(db: ReadsDatabase, study: Study, reader: str, phase: str) -> Tuple[Optional[datetime], str]:
+def phase_opens_at(db: ReadsDatabase, study: Study, reader: str, phase: str) -> tuple[Optional[datetime], str]:
     """When ``phase`` opens for ``reader``: ``(time, reason)``; time ``None`` = not yet known.
 
     The first phase is always open. Phase k+1 opens ``washout_days`` after the reader submitted
@@ -163,7 +163,9 @@ class ReaderSession:
         self._clock = clock
         self._token = token
         row = db.phase_read(self._key)
-        self._order: List[str] = json.loads(row["case_order"])
+        if row is None:
+            raise SessionError(f"reader {reader} has not opened phase {phase}; open it with ReaderSession.open")
+        self._order: list[str] = json.loads(row["case_order"])
         self._position: int = int(row["position"])
         self._paused = bool(row["paused"])
         self._active_since: Optional[datetime] = None if self._paused else clock()
@@ -176,7 +178,7 @@ class ReaderSession:
         reader: str,
         phase: str,
         clock: Optional[Clock] = None,
-    ) -> "ReaderSession":
+    ) -> ReaderSession:
         """Open (or resume) ``reader``'s reading of ``phase``.
 
         Args:
@@ -220,9 +222,10 @@ class ReaderSession:
                 if row is None:
                     db.create_phase_read(key, case_order(study, reader, phase), opened_at=now, owner=token)
                 else:
-                    if row["submitted_at"] is not None:
+                    submitted_at = from_iso(row["submitted_at"])
+                    if submitted_at is not None:
                         raise StudyError(
-                            f"reader {reader} submitted phase {phase} on {format_time(from_iso(row['submitted_at']))}; "
+                            f"reader {reader} submitted phase {phase} on {format_time(submitted_at)}; "
                             "a submitted phase is final and cannot be reopened"
                         )
                     if sorted(json.loads(row["case_order"])) != ids:
@@ -268,7 +271,7 @@ class ReaderSession:
         return self._db is None
 
     @property
-    def progress(self) -> Tuple[int, int]:
+    def progress(self) -> tuple[int, int]:
         """``(done, total)``: confirmed cases and cases in the phase."""
         return self._require_db().phase_totals(self._key).done, self.total
 
@@ -281,7 +284,7 @@ class ReaderSession:
         """The shown case of this reading (the key of every case-level query)."""
         return self._key.of_case(self._case_id)
 
-    def volumes(self) -> Dict[str, Path]:
+    def volumes(self) -> dict[str, Path]:
         """What this phase shows for the shown case: ``{volume name: file}`` in layout order.
 
         The paths are for the viewer to load; they must not be displayed (blinding).
@@ -317,12 +320,12 @@ class ReaderSession:
         stored = self._require_db().phase_totals(self._key).seconds
         return stored + self._running_seconds(self._clock())
 
-    def lesions(self) -> List[LesionRecord]:
+    def lesions(self) -> list[LesionRecord]:
         """The shown case's lesions for this reader and phase, in drawing order."""
         rows = self._require_db().case_lesions(self._case_key)
         return [lesion_from_row(row, number) for number, row in enumerate(rows, start=1)]
 
-    def state(self) -> Dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         """Everything the reader's UI shows, as plain data (blinded: no case id, no paths)."""
         done, total = self.progress
         grade = self.current_grade
@@ -571,7 +574,7 @@ class ReaderSession:
         finally:
             self._release()
 
-    def __enter__(self) -> "ReaderSession":
+    def __enter__(self) -> ReaderSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -615,6 +618,11 @@ class ReaderSession:
         with db.transaction():
             if check_owner:
                 row = db.phase_read(self._key)
+                if row is None:
+                    raise SessionError(
+                        f"reader {self.reader}'s phase {self.phase} is no longer in {db.path}; "
+                        "the reads database was replaced since this session opened. Close this one and open the phase again"
+                    )
                 if row["submitted_at"] is not None:
                     raise SessionError(f"phase {self.phase} was submitted; its answers are final")
                 if row["owner"] != self._token:

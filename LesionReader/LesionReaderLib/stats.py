@@ -16,11 +16,16 @@ All tests are two-tailed and intervals are at the 5 % level, as in the paper.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Union
 
 import numpy as np
 from scipy import stats as _st
+
+#: One value per case (or per pair member): a sequence, or a 1-D array such as
+#: ``PairDetection.fp_counts``; every function converts it with ``np.asarray(..., dtype=float)``.
+Samples = Union[Sequence[float], np.ndarray]
 
 #: Two-tailed significance level used for every interval and test (paper, "Statistical analysis").
 ALPHA = 0.05
@@ -83,7 +88,7 @@ def mcnemar_midp(b: int, c: int) -> TestResult:
     return TestResult("mcnemar_midp", float(min(b, c)), p, n)
 
 
-def clopper_pearson(k: float, n: float, alpha: float = ALPHA) -> Tuple[float, float]:
+def clopper_pearson(k: float, n: float, alpha: float = ALPHA) -> tuple[float, float]:
     """Clopper-Pearson ("exact") confidence interval of a binomial proportion k / n.
 
     Paper, "Statistical analysis": sensitivity intervals use the Clopper-Pearson method. The
@@ -111,7 +116,7 @@ def clopper_pearson(k: float, n: float, alpha: float = ALPHA) -> Tuple[float, fl
     return low, high
 
 
-def student_t_ci(values: Sequence[float], alpha: float = ALPHA) -> Tuple[float, float, float]:
+def student_t_ci(values: Samples, alpha: float = ALPHA) -> tuple[float, float, float]:
     """Mean and Student-t confidence interval (paper, "Statistical analysis": FDR intervals).
 
     ``mean +- t_{1-alpha/2, n-1} * sd / sqrt(n)``, sd with n - 1 degrees of freedom. Table 5
@@ -134,7 +139,7 @@ def student_t_ci(values: Sequence[float], alpha: float = ALPHA) -> Tuple[float, 
     return mean, mean - half, mean + half
 
 
-def _paired(a: Sequence[float], b: Sequence[float], what: str) -> Tuple[np.ndarray, np.ndarray]:
+def _paired(a: Samples, b: Samples, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Both samples as float arrays; ``ValueError`` (starting with ``what``) unless they pair up."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape:
@@ -142,7 +147,7 @@ def _paired(a: Sequence[float], b: Sequence[float], what: str) -> Tuple[np.ndarr
     return x, y
 
 
-def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float]) -> TestResult:
+def wilcoxon_signed_rank(a: Samples, b: Samples) -> TestResult:
     """Two-tailed Wilcoxon signed-rank test on paired values (paper: FDR comparisons, Table 5).
 
     Uses :func:`scipy.stats.wilcoxon` with its defaults (zero differences dropped, the
@@ -168,7 +173,7 @@ def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float]) -> TestResult:
     return TestResult("wilcoxon", float(res.statistic), float(res.pvalue), int(d.size))
 
 
-def ttest_rel(a: Sequence[float], b: Sequence[float]) -> TestResult:
+def ttest_rel(a: Samples, b: Samples) -> TestResult:
     """Two-tailed paired t-test (paper: grades, contrast metrics and reading times, Tables 3, 4, 6).
 
     Wraps :func:`scipy.stats.ttest_rel`. When all differences are zero the t statistic is 0/0;
@@ -194,7 +199,7 @@ def ttest_rel(a: Sequence[float], b: Sequence[float]) -> TestResult:
     return TestResult("ttest_rel", float(res.statistic), float(res.pvalue), int(x.size))
 
 
-def ttest_ind(a: Sequence[float], b: Sequence[float], equal_var: bool = True) -> TestResult:
+def ttest_ind(a: Samples, b: Samples, equal_var: bool = True) -> TestResult:
     """Two-tailed independent-samples t-test (used when two conditions share no case).
 
     Wraps :func:`scipy.stats.ttest_ind` (Student's pooled-variance test by default, as SciPy's
@@ -300,7 +305,7 @@ def weighted_kappa(a: Sequence[float], b: Sequence[float], categories: Sequence[
 
 def bootstrap_ci(
     statistic, n_units: int, n_boot: int = 2000, alpha: float = ALPHA, seed: int = 0
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """Percentile bootstrap interval of a statistic of resampled units (beyond the paper).
 
     Used for a case-level bootstrap of the reader-average sensitivity: cases (with all their

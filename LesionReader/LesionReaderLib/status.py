@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Optional, Union
 
 from .session import phase_opens_at
 from .storage import ReadKey, ReadsDatabase, from_iso
@@ -41,14 +41,14 @@ class PhaseStatus:
     submitted_at: Optional[datetime]
     opens_at: Optional[datetime]
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("opened_at", "submitted_at", "opens_at"):
             data[key] = None if data[key] is None else data[key].isoformat()
         return data
 
 
-def study_status(study_dir: Union[str, os.PathLike], clock: Optional[Clock] = None, reader: Optional[str] = None) -> List[PhaseStatus]:
+def study_status(study_dir: Union[str, os.PathLike], clock: Optional[Clock] = None, reader: Optional[str] = None) -> list[PhaseStatus]:
     """Status rows for every reader (or only ``reader``) and phase, in study order.
 
     Raises:
@@ -58,7 +58,7 @@ def study_status(study_dir: Union[str, os.PathLike], clock: Optional[Clock] = No
     readers = [study.check_reader(reader)] if reader is not None else list(study.readers)
     now = as_utc_aware((clock or utc_now)())
     total = len(study.cases)
-    rows: List[PhaseStatus] = []
+    rows: list[PhaseStatus] = []
     with ReadsDatabase(study.database_path) as db:
         for name in readers:
             for phase in study.phases:
@@ -103,7 +103,7 @@ def describe_opening(row: PhaseStatus, now: Optional[datetime] = None) -> str:
     return f"started {format_time(row.opened_at)}" if row.opened_at else ""
 
 
-def format_status(rows: List[PhaseStatus], now: Optional[datetime] = None) -> str:
+def format_status(rows: list[PhaseStatus], now: Optional[datetime] = None) -> str:
     """A plain-text table of :func:`study_status` rows (what ``lesion-reader status`` prints)."""
     header = ("reader", "phase", "state", "cases", "time", "lesions", "when")
     table = [header] + [

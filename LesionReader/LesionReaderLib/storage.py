@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 if TYPE_CHECKING:  # annotations only: storage needs nothing else of the study at run time
     from .study import Axis
@@ -123,7 +124,7 @@ class ReadKey(NamedTuple):
     phase: str
     case: Optional[str] = None
 
-    def of_case(self, case: str) -> "ReadKey":
+    def of_case(self, case: str) -> ReadKey:
         """The same reader and phase, narrowed to ``case``."""
         return ReadKey(self.reader, self.phase, case)
 
@@ -140,17 +141,17 @@ class PhaseTotals(NamedTuple):
     seconds: float
 
 
-def _phase_params(key: ReadKey) -> Tuple[str, str]:
+def _phase_params(key: ReadKey) -> tuple[str, str]:
     return (key.reader, key.phase)
 
 
-def _case_params(key: ReadKey) -> Tuple[str, str, str]:
+def _case_params(key: ReadKey) -> tuple[str, str, str]:
     if key.case is None:
         raise ValueError(f"{key!r} names no case; this query addresses one case (use key.of_case(case_id))")
     return (key.reader, key.phase, key.case)
 
 
-def _axis_values(long_axis: "Axis", short_axis: "Axis") -> Tuple[float, ...]:
+def _axis_values(long_axis: Axis, short_axis: Axis) -> tuple[float, ...]:
     return (*long_axis[0], *long_axis[1], *short_axis[0], *short_axis[1])
 
 
@@ -184,7 +185,7 @@ class ReadsDatabase:
 
     # -- transactions -----------------------------------------------------------------------
     @contextmanager
-    def transaction(self) -> Iterator["ReadsDatabase"]:
+    def transaction(self) -> Iterator[ReadsDatabase]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on any exception).
 
         IMMEDIATE takes the write lock up front, so two processes never both read a state and
@@ -212,7 +213,7 @@ class ReadsDatabase:
         """Run one SQL statement and return its cursor."""
         return self.connection.execute(sql, params)
 
-    def rows(self, sql: str, params: Sequence[Any] = ()) -> List[sqlite3.Row]:
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """All result rows of one SQL query."""
         return self.connection.execute(sql, params).fetchall()
 
@@ -307,7 +308,7 @@ class ReadsDatabase:
         """Set the case's ``updated_at`` (its lesions changed)."""
         self.execute(f"UPDATE case_reads SET updated_at = ? WHERE {_CASE_WHERE}", (to_iso(at), *_case_params(key)))
 
-    def confirmed_case_ids(self, key: ReadKey) -> Set[str]:
+    def confirmed_case_ids(self, key: ReadKey) -> set[str]:
         """Ids of the cases confirmed in ``key``'s reader and phase."""
         rows = self.rows(f"SELECT case_id FROM case_reads WHERE {_PHASE_WHERE} AND status = 'done'", _phase_params(key))
         return {row["case_id"] for row in rows}
@@ -323,7 +324,7 @@ class ReadsDatabase:
         return PhaseTotals(done=int(row["done"]), seconds=float(row["seconds"]))
 
     # -- lesions -----------------------------------------------------------------------------
-    def case_lesions(self, key: ReadKey) -> List[sqlite3.Row]:
+    def case_lesions(self, key: ReadKey) -> list[sqlite3.Row]:
         """The ``lesions`` rows of ``key``'s case, in drawing (id) order."""
         return self.rows(f"SELECT * FROM lesions WHERE {_CASE_WHERE} ORDER BY id", _case_params(key))
 
@@ -339,7 +340,7 @@ class ReadsDatabase:
         assert row is not None
         return int(row["n"])
 
-    def add_lesion(self, key: ReadKey, long_axis: "Axis", short_axis: "Axis", at: datetime) -> int:
+    def add_lesion(self, key: ReadKey, long_axis: Axis, short_axis: Axis, at: datetime) -> int:
         """Store a lesion of ``key``'s case from its long and short axes (RAS mm).
 
         Returns:
@@ -351,6 +352,8 @@ class ReadsDatabase:
             f"INSERT INTO lesions (reader, phase, case_id, {columns}, created_at, updated_at) VALUES ({marks})",
             (*_case_params(key), *_axis_values(long_axis, short_axis), to_iso(at), to_iso(at)),
         )
+        if cursor.lastrowid is None:  # never after a successful INSERT; checked rather than int(None)
+            raise sqlite3.OperationalError(f"{self.path}: storing a lesion of {key!r} returned no row id")
         return int(cursor.lastrowid)
 
     def lesion_read(self, lesion_id: int) -> Optional[ReadKey]:
@@ -358,7 +361,7 @@ class ReadsDatabase:
         row = self.row("SELECT reader, phase, case_id FROM lesions WHERE id = ?", (int(lesion_id),))
         return None if row is None else ReadKey(row["reader"], row["phase"], row["case_id"])
 
-    def update_lesion(self, lesion_id: int, long_axis: "Axis", short_axis: "Axis", at: datetime) -> None:
+    def update_lesion(self, lesion_id: int, long_axis: Axis, short_axis: Axis, at: datetime) -> None:
         """Replace a lesion's axes (RAS mm)."""
         assignments = ", ".join(f"{column} = ?" for column in _AXIS_COLUMNS)
         self.execute(
@@ -371,17 +374,17 @@ class ReadsDatabase:
         self.execute("DELETE FROM lesions WHERE id = ?", (int(lesion_id),))
 
     # -- whole study (exports) ---------------------------------------------------------------
-    def confirmed_case_reads(self) -> List[sqlite3.Row]:
+    def confirmed_case_reads(self) -> list[sqlite3.Row]:
         """Every confirmed ``case_reads`` row, all readers and phases (in no particular order)."""
         return self.rows("SELECT * FROM case_reads WHERE status = 'done'")
 
-    def excluded_cases(self) -> Set[str]:
+    def excluded_cases(self) -> set[str]:
         """Ids of the cases any reader flagged "too many lesions" in any phase."""
         return {row["case_id"] for row in self.rows("SELECT DISTINCT case_id FROM case_reads WHERE too_many_lesions = 1")}
 
-    def lesions_by_read(self) -> Dict[ReadKey, List[sqlite3.Row]]:
+    def lesions_by_read(self) -> dict[ReadKey, list[sqlite3.Row]]:
         """Every ``lesions`` row, grouped by read (reader, phase, case), each group in drawing (id) order."""
-        grouped: Dict[ReadKey, List[sqlite3.Row]] = {}
+        grouped: dict[ReadKey, list[sqlite3.Row]] = {}
         for row in self.rows("SELECT * FROM lesions ORDER BY id"):
             grouped.setdefault(ReadKey(row["reader"], row["phase"], row["case_id"]), []).append(row)
         return grouped
@@ -393,7 +396,7 @@ class ReadsDatabase:
             self.connection.close()
             self.connection = None  # type: ignore[assignment]
 
-    def __enter__(self) -> "ReadsDatabase":
+    def __enter__(self) -> ReadsDatabase:
         return self
 
     def __exit__(self, *exc: object) -> None:

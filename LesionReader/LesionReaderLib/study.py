@@ -20,10 +20,11 @@ import math
 import os
 import random
 import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Union
 
 from ContrastAmplifierCommon.atomicfile import write_text_atomic
 from ContrastAmplifierCommon.outputs import OutputPathError, folders_to_create, remove_empty_folders
@@ -46,11 +47,11 @@ DEFAULT_PHASE_NAMES = ("T1c", "T1c-pro", "T1c-vfa")
 DEFAULT_REFERENCE_PHASE = "T1c-vfa"
 
 #: Image quality scale (paper: "general image quality on 4-point scales").
-GRADE_LABELS: Dict[int, str] = {1: "poor", 2: "average", 3: "good", 4: "excellent"}
+GRADE_LABELS: dict[int, str] = {1: "poor", 2: "average", 3: "good", 4: "excellent"}
 
 #: Canonical modality names and the file-name stems recognised for them in case folders
 #: (compared lower-case with "-", "_", "." and spaces removed).
-MODALITY_ALIASES: Dict[str, Tuple[str, ...]] = {
+MODALITY_ALIASES: dict[str, tuple[str, ...]] = {
     "T1": ("t1", "t1pre", "t1w", "t1native"),
     "T2-FLAIR": ("t2flair", "flair", "t2wflair"),
     "ADC": ("adc", "adcmap"),
@@ -63,7 +64,7 @@ MODALITY_ALIASES: Dict[str, Tuple[str, ...]] = {
 #: series (see :func:`is_dicom_series_folder`); both come from :mod:`ContrastAmplifierLib.imagefiles`.
 
 Clock = Callable[[], datetime]
-Axis = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
+Axis = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 
 class StudyError(ValueError):
@@ -117,7 +118,7 @@ def read_text_file(path: Union[str, os.PathLike], fix: str) -> str:
         ) from None
 
 
-def missing_folders(folder: Union[str, os.PathLike], option: str) -> List[Path]:
+def missing_folders(folder: Union[str, os.PathLike], option: str) -> list[Path]:
     """:func:`ContrastAmplifierCommon.outputs.folders_to_create` with a :class:`StudyError`.
 
     Returns:
@@ -206,8 +207,8 @@ class Phase:
     """
 
     name: str
-    shows: Tuple[str, ...]
-    markers: Union[str, Tuple[str, ...]] = "all"
+    shows: tuple[str, ...]
+    markers: Union[str, tuple[str, ...]] = "all"
 
     def reader_marks(self, reader: str) -> bool:
         """Whether ``reader`` marks lesions in this phase."""
@@ -261,15 +262,15 @@ class Study:
 
     directory: Path
     name: str
-    readers: Tuple[str, ...]
-    phases: Tuple[Phase, ...]
-    cases: Tuple[Case, ...]
+    readers: tuple[str, ...]
+    phases: tuple[Phase, ...]
+    cases: tuple[Case, ...]
     seed: int = 0
     washout_days: float = DEFAULT_WASHOUT_DAYS
     max_lesions: int = DEFAULT_MAX_LESIONS
     reference_phase: Optional[str] = None
     reference_reader: Optional[str] = None
-    _case_index: Dict[str, Case] = field(default_factory=dict, repr=False)
+    _case_index: dict[str, Case] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._case_index = {case.id: case for case in self.cases}
@@ -344,18 +345,20 @@ def study_from_dict(data: Mapping, directory: Union[str, os.PathLike], *, check_
     where = Path(directory) / STUDY_FILE
     _require(isinstance(data, Mapping), f"{where} must hold a JSON object")
     _require(data.get("format") == STUDY_FORMAT, f"{where}: 'format' is {data.get('format')!r}, expected {STUDY_FORMAT!r}; recreate it with 'lesion-reader init'")
+    # Explicit `if not ...: raise` (not _require) where later lines rely on the narrowed type.
     readers = data.get("readers")
-    _require(isinstance(readers, list) and readers and all(isinstance(r, str) and r.strip() for r in readers),
-             f"{where}: 'readers' must be a non-empty list of reader ids")
+    if not (isinstance(readers, list) and readers and all(isinstance(r, str) and r.strip() for r in readers)):
+        raise StudyError(f"{where}: 'readers' must be a non-empty list of reader ids")
     _require(len(set(readers)) == len(readers), f"{where}: reader ids repeat in 'readers': {readers}")
     phases_raw = data.get("phases")
-    _require(isinstance(phases_raw, list) and phases_raw, f"{where}: 'phases' must be a non-empty list")
-    phases: List[Phase] = []
+    if not (isinstance(phases_raw, list) and phases_raw):
+        raise StudyError(f"{where}: 'phases' must be a non-empty list")
+    phases: list[Phase] = []
     for i, raw in enumerate(phases_raw):
-        _require(isinstance(raw, Mapping) and isinstance(raw.get("name"), str) and raw["name"].strip(), f"{where}: phases[{i}] needs a 'name'")
+        _require(isinstance(raw, Mapping) and isinstance(raw.get("name"), str) and bool(raw["name"].strip()), f"{where}: phases[{i}] needs a 'name'")
         shows = raw.get("shows")
-        _require(isinstance(shows, list) and shows and all(isinstance(s, str) for s in shows),
-                 f"{where}: phases[{i}] ({raw['name']}) needs 'shows', a non-empty list of volume names")
+        if not (isinstance(shows, list) and shows and all(isinstance(s, str) for s in shows)):
+            raise StudyError(f"{where}: phases[{i}] ({raw['name']}) needs 'shows', a non-empty list of volume names")
         markers = raw.get("markers", "all")
         if markers != "all":
             _require(isinstance(markers, list) and all(m in readers for m in markers),
@@ -365,17 +368,21 @@ def study_from_dict(data: Mapping, directory: Union[str, os.PathLike], *, check_
     names = [p.name for p in phases]
     _require(len(set(names)) == len(names), f"{where}: phase names repeat: {names}")
     reference = data.get("reference") or {}
+    if not isinstance(reference, Mapping):  # e.g. "reference": "T1c-vfa" would fail on .get() below
+        raise StudyError(f"{where}: 'reference' must be an object {{\"phase\": ..., \"reader\": ...}}, got {reference!r}")
     ref_phase, ref_reader = reference.get("phase"), reference.get("reader")
     _require(ref_phase is None or ref_phase in names, f"{where}: reference.phase {ref_phase!r} is not a phase ({', '.join(names)})")
     _require(ref_reader is None or ref_reader in readers, f"{where}: reference.reader {ref_reader!r} is not a reader ({', '.join(readers)})")
     cases_raw = data.get("cases")
-    _require(isinstance(cases_raw, list) and cases_raw, f"{where}: 'cases' must be a non-empty list")
-    cases: List[Case] = []
+    if not (isinstance(cases_raw, list) and cases_raw):
+        raise StudyError(f"{where}: 'cases' must be a non-empty list")
+    cases: list[Case] = []
     needed = sorted({v for p in phases for v in p.shows})
     for i, raw in enumerate(cases_raw):
-        _require(isinstance(raw, Mapping) and isinstance(raw.get("id"), str) and raw["id"], f"{where}: cases[{i}] needs an 'id'")
+        _require(isinstance(raw, Mapping) and isinstance(raw.get("id"), str) and bool(raw["id"]), f"{where}: cases[{i}] needs an 'id'")
         volumes = raw.get("volumes")
-        _require(isinstance(volumes, Mapping), f"{where}: cases[{i}] ({raw['id']}) needs 'volumes', an object modality -> path")
+        if not isinstance(volumes, Mapping):
+            raise StudyError(f"{where}: cases[{i}] ({raw['id']}) needs 'volumes', an object modality -> path")
         missing = [v for v in needed if v not in volumes]
         _require(not missing, f"{where}: case {raw['id']!r} lacks {', '.join(missing)}, shown in phases {', '.join(p.name for p in phases if set(p.shows) & set(missing))}; add the files or change the phases' 'shows'")
         cases.append(Case(id=raw["id"], volumes={str(k): str(v) for k, v in volumes.items()}))
@@ -420,7 +427,7 @@ def _strip_suffix(name: str) -> Optional[str]:
     return imagefiles.image_stem(name)
 
 
-def dicom_series_files(folder: Union[str, os.PathLike]) -> List[str]:
+def dicom_series_files(folder: Union[str, os.PathLike]) -> list[str]:
     """The files of the single DICOM series in ``folder``, in slice order (SimpleITK/GDCM sorting).
 
     A DICOM series folder is accepted as a case volume (one series per folder, see
@@ -470,7 +477,7 @@ def discover_case_folder(folder: Path) -> Case:
     Raises:
         StudyError: the folder has no recognised image, or two entries claim the same modality.
     """
-    volumes: Dict[str, str] = {}
+    volumes: dict[str, str] = {}
     for path in sorted(folder.iterdir()):
         if path.is_dir():
             stem = path.name if canonical_modality(path.name) and is_dicom_series_folder(path) else None
@@ -491,7 +498,7 @@ def discover_case_folder(folder: Path) -> Case:
     return Case(id=folder.name, volumes=volumes)
 
 
-def read_case_manifest(path: Path) -> List[Case]:
+def read_case_manifest(path: Path) -> list[Case]:
     """Cases from a CSV manifest with header ``case,<modality>,<modality>...`` (paths relative to the CSV)."""
     text = read_text_file(path, "save the manifest as a UTF-8 CSV file")
     try:
@@ -515,9 +522,9 @@ def read_case_manifest(path: Path) -> List[Case]:
     return cases
 
 
-def collect_cases(sources: Iterable[Union[str, os.PathLike]]) -> List[Case]:
+def collect_cases(sources: Iterable[Union[str, os.PathLike]]) -> list[Case]:
     """Cases from case folders and/or CSV manifests (see :func:`discover_case_folder`, :func:`read_case_manifest`)."""
-    cases: List[Case] = []
+    cases: list[Case] = []
     for source in sources:
         path = Path(source)
         if path.is_dir():
@@ -604,7 +611,8 @@ def init_study(
     if reference_reader is not None and reference_reader not in readers:
         raise StudyError(f"--reference-reader {reference_reader!r} is not one of the readers ({', '.join(readers)})")
     phase_list = [
-        Phase(p.name, p.shows, (reference_reader,)) if p.name == reference_phase and p.markers == "all" else p
+        # reference_reader is None here only without readers, which study_from_dict rejects below.
+        Phase(p.name, p.shows, (reference_reader,)) if p.name == reference_phase and p.markers == "all" and reference_reader is not None else p
         for p in phase_list
     ]
     data = {
@@ -645,7 +653,7 @@ def _has_reads(database: Path) -> bool:
         raise StudyError(f"{database} is not a readable reads database ({exc}); move it away or start a new study folder") from None
 
 
-def case_order(study: Study, reader: str, phase: str) -> List[str]:
+def case_order(study: Study, reader: str, phase: str) -> list[str]:
     """The case ids in the order ``reader`` reads them in ``phase``.
 
     Shuffled from a seed derived from (study seed, reader, phase) with SHA-256, so the order is

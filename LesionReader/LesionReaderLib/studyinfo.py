@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Union
 
 from ContrastAmplifierLib.imagefiles import ImageValidationError, find_image
 
@@ -26,7 +26,7 @@ def _canonical(name: str) -> str:
     return canonical_modality(name) or name
 
 
-def volumes_from_csv(path: Path) -> Dict[str, Dict[str, Path]]:
+def volumes_from_csv(path: Path) -> dict[str, dict[str, Path]]:
     """``volumes.csv``: header ``case,<volume>,...`` (T1, T1c, T1c-pro, T1c-vfa, brain_mask...).
 
     Returns:
@@ -35,7 +35,7 @@ def volumes_from_csv(path: Path) -> Dict[str, Dict[str, Path]]:
     Raises:
         AnalysisError: unreadable file, an empty case id or a case listed twice (file and line named).
     """
-    out: Dict[str, Dict[str, Path]] = {}
+    out: dict[str, dict[str, Path]] = {}
     for row in read_csv(path, ("case",), _VOLUMES_FIX):
         if not row["case"]:
             row.fail("case", "is empty", "give the case id of every volumes row (as in grades.csv)")
@@ -69,7 +69,7 @@ def _info_from_study(study_dir: Path) -> StudyInfo:
     return info
 
 
-def _add_roi_volumes(vols: Dict[str, Path]) -> None:
+def _add_roi_volumes(vols: dict[str, Path]) -> None:
     """Add the ROI volumes found beside the case's T1c that ``vols`` lacks (one per role)."""
     folder = Path(vols["T1c"]).parent
     for keys in (HEALTHY_KEYS, BRAIN_MASK_KEYS, LESION_LABEL_KEYS):
@@ -80,7 +80,7 @@ def _add_roi_volumes(vols: Dict[str, Path]) -> None:
             vols[keys[0]] = hit
 
 
-def _first_file(folder: Path, keys: Tuple[str, ...]) -> Union[Path, None]:
+def _first_file(folder: Path, keys: tuple[str, ...]) -> Union[Path, None]:
     """The image file ``folder/<key><image suffix>`` of the first key that has one (see :func:`find_image`).
 
     Raises:

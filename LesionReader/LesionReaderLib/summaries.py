@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
@@ -35,13 +37,16 @@ from .results import (
     ordered_volumes,
 )
 
+if TYPE_CHECKING:  # annotations only: contrast imports SimpleITK, loaded only when contrast metrics are computed
+    from .contrast import CaseVolumes
+
 #: (reader, phase) -> case -> value; reader :data:`AVERAGE` for the per-case reader means.
-Series = Dict[ReadKey, CaseValues]
+Series = dict[ReadKey, CaseValues]
 #: ``progress(stage, fraction, message)`` callback of :func:`.analysis.analyze`.
 Progress = Callable[[str, float, str], None]
 
 
-def mean_sd(values: Iterable[float]) -> Tuple[float, float]:
+def mean_sd(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample SD (``nan`` for no value; SD ``nan`` for one value)."""
     x = np.asarray(list(values), dtype=float)
     if x.size == 0:
@@ -60,9 +65,9 @@ def paired_or_independent(a: Mapping[str, float], b: Mapping[str, float]) -> sta
 # --------------------------------------------------------------------------- grades and times
 
 
-def per_case_values(reads: Reads) -> Dict[str, Series]:
+def per_case_values(reads: Reads) -> dict[str, Series]:
     """Per read, the non-excluded cases' ``grade``, ``seconds`` (both without blanks) and ``marks`` count."""
-    per_case: Dict[str, Series] = {"grade": {}, "seconds": {}, "marks": {}}
+    per_case: dict[str, Series] = {"grade": {}, "seconds": {}, "marks": {}}
     for key, rows in reads.grades.items():
         per_case["grade"][key] = {c: g for c, (g, _) in rows.items() if c not in reads.excluded and not math.isnan(g)}
         per_case["seconds"][key] = {c: s for c, (_, s) in rows.items() if c not in reads.excluded and not math.isnan(s)}
@@ -70,13 +75,13 @@ def per_case_values(reads: Reads) -> Dict[str, Series]:
     return per_case
 
 
-def _add_averages(series: Series, phases: Sequence[str], readers: Sequence[str]) -> Dict[str, List[str]]:
+def _add_averages(series: Series, phases: Sequence[str], readers: Sequence[str]) -> dict[str, list[str]]:
     """Add, per phase read by >= 2 readers, the per-case reader mean on their common cases.
 
     Returns:
         phase -> the readers behind its average.
     """
-    average_sets: Dict[str, List[str]] = {}
+    average_sets: dict[str, list[str]] = {}
     for phase in phases:
         rs = [r for r in readers if (r, phase) in series]
         if len(rs) >= 2:
@@ -86,7 +91,7 @@ def _add_averages(series: Series, phases: Sequence[str], readers: Sequence[str])
     return average_sets
 
 
-def _with_averages(values: Series, keys: Iterable[ReadKey], reads: Reads) -> Tuple[Series, Dict[str, List[str]], List[str], List[str]]:
+def _with_averages(values: Series, keys: Iterable[ReadKey], reads: Reads) -> tuple[Series, dict[str, list[str]], list[str], list[str]]:
     """The non-empty series of ``keys`` plus the reader averages (:func:`_add_averages`).
 
     Returns:
@@ -99,7 +104,7 @@ def _with_averages(values: Series, keys: Iterable[ReadKey], reads: Reads) -> Tup
     return series, _add_averages(series, phases, readers), phases, readers
 
 
-def summarise(values: Series, keys: Iterable[ReadKey], metric: str, table: str, reads: Reads) -> Tuple[Series, List[dict]]:
+def summarise(values: Series, keys: Iterable[ReadKey], metric: str, table: str, reads: Reads) -> tuple[Series, list[dict]]:
     """Per-case series per (reader, phase) plus the reader averages, and their t-tests.
 
     Args:
@@ -113,7 +118,7 @@ def summarise(values: Series, keys: Iterable[ReadKey], metric: str, table: str, 
         reader set only), then reader vs reader within each phase.
     """
     series, average_sets, phases, readers = _with_averages(values, keys, reads)
-    tests: List[dict] = []
+    tests: list[dict] = []
     for reader in readers + [AVERAGE]:
         for pa, pb in itertools.combinations(phases, 2):
             if (reader, pa) not in series or (reader, pb) not in series:
@@ -128,14 +133,14 @@ def summarise(values: Series, keys: Iterable[ReadKey], metric: str, table: str, 
     return series, tests
 
 
-def sorted_series(series: Mapping[ReadKey, CaseValues], reads: Reads) -> List[Tuple[ReadKey, CaseValues]]:
+def sorted_series(series: Mapping[ReadKey, CaseValues], reads: Reads) -> list[tuple[ReadKey, CaseValues]]:
     """Series in phase order, then reader order (the average last)."""
     order_r = reads.readers + [AVERAGE]
     return sorted(series.items(), key=lambda kv: (reads.phases.index(kv[0][1]) if kv[0][1] in reads.phases else 99,
                                                    order_r.index(kv[0][0]) if kv[0][0] in order_r else 99))
 
 
-def quality_rows(grade_series: Series, reads: Reads) -> List[dict]:
+def quality_rows(grade_series: Series, reads: Reads) -> list[dict]:
     """quality.csv (Table 3): mean (SD) grade and, per reader, the count of each grade 1-4."""
     rows = []
     for (reader, phase), values in sorted_series(grade_series, reads):
@@ -148,14 +153,14 @@ def quality_rows(grade_series: Series, reads: Reads) -> List[dict]:
     return rows
 
 
-def agreement_rows(grades: Series, reads: Reads) -> Tuple[List[dict], List[str]]:
+def agreement_rows(grades: Series, reads: Reads) -> tuple[list[dict], list[str]]:
     """Beyond the paper: weighted Cohen's kappa (linear, quadratic) between readers, per phase.
 
     Returns:
         agreement.csv rows, and notes on reader pairs skipped (grades not all integers 1-4).
     """
-    rows: List[dict] = []
-    notes: List[str] = []
+    rows: list[dict] = []
+    notes: list[str] = []
     for phase in reads.phases:
         rs = [r for r in reads.readers if grades.get((r, phase))]
         for ra, rb in itertools.combinations(rs, 2):
@@ -173,7 +178,7 @@ def agreement_rows(grades: Series, reads: Reads) -> Tuple[List[dict], List[str]]
     return rows, notes
 
 
-def times_rows(time_series: Series, marks: Series, reads: Reads) -> List[dict]:
+def times_rows(time_series: Series, marks: Series, reads: Reads) -> list[dict]:
     """times.csv (Table 6 and paper, "Reading times"): mean (SD) and total seconds, marks, seconds per mark.
 
     ``paper_seconds_per_lesion`` is the mean time per case divided by the total marks, as the
@@ -208,12 +213,12 @@ class ReadSummaries:
         notes: reader pairs left out of the agreement.
     """
 
-    quality: List[dict] = field(default_factory=list)
-    times: List[dict] = field(default_factory=list)
-    agreement: List[dict] = field(default_factory=list)
-    comparisons: List[dict] = field(default_factory=list)
-    per_case: Dict[str, Series] = field(default_factory=dict)
-    notes: List[str] = field(default_factory=list)
+    quality: list[dict] = field(default_factory=list)
+    times: list[dict] = field(default_factory=list)
+    agreement: list[dict] = field(default_factory=list)
+    comparisons: list[dict] = field(default_factory=list)
+    per_case: dict[str, Series] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def summarise_reads(reads: Reads, timed: Iterable[ReadKey]) -> ReadSummaries:
@@ -241,16 +246,16 @@ def summarise_reads(reads: Reads, timed: Iterable[ReadKey]) -> ReadSummaries:
 class ContrastSummary:
     """Table 4: contrast.csv rows, their t-tests, and notes (volumes missing, ROI choices)."""
 
-    rows: List[dict] = field(default_factory=list)
-    comparisons: List[dict] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    comparisons: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
-def _case_volumes(case: str, vols: Mapping[str, object]):
+def _case_volumes(case: str, vols: Mapping[str, Path]) -> CaseVolumes:
     """The :class:`.contrast.CaseVolumes` of a case from its named volumes."""
     from .contrast import CaseVolumes  # SimpleITK: imported only when contrast metrics are computed
 
-    def pick(keys: Sequence[str]) -> Optional[object]:
+    def pick(keys: Sequence[str]) -> Optional[Path]:
         return next((vols[k] for k in keys if k in vols), None)
 
     post = {name: vols[name] for name in CONTRAST_VOLUMES if name in vols}
@@ -258,7 +263,7 @@ def _case_volumes(case: str, vols: Mapping[str, object]):
                        brain_mask=pick(BRAIN_MASK_KEYS), lesion_labels=pick(LESION_LABEL_KEYS))
 
 
-def contrast_rows(info: StudyInfo, reference: Mapping[str, List[Mark]], margin_mm: float, say: Progress) -> Tuple[List[dict], List[str]]:
+def contrast_rows(info: StudyInfo, reference: Mapping[str, list[Mark]], margin_mm: float, say: Progress) -> tuple[list[dict], list[str]]:
     """CNR/LBR/CEP rows for every case with a reference lesion and known volumes (Table 4).
 
     Paper, "Performance metrics": lesion ROIs are the parallelograms of the reference axes,
@@ -276,8 +281,8 @@ def contrast_rows(info: StudyInfo, reference: Mapping[str, List[Mark]], margin_m
             "volumes.csv (case,T1,T1c,T1c-pro,T1c-vfa,brain_mask or healthy_brain) beside grades.csv."
         ]
     cases = [c for c, marks in reference.items() if marks]
-    rows: List[dict] = []
-    skipped: List[str] = []
+    rows: list[dict] = []
+    skipped: list[str] = []
     for n, case in enumerate(cases):
         vols = info.volumes.get(case)
         if not vols:
@@ -300,9 +305,9 @@ def contrast_rows(info: StudyInfo, reference: Mapping[str, List[Mark]], margin_m
     return rows, notes
 
 
-def contrast_comparisons(rows: Sequence[Mapping]) -> List[dict]:
+def contrast_comparisons(rows: Sequence[Mapping]) -> list[dict]:
     """Table 4 tests: every metric (CNR, LBR, CEP), every pair of volumes, t-test over cases."""
-    by_volume: Dict[str, Dict[str, Mapping]] = {}
+    by_volume: dict[str, dict[str, Mapping]] = {}
     for row in rows:
         by_volume.setdefault(row["volume"], {})[row["case"]] = row
     vols = ordered_volumes(by_volume)
@@ -315,7 +320,7 @@ def contrast_comparisons(rows: Sequence[Mapping]) -> List[dict]:
     return tests
 
 
-def summarise_contrast(info: StudyInfo, reference: Mapping[str, List[Mark]], margin_mm: float, say: Progress) -> ContrastSummary:
+def summarise_contrast(info: StudyInfo, reference: Mapping[str, list[Mark]], margin_mm: float, say: Progress) -> ContrastSummary:
     """Table 4: the contrast rows of every case and the t-tests between volumes."""
     rows, notes = contrast_rows(info, reference, margin_mm, say)
     return ContrastSummary(rows=rows, comparisons=contrast_comparisons(rows), notes=notes)

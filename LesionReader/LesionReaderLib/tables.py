@@ -18,8 +18,9 @@ import contextlib
 import csv
 import json
 import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -92,7 +93,7 @@ def summary(result: AnalysisResult) -> dict:
     }
 
 
-def write_tables(result: AnalysisResult, folder: Path) -> Dict[str, Path]:
+def write_tables(result: AnalysisResult, folder: Path) -> dict[str, Path]:
     """Write every CSV table and ``analysis.json`` of ``result`` into ``folder``.
 
     Returns:
@@ -128,7 +129,7 @@ def output_folder(out_dir: Path) -> Iterator[Path]:
 
 
 def write_outputs(result: AnalysisResult, out_dir: Path, exported: Optional[ExportedRows] = None,
-                  extra: Sequence[ExtraWriter] = ()) -> Dict[str, Path]:
+                  extra: Sequence[ExtraWriter] = ()) -> dict[str, Path]:
     """Write the tables of ``result`` (and ``extra`` files such as the report) into ``out_dir``.
 
     While writing, ``result.out_dir`` is the staging folder (the ``extra`` writers write into
