@@ -9,6 +9,7 @@ The DICOM series reader here imports SimpleITK only when called.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional, Union
 
@@ -41,6 +42,27 @@ def image_stem(name: str) -> Optional[str]:
     return None
 
 
+def image_entries(folder: PathLike, folders: bool = True) -> Iterator[tuple[str, Path]]:
+    """``(stem, path)`` of every image in ``folder``, in name order: files with one of
+    :data:`IMAGE_SUFFIXES` (stem without the suffix) and, with ``folders=True``, sub-folders
+    (stem = the folder name; whether one holds a DICOM series is the caller's check, see
+    :func:`is_dicom_series_folder`). Hidden entries are skipped. Every image finder uses this walk.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if folders:
+                yield entry.name, entry
+        elif entry.is_file():
+            stem = image_stem(entry.name)
+            if stem is not None:
+                yield stem, entry
+
+
 def find_image(folder: PathLike, stem: str, folders: bool = True, name: Optional[str] = None) -> Optional[Path]:
     """The image named ``stem`` in ``folder``: ``<stem><suffix>`` for any of :data:`IMAGE_SUFFIXES`,
     or (``folders=True``) a ``<stem>/`` folder, taken as a DICOM series (read it with
@@ -55,21 +77,8 @@ def find_image(folder: PathLike, stem: str, folders: bool = True, name: Optional
     Raises:
         ImageValidationError: more than one entry matches (the message names them all).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
     want = stem.lower()
-    hits = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            if folders and entry.name.lower() == want:
-                hits.append(entry)
-        elif entry.is_file():
-            found = image_stem(entry.name)
-            if found is not None and found.lower() == want:
-                hits.append(entry)
+    hits = [entry for found, entry in image_entries(folder, folders) if found.lower() == want]
     if len(hits) > 1:
         raise ImageValidationError(
             f"{name or stem} is ambiguous in {folder}: {', '.join(h.name for h in hits)} all match; keep only one."

@@ -423,10 +423,6 @@ def load_study(study_dir: Union[str, os.PathLike]) -> Study:
     return study_from_dict(data, study_dir)
 
 
-def _strip_suffix(name: str) -> Optional[str]:
-    return imagefiles.image_stem(name)
-
-
 def dicom_series_files(folder: Union[str, os.PathLike]) -> list[str]:
     """The files of the single DICOM series in ``folder``, in slice order (SimpleITK/GDCM sorting).
 
@@ -478,13 +474,9 @@ def discover_case_folder(folder: Path) -> Case:
         StudyError: the folder has no recognised image, or two entries claim the same modality.
     """
     volumes: dict[str, str] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_dir():
-            stem = path.name if canonical_modality(path.name) and is_dicom_series_folder(path) else None
-        else:
-            stem = _strip_suffix(path.name) if path.is_file() else None
-        modality = canonical_modality(stem) if stem else None
-        if modality is None:
+    for stem, path in imagefiles.image_entries(folder):
+        modality = canonical_modality(stem)
+        if modality is None or (path.is_dir() and not is_dicom_series_folder(path)):
             continue
         if modality in volumes:
             raise StudyError(f"case folder {folder} has two {modality} images ({Path(volumes[modality]).name}, {path.name}); keep one")
