@@ -377,3 +377,33 @@ class LesionGeometry:
                 f"short axis passes {gap:.1f} mm from the long axis (more than half its {long_mm:.1f} mm); "
                 "draw both axes on the same lesion, the short one crossing the long one"
             )
+
+
+class MeasuredLesion:
+    """Mixin for records that carry a ``geometry`` (a stored lesion, a lesions.csv row): its axes,
+    lengths and centre as plain attributes, read from the geometry (one definition for all)."""
+
+    geometry: LesionGeometry
+
+    @property
+    def long_axis(self) -> Axis:
+        """``((x1, y1, z1), (x2, y2, z2))`` in RAS mm."""
+        return self.geometry.long_axis
+
+    @property
+    def short_axis(self) -> Axis:
+        return self.geometry.short_axis
+
+    @property
+    def long_mm(self) -> float:
+        return self.geometry.long_mm
+
+    @property
+    def short_mm(self) -> float:
+        return self.geometry.short_mm
+
+    @property
+    def center(self) -> Point:
+        """Centroid of the four end points (= mean of the two axes' midpoints), used for matching."""
+        return self.geometry.center
+

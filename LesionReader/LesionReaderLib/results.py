@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import stats
-from .geometry import Axis, LesionGeometry, Point
+from .geometry import LesionGeometry, MeasuredLesion
 
 #: A read: (reader, phase).
 ReadKey = tuple[str, str]
@@ -91,7 +91,7 @@ class AnalysisError(ValueError):
 
 
 @dataclass(frozen=True)
-class Mark:
+class Mark(MeasuredLesion):
     """One lesion row of lesions.csv: a lesion marked by one reader in one phase and case.
 
     Attributes:
@@ -110,27 +110,6 @@ class Mark:
     def lesion(self) -> str:
         """The row's ``lesion`` id."""
         return self.geometry.lesion_id
-
-    # The attributes a Mark always had (analysis re-exports it), read from its geometry.
-    @property
-    def long_mm(self) -> float:
-        return self.geometry.long_mm
-
-    @property
-    def short_mm(self) -> float:
-        return self.geometry.short_mm
-
-    @property
-    def long_axis(self) -> Axis:
-        return self.geometry.long_axis
-
-    @property
-    def short_axis(self) -> Axis:
-        return self.geometry.short_axis
-
-    @property
-    def center(self) -> Point:
-        return self.geometry.center
 
     def as_lesion(self) -> LesionGeometry:
         """The mark as the matching sees it (kept for callers: the geometry has the old ``Lesion``'s attributes)."""

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, Union
 
-from .geometry import PERPENDICULAR_TOLERANCE_DEG, Axis, LesionGeometry, LesionGeometryError, Point
+from .geometry import PERPENDICULAR_TOLERANCE_DEG, Axis, LesionGeometry, LesionGeometryError, MeasuredLesion
 from .storage import ReadKey, ReadsDatabase, from_iso
 from .study import (
     GRADE_LABELS,
@@ -59,7 +59,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class LesionRecord:
+class LesionRecord(MeasuredLesion):
     """One lesion as stored: its database id, its number in the case, and its geometry.
 
     Attributes:
@@ -72,29 +72,6 @@ class LesionRecord:
     id: int
     number: int
     geometry: LesionGeometry
-
-    # The public attributes of a lesion record (README, "Python API"), read from its geometry.
-    @property
-    def long_axis(self) -> Axis:
-        """``((x1, y1, z1), (x2, y2, z2))`` in RAS mm."""
-        return self.geometry.long_axis
-
-    @property
-    def short_axis(self) -> Axis:
-        return self.geometry.short_axis
-
-    @property
-    def long_mm(self) -> float:
-        return self.geometry.long_mm
-
-    @property
-    def short_mm(self) -> float:
-        return self.geometry.short_mm
-
-    @property
-    def center(self) -> Point:
-        """Centroid of the four end points (= mean of the two axes' midpoints), used for matching."""
-        return self.geometry.center
 
     def to_dict(self) -> dict[str, Any]:
         """UI-facing view (no case id)."""
