@@ -6,14 +6,18 @@ quality grades, long and short axes of every enhancing lesion, automatic reading
 
 This file is thin: the study, the session state machine, storage and the scene bridge live in
 ``LesionReaderLib`` (importable without Slicer). Qt imports are guarded so the Logic class can
-be imported headless (``slicer-core``) by tests and batch scripts.
+be imported headless (``slicer-core``) by tests and batch scripts. The panel's choices (study
+folder, reader id) live in a typed parameter node (``parameterNodeWrapper``, Slicer 5.8 scripted
+module template); the reading itself lives in the study's crash-safe storage, never in the scene.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import pathlib
+from typing import Optional
 
 import slicer
+import vtk
 
 from ContrastAmplifierCommon.slicer_compat import IN_SLICER_APP as HAVE_GUI
 from ContrastAmplifierCommon.slicer_compat import (
@@ -21,7 +25,9 @@ from ContrastAmplifierCommon.slicer_compat import (
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
+    parameterNodeWrapper,
 )
+from ContrastAmplifierCommon.slicer_compat import tr as _
 
 if HAVE_GUI:  # GUI parts: present in the Slicer application, absent under slicer-core
     import ctk  # noqa: F401
@@ -34,7 +40,7 @@ else:
         def __init__(self):
             pass
 
-from LesionReaderLib import GRADE_LABELS, LesionAxisError, ReaderSession, StudyError
+from LesionReaderLib import LesionAxisError, ReaderSession, StudyError
 from LesionReaderLib import mrml_bridge as bridge
 from LesionReaderLib.status import describe_opening, format_status, study_status
 from LesionReaderLib.study import format_duration, load_study
@@ -45,19 +51,44 @@ class LesionReader(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Lesion Reader"
-        self.parent.categories = ["Quantification"]
+        self.parent.title = _("Lesion Reader")
+        # One category for the whole extension (the ExtensionsIndex category; Testing/SlicerModules/test_extension_index.py).
+        self.parent.categories = ["Image Synthesis"]
         self.parent.dependencies = ["ContrastAmplifier"]  # imports ContrastAmplifierLib
         self.parent.contributors = ["SlicerContrastAmplifier developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Blinded multi-phase reader study (Bone, Ammari et al., Invest Radiol 2022): grade image quality 1-4 "
             "and mark each enhancing lesion's long and short axes; reading time is recorded automatically. "
-            "Shortcuts: 1-4 grade, N next case, B previous case, L add lesion, P pause/resume. Research use only."
+            "Shortcuts: Alt+1 to Alt+4 grade, Alt+N confirm and next case, Alt+B previous case, Alt+L add lesion, "
+            "Alt+P pause/resume (Slicer's own view keys, such as b/f for the previous/next slice, keep working). "
+            "Research use only."
         )
-        self.parent.acknowledgementText = (
+        self.parent.acknowledgementText = _(
             "Reproduces the reading protocol of Bone A, Ammari S, et al. From dose reduction to contrast maximization. "
             "Invest Radiol 2022;57(8):527-535. Research use only."
         )
+
+
+#
+# LesionReaderParameterNode
+#
+
+
+@parameterNodeWrapper
+class LesionReaderParameterNode:
+    """What the reader chose in the "Study and reader" panel, kept in the module's parameter node.
+
+    studyFolder - the folder holding study.json (bound to studyPathLineEdit). ``Path(".")``, Slicer's
+                  default for a path parameter, means "none chosen yet".
+    reader - the reader's id, e.g. R1 (bound to readerLineEdit).
+
+    Nothing about the cases is kept here (the scene may be saved and shared): the reading's state
+    lives in the study's crash-safe storage (LesionReaderLib.storage). The phase picker is filled
+    per study from study.json, so it is not a parameter (Slicer binds a QComboBox to a fixed Choice).
+    """
+
+    studyFolder: pathlib.Path
+    reader: str
 
 
 class LesionReaderLogic(ScriptedLoadableModuleLogic):
@@ -67,16 +98,33 @@ class LesionReaderLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
 
-    def phase_choices(self, study_dir: str, reader: str) -> List[Dict[str, str]]:
+    def getParameterNode(self) -> LesionReaderParameterNode:
+        """The module's parameter node (a singleton in ``slicer.mrmlScene``), typed."""
+        return LesionReaderParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def chosen_study_dir(folder: pathlib.Path) -> str:
+        """``folder`` as the Lib takes it, or "" while none is chosen (a path parameter defaults to ".")."""
+        return "" if folder == pathlib.Path() else str(folder)
+
+    def phase_choices(self, study_dir: str, reader: str) -> list[dict[str, str]]:
         """Phases of ``reader`` with their state and a one-line description (for the phase picker)."""
         rows = study_status(study_dir, reader=reader)
-        return [{"phase": r.phase, "state": r.state, "text": f"{r.phase}: {r.state}, {r.done} / {r.total}, {describe_opening(r)}"} for r in rows]
+        return [
+            {
+                "phase": r.phase,
+                "state": r.state,
+                "text": _("{phase}: {state}, {done} / {total}, {opening}").format(
+                    phase=r.phase, state=r.state, done=r.done, total=r.total, opening=describe_opening(r)),
+            }
+            for r in rows
+        ]
 
     def open_session(self, study_dir: str, reader: str, phase: str) -> ReaderSession:
         """Open the reading (raises :class:`StudyError` with a reader-facing message)."""
         return ReaderSession.open(study_dir, reader=reader, phase=phase)
 
-    def show_case(self, session: ReaderSession) -> List[str]:
+    def show_case(self, session: ReaderSession) -> list[str]:
         """Replace the scene's reading volumes and lesion lines with the shown case's; returns volume node ids."""
         bridge.clear_lesion_nodes(self.scene)
         bridge.clear_reading_volumes(self.scene)
@@ -97,19 +145,131 @@ class LesionReaderLogic(ScriptedLoadableModuleLogic):
             bridge.clear_reading_volumes(self.scene)
 
 
+#: Keys Slicer itself binds, read in Slicer's sources at tag v5.8.1 (the same in v5.6.2), keyed by
+#: the source file. Key sequences are written in QKeySequence portable text ("Num+" = a keypad
+#: key, Qt::KeypadModifier; "Any+" = the key with any modifiers, vtkEvent::AnyModifier; a VTK
+#: keysym "b" is Qt's "B", keysym "V" is Shift+V). A QShortcut on the main window takes its key
+#: before the focused slice or 3D view sees it, so the reader's SHORTCUTS avoid every one of
+#: these (checked by Testing/SlicerModules/test_lesion_reader_module_ui.py; Qt also matches a
+#: keypad key against a shortcut without "Num+", so "1" would take the 3D view's keypad 1 too).
+SLICER_KEY_BINDINGS = {
+    # Slice views: vtkMRMLSliceIntersectionWidget::UpdateInteractionEventMapping()
+    "Libs/MRML/DisplayableManager/vtkMRMLSliceIntersectionWidget.cxx": (
+        ("G", "toggle label map / segmentation visibility"),
+        ("T", "toggle foreground volume visibility"),
+        ("Right", "next slice"),
+        ("Left", "previous slice"),
+        ("Up", "next slice"),
+        ("Down", "previous slice"),
+        ("F", "next slice"),
+        ("B", "previous slice"),
+        ("V", "toggle the slice's visibility in 3D"),
+        ("Any+V", "toggle all slices' visibility in 3D (keysym V)"),
+        ("Any+[", "previous volume as background"),
+        ("Any+]", "next volume as background"),
+        ("Any+{", "previous volume as foreground"),
+        ("Any+}", "next volume as foreground"),
+        ("R", "reset zoom and pan"),
+    ),
+    # 3D views: vtkMRMLCameraWidget::vtkMRMLCameraWidget()
+    "Libs/MRML/DisplayableManager/vtkMRMLCameraWidget.cxx": (
+        ("Num+1", "view from anterior"), ("End", "view from anterior"),
+        ("Shift+Num+1", "view from posterior"), ("Shift+End", "view from posterior"),
+        ("Num+3", "view from left"), ("PgDown", "view from left"),
+        ("Shift+Num+3", "view from right"), ("Shift+PgDown", "view from right"),
+        ("Num+7", "view from superior"), ("Home", "view from superior"),
+        ("Shift+Num+7", "view from inferior"), ("Shift+Home", "view from inferior"),
+        ("Num+2", "rotate"), ("Down", "rotate"), ("Num+8", "rotate"), ("Up", "rotate"),
+        ("Num+4", "rotate"), ("Left", "rotate"), ("Num+6", "rotate"), ("Right", "rotate"),
+        ("Shift+Num+2", "pan"), ("Shift+Down", "pan"), ("Shift+Num+8", "pan"), ("Shift+Up", "pan"),
+        ("Shift+Num+4", "pan"), ("Shift+Left", "pan"), ("Shift+Num+6", "pan"), ("Shift+Right", "pan"),
+        ("+", "zoom in"), ("-", "zoom out"),
+        ("Ctrl+B", "toggle camera tilt lock"),
+        ("Num+0", "reset camera"), ("Ins", "reset camera"),
+        ("Num+5", "reset rotation"), ("Clear", "reset rotation"),
+        ("Shift+Num+5", "reset translation"), ("Shift+Clear", "reset translation"),
+        ("R", "reset field of view"),
+    ),
+    "Libs/MRML/DisplayableManager/vtkMRMLModelDisplayableManager.cxx": (("I", "hold and click: pick in the 3D view"),),
+    "Libs/MRML/DisplayableManager/vtkMRMLInteractionWidget.cxx": (("Esc", "cancel a handle drag"),),
+    "Libs/MRML/DisplayableManager/vtkMRMLWindowLevelWidget.cxx": (("Any+Esc", "cancel window/level adjustment"),),
+    "Modules/Loadable/Transforms/MRMLDM/vtkMRMLTransformHandleWidget.cxx": (("Esc", "cancel moving the transform centre"),),
+    # Markups (the lesion axes are line markups): keys over a control point
+    "Modules/Loadable/Markups/VTKWidgets/vtkSlicerMarkupsWidget.cxx": (
+        ("S", "snap control point to slice"),
+        ("Del", "delete control point"),
+        ("Backspace", "delete control point"),
+        ("Shift+Del", "delete all control points"),
+    ),
+    # Application-wide Qt shortcuts and menu mnemonics
+    "Base/QTApp/Resources/UI/qSlicerMainWindow.ui": (
+        ("Ctrl+O", "add data"), ("Ctrl+S", "save"), ("Ctrl+W", "close scene"), ("Ctrl+Z", "undo"), ("Ctrl+Y", "redo"),
+        ("Ctrl+2", "application settings"), ("Ctrl+4", "extensions manager"), ("Ctrl+6", "maximize view"),
+        ("Ctrl+X", "cut"), ("Ctrl+C", "copy"), ("Ctrl+V", "paste"), ("Ctrl+H", "home module"),
+        ("Alt+F", "File menu"), ("Alt+E", "Edit menu"), ("Alt+V", "View menu"), ("Alt+H", "Help menu"),
+    ),
+    "Base/QTApp/qSlicerMainWindow.cxx": (
+        ("Ctrl+0", "error log"), ("Ctrl+3", "Python console"), ("Ctrl+`", "Python console"), ("Ctrl+5", "module panel"),
+    ),
+    "Applications/SlicerApp/qSlicerAppMainWindow.cxx": (("Ctrl+1", "documentation"),),
+    "Base/QTGUI/qSlicerModuleSelectorToolBar.cxx": (
+        ("Ctrl+F", "find module"), ("Ctrl+Left", "previous module"), ("Ctrl+Right", "next module"),
+    ),
+    "Modules/Loadable/Markups/Widgets/qMRMLMarkupsToolBar.cxx": (
+        ("Ctrl+Shift+A", "create markup"), ("Ctrl+Shift+T", "toggle place persistence"), ("Ctrl+Shift+Space", "place point"),
+    ),
+    "Modules/Loadable/Sequences/Widgets/qMRMLSequenceBrowserPlayWidget.cxx": (
+        ("Ctrl+Shift+Down", "play/pause sequence"), ("Ctrl+Shift+Left", "previous frame"), ("Ctrl+Shift+Right", "next frame"),
+    ),
+    "Modules/Loadable/SubjectHierarchy/Widgets/qSlicerSubjectHierarchyViewContextMenuPlugin.cxx": (
+        ("Ctrl+B", "toggle tilt lock"),
+    ),
+    # Installed on the main window while a Segment Editor is shown (installKeyboardShortcuts)
+    "Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx": (
+        ("1", "effect 1"), ("2", "effect 2"), ("3", "effect 3"), ("4", "effect 4"), ("5", "effect 5"),
+        ("6", "effect 6"), ("7", "effect 7"), ("8", "effect 8"), ("9", "effect 9"), ("0", "effect 10"),
+        ("Shift+1", "effect 11"), ("Shift+2", "effect 12"), ("Shift+3", "effect 13"), ("Shift+4", "effect 14"),
+        ("Shift+5", "effect 15"), ("Shift+6", "effect 16"), ("Shift+7", "effect 17"), ("Shift+8", "effect 18"),
+        ("Shift+9", "effect 19"), ("Shift+0", "effect 20"),
+        ("Esc", "deactivate effect"), ("Space", "toggle last effect"),
+        ("Z", "undo"), ("Ctrl+Z", "undo"), ("Y", "redo"), ("Ctrl+Y", "redo"), ("Ctrl+Shift+Z", "redo"),
+        ("Q", "previous segment"), ("W", "next segment"), ("/", "previous segment"), ("*", "next segment"),
+        (",", "previous segment"), (".", "next segment"), (">", "previous segment"), ("<", "next segment"),
+        ("I", "toggle intensity mask"),
+    ),
+    "Libs/MRML/Widgets/qMRMLPlotView.cxx": (("S", "plot: select points"), ("R", "plot: reset view"), ("U", "plot: unselect")),
+    "Libs/MRML/Widgets/qMRMLTableView.cxx": (("Ctrl+C", "copy cells"), ("Ctrl+V", "paste cells")),
+}
+
+
 class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The reader's panel: study picker, login, grades, lesions, navigation, pause, status."""
 
-    SHORTCUTS = {"1": "grade1", "2": "grade2", "3": "grade3", "4": "grade4", "N": "next", "B": "previous", "L": "lesion", "P": "pause"}
+    #: Key sequence (QKeySequence portable text) -> reader action. Alt+ keys: Slicer binds none of
+    #: them (SLICER_KEY_BINDINGS), while a plain letter or digit is a view key ("b" is the slice
+    #: view's previous slice, keypad digits turn the 3D view) or a Segment Editor key.
+    SHORTCUTS = {
+        "Alt+1": "grade1",
+        "Alt+2": "grade2",
+        "Alt+3": "grade3",
+        "Alt+4": "grade4",
+        "Alt+N": "next",
+        "Alt+B": "previous",
+        "Alt+L": "lesion",
+        "Alt+P": "pause",
+    }
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
         self.logic: Optional[LesionReaderLogic] = None
+        self._parameterNode: Optional[LesionReaderParameterNode] = None
+        self._parameterNodeGuiTag = None
+        self._phasesListedFor: Optional[str] = None  # study folder the phase picker was filled from
         self.session: Optional[ReaderSession] = None
-        self._drawing: List[object] = []  # [long] or [long, short] line nodes being placed
-        self._shortcuts: List[object] = []
-        self._volume_ids: List[str] = []
+        self._drawing: list[object] = []  # [long] or [long, short] line nodes being placed
+        self._shortcuts: list[object] = []
+        self._volume_ids: list[str] = []
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self):
@@ -120,13 +280,17 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui_widget.setMRMLScene(slicer.mrmlScene)
         self.logic = LesionReaderLogic(slicer.mrmlScene)
 
-        self.ui.studyPathLineEdit.currentPathChanged.connect(self.refreshPhases)
+        # The parameter node is reset when the scene closes: let go of it, and of the reading.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # studyPathLineEdit and readerLineEdit are bound to the parameter node (SlicerParameterName in
+        # the .ui); a new study folder refreshes the phases through onParameterNodeModified.
         self.ui.readerLineEdit.editingFinished.connect(self.refreshPhases)
         self.ui.openButton.clicked.connect(self.onOpen)
         self.ui.closeButton.clicked.connect(self.onClose)
-        for grade in GRADE_LABELS:
+        for grade in (1, 2, 3, 4):
             button = getattr(self.ui, f"grade{grade}Button")
-            button.setText(f"{grade} {GRADE_LABELS[grade]}")
             button.clicked.connect(lambda checked=False, g=grade: self.onGrade(g))
         self.ui.addLesionButton.clicked.connect(self.onAddLesion)
         self.ui.removeLesionButton.clicked.connect(self.onRemoveLesion)
@@ -143,13 +307,20 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         interaction = slicer.app.applicationLogic().GetInteractionNode()
         self.addObserver(interaction, interaction.InteractionModeChangedEvent, self.onInteractionModeChanged)
         slicer.app.connect("aboutToQuit()", self.onClose)
+
+        # Make sure the parameter node is initialized (needed for module reload)
+        self.initializeParameterNode()
         self.updateGUI()
 
     def cleanup(self):
         self.onClose()
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
         self.removeObservers()
 
     def enter(self):
+        self.initializeParameterNode()
         # Shortcuts live only while the module is shown, so they never hijack other modules' keys.
         for key, action in self.SHORTCUTS.items():
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
@@ -164,14 +335,57 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shortcuts = []
         if self.session is not None and not self.session.paused:
             self.onPause()  # leaving the case stops the clock (paper: reading times recorded automatically)
+        # Do not react to parameter node changes (the GUI is updated when the reader comes back).
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+
+    # -- parameter node --------------------------------------------------------------------
+    def onSceneStartClose(self, caller, event):
+        # The reading's nodes go with the scene: close the reading (its answers and time are stored).
+        self.onClose()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        """Ensure the parameter node exists and is observed and bound to the GUI."""
+        parameters = self.logic.getParameterNode()
+        if not LesionReaderLogic.chosen_study_dir(parameters.studyFolder) and self.ui.studyPathLineEdit.currentPath:
+            # First use in this scene: start from the folder the path field remembers (its settingKey history).
+            parameters.studyFolder = pathlib.Path(self.ui.studyPathLineEdit.currentPath)
+        self.setParameterNode(parameters)
+
+    def setParameterNode(self, inputParameterNode: Optional[LesionReaderParameterNode]):
+        """Set and observe the parameter node; its study folder and reader id show in the bound widgets."""
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode is not None:
+            # In the .ui file the Qt dynamic property "SlicerParameterName" names the bound field.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None):
+        if self._parameterNode is not None and self._studyDir() != self._phasesListedFor:
+            self.refreshPhases()
 
     # -- study and login -------------------------------------------------------------------
     def _studyDir(self) -> str:
-        return self.ui.studyPathLineEdit.currentPath
+        return LesionReaderLogic.chosen_study_dir(self._parameterNode.studyFolder) if self._parameterNode is not None else ""
+
+    def _reader(self) -> str:
+        return self._parameterNode.reader.strip() if self._parameterNode is not None else ""
 
     def refreshPhases(self, *args):
         self.ui.phaseComboBox.clear()
-        study_dir, reader = self._studyDir(), self.ui.readerLineEdit.text.strip()
+        study_dir, reader = self._studyDir(), self._reader()
+        self._phasesListedFor = study_dir
         if not study_dir or not reader:
             return
         try:
@@ -192,10 +406,11 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onClose()
         phase = self.ui.phaseComboBox.itemData(self.ui.phaseComboBox.currentIndex)
         try:
-            self.session = self.logic.open_session(self._studyDir(), self.ui.readerLineEdit.text.strip(), phase)
+            self.session = self.logic.open_session(self._studyDir(), self._reader(), phase)
         except StudyError as exc:  # wash-out, unknown reader, submitted phase: the message says what to do
-            slicer.util.warningDisplay(str(exc), windowTitle="Lesion Reader")
+            slicer.util.warningDisplay(str(exc), windowTitle=_("Lesion Reader"))
             return
+        self.ui.studyPathLineEdit.addCurrentPathToHistory()
         self.setPhaseLayout(len(self.session.volumes()))
         self.showCase()
         self.clockTimer.start()
@@ -244,7 +459,7 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             return action(*args)
         except StudyError as exc:
-            slicer.util.warningDisplay(str(exc), windowTitle="Lesion Reader")
+            slicer.util.warningDisplay(str(exc), windowTitle=_("Lesion Reader"))
             return None
         finally:
             self.updateGUI()
@@ -263,7 +478,7 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif moved is False and self.session.position == before:
             nxt = self.session.first_unconfirmed()
             if nxt is None:
-                slicer.util.infoDisplay("All cases are confirmed. Review them if you wish, then press Submit phase.", windowTitle="Lesion Reader")
+                slicer.util.infoDisplay(_("All cases are confirmed. Review them if you wish, then press Submit phase."), windowTitle=_("Lesion Reader"))
             else:
                 self._run(self.session.go_to, nxt)
                 self.showCase()
@@ -286,11 +501,12 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSubmit(self):
         if self.session is None:
             return
-        if not slicer.util.confirmOkCancelDisplay("Submit this phase? Answers become final.", windowTitle="Lesion Reader"):
+        if not slicer.util.confirmOkCancelDisplay(_("Submit this phase? Answers become final."), windowTitle=_("Lesion Reader")):
             return
         opens = self._run(self.session.submit_phase)
         if opens is not None:
-            slicer.util.infoDisplay(f"Phase submitted. Your next phase opens {opens:%Y-%m-%d %H:%M} UTC.", windowTitle="Lesion Reader")
+            slicer.util.infoDisplay(_("Phase submitted. Your next phase opens {time} UTC.").format(time=opens.strftime("%Y-%m-%d %H:%M")),
+                                    windowTitle=_("Lesion Reader"))
             self.onClose()
             self.refreshPhases()
 
@@ -317,8 +533,8 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.session is None or self.session.paused or not self.session.marks_lesions:
             return
         self.cancelDrawing()
-        self._drawing = [bridge.new_axis_node(slicer.mrmlScene, bridge.LONG, "new lesion long")]
-        self.ui.lesionHintLabel.text = "Click both ends of the lesion's LONG axis."
+        self._drawing = [bridge.new_axis_node(slicer.mrmlScene, bridge.LONG, _("new lesion long"))]
+        self.ui.lesionHintLabel.text = _("Click both ends of the lesion's LONG axis.")
         self.startPlacing(self._drawing[0])
 
     def startPlacing(self, node):
@@ -335,8 +551,8 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.removeObserver(caller, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onDrawingPointDefined)
         if len(self._drawing) == 1:
-            self._drawing.append(bridge.new_axis_node(slicer.mrmlScene, bridge.SHORT, "new lesion short"))
-            self.ui.lesionHintLabel.text = "Now the SHORT axis, across the lesion at right angles."
+            self._drawing.append(bridge.new_axis_node(slicer.mrmlScene, bridge.SHORT, _("new lesion short")))
+            self.ui.lesionHintLabel.text = _("Now the SHORT axis, across the lesion at right angles.")
             qt.QTimer.singleShot(0, lambda: self.startPlacing(self._drawing[-1]))
             return
         long_node, short_node = self._drawing
@@ -345,11 +561,11 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except LesionAxisError as exc:
             slicer.mrmlScene.RemoveNode(short_node)
             self._drawing = [long_node]
-            self.ui.lesionHintLabel.text = f"{exc}. Draw the short axis again."
+            self.ui.lesionHintLabel.text = _("{error}. Draw the short axis again.").format(error=exc)
             qt.QTimer.singleShot(0, lambda: self.retryShortAxis())
             return
         except StudyError as exc:
-            slicer.util.warningDisplay(str(exc), windowTitle="Lesion Reader")
+            slicer.util.warningDisplay(str(exc), windowTitle=_("Lesion Reader"))
             self.cancelDrawing()
             return
         self.observeLesionNode(long_node)
@@ -359,7 +575,7 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUI()
 
     def retryShortAxis(self):
-        self._drawing.append(bridge.new_axis_node(slicer.mrmlScene, bridge.SHORT, "new lesion short"))
+        self._drawing.append(bridge.new_axis_node(slicer.mrmlScene, bridge.SHORT, _("new lesion short")))
         self.startPlacing(self._drawing[-1])
 
     def onInteractionModeChanged(self, caller, event):
@@ -382,7 +598,7 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         result = bridge.sync_lesions_to_session(slicer.mrmlScene, self.session)
         if result["rejected"]:
-            self.ui.lesionHintLabel.text = "That change broke the long/short axis rules and was undone."
+            self.ui.lesionHintLabel.text = _("That change broke the long/short axis rules and was undone.")
         self.updateGUI()
 
     def onRemoveLesion(self):
@@ -400,14 +616,15 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- display ---------------------------------------------------------------------------
     def updateTime(self):
         if self.session is not None and not self.session.closed:
-            self.ui.timeLabel.text = f"{format_duration(self.session.case_seconds())} on this case, {format_duration(self.session.phase_seconds())} in this phase"
+            self.ui.timeLabel.text = _("{case_time} on this case, {phase_time} in this phase").format(
+                case_time=format_duration(self.session.case_seconds()), phase_time=format_duration(self.session.phase_seconds()))
 
     def refreshStatus(self):
         study_dir = self._studyDir()
         if not study_dir:
             return
         try:
-            reader = self.ui.readerLineEdit.text.strip() or None
+            reader = self._reader() or None
             self.ui.statusText.plainText = format_status(study_status(study_dir, reader=reader))
         except StudyError as exc:
             self.ui.statusText.plainText = str(exc)
@@ -420,17 +637,18 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.readingCollapsibleButton.enabled = reading
         self.ui.closeButton.enabled = reading
         if not reading:
-            self.ui.caseLabel.text = "No reading open"
+            self.ui.caseLabel.text = _("No reading open")
             self.ui.progressLabel.text = ""
             self.ui.lesionTable.setRowCount(0)
             return
         state = session.state()
         paused = state["paused"]
-        self.ui.caseLabel.text = f"{state['phase']} - {state['case_label']}" + (" (paused)" if paused else "")
-        self.ui.progressLabel.text = f"{state['progress_text']}   ({state['done']} done)"
+        case_text = f"{state['phase']} - {state['case_label']}"
+        self.ui.caseLabel.text = _("{case} (paused)").format(case=case_text) if paused else case_text
+        self.ui.progressLabel.text = _("{progress}   ({done} done)").format(progress=state["progress_text"], done=state["done"])
         self.ui.progressBar.maximum = state["total"]
         self.ui.progressBar.value = state["done"]
-        for grade in GRADE_LABELS:
+        for grade in (1, 2, 3, 4):
             button = getattr(self.ui, f"grade{grade}Button")
             button.checked = state["grade"] == grade
             button.enabled = not paused
@@ -440,7 +658,7 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.tooManyLesionsCheckBox.enabled = state["marks_lesions"] and not paused
         self.ui.tooManyLesionsCheckBox.blockSignals(True)
         self.ui.tooManyLesionsCheckBox.checked = state["too_many_lesions"]
-        self.ui.tooManyLesionsCheckBox.text = f"Too many lesions (> {state['max_lesions']}): exclude case"
+        self.ui.tooManyLesionsCheckBox.text = _("Too many lesions (> {count}): exclude case").format(count=state["max_lesions"])
         self.ui.tooManyLesionsCheckBox.blockSignals(False)
         self.ui.lesionTable.setRowCount(len(state["lesions"]))
         for row, lesion in enumerate(state["lesions"]):
@@ -452,10 +670,9 @@ class LesionReaderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.lesionTable.setItem(row, column, item)
         self.ui.previousButton.enabled = not paused and state["position"] > 0
         self.ui.nextButton.enabled = not paused
-        self.ui.pauseButton.text = "Resume" if paused else "Pause"
+        self.ui.pauseButton.text = _("Resume") if paused else _("Pause")
         self.ui.submitButton.enabled = not paused and state["done"] == state["total"]
         self.updateTime()
-
 
 class LesionReaderTest(ScriptedLoadableModuleTest):
     """In-Slicer test: a two-case study on synthetic volumes, read through the Logic and the scene."""
