@@ -122,11 +122,27 @@ class RunStatus:
         run_dir: the folder read (``None`` when no folder was given).
         has_plan: ``plan.json`` exists: ``fit`` on this folder resumes the run.
         folds: fold index -> :class:`FoldStatus`, for every ``fold_<K>`` folder (empty for a new run).
+        n_folds: folds of the run's split (``plan.json``'s ``n_folds``; ``None`` without a readable plan).
     """
 
     run_dir: Optional[Path]
     has_plan: bool = False
     folds: dict[int, FoldStatus] = field(default_factory=dict)
+    n_folds: Optional[int] = None
+
+    def finished_folds(self) -> list[int]:
+        """The folds whose last epoch is done (``done.json``), in order."""
+        return [k for k, status in self.folds.items() if status.state == FINISHED]
+
+    def missing_folds(self, folds: Optional[Sequence[int]] = None) -> list[int]:
+        """The folds of ``folds`` (default: every fold of the split) that have not finished.
+
+        Without a readable plan and without ``folds`` nothing is known to be missing: callers
+        check :attr:`has_plan` first.
+        """
+        wanted = list(range(self.n_folds or 0)) if folds is None else [int(k) for k in folds]
+        done = set(self.finished_folds())
+        return [k for k in wanted if k not in done]
 
 
 def _log_rows(path: Path) -> list[dict[str, str]]:
@@ -186,7 +202,79 @@ def read_run_status(run_dir: Optional[PathLike]) -> RunStatus:
         fold = fold_of_dir(path)
         if fold is not None and path.is_dir():
             folds[fold] = read_fold_status(path, fold)
-    return RunStatus(folder, has_plan=(folder / PLAN_FILE).is_file(), folds=dict(sorted(folds.items())))
+    has_plan = (folder / PLAN_FILE).is_file()
+    return RunStatus(folder, has_plan=has_plan, folds=dict(sorted(folds.items())),
+                     n_folds=_plan_fold_count(folder / PLAN_FILE) if has_plan else None)
+
+
+def _plan_fold_count(path: Path) -> Optional[int]:
+    """``n_folds`` of a ``plan.json``; ``None`` when it is unreadable or lacks it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("n_folds")
+        return int(value) if value is not None else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+#: The files of a run folder whose change changes :func:`read_run_status`'s answer.
+_STATUS_FILES = (LOG_FILE, DONE_FILE)
+
+
+def run_folder_signature(run_dir: Optional[PathLike]) -> tuple:
+    """What :func:`read_run_status` depends on, from ``stat`` alone (no file is opened).
+
+    The folder itself, ``plan.json`` and each ``fold_<K>/`` with its ``log.csv`` and ``done.json``
+    (name, size, modification time in ns, inode): equal signatures mean an unchanged status. A
+    file rewritten in place within the same nanosecond with the same size is the blind spot.
+    """
+    if run_dir is None or not str(run_dir).strip():
+        return ()
+    folder = Path(run_dir)
+
+    def stat(path: Path) -> tuple:
+        try:
+            info = path.stat()
+        except OSError:
+            return (path.name, None)
+        return (path.name, info.st_size, info.st_mtime_ns, info.st_ino)
+
+    if not folder.is_dir():
+        return (str(folder), None)
+    parts: list[tuple] = [(str(folder),), stat(folder / PLAN_FILE)]
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return (str(folder), None)
+    for path in entries:
+        if fold_of_dir(path) is not None and path.is_dir():
+            parts.append((path.name, *(stat(path / name) for name in _STATUS_FILES)))
+    return tuple(parts)
+
+
+class RunStatusCache:
+    """:func:`read_run_status` read again only when the run folder's files changed (size, mtime).
+
+    For a GUI that refreshes often (on every parameter change): :meth:`read` costs a few ``stat``
+    calls while nothing changed, and :attr:`reads` counts the real reads.
+    """
+
+    def __init__(self) -> None:
+        self._signature: Optional[tuple] = None
+        self._status = RunStatus(None)
+        self.reads = 0
+
+    def read(self, run_dir: Optional[PathLike]) -> RunStatus:
+        """The status of ``run_dir``: the cached one while :func:`run_folder_signature` is unchanged."""
+        signature = (str(run_dir) if run_dir is not None else None, run_folder_signature(run_dir))
+        if signature != self._signature:
+            self._status = read_run_status(run_dir)
+            self._signature = signature
+            self.reads += 1
+        return self._status
+
+    def clear(self) -> None:
+        """Forget the cached status: the next :meth:`read` reads the folder."""
+        self._signature = None
 
 
 def has_run(run_dir: Optional[PathLike]) -> bool:

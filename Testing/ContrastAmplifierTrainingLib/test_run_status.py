@@ -19,11 +19,13 @@ from ContrastAmplifierTrainingLib.run_status import (
     STOPPED,
     WAITING,
     FoldStatus,
+    RunStatusCache,
     TrainingMonitor,
     fold_dir,
     fold_of_dir,
     has_run,
     read_run_status,
+    run_folder_signature,
 )
 
 
@@ -166,3 +168,50 @@ def test_reading_a_run_does_not_import_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "finished", "False", "False"]
+
+
+def test_the_split_and_the_missing_folds_of_a_real_run(real_run):
+    """fold 0 finished, fold 1 stopped, fold 2 not started, of a three-fold split."""
+    run, _, _ = real_run
+    status = read_run_status(run)
+    assert status.n_folds == 3 and status.finished_folds() == [0]
+    assert status.missing_folds() == [1, 2] and status.missing_folds([0]) == [] and status.missing_folds([0, 2]) == [2]
+    assert read_run_status(None).n_folds is None and read_run_status(None).missing_folds() == []
+
+
+def test_the_cache_reads_again_only_when_the_folder_changed(real_run, tmp_path, monkeypatch):
+    import shutil
+
+    from ContrastAmplifierTrainingLib import run_status
+
+    run, _, _ = real_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    opened = []
+    real_open = open
+    counting_open = lambda path, *a, **k: (opened.append(str(path)), real_open(path, *a, **k))[1]  # noqa: E731
+    monkeypatch.setattr("builtins.open", counting_open)
+    monkeypatch.setattr("io.open", counting_open)  # pathlib's read_text
+    cache = RunStatusCache()
+    first = cache.read(copy)
+    assert cache.reads == 1 and first.folds[1].epochs_done == 1 and opened
+    opened.clear()
+    for _ in range(5):
+        assert cache.read(copy) is first
+    assert cache.reads == 1 and opened == [], "an unchanged folder is not read (stat only)"
+    log = fold_dir(copy, 1) / LOG_FILE
+    log.write_text(log.read_text(encoding="utf-8") + log.read_text(encoding="utf-8").splitlines()[-1].replace(",1,", ",2,", 1) + "\n",
+                   encoding="utf-8")
+    assert cache.read(copy).folds[1].epochs_done == 2 and cache.reads == 2  # a log grew
+    (fold_dir(copy, 1) / DONE_FILE).write_text(json.dumps({"fold": 1, "epochs": 2}), encoding="utf-8")
+    assert cache.read(copy).folds[1].state == FINISHED and cache.reads == 3  # a fold finished
+    fold_dir(copy, 3).mkdir()
+    assert 3 in cache.read(copy).folds and cache.reads == 4  # a fold folder appeared
+    assert cache.read(tmp_path / "other").folds == {} and cache.reads == 5  # another folder
+    assert cache.read(copy).folds[1].state == FINISHED and cache.reads == 6
+    cache.clear()
+    cache.read(copy)
+    assert cache.reads == 7
+    assert run_folder_signature(copy) == run_folder_signature(str(copy)) != run_folder_signature(run)
+    assert run_folder_signature(None) == run_folder_signature("") == ()
+    assert run_status.read_run_status is read_run_status

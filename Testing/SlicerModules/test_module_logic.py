@@ -81,16 +81,21 @@ def test_module_file_loads_headless(ca):
 
 def test_parameter_node_defaults_and_references(ca, scene):
     logic = ca.ContrastAmplifierLogic()
-    node = logic.getParameterNode()
-    assert node is logic.getParameterNode(), "the parameter node is a singleton"
+    parameters = logic.getParameterNode()  # typed (parameterNodeWrapper), as in Slicer's module template
+    assert isinstance(parameters, ca.ContrastAmplifierParameterNode)
+    node = parameters.parameterNode
+    assert node is logic.getParameterNode().parameterNode, "the parameter node is a singleton"
     assert node.GetAttribute("ModuleName") == "ContrastAmplifier"
     logic.setDefaultParameters(node)
-    for key, value in logic.PARAMETERS.items():
-        assert node.GetParameter(key) == value
+    # the typed parameter node's defaults, stored as Slicer's serializers store them (same keys as before it was typed)
+    defaults = {"Model": "", "Quality": "Paper", "Device": "auto", "Precision": "auto", "SkullStripMode": "fast",
+                "QualityControl": "True"}
+    assert {key: node.GetParameter(key) for key in defaults} == defaults
     inputs = four_inputs(scene)
     for stem, (ref, _) in logic.INPUTS.items():
         node.SetNodeReferenceID(ref, inputs[stem].GetID())
-    assert logic.inputNodes(node) == inputs
+    assert logic.inputNodes(node) == inputs == logic.inputNodes(parameters)
+    assert parameters.InputT1c is inputs["t1c"]
     logic.validateInputs(inputs)
 
 
@@ -265,9 +270,8 @@ def test_real_preprocess_on_a_phantom(ca, scene, tmp_path):
 
 def test_training_parameters_and_folds(training, scene):
     logic = training.ContrastAmplifierTrainingLogic()
-    node = logic.getParameterNode()
-    logic.setDefaultParameters(node)
-    assert logic.parseFolds(node.GetParameter("Folds")) == [0, 1, 2, 3, 4]
+    parameters = logic.getParameterNode()  # typed (parameterNodeWrapper), created with the paper's defaults
+    assert logic.parseFolds(parameters.folds) == [0, 1, 2, 3, 4]
     assert logic.parseFolds("3") == [3] and logic.parseFolds("0,1; 2") == [0, 1, 2]
     for bad, message in (("", "Folds is empty"), ("a b", "whole numbers"), ("1 1", "distinct")):
         with pytest.raises(ValueError, match=message):
