@@ -37,17 +37,22 @@ def phantom(
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Isotropic spacing (mm) of the T1/T1c grids; default 1 mm. Coarser = faster, for tests."),
     size: Optional[tuple[int, int, int]] = typer.Option(None, "--size", help="T1c grid size in voxels (x y z); default covers the head at --spacing."),
     field_strength: float = typer.Option(1.5, "--field-strength", help="1.5 or 3 (tesla): picks relaxation times and Table 1 sequence parameters."),
+    protocol: str = typer.Option("paper", "--protocol", help="paper (default: the paper's 3D research protocol) or clinical (2D 4-6 mm slices, oblique stacks, own FOV per sequence, motion, distorted EPI ADC, scanner storage; --spacing is then a floor on every voxel size)."),
+    t1c_acquisition: Optional[str] = typer.Option(None, "--t1c-acquisition", help="clinical protocol: auto (drawn from the seed, the default), 2d or 3d T1c."),
     progress: str = ProgressOpt,
 ) -> None:
     """Generate synthetic brain phantom cases (physics-based; for tests, demos and benchmarks only)."""
     from .phantom import generate_cohort
+    from .phantom_clinical import ClinicalOptions
 
     report = make_progress(progress)
     with cli_job(report, "cancelled; finished cases are kept, the unfinished one was removed"):
+        clinical = None if t1c_acquisition is None else ClinicalOptions(t1c_acquisition=t1c_acquisition)
         paths = generate_cohort(
             out_dir, cases=cases, seed=seed, spacing=spacing,
             size=size,
             field_strength=field_strength, progress=report,
+            protocol=protocol, clinical=clinical,
         )
     for path in paths:
         typer.echo(str(path), err=progress == "json")

@@ -12,6 +12,12 @@ benchmarks. Per case (``case_NNN/``):
 * acquisition: per-sequence pose and voxel size, slab partial volume, bias field, Rician noise
   (:mod:`.phantom_acquisition`).
 
+Two acquisition protocols: ``paper`` (default; the paper's 3D research protocol) and ``clinical``
+(:mod:`.phantom_clinical`: 2D thick slices, oblique stacks, own fields of view, motion, EPI
+distortion, scanner storage). Ground-truth helpers for registration tests:
+:func:`true_rigid_to_t1c`, :func:`registration_error_mm`; :func:`read_signal` undoes a sequence's
+storage (gain, offset) back to the phantom's signal units.
+
 Entry points: :func:`generate_case` and :func:`generate_cohort` (CLI ``contrast-amplifier phantom``).
 """
 
@@ -22,9 +28,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,7 +44,9 @@ from .phantom_acquisition import (NativeGrid, apply_affine, bias_field, native_i
                                   supersampling, world_image, FOV_MARGIN_MM)
 from .phantom_anatomy import (TemplateAnatomy, choroid_plexus, dural_sinuses, head_distance_maps, head_shell,
                               load_template_anatomy, random_curve, tube_fraction)
-from .phantom_lesions import (Lesion, LesionMaps, measure_lesion, place_lesions, rasterise_lesions,
+from .phantom_clinical import (PROTOCOLS, ClinicalOptions, ClinicalPlan, distortion_mm, distortion_transform, encode,
+                               measure_lesion_on_grid, plan_clinical, write_stored)
+from .phantom_lesions import (Lesion, LesionMaps, place_lesions, rasterise_lesions,
                               sample_lesion_count, sample_lesion_shape)
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, check_cancel, null_progress
 
@@ -355,31 +363,138 @@ def _write(image: sitk.Image, path: Path) -> None:
     write_image_atomic(image, path, compress=True)
 
 
+def _check_arguments(spacing: Optional[float], size: Optional[tuple[int, int, int]], protocol: str,
+                     clinical: Optional[ClinicalOptions]) -> Optional[ClinicalOptions]:
+    if spacing is not None and not 0.5 <= float(spacing) <= 8.0:
+        raise ValueError(f"--spacing {spacing} mm is outside 0.5-8 mm; use 1 for realistic cases or 2-4 for fast tests.")
+    if size is not None and (len(size) != 3 or min(size) < 8):
+        raise ValueError(f"--size {size} must be three voxel counts >= 8 (x y z).")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.")
+    if protocol == "paper":
+        if clinical is not None:
+            raise ValueError("clinical options (--t1c-acquisition) need --protocol clinical.")
+        return None
+    return clinical or ClinicalOptions()
+
+
+def _plan_clinical_case(rng: np.random.Generator, seed: int, anatomy: TemplateAnatomy, shell_total_mm: float,
+                        floor_mm: float, size: Optional[tuple[int, int, int]], options: ClinicalOptions
+                        ) -> tuple[ClinicalPlan, dict]:
+    """The clinical plan; the head pose is drawn exactly as :func:`plan_acquisition` draws it."""
+    _, centre = _head_extent(anatomy, shell_total_mm)
+    case_pose, case_info = sample_case_pose(rng, centre)
+    centre_scanner = apply_affine(case_pose, centre)
+    plan = plan_clinical(seed, anatomy, shell_total_mm, case_pose, centre_scanner, floor_mm, size, options, SEQUENCES)
+    info = {"case_pose": case_info, "motion": plan.motion, "scanner_head_centre_lps": centre_scanner.round(6).tolist()}
+    return plan, info
+
+
+def plan_clinical_case(seed: int, spacing: Optional[float] = None, size: Optional[tuple[int, int, int]] = None,
+                       clinical: Optional[ClinicalOptions] = None, resolution: Optional[int] = None) -> ClinicalPlan:
+    """The clinical acquisition plan :func:`generate_case` would use for ``seed`` (grids, poses, storage,
+    distortion), without rendering any image: cheap enough to check ranges over many seeds.
+
+    ``resolution`` (1 or 2 mm) is the truth grid the head extent is measured on (default: the one
+    :func:`generate_case` uses for ``spacing``); it moves fields of view by at most a millimetre.
+    """
+    options = _check_arguments(spacing, size, "clinical", clinical)
+    assert options is not None
+    rng = _streams(seed)
+    anatomy = load_template_anatomy(resolution or _truth_resolution(1.0 if spacing is None else float(spacing)))
+    sample_tissue_parameters(rng["tissues"], 1.5)  # the draws generate_case makes before the shell's
+    shell_mm = {k: float(rng["tissues"].uniform(*r)) for k, r in SHELL_MM.items()}
+    floor_mm = 0.0 if spacing is None else float(spacing)
+    return _plan_clinical_case(rng["pose"], seed, anatomy, sum(shell_mm.values()), floor_mm, size, options)[0]
+
+
+@dataclass
+class _Acquisition:
+    """What the sequence loop needs besides the sequence's own grid and pose."""
+
+    seed: int
+    anatomy: TemplateAnatomy
+    signals: dict[str, np.ndarray]
+    model: PhysicsModel
+    sigma: dict[str, float]
+    wm_adc: float
+    bias_coeffs: np.ndarray
+    centre_scanner: np.ndarray
+    noise: bool
+
+
+def _acquire(acq: _Acquisition, seq: str, n: int, grid: NativeGrid, pose: np.ndarray,
+             warp: Optional[sitk.Transform] = None) -> tuple[np.ndarray, float, tuple[int, int, int]]:
+    """One sequence on its native grid: the noisy magnitude signal, or the ADC in mm^2/s.
+
+    Returns (array, noise sigma in signal units, supersampling).
+    """
+    h = acq.anatomy.spacing
+    sub = supersampling(grid.profile_mm, h)
+    bias = bias_field(grid, acq.centre_scanner, acq.bias_coeffs)
+    noise_rng = np.random.default_rng(np.random.SeedSequence([int(acq.seed), 1000 + n]))
+    if seq == "adc":
+        b0 = resample_to_native(world_image(acq.signals["dwi_b0"], acq.anatomy.origin, h), grid, pose, sub=sub,
+                                native_warp=warp) * bias
+        b1 = resample_to_native(world_image(acq.signals["dwi_b1000"], acq.anatomy.origin, h), grid, pose, sub=sub,
+                                native_warp=warp) * bias
+        s = acq.sigma["dwi"] if acq.noise else 0.0
+        b0 = mr.add_rician_noise(b0, s, noise_rng)
+        b1 = mr.add_rician_noise(b1, s, noise_rng)
+        threshold = max(4.0 * s, 0.1 * acq.wm_adc)
+        return adc_from_dwi(b0, b1, acq.model.diffusion.b_value, threshold), s, sub
+    key = "gre" if seq in mr.DOSES_MMOL_PER_KG else seq
+    signal = resample_to_native(world_image(acq.signals[seq], acq.anatomy.origin, h), grid, pose, sub=sub) * bias
+    s = acq.sigma[key] if acq.noise else 0.0
+    return mr.add_rician_noise(signal, s, noise_rng), s, sub
+
+
+def _store_clinical(array: np.ndarray, seq: str, grid: NativeGrid, plan: ClinicalPlan, path: Path) -> tuple[dict, str]:
+    """Scale to physical units (gain, offset), encode as the plan's storage and write; returns the record and unit."""
+    storage = plan.storage[seq]
+    physical = array.astype(np.float32) * np.float32(storage["gain"]) + np.float32(storage["offset"])
+    stored, record = encode(physical, storage)
+    write_stored(native_image(stored, grid), path, record)
+    if seq == "adc":
+        unit = f"{record['physical_unit']} (ADC from b=0 and b=1000 EPI images; physical = ADC[mm^2/s] x gain)"
+    else:
+        unit = (f"{record['physical_unit']}: physical = signal x gain + offset; stored {record['dtype']}, "
+                "physical = stored x scl_slope + scl_inter (NIfTI; SimpleITK and nibabel apply it on read)")
+    record["formula"] = ("physical = gain * signal + offset (signal: the phantom's magnitude signal, PD 1 = fully "
+                         "relaxed water; ADC: mm^2/s); stored = round((physical - scl_inter) / scl_slope)")
+    return record, unit
+
+
 def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float] = None,
                   size: Optional[tuple[int, int, int]] = None, field_strength: float = 1.5, noise: bool = True,
-                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> CaseResult:
+                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+                  protocol: str = "paper", clinical: Optional[ClinicalOptions] = None) -> CaseResult:
     """Generate one phantom case into ``case_dir`` (written in place; see :func:`generate_cohort`).
 
     Args:
         case_dir: output folder (created).
-        seed: the case's seed; the same seed gives the same bytes.
-        spacing: isotropic T1/T1c voxel size in mm (default 1); other sequences keep their nominal,
-            coarser voxels but never finer than this.
-        size: T1c grid size (x, y, z) in voxels; default covers the whole head.
+        seed: the case's seed; the same seed gives the same bytes (and, whatever the protocol, the
+            same patient: anatomy, lesions, tissue values, head pose).
+        spacing: ``paper``: isotropic T1/T1c voxel size in mm (default 1); other sequences keep
+            their nominal, coarser voxels but never finer than this. ``clinical``: a floor on every
+            voxel dimension (default none: the protocol's own 0.5-1 mm in-plane voxels).
+        size: T1c grid size (x, y, z) in voxels; default covers the whole head (clinical: T1c's FOV).
         field_strength: 1.5 or 3 (T).
         noise: add Rician noise (``False`` gives the noise-free images, for physics checks).
         progress, cancel: see :mod:`.progress`.
+        protocol: ``paper`` (default: the paper's 3D research protocol, unchanged) or ``clinical``
+            (:mod:`.phantom_clinical`: 2D thick slices, oblique stacks, own FOVs, motion, EPI
+            distortion, scanner storage).
+        clinical: :class:`.phantom_clinical.ClinicalOptions` (``clinical`` protocol only).
 
     Returns:
         :class:`CaseResult` with the lesions as written to ``lesions.json``.
     """
     started = time.perf_counter()
     report = progress or null_progress
+    options = _check_arguments(spacing, size, protocol, clinical)
+    floor_mm = 0.0 if spacing is None else float(spacing)
     spacing = 1.0 if spacing is None else float(spacing)
-    if not 0.5 <= spacing <= 8.0:
-        raise ValueError(f"--spacing {spacing} mm is outside 0.5-8 mm; use 1 for realistic cases or 2-4 for fast tests.")
-    if size is not None and (len(size) != 3 or min(size) < 8):
-        raise ValueError(f"--size {size} must be three voxel counts >= 8 (x y z).")
     fs = mr._check_field_strength(field_strength)
     case_dir = Path(case_dir)
     rng = _streams(seed)
@@ -395,7 +510,12 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
     plasma = float(rng["tissues"].uniform(*PLASMA_CONC_STD))
     plexus_c = plasma * float(rng["tissues"].uniform(*PLEXUS_CONC_STD))
     shell = head_shell(signed, anatomy.brain, shell_mm["csf"], shell_mm["skull"], shell_mm["scalp"], h)
-    poses, grids, pose_info = plan_acquisition(rng["pose"], anatomy, sum(shell_mm.values()), spacing, size)
+    plan: Optional[ClinicalPlan] = None
+    if options is None:
+        poses, grids, pose_info = plan_acquisition(rng["pose"], anatomy, sum(shell_mm.values()), spacing, size)
+    else:
+        plan, pose_info = _plan_clinical_case(rng["pose"], seed, anatomy, sum(shell_mm.values()), floor_mm, size, options)
+        poses, grids = plan.poses, plan.grids
     check_cancel(cancel)
 
     report("phantom", 0.15, "lesions and vessels")
@@ -413,6 +533,8 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
     signals = model.world_signals(fractions)
     wm_signal = {seq: model.per_tissue(seq, 0.0)["wm"] for seq in ("t1", "flair", "t1c_vfa", "adc")}
     snr = {k: float(rng["acquisition"].uniform(*r)) for k, r in SNR_RANGES.items()}
+    if plan is not None:
+        snr["dwi"] = plan.adc_snr
     sigma = {"gre": wm_signal["t1"] / snr["gre"], "flair": wm_signal["flair"] / snr["flair"],
              "t1c_vfa": wm_signal["t1c_vfa"] / snr["t1c_vfa"], "dwi": wm_signal["adc"] / snr["dwi"]}
     bias_coeffs = rng["acquisition"].normal(0.0, 0.07, 9)
@@ -420,30 +542,26 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
     check_cancel(cancel)
 
     case_dir.mkdir(parents=True, exist_ok=True)
+    acq = _Acquisition(int(seed), anatomy, signals, model, sigma, wm_signal["adc"], bias_coeffs, centre_scanner, noise)
     outputs: dict[str, dict] = {}
     steps = list(SEQUENCES)
     for n, seq in enumerate(steps):
         report("phantom", 0.35 + 0.5 * n / len(steps), f"acquiring {seq}")
         grid, pose = grids[seq], poses[seq]
-        sub = supersampling(grid.spacing, h)
-        bias = bias_field(grid, centre_scanner, bias_coeffs)
-        noise_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1000 + n]))
-        if seq == "adc":
-            b0 = resample_to_native(world_image(signals["dwi_b0"], anatomy.origin, h), grid, pose, sub=sub) * bias
-            b1 = resample_to_native(world_image(signals["dwi_b1000"], anatomy.origin, h), grid, pose, sub=sub) * bias
-            s = sigma["dwi"] if noise else 0.0
-            b0 = mr.add_rician_noise(b0, s, noise_rng)
-            b1 = mr.add_rician_noise(b1, s, noise_rng)
-            threshold = max(4.0 * s, 0.1 * wm_signal["adc"])
-            array = adc_from_dwi(b0, b1, model.diffusion.b_value, threshold) / ADC_UNIT
-            seq_sigma, unit = s, "1e-6 mm^2/s (ADC from b=0 and b=1000 images)"
+        warp = None
+        if plan is not None and seq == "adc" and plan.distortion["applied"]:
+            warp = distortion_transform(plan.distortion, grid)
+        array, seq_sigma, sub = _acquire(acq, seq, n, grid, pose, warp)
+        if plan is None:
+            if seq == "adc":
+                array = array / ADC_UNIT
+                unit = "1e-6 mm^2/s (ADC from b=0 and b=1000 images)"
+            else:
+                array = array * np.float32(SCANNER_GAIN)
+                unit = f"arbitrary scanner units (signal x {SCANNER_GAIN:g}, rounded to int16)"
+            _write(native_image(to_int16(array), grid), case_dir / f"{seq}.nii.gz")
         else:
-            key = "gre" if seq in mr.DOSES_MMOL_PER_KG else seq
-            signal = resample_to_native(world_image(signals[seq], anatomy.origin, h), grid, pose, sub=sub) * bias
-            seq_sigma = sigma[key] if noise else 0.0
-            array = mr.add_rician_noise(signal, seq_sigma, noise_rng) * np.float32(SCANNER_GAIN)
-            unit = f"arbitrary scanner units (signal x {SCANNER_GAIN:g}, rounded to int16)"
-        _write(native_image(to_int16(array), grid), case_dir / f"{seq}.nii.gz")
+            storage_record, unit = _store_clinical(array, seq, grid, plan, case_dir / f"{seq}.nii.gz")
         outputs[seq] = {
             "file": f"{seq}.nii.gz", "grid": grid.to_json(), "world_to_native_lps": _matrix_json(pose),
             "native_to_world_lps": _matrix_json(np.linalg.inv(pose)),
@@ -452,22 +570,15 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
             "noise_sigma_signal_units": round(float(seq_sigma), 8), "supersampling_xyz": list(sub), "unit": unit,
             "black_blood": seq in ("t1c_vfa", "flair", "adc"),
         }
+        if plan is not None:
+            outputs[seq] |= {"acquisition": plan.acquisition[seq], "storage": storage_record}
+            if seq == "adc":
+                outputs[seq]["distortion"] = plan.distortion
         check_cancel(cancel)
-    del signals
+    del signals, acq
 
     report("phantom", 0.88, "labels")
-    grid, pose = grids["t1c"], poses["t1c"]
-    sub = supersampling(grid.spacing, h)
-    mask = resample_to_native(world_image(anatomy.brain.astype(np.float32), anatomy.origin, h), grid, pose, sub=sub)
-    _write(native_image((mask >= 0.5).astype(np.uint8), grid), case_dir / "brain_mask.nii.gz")
-    labels = lesion_labels_on_grid(lesion_maps, anatomy, lesions, grid, pose)
-    _write(native_image(labels, grid), case_dir / "lesion_labels.nii.gz")
-    lesion_entries = []
-    for lesion in lesions:
-        entry = measure_lesion(labels, lesion.id, grid.origin, grid.spacing)
-        if entry is not None:
-            lesion_entries.append({"id": entry["id"], "kind": lesion.kind, **{k: v for k, v in entry.items() if k != "id"}})
-    write_text_atomic(json.dumps({"lesions": lesion_entries}, indent=2) + "\n", case_dir / "lesions.json")
+    lesion_entries = _write_labels(case_dir, anatomy, lesion_maps, lesions, grids["t1c"], poses["t1c"])
 
     parameters = {
         "label": SYNTHETIC_LABEL,
@@ -506,9 +617,52 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
         "dwi_fat_suppression": DWI_FAT_SUPPRESSION,
         "lesions_truth": [lesion.to_json() for lesion in lesions],
     }
+    if plan is not None and options is not None:
+        _add_clinical_parameters(parameters, plan, options, floor_mm)
     write_text_atomic(json.dumps(parameters, indent=2) + "\n", case_dir / "phantom.json")
     report("phantom", 1.0, f"done in {time.perf_counter() - started:.1f} s")
     return CaseResult(case_dir, lesion_entries, parameters)
+
+
+def _write_labels(case_dir: Path, anatomy: TemplateAnatomy, lesion_maps: LesionMaps, lesions: list[Lesion],
+                  grid: NativeGrid, pose: np.ndarray) -> list[dict]:
+    """brain_mask, lesion_labels (on the T1c grid) and lesions.json; returns the lesions.json entries."""
+    h = anatomy.spacing
+    sub = supersampling(grid.profile_mm, h)
+    mask = resample_to_native(world_image(anatomy.brain.astype(np.float32), anatomy.origin, h), grid, pose, sub=sub)
+    _write(native_image((mask >= 0.5).astype(np.uint8), grid), case_dir / "brain_mask.nii.gz")
+    labels = lesion_labels_on_grid(lesion_maps, anatomy, lesions, grid, pose)
+    _write(native_image(labels, grid), case_dir / "lesion_labels.nii.gz")
+    lesion_entries = []
+    for lesion in lesions:
+        entry = measure_lesion_on_grid(labels, lesion.id, grid)
+        if entry is not None:
+            lesion_entries.append({"id": entry["id"], "kind": lesion.kind, **{k: v for k, v in entry.items() if k != "id"}})
+    write_text_atomic(json.dumps({"lesions": lesion_entries}, indent=2) + "\n", case_dir / "lesions.json")
+    return lesion_entries
+
+
+def _add_clinical_parameters(parameters: dict, plan: ClinicalPlan, options: ClinicalOptions, floor_mm: float) -> None:
+    """The clinical protocol's phantom.json additions (the paper protocol's phantom.json is unchanged)."""
+    parameters["spacing_mm"] = floor_mm or None
+    parameters["acquisition_protocol"] = "clinical"
+    parameters["clinical"] = {
+        "t1c_acquisition": plan.t1c_mode, "options": asdict(options),
+        "spacing_floor_mm": floor_mm or None,
+        "reference_sequence": "t1c",
+        "description": "2D multi-slice T1/T1c/FLAIR (4-6 mm slices, optional gap, 0.5-1 mm in-plane; T1c 3D in some "
+                       "cases), each sequence with its own FOV, orientation (tilt <= 20 deg) and motion relative to "
+                       "T1c (<= 10 deg, <= 15 mm); EPI ADC (>= 2 x 2 x 5 mm, low SNR, distortion <= 3 mm along the "
+                       "phase-encoding axis: sequences.adc.distortion); scanner storage (sequences.<name>.storage).",
+    }
+    parameters["pose_convention"] = (
+        "world_to_native_lps is a 4x4 matrix A with p_native = A @ [p_world, 1] (LPS mm); each native image samples "
+        "I(p_native) = truth(inverse(A) @ p_native) (the ADC additionally through its EPI distortion, "
+        "sequences.adc.distortion; A is its rigid pose). A = motion(sequence) @ case_pose; t1c has no motion (the "
+        "reference); t1c_x4 has exactly t1c's grid and pose; t1c_low has t1c's grid and its own small motion. "
+        "Grids may be oblique (grid.direction, columns = i, j, k axes in LPS). To map sequence s onto t1c: "
+        "p_t1c = A_t1c @ inverse(A_s) @ p_s; phantom.true_rigid_to_t1c(case_dir, s) returns A_s @ inverse(A_t1c).")
+    parameters["scanner_gain"] = "per sequence: sequences.<name>.storage.gain"
 
 
 def to_int16(array: np.ndarray) -> np.ndarray:
@@ -523,7 +677,7 @@ def lesion_labels_on_grid(maps: LesionMaps, anatomy: TemplateAnatomy, lesions: S
     A lesion too small to reach 0.5 anywhere gets the voxel holding its centre, so every placed
     lesion has at least one voxel (and a lesions.json entry).
     """
-    sub = supersampling(grid.spacing, anatomy.spacing)
+    sub = supersampling(grid.profile_mm, anatomy.spacing)
     body = resample_to_native(world_image(maps.body, anatomy.origin, anatomy.spacing), grid, pose, sub=sub)
     owner = resample_to_native(world_image(maps.owner, anatomy.origin, anatomy.spacing), grid, pose,
                                interpolator=sitk.sitkNearestNeighbor)
@@ -533,7 +687,7 @@ def lesion_labels_on_grid(maps: LesionMaps, anatomy: TemplateAnatomy, lesions: S
         if lesion.id in present:
             continue
         p = apply_affine(pose, lesion.centre_lps)
-        i, j, k = np.rint((p - np.asarray(grid.origin)) / np.asarray(grid.spacing)).astype(int)
+        i, j, k = np.rint(grid.physical_to_index(p)).astype(int)
         if 0 <= i < grid.size[0] and 0 <= j < grid.size[1] and 0 <= k < grid.size[2]:
             labels[k, j, i] = lesion.id
     return labels
@@ -542,8 +696,11 @@ def lesion_labels_on_grid(maps: LesionMaps, anatomy: TemplateAnatomy, lesions: S
 def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, spacing: Optional[float] = None,
                     size: Optional[tuple[int, int, int]] = None, field_strength: float = 1.5,
                     progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                    noise: bool = True, skip_existing: bool = False) -> list[Path]:
+                    noise: bool = True, skip_existing: bool = False, protocol: str = "paper",
+                    clinical: Optional[ClinicalOptions] = None) -> list[Path]:
     """Generate ``cases`` phantom cases ``OUT_DIR/case_NNN`` (case ``i`` uses ``seed + i``).
+
+    ``protocol`` and ``clinical`` are :func:`generate_case`'s (``paper``, the default, or ``clinical``).
 
     Each case is built in a hidden temporary folder and renamed into place when complete, so a
     cancel or crash never leaves half a case. An existing phantom case folder (one holding
@@ -562,6 +719,7 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
 
     if cases < 1:
         raise ValueError(f"--cases must be >= 1, got {cases}.")
+    _check_arguments(spacing, size, protocol, clinical)
     out_dir = Path(out_dir)
     # Only new case_NNN sub-folders are created: the current directory is a fine place for them.
     check_output_folder(out_dir, [], what="phantom output folder", allow_current_dir=True)
@@ -587,7 +745,8 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
             def sub_progress(stage: str, fraction: float, message: str = "", _i: int = i) -> None:
                 report(stage, (_i + fraction) / cases, f"case {_i + 1}/{cases}: {message}")
 
-            generate_case(tmp, seed + i, spacing, size, field_strength, noise=noise, progress=sub_progress, cancel=cancel)
+            generate_case(tmp, seed + i, spacing, size, field_strength, noise=noise, progress=sub_progress, cancel=cancel,
+                          protocol=protocol, clinical=clinical)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -597,3 +756,125 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
         paths.append(final)
     report("phantom", 1.0, f"{cases} case(s) written to {out_dir}")
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth for registration tests
+# ---------------------------------------------------------------------------------------------
+
+class RegistrationError(NamedTuple):
+    """Displacement error (mm) of an estimated transform over the T1c brain-mask voxel centres."""
+
+    mean_mm: float
+    max_mm: float
+    n_points: int
+
+
+def _case_parameters(case_dir: Union[str, Path]) -> dict:
+    path = Path(case_dir) / "phantom.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {case_dir} is not a phantom case folder.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def true_rigid_to_t1c(case_dir: Union[str, Path], modality: str) -> np.ndarray:
+    """The true 4x4 transform mapping T1c physical points (LPS mm) to ``modality``'s physical points.
+
+    ``A_modality @ inverse(A_t1c)`` from ``phantom.json``'s ``world_to_native_lps``: rigid (the head's
+    size and pose cancel; the rotation is orthonormal to machine precision, so
+    ``sitk.Euler3DTransform().SetMatrix`` accepts it), exact for oblique grids (to the 9 decimals of
+    ``phantom.json``), and the convention of a SimpleITK transform that
+    resamples ``modality`` onto the T1c grid (fixed = T1c, moving = ``modality``). For the clinical
+    ADC it is the rigid pose, without the EPI distortion (``sequences.adc.distortion``).
+
+    Raises:
+        KeyError: ``modality`` is not a sequence of the case.
+    """
+    sequences = _case_parameters(case_dir)["sequences"]
+    if modality not in sequences:
+        raise KeyError(f"{modality!r} is not a sequence of this phantom case; it has {', '.join(sequences)}.")
+    a_mod = np.asarray(sequences[modality]["world_to_native_lps"], dtype=np.float64)
+    a_t1c = np.asarray(sequences["t1c"]["world_to_native_lps"], dtype=np.float64)
+    m = a_mod @ np.linalg.inv(a_t1c)
+    # Rigid by construction; phantom.json keeps 9 decimals, which leaves ~1e-9 of non-orthogonality
+    # that SimpleITK's rigid transforms refuse (tolerance 1e-10): project onto the nearest rotation.
+    u, _, vt = np.linalg.svd(m[:3, :3])
+    m[:3, :3] = u @ vt
+    return m
+
+
+def brain_points_t1c(case_dir: Union[str, Path]) -> np.ndarray:
+    """Physical LPS points (N, 3) of the voxel centres of ``brain_mask.nii.gz`` (on the T1c grid)."""
+    mask = sitk.ReadImage(str(Path(case_dir) / "brain_mask.nii.gz"))
+    k, j, i = np.nonzero(sitk.GetArrayViewFromImage(mask) > 0)
+    index = np.stack([i, j, k], axis=1).astype(np.float64) * np.asarray(mask.GetSpacing())
+    direction = np.asarray(mask.GetDirection(), dtype=np.float64).reshape(3, 3)
+    return np.asarray(mask.GetOrigin()) + index @ direction.T
+
+
+def _as_matrix(transform: sitk.Transform, probe: np.ndarray) -> Optional[np.ndarray]:
+    """The 4x4 matrix of a SimpleITK transform if it is affine (checked on ``probe`` points), else None."""
+    b = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+    m = np.eye(4)
+    m[:3, 3] = b
+    for axis in range(3):
+        e = np.zeros(3)
+        e[axis] = 100.0
+        m[:3, axis] = (np.asarray(transform.TransformPoint(tuple(e))) - b) / 100.0
+    for p in probe:
+        if np.linalg.norm(np.asarray(transform.TransformPoint(tuple(float(v) for v in p))) - apply_affine(m, p)) > 1e-6:
+            return None
+    return m
+
+
+def registration_error_mm(case_dir: Union[str, Path], modality: str, transform: Union[np.ndarray, sitk.Transform],
+                          max_points: int = 20000) -> RegistrationError:
+    """Mean and max error (mm) of an estimated ``modality`` -> T1c transform over the brain.
+
+    Args:
+        transform: maps T1c physical points to ``modality`` physical points (the transform that
+            resamples ``modality`` onto T1c): a 4x4 matrix, or any SimpleITK transform. An affine
+            one is applied to every brain-mask voxel; a non-linear one to at most ``max_points``
+            evenly spread voxels.
+
+    Returns:
+        :class:`RegistrationError`: |estimate(p) - truth(p)| over the T1c ``brain_mask.nii.gz`` voxel centres.
+    """
+    truth = true_rigid_to_t1c(case_dir, modality)
+    points = brain_points_t1c(case_dir)
+    if points.size == 0:
+        raise ValueError(f"{case_dir}: brain_mask.nii.gz is empty; no point to measure the error on.")
+    if isinstance(transform, sitk.Transform):
+        matrix = _as_matrix(transform, points[:: max(1, len(points) // 5)][:5])
+        if matrix is None:
+            points = points[:: max(1, int(np.ceil(len(points) / max_points)))]
+            estimate = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in points])
+        else:
+            estimate = apply_affine(matrix, points)
+    else:
+        matrix = np.asarray(transform, dtype=np.float64)
+        if matrix.shape != (4, 4):
+            raise ValueError(f"transform must be a 4x4 matrix or a SimpleITK transform, got shape {matrix.shape}.")
+        estimate = apply_affine(matrix, points)
+    error = np.linalg.norm(estimate - apply_affine(truth, points), axis=1)
+    return RegistrationError(float(error.mean()), float(error.max()), int(len(points)))
+
+
+def read_signal(case_dir: Union[str, Path], name: str) -> np.ndarray:
+    """A sequence's image (z, y, x) in the phantom's units: magnitude signal (PD 1 = fully relaxed
+    water) or ADC in mm^2/s, whatever the protocol's storage (slope/intercept, gain, offset)."""
+    params = _case_parameters(case_dir)
+    physical = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(case_dir) / f"{name}.nii.gz"), sitk.sitkFloat64))
+    storage = params["sequences"][name].get("storage")
+    if storage is not None:
+        return (physical - storage["offset"]) / storage["gain"]
+    return physical * ADC_UNIT if name == "adc" else physical / SCANNER_GAIN
+
+
+def adc_distortion_mm(case_dir: Union[str, Path], points_lps: np.ndarray) -> np.ndarray:
+    """The clinical ADC's EPI displacement (mm along its phase-encoding direction) at ADC physical points;
+    zeros for a paper-protocol case (no distortion)."""
+    distortion = _case_parameters(case_dir)["sequences"]["adc"].get("distortion")
+    if distortion is None:
+        return np.zeros(np.asarray(points_lps).shape[:-1])
+    return distortion_mm(distortion, points_lps)

@@ -6,7 +6,11 @@ Convention (written into ``phantom.json``): ``world`` is the ICBM 2009a template
 anatomy lies in that sequence's native image: ``p_native = A @ [p_world, 1]``. The native image
 is sampled as ``I(p_native) = truth(A^-1 p_native)``. ``A = M_sequence @ A_case``: a per-case head
 pose and size (rotation, translation, per-axis scale) followed by per-sequence rigid motion.
-Native grids are axial (identity direction), centred on the head in scanner space.
+The paper protocol's native grids are axial (identity direction), centred on the head in scanner
+space; the clinical protocol (:mod:`.phantom_clinical`) plans oblique grids (a direction matrix),
+thick slices with an optional gap (``slice_thickness`` < slice spacing) and its own field of view
+per sequence. ``world_to_native_lps`` is exact for both: it maps to physical points, whatever the
+grid's direction.
 """
 
 from __future__ import annotations
@@ -35,19 +39,76 @@ FOV_MARGIN_MM = 6.0
 MAX_SUPERSAMPLING = 6
 
 
+IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class NativeGrid:
-    """An axial (identity-direction) image grid in scanner LPS coordinates."""
+    """An image grid in scanner LPS coordinates (SimpleITK geometry).
+
+    Attributes:
+        size, spacing, origin: x-y-z voxel counts, voxel spacing (mm) and the LPS position of voxel 0.
+        direction: 3x3 direction matrix, row-major (SimpleITK ``GetDirection`` order): its columns
+            are the LPS unit vectors of the i, j, k axes. Identity = axial.
+        slice_thickness: thickness (mm) of the slice profile along k when it differs from the
+            slice spacing (2D multi-slice with a gap: spacing = thickness + gap); ``None`` = spacing.
+    """
 
     size: tuple[int, int, int]
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
+    direction: tuple[float, ...] = IDENTITY_DIRECTION
+    slice_thickness: Optional[float] = None
+
+    @property
+    def oblique(self) -> bool:
+        """True when the direction is not the identity (any non-axial or tilted grid)."""
+        return tuple(self.direction) != IDENTITY_DIRECTION
+
+    @property
+    def plain(self) -> bool:
+        """Identity direction and contiguous slices: the paper protocol's grids."""
+        return not self.oblique and self.slice_thickness is None
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    @property
+    def profile_mm(self) -> tuple[float, float, float]:
+        """Extent each voxel averages (x, y, slice thickness): the spacing, except across a slice gap."""
+        sx, sy, sz = self.spacing
+        return sx, sy, (sz if self.slice_thickness is None else float(self.slice_thickness))
 
     def to_json(self) -> dict:
-        return {"size_xyz": list(self.size), "spacing_mm": [round(s, 6) for s in self.spacing],
-                "origin_lps": [round(o, 6) for o in self.origin], "direction": np.eye(3).ravel().tolist()}
+        if not self.oblique:
+            direction = np.eye(3).ravel().tolist()
+        else:
+            direction = [round(float(v), 12) for v in self.direction]
+        out = {"size_xyz": list(self.size), "spacing_mm": [round(s, 6) for s in self.spacing],
+               "origin_lps": [round(o, 6) for o in self.origin], "direction": direction}
+        if self.slice_thickness is not None:
+            out["slice_thickness_mm"] = round(float(self.slice_thickness), 6)
+            out["slice_gap_mm"] = round(float(self.spacing[2] - self.slice_thickness), 6)
+        return out
+
+    def index_to_physical(self, index_xyz: np.ndarray) -> np.ndarray:
+        """LPS points (..., 3) of continuous indices (..., 3) in i, j, k order."""
+        local = np.asarray(index_xyz, dtype=np.float64) * np.asarray(self.spacing)
+        return np.asarray(self.origin) + local @ self.direction_matrix.T
+
+    def physical_to_index(self, points_lps: np.ndarray) -> np.ndarray:
+        """Continuous i, j, k indices (..., 3) of LPS points (..., 3)."""
+        if not self.oblique:
+            return (np.asarray(points_lps) - np.asarray(self.origin)) / np.asarray(self.spacing)
+        local = (np.asarray(points_lps, dtype=np.float64) - np.asarray(self.origin)) @ self.direction_matrix
+        return local / np.asarray(self.spacing)
 
     def contains(self, points_lps: np.ndarray, margin_mm: float) -> np.ndarray:
+        if self.oblique:
+            local = (np.asarray(points_lps, dtype=np.float64) - np.asarray(self.origin)) @ self.direction_matrix
+            hi_local = (np.asarray(self.size) - 1) * np.asarray(self.spacing) - margin_mm
+            return np.all((local >= margin_mm) & (local <= hi_local), axis=-1)
         lo = np.asarray(self.origin) + margin_mm
         hi = np.asarray(self.origin) + (np.asarray(self.size) - 1) * np.asarray(self.spacing) - margin_mm
         return np.all((points_lps >= lo) & (points_lps <= hi), axis=-1)
@@ -56,6 +117,8 @@ class NativeGrid:
         image = sitk.Image([int(s) for s in self.size], dtype)
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
+        if self.oblique:
+            image.SetDirection(tuple(float(v) for v in self.direction))
         return image
 
 
@@ -131,11 +194,19 @@ def supersampling(spacing: Sequence[float], truth_spacing: float) -> tuple[int, 
 
 
 def resample_to_native(world: sitk.Image, grid: NativeGrid, world_to_native: np.ndarray,
-                       interpolator: int = sitk.sitkLinear, sub: Sequence[int] = (1, 1, 1)) -> np.ndarray:
+                       interpolator: int = sitk.sitkLinear, sub: Sequence[int] = (1, 1, 1),
+                       native_warp: Optional[sitk.Transform] = None) -> np.ndarray:
     """Sample a world-grid image on a native grid, averaging ``sub`` sub-samples per voxel.
+
+    ``sub`` sub-samples spread over each voxel's profile (:attr:`NativeGrid.profile_mm`: across
+    the slice thickness, not the gap). ``native_warp``, if given, maps each (distorted) native
+    point to the undistorted native point that the scanner actually sampled there (EPI
+    distortion); it is applied before ``inverse(world_to_native)``.
 
     Returns the (z, y, x) float32 array of the native grid.
     """
+    if not grid.plain or native_warp is not None:
+        return _resample_general(world, grid, world_to_native, interpolator, sub, native_warp)
     inverse = np.linalg.inv(world_to_native)
     transform = sitk.AffineTransform(3)
     transform.SetMatrix([float(v) for v in inverse[:3, :3].ravel()])
@@ -161,11 +232,51 @@ def resample_to_native(world: sitk.Image, grid: NativeGrid, world_to_native: np.
     return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
 
 
+def _resample_general(world: sitk.Image, grid: NativeGrid, world_to_native: np.ndarray, interpolator: int,
+                      sub: Sequence[int], native_warp: Optional[sitk.Transform]) -> np.ndarray:
+    """:func:`resample_to_native` for oblique grids, slice gaps and warps: one resampling per
+    through-slice sub-sample offset (the slab profile), in-plane sub-samples on a finer grid."""
+    inverse = np.linalg.inv(world_to_native)
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix([float(v) for v in inverse[:3, :3].ravel()])
+    affine.SetTranslation([float(v) for v in inverse[:3, 3]])
+    # CompositeTransform applies its last transform first: native warp, then native -> world.
+    transform: sitk.Transform = affine if native_warp is None else sitk.CompositeTransform([affine, native_warp])
+    sub_arr = np.asarray(sub, dtype=int)
+    sp = np.asarray(grid.spacing, dtype=np.float64)
+    thickness = grid.profile_mm[2]
+    direction = grid.direction_matrix
+    fine_xy = sp[:2] / sub_arr[:2]
+    nx, ny, nz = grid.size
+    total = np.zeros((nz, ny * int(sub_arr[1]), nx * int(sub_arr[0])), dtype=np.float32)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([nx * int(sub_arr[0]), ny * int(sub_arr[1]), nz])
+    resampler.SetOutputSpacing([float(fine_xy[0]), float(fine_xy[1]), float(sp[2])])
+    resampler.SetOutputDirection([float(v) for v in grid.direction])
+    resampler.SetTransform(transform)
+    resampler.SetInterpolator(interpolator)
+    resampler.SetDefaultPixelValue(0.0)
+    resampler.SetOutputPixelType(world.GetPixelID())
+    for j in range(int(sub_arr[2])):
+        dz = -thickness / 2.0 + (j + 0.5) * thickness / int(sub_arr[2]) if sub_arr[2] > 1 else 0.0
+        shift = np.array([-sp[0] / 2.0 + fine_xy[0] / 2.0, -sp[1] / 2.0 + fine_xy[1] / 2.0, dz])
+        resampler.SetOutputOrigin([float(v) for v in np.asarray(grid.origin) + direction @ shift])
+        total += sitk.GetArrayFromImage(resampler.Execute(world)).astype(np.float32, copy=False)
+    if sub_arr[2] > 1:
+        total /= np.float32(sub_arr[2])
+    if tuple(sub_arr[:2]) == (1, 1):
+        return total
+    blocks = total.reshape(nz, ny, int(sub_arr[1]), nx, int(sub_arr[0]))
+    return blocks.mean(axis=(2, 4), dtype=np.float32)
+
+
 def bias_field(grid: NativeGrid, centre_scanner: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
     """Smooth multiplicative receive-coil bias, fixed in scanner space (so it moves with no head).
 
     ``exp(sum c_k m_k)`` over the 9 monomials of degree 1-2 in coordinates scaled by 100 mm.
     """
+    if grid.oblique:
+        return _bias_field_oblique(grid, centre_scanner, coefficients)
     axes = [(np.asarray(grid.origin[a]) + grid.spacing[a] * np.arange(grid.size[a]) - centre_scanner[a]) / 100.0
             for a in range(3)]
     x = axes[0].reshape(1, 1, -1)
@@ -176,6 +287,31 @@ def bias_field(grid: NativeGrid, centre_scanner: np.ndarray, coefficients: np.nd
     for c, term in zip(coefficients, terms):
         log_field += np.float32(c) * term.astype(np.float32)
     return np.exp(log_field)
+
+
+def _bias_field_oblique(grid: NativeGrid, centre_scanner: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """:func:`bias_field` on an oblique grid: scanner coordinates of every voxel centre."""
+    d = grid.direction_matrix
+    steps = [grid.spacing[a] * np.arange(grid.size[a], dtype=np.float64) / 100.0 for a in range(3)]
+    shapes = [(1, 1, -1), (1, -1, 1), (-1, 1, 1)]
+    coords = []
+    for axis in range(3):  # LPS x, y, z of each voxel relative to the head centre, in 100 mm (float32)
+        c = np.full((grid.size[2], grid.size[1], grid.size[0]), (grid.origin[axis] - centre_scanner[axis]) / 100.0,
+                    dtype=np.float32)
+        for k in range(3):
+            c += (d[axis, k] * steps[k]).astype(np.float32).reshape(shapes[k])
+        coords.append(c)
+    x, y, z = coords
+    log_field = np.zeros((grid.size[2], grid.size[1], grid.size[0]), dtype=np.float32)
+    scratch = np.empty_like(log_field)
+    for c_k, (a, b) in zip(coefficients, ((x, None), (y, None), (z, None), (x, x), (y, y), (z, z), (x, y), (x, z), (y, z))):
+        if b is None:
+            np.multiply(a, np.float32(c_k), out=scratch)
+        else:
+            np.multiply(a, b, out=scratch)
+            scratch *= np.float32(c_k)
+        log_field += scratch
+    return np.exp(log_field, out=log_field)
 
 
 def world_image(array_zyx: np.ndarray, origin: Sequence[float], spacing: float) -> sitk.Image:
@@ -191,4 +327,6 @@ def native_image(array_zyx: np.ndarray, grid: NativeGrid) -> sitk.Image:
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
     image.SetOrigin(grid.origin)
     image.SetSpacing(grid.spacing)
+    if grid.oblique:
+        image.SetDirection(tuple(float(v) for v in grid.direction))
     return image
