@@ -1,38 +1,43 @@
 """ContrastAmplifier: amplify gadolinium contrast on brain MRI (T1c -> T1c-pro), after Bone, Ammari et al. 2022.
 
-Thin Slicer module: the widget reads the parameter node and starts the Lib's own command line
-(``python -m ContrastAmplifierLib.cli ...``) in a child process, so the GUI never freezes; the
-Logic exports the selected volumes, runs the child (in the background, or synchronously in
-batch mode) and loads the results back. All real work lives in ContrastAmplifierLib.
+Thin Slicer module (Slicer 5.8 scripted-module template): the panel's choices live in a typed
+parameter node (:class:`ContrastAmplifierParameterNode`, ``parameterNodeWrapper``; the .ui widgets
+carry ``SlicerParameterName`` and ``connectGui`` binds them); the widget starts the Lib's own
+command line (``python -m ContrastAmplifierLib.cli ...``) through the Logic in a child process, so
+the GUI never freezes; the Logic exports the selected volumes, runs the child (in the background,
+or synchronously in batch mode) and loads the results back. All real work lives in
+ContrastAmplifierLib.
 
 The Logic imports no Qt: it also runs without the Slicer application (``slicer-core`` wheel).
+Nothing heavy is imported when Slicer loads this file at start-up: SimpleITK, the MRML bridge and
+the model registry are imported where they are used.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Annotated, Callable, Dict, List, Optional, Sequence, Tuple
 
 import slicer
-import vtk  # noqa: F401  (Slicer modules conventionally expose vtk)
+import vtk
 
 from slicer.util import VTKObservationMixin
 
+from ContrastAmplifierCommon import process
+from ContrastAmplifierCommon.dependencies import ensure_dependencies
 from ContrastAmplifierCommon.slicer_compat import IN_SLICER_APP as HAS_SLICER_APP
 from ContrastAmplifierCommon.slicer_compat import (
+    Choice,
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
+    parameterNodeWrapper,
 )
-
-from ContrastAmplifierCommon import process
-from ContrastAmplifierLib import mrml_bridge
+from ContrastAmplifierCommon.slicer_compat import tr as _
 from ContrastAmplifierLib.imagefiles import IMAGE_SUFFIXES  # SimpleITK-free: safe before dependencies are installed
-from ContrastAmplifierCommon.dependencies import ensure_dependencies
 
 PAPER = (
     "Bone A, Ammari S, Menu Y, Balleyguier C, Moulton E, Chouzenoux E, Volk A, Garcia GCTE, Nicolas F, Robert P, "
@@ -40,6 +45,18 @@ PAPER = (
     "Contrast Media on Brain Magnetic Resonance Image Quality? A Reader Study. Invest Radiol. 2022;57(8):527-535. "
     "doi:10.1097/RLI.0000000000000867"
 )
+
+#: The Sample Data entry: a synthetic phantom case generated on the user's machine (nothing is downloaded).
+PHANTOM_SAMPLE_CATEGORY = "Contrast Amplifier"
+PHANTOM_SAMPLE_NAME = "Contrast Amplifier phantom"
+#: The phantom seed of ``contrast-amplifier demo`` (ContrastAmplifierLib.demo.DEMO_SEED): metastases, never used to
+#: train the shipped demo model.
+PHANTOM_SEED = 20260
+#: Voxel size (mm) of the sample phantom's T1/T1c (a few seconds to generate; the demo model works at 3 mm).
+PHANTOM_SPACING_MM = 2.0
+#: SampleData needs a URI per file although the entry never downloads (its button calls :func:`loadPhantomSample`).
+PHANTOM_SAMPLE_URI = "https://github.com/SlicerContrastAmplifier/SlicerContrastAmplifier#sample-data"
+PHANTOM_THUMBNAIL = Path(__file__).resolve().parent / "Resources" / "Icons" / "ContrastAmplifierPhantom.png"
 
 
 #
@@ -52,27 +69,126 @@ class ContrastAmplifier(ScriptedLoadableModule):
 
     def __init__(self, parent) -> None:
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Contrast Amplifier"
-        self.parent.categories = ["Contrast Amplifier"]
+        self.parent.title = _("Contrast Amplifier")
+        # One category for the whole extension (the ExtensionsIndex category; Testing/SlicerModules/test_extension_index.py).
+        self.parent.categories = ["Image Synthesis"]
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerContrastAmplifier developers"]
-        self.parent.helpText = """
+        self.parent.helpText = _("""
 Amplifies the effect of gadolinium on brain MRI: from T1, T2-FLAIR, ADC and a routine post-contrast
 T1 (T1c), a 3D residual UNet ensemble predicts "T1c-pro", an image with the look of a higher contrast dose.
 <b>Research use only: not for clinical use.</b> The bundled demo model is trained on synthetic phantoms.
 <br>Apply runs the chosen model bundle (Quick: 1 fold x 1 mirroring; Balanced: all folds x 2; Paper: all folds x 8)
-in a background process (Cancel stops it and leaves nothing behind) and shows "&lt;T1c name&gt; T1c-pro" next to the T1c
-in linked side-by-side views.
+in a background process (Cancel stops it and leaves nothing behind) and shows a new volume "&lt;T1c name&gt; T1c-pro",
+in the T1c's study, next to the T1c in linked side-by-side views with the T1c's window/level.
+<br>Add model imports a model bundle (a folder holding bundle.json, or a .zip of one) after checking every file's
+SHA-256; the line under Model shows the chosen model's version, geometry, folds and intended use.
 <br>Preprocess (QC) runs the paper's preprocessing (skull stripping, registration to the ICBM 2009a atlas,
 crop, normalisation) with the chosen model's spacing, crop and clip percentiles, in a background process,
 and loads the preprocessed volumes and a QC picture: what that model's network is given.
+<br>No MRI at hand? Sample Data > Contrast Amplifier > "Contrast Amplifier phantom" makes a synthetic case
+(T1, T2-FLAIR, ADC, T1c and its 4x-dose truth) and selects it here.
 See the <a href="https://github.com/SlicerContrastAmplifier/SlicerContrastAmplifier">extension documentation</a>.
-"""
-        self.parent.acknowledgementText = f"""
-This module reproduces the method of: {PAPER}
+""")
+        self.parent.acknowledgementText = _("""
+This module reproduces the method of: {paper}
 The synthetic phantom uses the ICBM 2009a nonlinear symmetric template (McConnell Brain Imaging Centre);
 skull stripping uses HD-BET (Isensee et al., Hum Brain Mapp 2019).
-"""
+""").format(paper=PAPER)
+        if HAS_SLICER_APP:  # the Sample Data module is loaded once Slicer has started
+            slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data: a synthetic phantom case, generated locally
+#
+
+
+def registerSampleData() -> None:
+    """Add "Contrast Amplifier phantom" to the Sample Data module (when that module is available).
+
+    SampleData downloads URIs; this entry instead generates a synthetic case with
+    ContrastAmplifierLib.phantom through ``customDownloader`` (the Sample Data button calls it;
+    Slicer 5.6 and 5.8 both accept the arguments used here). From Python, call
+    ``ContrastAmplifierLogic().loadPhantomSample()`` (``SampleData.downloadSample`` would fetch the URI).
+    """
+    try:
+        import SampleData
+    except ImportError:  # Sample Data module disabled or not built
+        return
+    sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory(PHANTOM_SAMPLE_CATEGORY)
+    if any(getattr(source, "sampleName", None) == PHANTOM_SAMPLE_NAME for source in sources):
+        return  # registered already (module reloaded)
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=PHANTOM_SAMPLE_CATEGORY,
+        sampleName=PHANTOM_SAMPLE_NAME,
+        thumbnailFileName=str(PHANTOM_THUMBNAIL),
+        uris=PHANTOM_SAMPLE_URI,
+        fileNames="ContrastAmplifierPhantom.nrrd",
+        nodeNames="Phantom T1c",
+        customDownloader=loadPhantomSample,
+    )
+
+
+def loadPhantomSample(source=None) -> Dict[str, object]:
+    """The Sample Data button's action: generate the phantom case, load it, select it in the module.
+
+    Installs the Python packages the phantom needs first (after asking), shows errors to the user.
+    """
+    logic = ContrastAmplifierLogic()
+    if HAS_SLICER_APP:
+        logic.confirmInstall = lambda message: slicer.util.confirmOkCancelDisplay(message, _("Install Python packages"))
+    nodes: Dict[str, object] = {}
+    with slicer.util.tryWithErrorDisplay(_("The synthetic phantom case could not be made."), waitCursor=HAS_SLICER_APP):
+        nodes = logic.loadPhantomSample()
+        if HAS_SLICER_APP:
+            slicer.util.setSliceViewerLayers(background=nodes["t1c"], fit=True)
+    return nodes
+
+
+#
+# ContrastAmplifierParameterNode
+#
+
+#: Labels of the quality presets (stored in the parameter node, shown in the Quality combo box).
+QUALITY_LABELS = ["Quick", "Balanced", "Paper"]
+
+
+@parameterNodeWrapper
+class ContrastAmplifierParameterNode:
+    """The panel's choices, kept in the module's parameter node (saved with the scene).
+
+    The names are those earlier versions stored, so saved scenes keep their selections.
+
+    InputT1, InputFLAIR, InputADC, InputT1c - the four input volumes.
+    InputBrainMask - optional brain mask on the T1c grid (skips HD-BET); label maps are scalar volumes too.
+    OutputVolume - where Apply writes T1c-pro; ``None`` (the selector's "Create new volume") makes a
+                   new "<T1c name> T1c-pro" volume. A chosen volume is used for one Apply: after it
+                   the selector goes back to "Create new volume", so the next patient's run never
+                   overwrites this one's result.
+    Model - registry name of the model bundle ("" = the default model). Not bound through
+            SlicerParameterName: the selector is filled from the model registry at run time and
+            Slicer's QComboBox connector needs a fixed Choice (Testing/SlicerModules/test_parameter_binding.py
+            ALLOWED_WITHOUT_WIDGET).
+    Quality - Quick / Balanced / Paper (QUALITY_PRESETS).
+    Device - auto, cpu or cuda.
+    Precision - auto, exact (fp32) or fast (bf16).
+    SkullStripMode - HD-BET fast or accurate.
+    QualityControl - Preprocess (QC) writes and shows qc.png.
+    """
+
+    InputT1: slicer.vtkMRMLScalarVolumeNode
+    InputFLAIR: slicer.vtkMRMLScalarVolumeNode
+    InputADC: slicer.vtkMRMLScalarVolumeNode
+    InputT1c: slicer.vtkMRMLScalarVolumeNode
+    InputBrainMask: slicer.vtkMRMLScalarVolumeNode
+    OutputVolume: slicer.vtkMRMLScalarVolumeNode
+    Model: str
+    Quality: Annotated[str, Choice(QUALITY_LABELS)] = "Paper"
+    Device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    Precision: Annotated[str, Choice(["auto", "exact", "fast"])] = "auto"
+    SkullStripMode: Annotated[str, Choice(["fast", "accurate"])] = "fast"
+    QualityControl: bool = True
 
 
 #
@@ -105,9 +221,10 @@ class AmplifyJob(BackgroundJob):
 
     Attributes:
         outputPath: the T1c-pro file the command writes (atomically) on the T1c grid.
-        t1cNode: the input T1c (its name and space define the result's).
+        t1cNode: the input T1c (its name, space and study define the result's).
         outputNode: the node to overwrite, or ``None`` for a new ``"<T1c name> T1c-pro"`` node.
         command: the command line (for the log).
+        showResult: show T1c-pro next to the T1c once loaded (:meth:`ContrastAmplifierLogic.showSideBySide`).
         result: the loaded T1c-pro node once :meth:`ContrastAmplifierLogic.pollAmplify` saw success.
         error: the failure message once the job failed or was cancelled.
     """
@@ -116,6 +233,7 @@ class AmplifyJob(BackgroundJob):
     t1cNode: object = None
     outputNode: object = None
     command: List[str] = field(default_factory=list)
+    showResult: bool = True
     result: object = None
     error: Optional[str] = None
 
@@ -141,12 +259,19 @@ class QualityPreset:
         return (nFolds if self.allFolds else 1) * self.flips
 
 
-#: Quality/speed presets (keys are lower-case; the .ui shows the labels).
+#: Quality/speed presets (keys are lower-case; the panel shows the labels, :data:`QUALITY_LABELS`).
 QUALITY_PRESETS: Dict[str, QualityPreset] = {
-    "quick": QualityPreset("Quick", False, 1, "1 fold x 1 mirroring: a first look, seconds on a CPU"),
-    "balanced": QualityPreset("Balanced", True, 2, "all folds x 2 mirrorings"),
-    "paper": QualityPreset("Paper", True, 8, "all folds x 8 mirrorings, as in the paper (5 x 8 = 40 predictions)"),
+    "quick": QualityPreset("Quick", False, 1, _("1 fold x 1 mirroring: a first look, seconds on a CPU")),
+    "balanced": QualityPreset("Balanced", True, 2, _("all folds x 2 mirrorings")),
+    "paper": QualityPreset("Paper", True, 8, _("all folds x 8 mirrorings, as in the paper (5 x 8 = 40 predictions)")),
 }
+
+
+def _bridge():
+    """ContrastAmplifierLib.mrml_bridge, imported on first use (it imports SimpleITK: not at Slicer start-up)."""
+    from ContrastAmplifierLib import mrml_bridge
+
+    return mrml_bridge
 
 
 class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
@@ -157,20 +282,11 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         logic = ContrastAmplifierLogic()
         t1cPro = logic.process(t1, flair, adc, t1c, quality="paper", device="auto")  # waits, returns the node
         nodes = logic.preprocess(t1, flair, adc, t1c, device="cpu", qualityControl=True)
+        logic.importModel("/path/to/my-model.zip")  # then process(..., model="my-model")
+        case = logic.loadPhantomSample()  # a synthetic case to try it on
     """
 
-    #: Parameter-node values and their defaults (every key the module uses is declared here).
-    PARAMETERS: Dict[str, str] = {
-        "Model": "",
-        "Quality": "Paper",
-        "Device": "auto",
-        "Precision": "auto",
-        "SkullStripMode": "fast",
-        "QualityControl": "true",
-    }
-    #: Parameter-node node references (volume selectors).
-    NODE_REFERENCES = ("InputT1", "InputFLAIR", "InputADC", "InputT1c", "InputBrainMask", "OutputVolume")
-    #: File stem the Lib expects -> (node reference, name shown to the user).
+    #: File stem the Lib expects -> (parameter of :class:`ContrastAmplifierParameterNode`, name shown to the user).
     INPUTS = {
         "t1": ("InputT1", "T1"),
         "flair": ("InputFLAIR", "T2-FLAIR"),
@@ -184,6 +300,14 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         "adc": ("ADC", False),
         "t1c": ("T1c", False),
         "brain_mask": ("brain mask", True),
+    }
+    #: Phantom files loaded by :meth:`loadPhantomSample`: file stem -> label in node names.
+    PHANTOM_VOLUMES = {
+        "t1": "T1",
+        "flair": "T2-FLAIR",
+        "adc": "ADC",
+        "t1c": "T1c",
+        "t1c_x4": "T1c-x4 (4x dose truth)",
     }
     CLI_MODULE = "ContrastAmplifierLib.cli"
     #: Devices of preprocessing (HD-BET); "auto" is resolved by :meth:`resolvePreprocessDevice`.
@@ -205,15 +329,33 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
 
     # -- parameters --------------------------------------------------------------------------
 
+    def getParameterNode(self) -> ContrastAmplifierParameterNode:
+        """The module's parameter node (a singleton ``vtkMRMLScriptedModuleNode`` in ``slicer.mrmlScene``), typed.
+
+        Unset parameters get their defaults; ``.parameterNode`` is the MRML node itself.
+        """
+        return ContrastAmplifierParameterNode(super().getParameterNode())
+
+    def _parameters(self, parameterNode=None) -> ContrastAmplifierParameterNode:
+        """Typed parameters of ``parameterNode``: typed already, a module ``vtkMRMLScriptedModuleNode``,
+        or ``None`` for :meth:`getParameterNode`."""
+        if parameterNode is None:
+            return self.getParameterNode()
+        if isinstance(parameterNode, ContrastAmplifierParameterNode):
+            return parameterNode
+        return ContrastAmplifierParameterNode(parameterNode)
+
     def setDefaultParameters(self, parameterNode) -> None:
-        """Fill unset parameters with :data:`PARAMETERS` defaults."""
-        for key, value in self.PARAMETERS.items():
-            if not parameterNode.GetParameter(key):
-                parameterNode.SetParameter(key, value)
+        """Fill unset parameters with their defaults (typed parameters or the MRML node; :class:`ContrastAmplifierParameterNode`)."""
+        self._parameters(parameterNode)
 
     def inputNodes(self, parameterNode) -> Dict[str, object]:
-        """The four selected input volumes (``None`` where not selected), keyed by file stem."""
-        return {stem: parameterNode.GetNodeReference(ref) for stem, (ref, _) in self.INPUTS.items()}
+        """The four selected input volumes (``None`` where not selected), keyed by file stem.
+
+        ``parameterNode``: typed parameters (:meth:`getParameterNode`) or the module's MRML node.
+        """
+        parameters = self._parameters(parameterNode)
+        return {stem: getattr(parameters, ref) for stem, (ref, _label) in self.INPUTS.items()}
 
     def validateInputs(self, nodes: Dict[str, object]) -> None:
         """Check that all four inputs are selected, distinct and hold voxels.
@@ -221,19 +363,19 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         Raises:
             ValueError: names the input and what to do.
         """
-        for stem, (_, label) in self.INPUTS.items():
+        for stem, (_ref, label) in self.INPUTS.items():
             node = nodes.get(stem)
             if node is None:
-                raise ValueError(f"No {label} volume selected: choose it in Inputs > {label}.")
+                raise ValueError(_("No {label} volume selected: choose it in Inputs > {label}.").format(label=label))
             if node.GetImageData() is None:
-                raise ValueError(f"{label} volume '{node.GetName()}' has no voxel data; load the image again.")
+                raise ValueError(_("{label} volume '{name}' has no voxel data; load the image again.").format(
+                    label=label, name=node.GetName()))
         seen: Dict[str, str] = {}
-        for stem, (_, label) in self.INPUTS.items():
+        for stem, (_ref, label) in self.INPUTS.items():
             node_id = nodes[stem].GetID()
             if node_id in seen:
-                raise ValueError(
-                    f"{seen[node_id]} and {label} are the same volume '{nodes[stem].GetName()}'; select a different volume for each input."
-                )
+                raise ValueError(_("{first} and {second} are the same volume '{name}'; select a different volume for "
+                                   "each input.").format(first=seen[node_id], second=label, name=nodes[stem].GetName()))
             seen[node_id] = label
 
     def ensureDependencies(self) -> None:
@@ -256,12 +398,15 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             ValueError: an invalid setting, or ``model`` together with ``spacing``/``crop`` (named in the message).
         """
         if model and (spacing is not None or crop is not None):
-            raise ValueError(f"Model {model!r} sets the preprocessing geometry; leave spacing and crop unset to use it.")
+            raise ValueError(_("Model {model!r} sets the preprocessing geometry; leave spacing and crop unset to use "
+                               "it.").format(model=model))
         device = self.resolvePreprocessDevice(device)
         if device not in self.DEVICES:
-            raise ValueError(f"Device must be one of {', '.join(self.DEVICES)} or auto (got {device!r}).")
+            raise ValueError(_("Device must be one of {choices} or auto (got {value!r}).").format(
+                choices=", ".join(self.DEVICES), value=device))
         if skullStripMode not in self.SKULL_STRIP_MODES:
-            raise ValueError(f"Skull-strip mode must be one of {', '.join(self.SKULL_STRIP_MODES)} (got {skullStripMode!r}).")
+            raise ValueError(_("Skull-strip mode must be one of {choices} (got {value!r}).").format(
+                choices=", ".join(self.SKULL_STRIP_MODES), value=skullStripMode))
         args: List[object] = ["preprocess", caseDir, outDir, "--device", device, "--skull-strip", skullStripMode,
                               "--progress", "json"]
         if qualityControl:
@@ -270,7 +415,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             args += ["--spacing", float(spacing)]
         if crop is not None:
             if len(crop) != 3:
-                raise ValueError(f"Crop takes three sizes (x y z), got {list(crop)}.")
+                raise ValueError(_("Crop takes three sizes (x y z), got {crop}.").format(crop=list(crop)))
             args += ["--crop", *(int(size) for size in crop)]
         if model:
             args += ["--model", model]
@@ -284,19 +429,35 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
 
         ``model``: preprocess with that bundle's geometry (see :meth:`preprocessCommand`).
         Poll ``job.process`` (``poll()``/``running``), then call :meth:`loadPreprocessResults`.
+        When the child cannot be started, the exported images are deleted before the error is raised.
         """
+        bridge = _bridge()
         nodes = {"t1": t1, "flair": flair, "adc": adc, "t1c": t1c}
         self.validateInputs(nodes)
         if installDependencies:
             self.ensureDependencies()
-        folder = Path(workDir) if workDir is not None else mrml_bridge.ExchangeFolder.create(parent=self._temporaryParent()).path
-        mrml_bridge.export_volume_nodes(nodes, folder / "case", suffix=".nrrd")
+        folder = Path(workDir) if workDir is not None else bridge.ExchangeFolder.create(parent=self._temporaryParent()).path
         outDir = folder / "preprocessed"
-        command = self.preprocessCommand(folder / "case", outDir, device, skullStripMode, qualityControl, spacing, crop,
-                                         model=model)
-        logging.info("Contrast Amplifier: running %s", " ".join(command))
-        job = process.BackgroundProcess(command, env=process.child_environment(self._childEnv(self.resolvePreprocessDevice(device))))
-        return BackgroundJob(process=job.start(), workDir=folder, outDir=outDir, referenceName=t1c.GetName())
+        try:  # exported patient images never outlive a child that did not start
+            bridge.export_volume_nodes(nodes, folder / "case", suffix=".nrrd")
+            command = self.preprocessCommand(folder / "case", outDir, device, skullStripMode, qualityControl, spacing,
+                                             crop, model=model)
+            logging.info("Contrast Amplifier: running %s", " ".join(command))
+            env = process.child_environment(self._childEnv(self.resolvePreprocessDevice(device)))
+            child = process.BackgroundProcess(command, env=env).start()
+        except BaseException:
+            bridge.ExchangeFolder(folder).cleanup()
+            raise
+        return BackgroundJob(process=child, workDir=folder, outDir=outDir, referenceName=t1c.GetName())
+
+    def startPreprocessFromParameters(self, parameterNode=None, **options) -> BackgroundJob:
+        """:meth:`startPreprocess` with the panel's choices (Preprocess (QC)); ``options`` go to it."""
+        parameters = self._parameters(parameterNode)
+        nodes = self.inputNodes(parameters)
+        return self.startPreprocess(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"], device=parameters.Device,
+                                    skullStripMode=parameters.SkullStripMode,
+                                    qualityControl=parameters.QualityControl, model=parameters.Model or None,
+                                    **options)
 
     def loadPreprocessResults(self, job: BackgroundJob) -> Dict[str, object]:
         """Load the preprocessed volumes of a finished job as nodes named ``"<T1c> preprocessed <modality>"``.
@@ -304,23 +465,25 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         Raises:
             process.ProcessError: the child failed (its own error message) or was cancelled.
         """
+        bridge = _bridge()
         job.process.raise_for_state()
         for stem, (label, labelMap) in self.PREPROCESS_OUTPUTS.items():
             path = self._find(job.outDir, stem)
             if path is None:
                 continue
-            job.results[stem] = mrml_bridge.import_volume_file(
+            job.results[stem] = bridge.import_volume_file(
                 path, f"{job.referenceName} preprocessed {label}", label_map=labelMap
             )
         if "t1c" not in job.results:
-            raise FileNotFoundError(f"Preprocessing finished but wrote no T1c in {job.outDir}; see the log.")
+            raise FileNotFoundError(_("Preprocessing finished but wrote no T1c in {folder}; see the log.").format(
+                folder=job.outDir))
         return job.results
 
     @staticmethod
     def discardJobFiles(job: Optional[BackgroundJob]) -> None:
         """Delete a finished job's exchange folder (exported inputs and outputs: patient data)."""
         if job is not None and not job.process.running:
-            mrml_bridge.ExchangeFolder(job.workDir).cleanup()
+            _bridge().ExchangeFolder(job.workDir).cleanup()
 
     def qualityControlImage(self, job: BackgroundJob) -> Optional[Path]:
         """Path of the QC picture (``qc.png``) of a finished job, if it was written."""
@@ -362,19 +525,19 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             self.discardJobFiles(job)
         return results
 
-    # -- amplification (T1c -> T1c-pro) -----------------------------------------------------
+    # -- models: list, describe, add ----------------------------------------------------------
 
     @staticmethod
     def availableModels() -> list:
         """Model bundles from the registry (``registry.list_models()``): user bundles first, then the shipped demo.
 
-        Returns an empty list when the registry cannot be imported yet (Python packages not
-        installed: Apply installs them first).
+        Needs only the standard library (works before the first-use install); a broken
+        ``Models.json`` gives an empty list and a logged warning, never a broken panel.
         """
         try:
             from ContrastAmplifierLib.registry import list_models
         except ImportError as exc:
-            logging.info("Contrast Amplifier: model registry not available yet (%s)", exc)
+            logging.warning("Contrast Amplifier: model registry not available (%s)", exc)
             return []
         try:
             return list_models()
@@ -384,23 +547,136 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def defaultModelName() -> Optional[str]:
-        """The registry's default model (the shipped demo unless the user set another), or ``None``.
+        """The registry's default model (the shipped demo unless the user set another), or ``None`` when there is none.
 
         Raises:
-            ValueError: the user's chosen default is no longer installed (the message says how to fix it).
+            ValueError: the user's chosen default is no longer installed (the message says what to do in the panel).
         """
+        from ContrastAmplifierLib.registry import chosen_default_name, default_model_name
+
         try:
-            from ContrastAmplifierLib.registry import default_model_name
-        except ImportError as exc:
-            logging.info("Contrast Amplifier: model registry not available yet (%s)", exc)
-            return None
-        return default_model_name()
+            return default_model_name()
+        except ValueError:
+            chosen = chosen_default_name()  # an unreadable choice file raises here, naming the file
+            if chosen is None:  # nothing shipped, nothing chosen
+                return None
+            raise ValueError(_("The default model '{name}' is not installed any more: choose a model in Model, or add "
+                               "it again with Add model.").format(name=chosen)) from None
 
     @staticmethod
     def modelSummary(entry) -> str:
-        """One line for the model selector: name, version, intended use (e.g. "synthetic phantom demo - not for clinical use")."""
-        use = entry.intended_use or "intended use not stated"
+        """One line for the model selector's tooltip: name, version, intended use (e.g. "synthetic phantom demo - not for clinical use")."""
+        use = entry.intended_use or _("intended use not stated")
         return f"{entry.name} {entry.version}: {use}"
+
+    @staticmethod
+    def modelInfo(entry) -> str:
+        """The line under the model selector: name, version, geometry (spacing, crop), folds and intended use.
+
+        E.g. "phantom-demo 0.2.0 - 3 mm grid, crop 56 x 64 x 56 voxels - folds 0, 1, 2, 3, 4 - synthetic
+        phantom demo - not for clinical use". Read from ``bundle.json`` as plain JSON (no package needed).
+        """
+        def numbers(values) -> str:
+            texts = [f"{value:g}" for value in values]
+            return texts[0] if len(set(texts)) == 1 else " x ".join(texts)
+
+        parts = [f"{entry.name} {entry.version}"]
+        if entry.spacing:
+            parts.append(_("{spacing} mm grid").format(spacing=numbers(entry.spacing)))
+        if entry.crop_size:
+            parts.append(_("crop {crop} voxels").format(crop=" x ".join(str(size) for size in entry.crop_size)))
+        parts.append(_("folds {folds}").format(folds=", ".join(map(str, entry.folds))) if entry.folds else _("no folds listed"))
+        parts.append(entry.intended_use or _("intended use not stated"))
+        return " - ".join(parts)
+
+    @staticmethod
+    def findModel(model: Optional[str] = None):
+        """The registry entry of a model: a bundle folder, a registry name, or ``None`` for the default.
+
+        Reads ``bundle.json`` as plain JSON (:func:`ContrastAmplifierLib.registry.read_entry`): no
+        package beyond Python's own, so the panel can describe models before the first-use install.
+        The full check (schema, hashes, tensors) runs when the model is used.
+
+        Raises:
+            ValueError: no such model, or no model installed; the message says how to get one.
+        """
+        from ContrastAmplifierLib.registry import BUNDLE_FILE, read_entry
+
+        if model and (Path(model) / BUNDLE_FILE).is_file():
+            return read_entry(model)
+        entries = ContrastAmplifierLogic.availableModels()
+        if not entries:
+            raise ValueError(_("No model bundle installed: add one with Add model in the Contrast Amplifier panel "
+                               "(ContrastAmplifierLogic().importModel(path) from Python), or choose a bundle folder."))
+        wanted = model or ContrastAmplifierLogic.defaultModelName()
+        matches = [entry for entry in entries if entry.name == wanted]
+        if not matches:
+            raise ValueError(_("Model {name!r} is not installed (installed: {known}); choose one in Model.").format(
+                name=wanted, known=", ".join(entry.name for entry in entries)))
+        return matches[0]
+
+    def bundleFolds(self, model: Optional[str] = None) -> List[int]:
+        """Fold indices of a bundle, from its ``bundle.json`` read as plain JSON (no weights, no torch, no jsonschema).
+
+        Args:
+            model: registry name, bundle folder, or ``None`` for the default model (``models set-default``).
+
+        Raises:
+            ValueError: no such model, no model installed, or a manifest without folds; the message says what to do.
+        """
+        entry = self.findModel(model)
+        if not entry.folds:
+            raise ValueError(_("Model '{name}' lists no folds in {path}; add the model again or choose another one.").format(
+                name=entry.name, path=Path(entry.path) / "bundle.json"))
+        return list(entry.folds)
+
+    def importModel(self, source, overwrite: bool = False, installDependencies: bool = True):
+        """Add a model bundle (a folder, its ``bundle.json``, or a ``.zip``) to the per-user models folder.
+
+        Every file is checked first (manifest, SHA-256, tensors: ``registry.import_model``), which
+        needs the first-use packages (jsonschema, safetensors, torch): they are installed first.
+
+        Returns:
+            The registry entry of the added model.
+
+        Raises:
+            ContrastAmplifierLib.registry.ModelAlreadyInstalledError: that name is installed and ``overwrite`` is False.
+            ContrastAmplifierLib.bundle.BundleError: the bundle was refused (the message names the file and why).
+        """
+        if installDependencies:
+            self.ensureDependencies()
+        from ContrastAmplifierLib.registry import import_model, read_entry
+
+        bundle = import_model(Path(source), overwrite=overwrite)
+        return read_entry(bundle.path, "user")
+
+    def addModel(self, source, confirmReplace: Optional[Callable[[str], bool]] = None,
+                 installDependencies: bool = True) -> Tuple[object, str]:
+        """What the panel's Add model button does: :meth:`importModel`, with messages for the user.
+
+        A model of the same name is replaced only when ``confirmReplace(question)`` says yes.
+
+        Returns:
+            ``(entry, message)``: the added model's registry entry (``None`` when nothing was added)
+            and the text to show (success, or why it was not added: a tampered file is named with its SHA-256).
+        """
+        from ContrastAmplifierLib.registry import ModelAlreadyInstalledError
+
+        try:
+            try:
+                entry = self.importModel(source, installDependencies=installDependencies)
+            except ModelAlreadyInstalledError as exc:
+                question = _("A model named '{name}' is already installed ({path}). Replace it with the one in "
+                             "{source}?").format(name=exc.name, path=exc.path, source=source)
+                if confirmReplace is None or not confirmReplace(question):
+                    return None, _("The model was not added: '{name}' is installed already and was kept.").format(
+                        name=exc.name)
+                entry = self.importModel(source, overwrite=True, installDependencies=False)
+        except (ValueError, OSError, RuntimeError) as exc:  # BundleError, DependencyError, unreadable files
+            return None, _("The model was not added.\n\n{reason}").format(reason=exc)
+        return entry, _("Added model {info}.").format(info=self.modelInfo(entry))
+
+    # -- amplification (T1c -> T1c-pro) -----------------------------------------------------
 
     @staticmethod
     def qualityPreset(quality: str) -> QualityPreset:
@@ -412,37 +688,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         preset = QUALITY_PRESETS.get(str(quality).strip().lower())
         if preset is None:
             choices = ", ".join(p.label for p in QUALITY_PRESETS.values())
-            raise ValueError(f"Quality must be one of {choices} (got {quality!r}).")
+            raise ValueError(_("Quality must be one of {choices} (got {value!r}).").format(choices=choices, value=quality))
         return preset
-
-    def bundleFolds(self, model: Optional[str] = None) -> List[int]:
-        """Fold indices of a bundle, from its validated ``bundle.json`` (``bundle.read_manifest``: no weights, no torch).
-
-        Args:
-            model: registry name, bundle folder, or ``None`` for the default model (``models set-default``).
-
-        Raises:
-            ValueError: no such model, or no model installed; the message says how to get one.
-            ContrastAmplifierLib.bundle.BundleError: (a ``ValueError``) the bundle's manifest is
-                unreadable or invalid; the message names the file, the field and the fix.
-        """
-        from ContrastAmplifierLib.bundle import BUNDLE_FILE, read_manifest
-
-        folder: Optional[Path] = None
-        if model and (Path(model) / BUNDLE_FILE).is_file():
-            folder = Path(model)
-        else:
-            entries = self.availableModels()
-            if not entries:
-                raise ValueError("No model bundle installed: import one with "
-                                 "'contrast-amplifier models import BUNDLE_DIR_OR_ZIP' or choose a bundle folder.")
-            wanted = model or self.defaultModelName()
-            matches = [e for e in entries if e.name == wanted]
-            if not matches:
-                known = ", ".join(e.name for e in entries)
-                raise ValueError(f"Model {wanted!r} is not installed (installed: {known}); choose one in Model.")
-            folder = Path(matches[0].path)
-        return [int(k) for k in read_manifest(folder)["folds"]]
 
     def ensembleChoice(self, quality: str = "paper", model: Optional[str] = None, folds: Optional[Sequence[int]] = None,
                        flips: Optional[int] = None) -> tuple:
@@ -454,7 +701,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         preset = self.qualityPreset(quality)
         chosenFlips = preset.flips if flips is None else int(flips)
         if chosenFlips not in self.MIRRORINGS:
-            raise ValueError(f"Mirrorings must be one of {', '.join(map(str, self.MIRRORINGS))} (got {flips}).")
+            raise ValueError(_("Mirrorings must be one of {choices} (got {value}).").format(
+                choices=", ".join(map(str, self.MIRRORINGS)), value=flips))
         if folds is not None:
             return [int(k) for k in folds], chosenFlips
         if preset.allFolds:
@@ -482,15 +730,19 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             ValueError: an input file is missing or a setting is invalid (named in the message).
         """
         if device not in self.PREDICT_DEVICES:
-            raise ValueError(f"Device must be one of {', '.join(self.PREDICT_DEVICES)} (got {device!r}).")
+            raise ValueError(_("Device must be one of {choices} (got {value!r}).").format(
+                choices=", ".join(self.PREDICT_DEVICES), value=device))
         if precision not in self.PRECISIONS:
-            raise ValueError(f"Precision must be one of {', '.join(self.PRECISIONS)} (got {precision!r}).")
+            raise ValueError(_("Precision must be one of {choices} (got {value!r}).").format(
+                choices=", ".join(self.PRECISIONS), value=precision))
         if int(flips) not in self.MIRRORINGS:
-            raise ValueError(f"Mirrorings must be one of {', '.join(map(str, self.MIRRORINGS))} (got {flips}).")
+            raise ValueError(_("Mirrorings must be one of {choices} (got {value}).").format(
+                choices=", ".join(map(str, self.MIRRORINGS)), value=flips))
         args: List[object] = ["predict"]
         for stem in self.INPUTS:
             if stem not in inputs:
-                raise ValueError(f"No {self.INPUTS[stem][1]} file for the command line; export all four inputs first.")
+                raise ValueError(_("No {label} file for the command line; export all four inputs first.").format(
+                    label=self.INPUTS[stem][1]))
             args += [f"--{stem}", inputs[stem]]
         args += ["--out", outPath]
         if model:
@@ -514,51 +766,55 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         if brainMask is None:
             return
         if brainMask.GetImageData() is None:
-            raise ValueError(f"Brain mask '{brainMask.GetName()}' has no voxel data; load it again or clear the selector.")
+            raise ValueError(_("Brain mask '{name}' has no voxel data; load it again or clear the selector.").format(
+                name=brainMask.GetName()))
         if brainMask.GetID() == t1c.GetID():
-            raise ValueError("Brain mask and T1c are the same volume; select a mask or clear the Brain mask selector.")
+            raise ValueError(_("Brain mask and T1c are the same volume; select a mask or clear the Brain mask selector."))
         maskDims, t1cDims = brainMask.GetImageData().GetDimensions(), t1c.GetImageData().GetDimensions()
         sameGrid = tuple(maskDims) == tuple(t1cDims)
         if sameGrid:
             import numpy as np
 
-            sameGrid = np.allclose(mrml_bridge.ijk_to_ras_matrix(brainMask), mrml_bridge.ijk_to_ras_matrix(t1c), atol=1e-3)
+            bridge = _bridge()
+            sameGrid = np.allclose(bridge.ijk_to_ras_matrix(brainMask), bridge.ijk_to_ras_matrix(t1c), atol=1e-3)
         if not sameGrid:
-            raise ValueError(
-                f"Brain mask '{brainMask.GetName()}' ({'x'.join(map(str, maskDims))}) is not on the grid of T1c "
-                f"'{t1c.GetName()}' ({'x'.join(map(str, t1cDims))}); resample it onto the T1c "
-                "(Resample Image (BRAINS) with the T1c as reference) or clear the selector to let HD-BET compute one."
-            )
+            raise ValueError(_(
+                "Brain mask '{mask}' ({maskSize}) is not on the grid of T1c '{t1c}' ({t1cSize}); resample it onto the "
+                "T1c (Resample Image (BRAINS) with the T1c as reference) or clear the selector to let HD-BET compute one."
+            ).format(mask=brainMask.GetName(), maskSize="x".join(map(str, maskDims)), t1c=t1c.GetName(),
+                     t1cSize="x".join(map(str, t1cDims))))
 
     def startAmplify(self, t1, flair, adc, t1c, output=None, model: Optional[str] = None, quality: str = "paper",
                      device: str = "auto", precision: str = "auto", brainMask=None,
                      folds: Optional[Sequence[int]] = None, flips: Optional[int] = None,
                      threads: Optional[int] = None, workDir: Optional[Path] = None,
-                     installDependencies: bool = True) -> AmplifyJob:
+                     installDependencies: bool = True, showResult: bool = True) -> AmplifyJob:
         """Export the inputs and start ``contrast-amplifier predict`` in a child process; returns at once.
 
         Poll with :meth:`pollAmplify` (e.g. from a ``qt.QTimer``) until it returns True. No
-        output node is created or modified before the result file exists.
+        output node is created or modified before the result file exists. When the child cannot
+        be started, the exported images are deleted before the error is raised.
 
         Raises:
             ValueError: a missing, duplicate or mismatched input, or an invalid setting (named).
         """
+        bridge = _bridge()
         nodes = {"t1": t1, "flair": flair, "adc": adc, "t1c": t1c}
         self.validateInputs(nodes)
         self.validateBrainMask(brainMask, t1c)
         if output is not None and output.GetID() in {n.GetID() for n in nodes.values()}:
-            raise ValueError(f"Output volume '{output.GetName()}' is one of the inputs; choose 'Create new volume' "
-                             "or another volume in T1c-pro output.")
+            raise ValueError(_("Output volume '{name}' is one of the inputs; choose 'Create new volume' or another "
+                               "volume in T1c-pro output.").format(name=output.GetName()))
         if installDependencies:
             self.ensureDependencies()
         chosenFolds, chosenFlips = self.ensembleChoice(quality, model, folds, flips)
-        folder = Path(workDir) if workDir is not None else mrml_bridge.ExchangeFolder.create(parent=self._temporaryParent()).path
-        try:
+        folder = Path(workDir) if workDir is not None else bridge.ExchangeFolder.create(parent=self._temporaryParent()).path
+        try:  # exported patient images never outlive a child that did not start
             # NRRD keeps the T1c geometry in double precision, so T1c-pro lands exactly on its grid.
-            files = mrml_bridge.export_volume_nodes(nodes, folder / "case", suffix=".nrrd")
+            files = bridge.export_volume_nodes(nodes, folder / "case", suffix=".nrrd")
             maskFile = None
             if brainMask is not None:
-                maskFile = mrml_bridge.export_volume_node(brainMask, folder / "case" / "brain_mask.nrrd")
+                maskFile = bridge.export_volume_node(brainMask, folder / "case" / "brain_mask.nrrd")
             outputPath = folder / "result" / "t1c_pro.nrrd"
             outputPath.parent.mkdir(parents=True, exist_ok=True)
             command = self.predictCommand(files, outputPath, model=model or None, folds=chosenFolds, flips=chosenFlips,
@@ -566,10 +822,39 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             logging.info("Contrast Amplifier: running %s", " ".join(command))
             child = process.BackgroundProcess(command, env=process.child_environment(self._childEnv(device))).start()
         except BaseException:
-            mrml_bridge.ExchangeFolder(folder).cleanup()
+            bridge.ExchangeFolder(folder).cleanup()
             raise
         return AmplifyJob(process=child, workDir=folder, outDir=outputPath.parent, referenceName=t1c.GetName(),
-                          outputPath=outputPath, t1cNode=t1c, outputNode=output, command=command)
+                          outputPath=outputPath, t1cNode=t1c, outputNode=output, command=command, showResult=showResult)
+
+    def startAmplifyFromParameters(self, parameterNode=None, **options) -> AmplifyJob:
+        """:meth:`startAmplify` with the panel's choices (what Apply runs); ``options`` go to it.
+
+        The output is the chosen T1c-pro volume, or - the selector on "Create new volume" - a new
+        ``"<T1c name> T1c-pro"`` volume. :meth:`finishAmplify` puts the selector back to "Create new
+        volume", so each Apply (each patient) gets its own volume unless the user picks one again.
+        """
+        parameters = self._parameters(parameterNode)
+        nodes = self.inputNodes(parameters)
+        return self.startAmplify(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"],
+                                 output=parameters.OutputVolume, model=parameters.Model or None,
+                                 quality=parameters.Quality, device=parameters.Device, precision=parameters.Precision,
+                                 brainMask=parameters.InputBrainMask, **options)
+
+    def finishAmplify(self, job: AmplifyJob, parameterNode=None):
+        """The end of an Apply: load the result (:meth:`pollAmplify`), then reset the output choice.
+
+        On success the parameter node's OutputVolume goes back to ``None`` ("Create new volume"):
+        the next Apply, usually on another patient, makes its own ``"<T1c name> T1c-pro"`` volume
+        instead of overwriting this one.
+
+        Returns:
+            The T1c-pro node, or ``None`` (``job.error`` says why).
+        """
+        self.pollAmplify(job)
+        if job.result is not None and parameterNode is not None:
+            self._parameters(parameterNode).OutputVolume = None
+        return job.result
 
     def resultName(self, t1c) -> str:
         """``"<T1c name> T1c-pro"``."""
@@ -579,19 +864,30 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         """Load T1c-pro of a finished job into ``job.outputNode`` or a new node ``"<T1c name> T1c-pro"``.
 
         The file is on the T1c's grid in world (RAS) coordinates, so the node gets no parent
-        transform; its geometry equals the T1c's.
+        transform; its geometry equals the T1c's. The node joins the T1c's study in the subject
+        hierarchy, and (``job.showResult``) is shown next to the T1c (:meth:`showSideBySide`).
+        A new node's name is made unique when that T1c already has a T1c-pro.
 
         Raises:
             process.ProcessCancelled: the job was cancelled (nothing is created).
             process.ProcessError: the command line failed; the message is its own error text.
         """
         job.process.raise_for_state()
-        name = job.outputNode.GetName() if job.outputNode is not None else self.resultName(job.t1cNode)
-        node = mrml_bridge.import_volume_file(job.outputPath, name, scene=job.t1cNode.GetScene(), node=job.outputNode)
+        scene = job.t1cNode.GetScene()
+        if job.outputNode is not None:
+            name = job.outputNode.GetName()
+        else:
+            name = self.resultName(job.t1cNode)
+            if scene is not None and scene.GetFirstNodeByName(name) is not None:
+                name = scene.GenerateUniqueName(name)
+        node = _bridge().import_volume_file(job.outputPath, name, scene=scene, node=job.outputNode)
         if node.GetParentTransformNode() is not None:
             node.SetAndObserveTransformNodeID(None)
         node.SetAttribute("ContrastAmplifier.Source", job.t1cNode.GetID())
         node.SetAttribute("ContrastAmplifier.Command", " ".join(job.command[3:]))
+        self.placeInStudyOf(node, job.t1cNode)
+        if job.showResult:
+            self.showSideBySide(job.t1cNode, node)
         job.result = node
         return node
 
@@ -635,7 +931,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                 device: str = "auto", precision: str = "auto", synchronous: bool = True,
                 progress: Optional[Callable] = None, brainMask=None,
                 folds: Optional[Sequence[int]] = None, flips: Optional[int] = None, threads: Optional[int] = None,
-                cancel=None, timeout: Optional[float] = None, installDependencies: bool = True):
+                cancel=None, timeout: Optional[float] = None, installDependencies: bool = True,
+                showResult: bool = True):
         """Amplify the contrast of one case: T1, T2-FLAIR, ADC and T1c nodes in, T1c-pro node out.
 
         Runs ``contrast-amplifier predict`` in a child process (Slicer's GUI and Python stay
@@ -659,6 +956,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             cancel: a :class:`ContrastAmplifierCommon.progress.CancelToken` checked while waiting (synchronous only).
             timeout: seconds before a synchronous run is cancelled and ``TimeoutError`` raised.
             installDependencies: install missing Python packages first (asks in the GUI).
+            showResult: show T1c-pro next to the T1c, linked, with its window/level (:meth:`showSideBySide`).
 
         Returns:
             The T1c-pro volume node (synchronous) or the :class:`AmplifyJob` (asynchronous).
@@ -672,7 +970,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
 
         job = self.startAmplify(t1, flair, adc, t1c, output=output, model=model, quality=quality, device=device,
                                 precision=precision, brainMask=brainMask, folds=folds, flips=flips, threads=threads,
-                                installDependencies=installDependencies)
+                                installDependencies=installDependencies, showResult=showResult)
         job.process.on_progress = progress
         if not synchronous:
             return job
@@ -684,8 +982,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     self.cancelJob(job, wait=True)
-                    raise TimeoutError(f"Contrast amplification ran past {timeout} s and was stopped; "
-                                       "choose a quicker quality or a GPU device.")
+                    raise TimeoutError(_("Contrast amplification ran past {seconds} s and was stopped; choose a quicker "
+                                         "quality or a GPU device.").format(seconds=timeout))
                 time.sleep(0.1)
         except BaseException:
             self.cancelJob(job, wait=True)
@@ -693,36 +991,122 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             raise
         if job.result is None:
             job.process.raise_for_state()  # the command line's own message (or "Cancelled by the user.")
-            raise process.ProcessError(job.error or "Contrast amplification produced no result; see the log.")
+            raise process.ProcessError(job.error or _("Contrast amplification produced no result; see the log."))
         return job.result
 
-    def showSideBySide(self, t1c, t1cPro) -> None:
-        """Show T1c (left) and T1c-pro (right) in the side-by-side layout, linked, with the same window.
+    # -- showing the result ------------------------------------------------------------------
 
-        Does nothing without the Slicer application's views (batch mode, tests).
+    @staticmethod
+    def placeInStudyOf(node, reference) -> None:
+        """Put ``node`` in the subject hierarchy under ``reference``'s parent item (the T1c's study).
+
+        Nothing happens when ``reference`` has no subject-hierarchy item.
         """
+        scene = reference.GetScene()
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene) if scene is not None else None
+        if shNode is None:
+            return
+        referenceItem = shNode.GetItemByDataNode(reference)
+        if not referenceItem:
+            return
+        parentItem = shNode.GetItemParent(referenceItem)
+        item = shNode.GetItemByDataNode(node)
+        if item:
+            shNode.SetItemParent(item, parentItem)
+        else:
+            shNode.CreateItem(parentItem, node)
+
+    @staticmethod
+    def _sliceCompositeNode(scene, layoutName: str):
+        """The slice-composite node of the view ``layoutName`` ("Red", "Yellow", ...), or ``None``."""
+        nodes = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        nodes.UnRegister(scene)  # GetNodesByClass hands over a reference (as slicer.util.getNodesByClass does)
+        for index in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(index)
+            if node.GetLayoutName() == layoutName:
+                return node
+        return None
+
+    def showSideBySide(self, t1c, t1cPro) -> None:
+        """Show T1c (left) and T1c-pro (right) side by side, linked, T1c-pro with the T1c's window/level.
+
+        Works on the scene's layout and slice-composite nodes (present in the application; absent
+        in batch mode, where only the window/level is copied); views are fitted when the
+        application's layout manager is there.
+        """
+        # T1c-pro is on the T1c's intensity scale: the same window shows the gain in enhancement.
+        source, target = t1c.GetDisplayNode(), t1cPro.GetDisplayNode()
+        if source is not None and target is not None:
+            target.SetAutoWindowLevel(False)
+            target.SetWindowLevel(source.GetWindow(), source.GetLevel())
+        scene = t1c.GetScene()
+        if scene is None:
+            return
+        layoutNode = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+        if layoutNode is not None:
+            layoutNode.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
         app = getattr(slicer, "app", None)
         layoutManager = app.layoutManager() if app is not None and hasattr(app, "layoutManager") else None
-        if layoutManager is None:
-            return
-        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
         for viewName, volume in (("Red", t1c), ("Yellow", t1cPro)):
-            sliceWidget = layoutManager.sliceWidget(viewName)
-            if sliceWidget is None:
+            compositeNode = self._sliceCompositeNode(scene, viewName)
+            if compositeNode is None:
                 continue
-            compositeNode = sliceWidget.mrmlSliceCompositeNode()
             compositeNode.SetBackgroundVolumeID(volume.GetID())
             compositeNode.SetForegroundVolumeID(None)
             compositeNode.SetLabelVolumeID(None)
             # Linked after the volumes are set (programmatic changes are not broadcast), so
             # browsing, zooming and panning one view moves the other.
             compositeNode.SetLinkedControl(True)
-            sliceWidget.sliceLogic().FitSliceToAll()
-        # T1c-pro is on the T1c's intensity scale: the same window shows the gain in enhancement.
-        source, target = t1c.GetDisplayNode(), t1cPro.GetDisplayNode()
-        if source is not None and target is not None:
-            target.SetAutoWindowLevel(False)
-            target.SetWindowLevel(source.GetWindow(), source.GetLevel())
+            sliceWidget = layoutManager.sliceWidget(viewName) if layoutManager is not None else None
+            if sliceWidget is not None:
+                sliceWidget.sliceLogic().FitSliceToAll()
+
+    # -- sample data ---------------------------------------------------------------------------
+
+    def loadPhantomSample(self, seed: int = PHANTOM_SEED, spacing: float = PHANTOM_SPACING_MM, scene=None,
+                          installDependencies: bool = True, selectInputs: bool = True) -> Dict[str, object]:
+        """Generate a synthetic phantom case and load it: T1, T2-FLAIR, ADC, T1c and the 4x-dose T1c truth.
+
+        SYNTHETIC, NOT CLINICAL DATA (ContrastAmplifierLib.phantom): lets anyone try the module
+        without their own MRI. The files are generated in a temporary folder, loaded as volumes
+        "Phantom <sequence>" in one study of the subject hierarchy ("Synthetic phantom <seed>"),
+        and the folder is deleted. With ``selectInputs`` the four inputs are selected in the
+        module's parameter node.
+
+        Returns:
+            file stem (t1, flair, adc, t1c, t1c_x4) -> volume node.
+        """
+        if installDependencies:
+            self.ensureDependencies()
+        from ContrastAmplifierLib.phantom import generate_case
+
+        bridge = _bridge()
+        scene = scene if scene is not None else slicer.mrmlScene
+        folder = bridge.ExchangeFolder.create(prefix="ContrastAmplifierPhantom-", parent=self._temporaryParent())
+        try:
+            generate_case(folder.path / "case", seed=seed, spacing=spacing)
+            nodes = {stem: bridge.import_volume_file(folder.path / "case" / f"{stem}.nii.gz", f"Phantom {label}", scene=scene)
+                     for stem, label in self.PHANTOM_VOLUMES.items()}
+        finally:
+            folder.cleanup()
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+        if shNode is not None:
+            subject = shNode.CreateSubjectItem(shNode.GetSceneItemID(), _("Synthetic phantom {seed}").format(seed=seed))
+            study = shNode.CreateStudyItem(subject, _("Contrast Amplifier sample ({spacing:g} mm, not clinical data)").format(
+                spacing=spacing))
+            for node in nodes.values():
+                item = shNode.GetItemByDataNode(node)
+                if item:
+                    shNode.SetItemParent(item, study)
+                else:
+                    shNode.CreateItem(study, node)
+        for node in nodes.values():
+            node.SetAttribute("ContrastAmplifier.Synthetic", "phantom seed {}".format(seed))
+        if selectInputs:
+            parameters = self.getParameterNode()
+            for stem, (ref, _label) in self.INPUTS.items():
+                setattr(parameters, ref, nodes[stem])
+        return nodes
 
     @staticmethod
     def resolvePreprocessDevice(device: str) -> str:
@@ -743,7 +1127,6 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             except Exception:
                 return "cpu"
         return "cuda" if shutil.which("nvidia-smi") else "cpu"
-
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -772,18 +1155,9 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
 #
 
 
-def _parameterWidgets(uiWidget) -> list:
-    """(widget, parameter name) pairs: every widget whose .ui entry has a SlicerParameterName property."""
-    pairs = []
-    for widget in slicer.util.findChildren(uiWidget):
-        name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
-        if name:
-            pairs.append((widget, str(name)))
-    return pairs
-
-
 class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI: binds the .ui to the parameter node, runs jobs in the background, Apply turns into Cancel.
+    """GUI (Slicer 5.8 scripted-module template): the .ui is bound to the typed parameter node with
+    ``connectGui``; jobs run in the background and Apply turns into Cancel.
 
     One child process at a time (amplification or preprocessing); a ``qt.QTimer`` polls it, so
     the GUI never waits. The widget holds no algorithm: it reads the parameter node and calls
@@ -791,47 +1165,58 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     """
 
     TIMER_INTERVAL_MS = 200
-    APPLY_TEXT = "Apply"
-    PREPROCESS_TEXT = "Preprocess (QC)"
 
     def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
         ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
         self.logic: Optional[ContrastAmplifierLogic] = None
-        self._parameterNode = None
-        self._updatingGUIFromParameterNode = False
+        self._parameterNode: Optional[ContrastAmplifierParameterNode] = None
+        self._parameterNodeGuiTag = None
         self._job: Optional[BackgroundJob] = None
         self._timer = None
         self._models: list = []
+        self._fillingModels = False
+        self._warnings: List[str] = []
 
     def setup(self) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
         import qt
 
         ScriptedLoadableModuleWidget.setup(self)
+
+        # Load widget from .ui file (created by Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/ContrastAmplifier.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+
+        # Set scene in MRML widgets ("mrmlSceneChanged(vtkMRMLScene*)" is connected to each selector's setMRMLScene in the .ui).
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = ContrastAmplifierLogic()
-        self.logic.confirmInstall = lambda message: slicer.util.confirmOkCancelDisplay(message, "Install Python packages")
-        self.refreshModels()
-        self.parameterEditWidgets = _parameterWidgets(uiWidget)
+        self.logic.confirmInstall = lambda message: slicer.util.confirmOkCancelDisplay(message, _("Install Python packages"))
 
+        # These connections ensure that we update parameter node when scene is closed
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        slicer.util.addParameterEditWidgetConnections(self.parameterEditWidgets, self.updateParameterNodeFromGUI)
+
+        # Buttons (every parameter widget is bound by connectGui in setParameterNode, except the model selector)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.preprocessButton.connect("clicked(bool)", self.onPreprocessButton)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.addModelButton.connect("clicked(bool)", self.onAddModelButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(self.TIMER_INTERVAL_MS)
         self._timer.connect("timeout()", self.onTimer)
         self.ui.progressBar.hide()
+
+        # Make sure parameter node is initialized (needed for module reload)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
         if self._job is not None and self._job.process.running:
             self.logic.cancelJob(self._job, wait=True)
         self.logic.discardJobFiles(self._job)
@@ -840,55 +1225,60 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.removeObservers()
 
     def enter(self) -> None:
+        """Called each time the user opens this module."""
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode is not None:
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        """Called each time the user opens a different module."""
+        # Do not react to parameter node changes (GUI will be updated when the user enters into the module)
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        """Ensure parameter node exists and observed; choose the default model if none is chosen yet."""
         self.setParameterNode(self.logic.getParameterNode())
+        self.refreshModels()
+        if not self._parameterNode.Model and self._models:
+            try:
+                default = self.logic.defaultModelName()
+            except ValueError as exc:  # the chosen default is gone: say so, do not pick another
+                default = None
+                self.ui.modelInfoLabel.text = str(exc)
+            if default:
+                self._parameterNode.Model = default
 
-    def setParameterNode(self, parameterNode) -> None:
-        if parameterNode is not None:
-            self.logic.setDefaultParameters(parameterNode)
-            if not parameterNode.GetParameter("Model") and self._models:
-                try:
-                    default = self.logic.defaultModelName()
-                except ValueError as exc:  # the chosen default is gone: say so, do not pick another
-                    default = None
-                    self.ui.modelInfoLabel.text = str(exc)
-                if default:
-                    parameterNode.SetParameter("Model", default)
-        if self._parameterNode is not None:
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self._parameterNode = parameterNode
-        if self._parameterNode is not None:
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self.updateGUIFromParameterNode()
+    def setParameterNode(self, inputParameterNode: Optional[ContrastAmplifierParameterNode]) -> None:
+        """Set and observe parameter node.
 
-    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
-        if self._parameterNode is None or self._updatingGUIFromParameterNode:
-            return
-        self._updatingGUIFromParameterNode = True
-        slicer.util.updateParameterEditWidgetsFromNode(self.parameterEditWidgets, self._parameterNode)
+        Observation is needed because when the parameter node is changed then the GUI must be updated immediately.
+        """
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Note: in the .ui file, a Qt dynamic property called "SlicerParameterName" is set on each
+            # ui element that needs connection.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        """Parameter node changed: model selector, descriptions and the two buttons follow it."""
+        self._showChosenModel()
         self._updateDescriptions()
         self._updateButtons()
-        self._updatingGUIFromParameterNode = False
-
-    def updateParameterNodeFromGUI(self, caller=None, event=None) -> None:
-        if self._parameterNode is None or self._updatingGUIFromParameterNode:
-            return
-        wasModified = self._parameterNode.StartModify()
-        slicer.util.updateNodeFromParameterEditWidgets(self.parameterEditWidgets, self._parameterNode)
-        self._parameterNode.EndModify(wasModified)
 
     # -- model list and descriptions ---------------------------------------------------------
 
@@ -898,156 +1288,181 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
         self._models = self.logic.availableModels()
         combo = self.ui.modelComboBox
-        wasBlocked = combo.blockSignals(True)
-        current = self._parameterNode.GetParameter("Model") if self._parameterNode is not None else ""
-        combo.clear()
-        for entry in self._models:
-            combo.addItem(entry.name)
-            combo.setItemData(combo.count - 1, self.logic.modelSummary(entry), qt.Qt.ToolTipRole)
-        if current:
-            combo.setCurrentText(current)
-        combo.blockSignals(wasBlocked)
-        self._updateDescriptions()
-        self._updateButtons()
+        self._fillingModels = True
+        try:
+            combo.clear()
+            for entry in self._models:
+                combo.addItem(entry.name)
+                combo.setItemData(combo.count - 1, self.logic.modelSummary(entry), qt.Qt.ToolTipRole)
+        finally:
+            self._fillingModels = False
+        self._checkCanApply()
+
+    def _showChosenModel(self) -> None:
+        combo = self.ui.modelComboBox
+        name = self._parameterNode.Model if self._parameterNode else ""
+        index = combo.findText(name) if name else -1
+        if combo.currentIndex != index:
+            self._fillingModels = True
+            try:
+                combo.setCurrentIndex(index)
+            finally:
+                self._fillingModels = False
+
+    def onModelSelected(self, index: int) -> None:
+        if self._fillingModels or self._parameterNode is None or index < 0:
+            return
+        self._parameterNode.Model = self.ui.modelComboBox.itemText(index)
+
+    def onAddModelButton(self) -> None:
+        """Add model: pick a bundle's bundle.json or a .zip; every file is checked before it is installed."""
+        import qt
+
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Add a model bundle (its bundle.json, or a .zip of the bundle folder)"), "",
+            _("Model bundle (bundle.json *.zip);;All files (*)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The model could not be added."), waitCursor=True):
+            entry, message = self.logic.addModel(
+                path, confirmReplace=lambda question: slicer.util.confirmYesNoDisplay(question, _("Add model")))
+        if entry is None:
+            slicer.util.errorDisplay(message, windowTitle=_("Add model"))
+            return
+        self.refreshModels()
+        if self._parameterNode is not None:
+            self._parameterNode.Model = entry.name
+        self.ui.statusLabel.text = message
 
     def _updateDescriptions(self) -> None:
         pn = self._parameterNode
-        name = pn.GetParameter("Model") if pn is not None else ""
+        name = pn.Model if pn is not None else ""
         entry = next((e for e in self._models if e.name == name), None)
         if entry is None and self._models:
-            self.ui.modelInfoLabel.text = ("Choose a model in Model (no default model is available; "
-                                           "'contrast-amplifier models list' shows which is set).")
+            self.ui.modelInfoLabel.text = _("Choose a model in Model.")
+            self.ui.modelInfoLabel.toolTip = ""
         elif entry is None:
-            self.ui.modelInfoLabel.text = ("No model bundle installed. Import one with "
-                                           "'contrast-amplifier models import BUNDLE_DIR_OR_ZIP', then press Refresh.")
+            self.ui.modelInfoLabel.text = _("No model bundle installed: press Add model and choose a bundle's "
+                                            "bundle.json or a .zip of a bundle.")
+            self.ui.modelInfoLabel.toolTip = ""
         else:
-            self.ui.modelInfoLabel.text = f"{entry.description} Intended use: {entry.intended_use or 'not stated'}."
-            self.ui.modelInfoLabel.toolTip = str(entry.path)
+            self.ui.modelInfoLabel.text = self.logic.modelInfo(entry)
+            self.ui.modelInfoLabel.toolTip = f"{entry.description}\n{entry.path}"
         try:
-            preset = self.logic.qualityPreset(pn.GetParameter("Quality") if pn is not None else "paper")
+            preset = self.logic.qualityPreset(pn.Quality if pn is not None else "paper")
             self.ui.qualityInfoLabel.text = preset.summary
         except ValueError as exc:
             self.ui.qualityInfoLabel.text = str(exc)
 
     def _missingInputs(self) -> List[str]:
         pn = self._parameterNode
-        return [label for stem, (ref, label) in self.logic.INPUTS.items() if pn is None or pn.GetNodeReference(ref) is None]
+        return [label for ref, label in self.logic.INPUTS.values() if pn is None or getattr(pn, ref) is None]
 
     def _updateButtons(self) -> None:
         running = self._job is not None and self._job.process.running
         amplifying = running and isinstance(self._job, AmplifyJob)
-        missing = self._missingInputs()
+        missing = ", ".join(self._missingInputs())
         # Apply
         if amplifying:
-            self.ui.applyButton.text = "Cancel"
-            self.ui.applyButton.toolTip = "Stop the amplification; no output volume or file is left."
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the amplification; no output volume or file is left.")
             self.ui.applyButton.enabled = True
         else:
-            self.ui.applyButton.text = self.APPLY_TEXT
+            self.ui.applyButton.text = _("Apply")
             self.ui.applyButton.enabled = not running and not missing and bool(self._models)
             self.ui.applyButton.toolTip = (
-                "Wait for preprocessing to finish (or cancel it)." if running
-                else f"Select the {', '.join(missing)} volume(s) first." if missing
-                else "Import a model bundle first (see the Model line)." if not self._models
-                else "Compute T1c-pro in a background process and show it next to the T1c."
+                _("Wait for preprocessing to finish (or cancel it).") if running
+                else _("Select the {volumes} volume(s) first.").format(volumes=missing) if missing
+                else _("Add a model bundle first (Add model).") if not self._models
+                else _("Compute T1c-pro in a background process and show it next to the T1c.")
             )
         # Preprocess (QC)
         if running and not amplifying:
-            self.ui.preprocessButton.text = "Cancel"
-            self.ui.preprocessButton.toolTip = "Stop the preprocessing child process."
+            self.ui.preprocessButton.text = _("Cancel")
+            self.ui.preprocessButton.toolTip = _("Stop the preprocessing child process.")
             self.ui.preprocessButton.enabled = True
             return
-        self.ui.preprocessButton.text = self.PREPROCESS_TEXT
+        self.ui.preprocessButton.text = _("Preprocess (QC)")
         self.ui.preprocessButton.enabled = not running and not missing
         self.ui.preprocessButton.toolTip = (
-            "Wait for the amplification to finish (or cancel it)." if running
-            else f"Select the {', '.join(missing)} volume(s) first." if missing
-            else "Skull-strip, register to the ICBM 2009a atlas, crop and normalise the four inputs with the chosen "
-                 "model's geometry, in a background process."
+            _("Wait for the amplification to finish (or cancel it).") if running
+            else _("Select the {volumes} volume(s) first.").format(volumes=missing) if missing
+            else _("Skull-strip, register to the ICBM 2009a atlas, crop and normalise the four inputs with the chosen "
+                   "model's geometry, in a background process.")
         )
 
     # -- amplification in the background -----------------------------------------------------
 
     def onApplyButton(self) -> None:
+        """Run processing when user clicks "Apply" button (or cancel the running one)."""
         if self._job is not None and self._job.process.running:
             self.logic.cancelJob(self._job)  # the timer sees the end and removes the files
-            self.ui.statusLabel.text = "Cancelling..."
+            self.ui.statusLabel.text = _("Cancelling...")
             return
-        pn = self._parameterNode
-        nodes = self.logic.inputNodes(pn)
         self.logic.discardJobFiles(self._job)
         try:
-            with slicer.util.tryWithErrorDisplay("Contrast amplification could not start.", waitCursor=True):
-                self._job = self.logic.process(
-                    nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"],
-                    output=pn.GetNodeReference("OutputVolume"), model=pn.GetParameter("Model") or None,
-                    quality=pn.GetParameter("Quality"), device=pn.GetParameter("Device"),
-                    precision=pn.GetParameter("Precision"), brainMask=pn.GetNodeReference("InputBrainMask"),
-                    synchronous=False,
-                )
-                self._startProgress("Amplification started...")
+            with slicer.util.tryWithErrorDisplay(_("Contrast amplification could not start."), waitCursor=True):
+                self._job = self.logic.startAmplifyFromParameters(self._parameterNode)
+                self._startProgress(_("Amplification started..."))
         except Exception as exc:  # already shown to the user by tryWithErrorDisplay
-            self.ui.statusLabel.text = f"Not started: {exc}"
+            self.ui.statusLabel.text = _("Not started: {error}").format(error=exc)
         finally:
             self._updateButtons()
 
     def _finishAmplify(self, job: AmplifyJob) -> None:
-        self.logic.pollAmplify(job)  # loads the result (or records the error) and removes the files
-        if job.result is not None:
-            self._parameterNode.SetNodeReferenceID("OutputVolume", job.result.GetID())
-            self.logic.showSideBySide(job.t1cNode, job.result)
+        # loads the result into the T1c's study, shows it beside the T1c, removes the files, and puts
+        # the output selector back to "Create new volume" for the next Apply
+        result = self.logic.finishAmplify(job, self._parameterNode)
+        if result is not None:
             seconds = (job.process.finished_at or 0.0) - (job.process.started_at or 0.0)
-            self.ui.statusLabel.text = f"Done in {seconds:.0f} s: '{job.result.GetName()}' (right) next to the T1c (left)."
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s: '{name}' (right) next to the T1c (left).").format(
+                seconds=seconds, name=result.GetName())
         elif job.process.state is process.ProcessState.CANCELLED:
-            self.ui.statusLabel.text = "Cancelled; no output volume or file was created."
+            self.ui.statusLabel.text = _("Cancelled; no output volume or file was created.")
         else:
-            self.ui.statusLabel.text = f"Failed: {job.error}"
-            slicer.util.errorDisplay(f"Contrast amplification failed:\n{job.error}", detailedText=job.process.stderr_text)
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=job.error)
+            slicer.util.errorDisplay(_("Contrast amplification failed:\n{error}").format(error=job.error),
+                                     detailedText=job.process.stderr_text)
 
     # -- preprocessing in the background -----------------------------------------------------
 
     def onPreprocessButton(self) -> None:
         if self._job is not None and self._job.process.running:
             self.logic.cancelJob(self._job)
-            self.ui.statusLabel.text = "Cancelling..."
+            self.ui.statusLabel.text = _("Cancelling...")
             return
-        pn = self._parameterNode
-        nodes = self.logic.inputNodes(pn)
         self.logic.discardJobFiles(self._job)  # the previous run's files (its results are in the scene)
         try:
-            with slicer.util.tryWithErrorDisplay("Preprocessing could not start.", waitCursor=True):
-                self._job = self.logic.startPreprocess(
-                    nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"],
-                    device=pn.GetParameter("Device"), skullStripMode=pn.GetParameter("SkullStripMode"),
-                    qualityControl=pn.GetParameter("QualityControl") == "true", model=pn.GetParameter("Model") or None,
-                )
+            with slicer.util.tryWithErrorDisplay(_("Preprocessing could not start."), waitCursor=True):
+                self._job = self.logic.startPreprocessFromParameters(self._parameterNode)
                 self.ui.qcImageLabel.clear()
-                self._startProgress("Preprocessing started...")
+                self._startProgress(_("Preprocessing started..."))
         except Exception as exc:  # already shown to the user by tryWithErrorDisplay
-            self.ui.statusLabel.text = f"Not started: {exc}"
+            self.ui.statusLabel.text = _("Not started: {error}").format(error=exc)
         finally:
             self._updateButtons()
 
     def _finishPreprocess(self, job: BackgroundJob) -> None:
         if job.process.state is process.ProcessState.CANCELLED:
-            self.ui.statusLabel.text = "Cancelled; nothing was loaded."
+            self.ui.statusLabel.text = _("Cancelled; nothing was loaded.")
             self.logic.discardJobFiles(job)
             return
         try:
-            with slicer.util.tryWithErrorDisplay("Preprocessing failed.", waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(_("Preprocessing failed."), waitCursor=True):
                 nodes = self.logic.loadPreprocessResults(job)
                 slicer.util.setSliceViewerLayers(background=nodes["t1c"], fit=True)
-                self.ui.statusLabel.text = f"Done: {len(nodes)} volumes loaded (files in {job.outDir})."
+                self.ui.statusLabel.text = _("Done: {count} volumes loaded (files in {folder}).").format(
+                    count=len(nodes), folder=job.outDir)
                 qcPath = self.logic.qualityControlImage(job)
                 if qcPath is not None:
                     self._showQualityControl(qcPath)
         except Exception as exc:  # already shown to the user by tryWithErrorDisplay
-            self.ui.statusLabel.text = f"Failed: {exc}"
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=exc)
 
     # -- shared: progress polling --------------------------------------------------------------
 
     def _startProgress(self, text: str) -> None:
-        self._warnings: List[str] = []  # plausibility warnings of this run, shown when it ends
+        self._warnings = []  # plausibility warnings of this run, shown when it ends
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
         self.ui.statusLabel.text = text
@@ -1074,9 +1489,10 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self._finishPreprocess(job)
         finally:
             self._updateButtons()
-        if getattr(self, "_warnings", None):
-            slicer.util.warningDisplay("The inputs look implausible; check them before reading the result:\n\n- "
-                                       + "\n- ".join(self._warnings), windowTitle="Contrast Amplifier: plausibility warnings")
+        if self._warnings:
+            slicer.util.warningDisplay(
+                _("The inputs look implausible; check them before reading the result:") + "\n\n- " + "\n- ".join(self._warnings),
+                windowTitle=_("Contrast Amplifier: plausibility warnings"))
 
     def _showQualityControl(self, path: Path) -> None:
         import qt
@@ -1109,15 +1525,16 @@ class ContrastAmplifierTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SimpleITK as sitk
 
+        bridge = _bridge()
         image = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6))
         image.SetSpacing((0.8, 1.1, 3.0))
         image.SetOrigin((10.0, -20.0, 5.0))
         image.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
-        node = mrml_bridge.add_volume_node_from_sitk(image, "ContrastAmplifierTest", scene=slicer.mrmlScene)
+        node = bridge.add_volume_node_from_sitk(image, "ContrastAmplifierTest", scene=slicer.mrmlScene)
         with tempfile.TemporaryDirectory() as folder:
-            path = mrml_bridge.export_volume_node(node, Path(folder) / "t1c.nrrd")
-            back = mrml_bridge.import_volume_file(path, "ContrastAmplifierTest back", scene=slicer.mrmlScene)
-        np.testing.assert_allclose(mrml_bridge.ijk_to_ras_matrix(back), mrml_bridge.ijk_to_ras_matrix(node), atol=1e-9)
+            path = bridge.export_volume_node(node, Path(folder) / "t1c.nrrd")
+            back = bridge.import_volume_file(path, "ContrastAmplifierTest back", scene=slicer.mrmlScene)
+        np.testing.assert_allclose(bridge.ijk_to_ras_matrix(back), bridge.ijk_to_ras_matrix(node), atol=1e-9)
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(back), slicer.util.arrayFromVolume(node)))
 
     def test_MissingInputIsNamed(self) -> None:

@@ -4,7 +4,8 @@ A bundle holds everything inference needs (nnU-Net style "plans next to the weig
 input modalities and their order, the geometry (atlas spacing, crop size, normalisation
 percentiles: DESIGN.md "Geometry is data"), the network hyper-parameters, the folds and the
 SHA-256 of each weight file. :func:`read_manifest` reads and validates ``bundle.json`` alone,
-without torch (the Slicer GUI uses it). A bundle is checked in full before anything uses it
+without torch (but with jsonschema, which Slicer does not ship: the Slicer panel describes bundles
+with :func:`.registry.read_entry`, plain JSON). A bundle is checked in full before anything uses it
 (import, ``models verify``, :func:`load_bundle`, hence ``predict`` before its preprocessing):
 
 * ``bundle.json`` against ``bundle-schema.json`` (a JSON Schema shipped beside this module:
@@ -364,8 +365,9 @@ def manifest_path_of(path: PathLike) -> Path:
 def read_manifest(path: PathLike) -> dict[str, Any]:
     """Read and validate a bundle's ``bundle.json`` (schema and cross-field rules); no weight file is read.
 
-    Cheap and torch-free (the Slicer GUI reads folds and geometry with it); :func:`load_bundle`
-    adds the weight checks.
+    Cheap and torch-free, but needs jsonschema (a first-use package in Slicer; the panel reads
+    folds and geometry with :func:`.registry.read_entry` instead); :func:`load_bundle` adds the
+    weight checks.
 
     Args:
         path: the bundle folder or its ``bundle.json``.

@@ -282,7 +282,7 @@ def bench(
 @app.command("demo-model")
 def demo_model(
     work_dir: Path = typer.Argument(Path("build/demo-model"), help="Working folder (phantoms, cache, run); reused to resume."),
-    bundle_dir: Path = typer.Option(Path("Resources/Models/phantom-demo"), "--bundle-dir", help="Where the demo bundle is written."),
+    bundle_dir: Path = typer.Option(Path("ContrastAmplifier/Resources/Models/phantom-demo"), "--bundle-dir", help="Where the demo bundle is written."),
     cases: int = typer.Option(20, "--cases", min=5, help="Training phantom cases."),
     eval_cases: int = typer.Option(4, "--eval-cases", min=1, help="Held-out phantom cases for the evaluation."),
     spacing: float = typer.Option(3.0, "--spacing", help="Atlas spacing in mm (phantoms are generated at this spacing too)."),

@@ -1,4 +1,4 @@
-"""Reproduce the bundled demo ensemble ``Resources/Models/phantom-demo`` (synthetic phantoms only).
+"""Reproduce the bundled demo ensemble ``ContrastAmplifier/Resources/Models/phantom-demo`` (synthetic phantoms only).
 
 The demo model exists so that ``make demo``, the Slicer module and the tests have real weights
 to run; it is trained on physics phantoms (``ContrastAmplifierLib.phantom``), at low resolution
@@ -10,7 +10,7 @@ Phantom seeds: training cases use ``TRAIN_SEED + i`` and the held-out evaluation
 
 Reproduce with::
 
-    contrast-amplifier-train demo-model build/demo-model --bundle-dir Resources/Models/phantom-demo
+    contrast-amplifier-train demo-model build/demo-model --bundle-dir ContrastAmplifier/Resources/Models/phantom-demo
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from ContrastAmplifierLib.registry import list_models
 @pytest.fixture(scope="module")
 def demo_bundle():
     shipped = [e for e in list_models() if e.source == "builtin" and e.name == "phantom-demo"]
-    assert shipped, "Resources/Models/phantom-demo must ship with the extension (see README: the demo model)"
+    assert shipped, "ContrastAmplifier/Resources/Models/phantom-demo must ship with the extension (see README: the demo model)"
     return load_bundle(shipped[0].path)  # hash-checked
 
 

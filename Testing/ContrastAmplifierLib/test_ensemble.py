@@ -156,7 +156,7 @@ def test_demo_bundle_on_cuda_matches_cpu_fp32():
     from ContrastAmplifierLib.bench_inference import _input_volume
     from ContrastAmplifierLib.bundle import load_bundle
 
-    bundle = load_bundle(Path(__file__).resolve().parents[2] / "Resources" / "Models" / "phantom-demo")
+    bundle = load_bundle(Path(__file__).resolve().parents[2] / "ContrastAmplifier" / "Resources" / "Models" / "phantom-demo")
     x = _input_volume(bundle.crop_size[::-1], bundle.network_config.in_channels, seed=3)
     reference = predict_ensemble(bundle.load_models(), x, 8, _cpu("exact"))
     flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)

@@ -85,7 +85,7 @@ def test_unknown_model_names_the_installed_ones(tmp_path, user_dir):
 
 def test_builtin_models_are_listed_from_the_registry_file():
     root = registry.builtin_models_dir()
-    assert root is not None, "Resources/Models/Models.json must ship with the extension"
+    assert root is not None, "ContrastAmplifier/Resources/Models/Models.json must ship with the extension"
     import jsonschema
 
     document = json.loads((root / registry.REGISTRY_FILE).read_text(encoding="utf-8"))
@@ -210,3 +210,123 @@ def test_set_default_refuses_unknown_or_bad_models_and_reads_a_broken_choice_fil
     registry.default_model_file().write_text("{not json", encoding="utf-8")
     with pytest.raises(BundleError, match=r"\.default\.json is unreadable .*delete it or choose one"):
         registry.default_model_name()
+
+
+# -- where the shipped and the user's bundles are found ----------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_models_are_the_module_resources_beside_the_lib():
+    """Slicer installs the module's resources next to ContrastAmplifierLib (qt-scripted-modules/Resources/...):
+    the registry looks exactly there, as it is in the source tree (ContrastAmplifier/Resources/Models)."""
+    root = registry.builtin_models_dir()
+    assert root == Path(registry.__file__).resolve().parent.parent / "Resources" / "Models"
+    assert root == REPO / "ContrastAmplifier" / "Resources" / "Models"
+    assert registry.shipped_default_name() == "phantom-demo"
+
+
+def _lib_copy_lists(tmp_path: Path, models_at: list) -> str:
+    """Copy ContrastAmplifierLib to tmp/lib/, put a shipped-models folder at each of ``models_at`` (relative to
+    tmp/), and return what builtin_models_dir() says there (in a child, the copy first on sys.path)."""
+    import os
+    import subprocess
+    import sys
+
+    shutil.copytree(Path(registry.__file__).parent, tmp_path / "lib" / "ContrastAmplifierLib",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for where in models_at:
+        shutil.copytree(registry.builtin_models_dir(), tmp_path / where, ignore=shutil.ignore_patterns("*.safetensors"))
+    code = "from ContrastAmplifierLib import registry; print(registry.__file__); print(registry.builtin_models_dir())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "lib")})
+    assert done.returncode == 0, done.stderr
+    module_file, found = done.stdout.split()
+    assert Path(module_file).parent == tmp_path / "lib" / "ContrastAmplifierLib"
+    return found
+
+
+def test_shipped_models_are_looked_for_beside_the_lib_only(tmp_path):
+    """No walk over the parent folders: a Resources/Models higher up (the old top-level layout, or any
+    folder above an installed extension) is not the extension's."""
+    assert _lib_copy_lists(tmp_path, ["Resources/Models"]) == "None"
+    assert _lib_copy_lists(tmp_path / "beside", ["lib/Resources/Models"]) == str(tmp_path / "beside" / "lib" / "Resources" / "Models")
+
+
+def test_user_data_dir_without_platformdirs_is_platformdirs_own(tmp_path, monkeypatch):
+    """Slicer ships no platformdirs: before the first-use install the registry computes the folder itself.
+    It must be the one platformdirs gives (bundles imported by the command line are found in Slicer and
+    back), on this machine and for macOS and Windows."""
+    import platformdirs
+    import platformdirs.macos
+    import platformdirs.windows
+
+    app = registry.APP_NAME
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for xdg in (None, str(tmp_path / "xdg-data"), "relative/xdg"):  # unset, absolute, relative (ignored)
+        if xdg is None:
+            monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+        else:
+            monkeypatch.setenv("XDG_DATA_HOME", xdg)
+        expected = Path(platformdirs.user_data_dir(app, appauthor=False))
+        assert registry._fallback_user_data_dir(app) == expected, xdg
+        assert registry.user_data_dir() == expected  # platformdirs importable here
+        assert registry._fallback_user_data_dir(app, "darwin") == Path(platformdirs.macos.MacOS(app, appauthor=False).user_data_dir)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    assert registry._fallback_user_data_dir(app) == tmp_path / "home" / ".local" / "share" / app
+    assert registry._fallback_user_data_dir(app, "darwin") == tmp_path / "home" / "Library" / "Application Support" / app
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "AppData" / "Local"))
+    monkeypatch.setattr(platformdirs.windows, "get_win_folder", platformdirs.windows.get_win_folder_from_env_vars)
+    windows = Path(platformdirs.windows.Windows(app, appauthor=False).user_data_dir)
+    assert registry._fallback_user_data_dir(app, "win32") == windows == tmp_path / "AppData" / "Local" / app
+
+
+def test_models_are_listed_without_platformdirs_or_jsonschema(tmp_path):
+    """What the Slicer panel calls before the first-use install (no platformdirs, no jsonschema, no torch):
+    a bundle imported where platformdirs puts it is listed, with the shipped demo and the default."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != registry.ENV_MODELS}
+    env.update(HOME=str(tmp_path / "home"), XDG_DATA_HOME=str(tmp_path / "home" / "data"))
+    # where the command line (platformdirs installed) imports bundles, in the child's environment
+    code_where = "from ContrastAmplifierLib import registry; print(registry.user_models_dir())"
+    where = subprocess.run([sys.executable, "-c", code_where], capture_output=True, text=True, timeout=120, env=env)
+    assert where.returncode == 0, where.stderr
+    user_dir = Path(where.stdout.strip())
+    assert user_dir == tmp_path / "home" / "data" / registry.APP_NAME / "models"  # platformdirs' answer
+    _make_bundle(user_dir / "mine", name="mine")
+
+    blocked = ("import sys\n"
+               "for name in ('platformdirs', 'jsonschema', 'torch', 'safetensors'):\n"
+               "    sys.modules[name] = None  # as absent as in Slicer before the first-use install\n"
+               "from ContrastAmplifierLib import registry\n"
+               "entries = registry.list_models()\n"
+               "print(registry.user_models_dir())\n"
+               "print(' | '.join(f'{e.name}:{e.source}:{list(e.folds)}:{list(e.spacing)}' for e in entries))\n"
+               "print(registry.default_model_name())\n")
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    folder, listing, default = done.stdout.splitlines()
+    assert Path(folder) == user_dir
+    assert listing.split(" | ") == ["mine:user:[0, 1]:[4.0, 4.0, 4.0]", "phantom-demo:builtin:[0, 1, 2, 3, 4]:[3.0, 3.0, 3.0]"]
+    assert default == "phantom-demo"
+
+
+def test_read_entry_describes_a_bundle_from_plain_json(tmp_path):
+    entry = registry.read_entry(registry.builtin_models_dir() / "phantom-demo", "builtin")
+    assert (entry.name, entry.folds, entry.spacing, entry.crop_size) == ("phantom-demo", (0, 1, 2, 3, 4), (3.0, 3.0, 3.0), (56, 64, 56))
+    assert entry.intended_use == "synthetic phantom demo - not for clinical use"
+    assert registry.read_entry(tmp_path) is None  # no bundle.json
+    (tmp_path / "bundle.json").write_text("[1, 2]", encoding="utf-8")
+    broken = registry.read_entry(tmp_path)
+    assert broken.description == "unreadable bundle.json" and broken.folds == () and broken.spacing == ()
+
+
+def test_import_takes_the_bundle_json_and_names_an_existing_model(tmp_path, user_dir):
+    source = _make_bundle(tmp_path / "src")
+    assert registry.import_model(source / "bundle.json").name == "tiny"  # what a file dialog returns
+    with pytest.raises(registry.ModelAlreadyInstalledError, match="already installed") as info:
+        registry.import_model(source)
+    assert isinstance(info.value, BundleError) and info.value.name == "tiny" and info.value.path == user_dir / "tiny"

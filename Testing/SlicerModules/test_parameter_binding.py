@@ -46,7 +46,9 @@ OLDEST_SLICER = "5.6.2"
 #: Fields that deliberately have no widget: (module, field) -> why. A field not listed here and
 #: bound by no widget is a GUI setting someone forgot to put in the .ui.
 ALLOWED_WITHOUT_WIDGET: Dict[Tuple[str, str], str] = {
-    # ("ContrastAmplifier", "lastRunFolder"): "internal state: where the last run wrote, shown in a label",
+    ("ContrastAmplifier", "Model"): "the model selector is filled from the model registry at run time (user bundles "
+                                    "come and go), while Slicer's QComboBox connector needs a fixed Choice: the widget "
+                                    "syncs it (ContrastAmplifierWidget.refreshModels / onModelSelected)",
 }
 
 #: Value kinds a field's annotation can have (see :func:`field_kind`).

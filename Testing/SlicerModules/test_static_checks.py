@@ -418,3 +418,79 @@ def test_modules_declare_the_libs_they_import():
         declared = re.search(r"self\.parent\.dependencies\s*=\s*(\[[^\]]*\])", text)
         assert declared, f"{name}.py sets no parent.dependencies"
         assert sorted(ast.literal_eval(declared.group(1))) == needed, f"{name}.py: parent.dependencies must be {needed}"
+
+
+# -- typed parameter nodes: node selectors ------------------------------------------------------------
+# (which widget binds which field type is checked in test_parameter_binding.py)
+
+
+def _node_fields(tree: ast.Module) -> Dict[str, str]:
+    """Field -> MRML class name, for the node-typed fields of the module's ``@parameterNodeWrapper`` classes."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+                (d.id if isinstance(d, ast.Name) else getattr(d, "attr", None)) == "parameterNodeWrapper"
+                for d in (dec.func if isinstance(dec, ast.Call) else dec for dec in node.decorator_list)):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    annotation = item.annotation
+                    name = annotation.id if isinstance(annotation, ast.Name) else getattr(annotation, "attr", "")
+                    if name.startswith("vtkMRML"):
+                        found[item.target.id] = name
+    return found
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_node_selectors_list_the_type_connect_gui_sets(name):
+    """Slicer's qMRMLNodeComboBox connector overwrites a selector's nodeTypes with the field's class:
+    nodeTypes written in the .ui must be exactly that (subclasses such as label maps come with
+    showChildNodeTypes), or the .ui shows something connectGui silently takes back."""
+    module = existing_module(name)
+    fields = _node_fields(module_ast(module))
+    root = ui_tree(module)
+    widgets = {w.get("name"): w for w in root.iter("widget")}
+    for parameter, widget_name in ui_parameter_names(root).items():
+        widget = widgets[widget_name]
+        if parameter not in fields or widget.get("class") != "qMRMLNodeComboBox":
+            continue
+        types = [s.text for p in widget.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
+        assert types == [fields[parameter]], (f"{widget_name}: nodeTypes {types} in the .ui, but connectGui sets them to "
+                                              f"[{fields[parameter]!r}] (the type of {parameter}); use showChildNodeTypes for subclasses")
+
+
+# -- the shipped models are installed -----------------------------------------------------------------
+
+
+def test_shipped_models_are_listed_for_install():
+    """Slicer installs only what MODULE_PYTHON_RESOURCES names: every file the registry reads from
+    ``Resources/Models`` beside ContrastAmplifierLib (Models.json, each listed bundle's manifest and weights)."""
+    module = existing_module("ContrastAmplifier")
+    models = module.folder / "Resources" / "Models"
+    assert (models / "Models.json").is_file(), "the shipped models live in ContrastAmplifier/Resources/Models"
+    assert not (REPO / "Resources" / "Models").exists(), "top-level Resources/ is not installed: keep models in the module"
+    resources = set(cmake_lists(module).get("MODULE_PYTHON_RESOURCES", []))
+    needed = {"Resources/Models/Models.json"}
+    for item in json.loads((models / "Models.json").read_text(encoding="utf-8"))["models"]:
+        manifest = json.loads((models / item["folder"] / "bundle.json").read_text(encoding="utf-8"))
+        needed |= {f"Resources/Models/{item['folder']}/{f}" for f in ["bundle.json", *manifest["files"]]}
+    missing = sorted(needed - resources)
+    assert not missing, f"not installed (run Testing/SlicerModules/update_cmakelists.py): {missing}"
+
+
+def _update_cmakelists():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_update_cmakelists", Path(__file__).with_name("update_cmakelists.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_generated_cmakelists_are_current(name):
+    """A CMakeLists.txt carrying the generator's marker is exactly what update_cmakelists.py writes."""
+    tool = _update_cmakelists()
+    path = REPO / name / "CMakeLists.txt"
+    if tool.MARKER not in path.read_text(encoding="utf-8"):
+        pytest.skip(f"{name}/CMakeLists.txt is hand-written")
+    assert path.read_text(encoding="utf-8") == tool.render(name), f"run: python Testing/SlicerModules/update_cmakelists.py {name}"
