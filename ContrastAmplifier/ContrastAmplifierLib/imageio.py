@@ -7,9 +7,11 @@ wrong folder should know at once which input is wrong and why.
 from __future__ import annotations
 
 import os
+import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,6 +45,11 @@ MAX_FIELD_OF_VIEW_MM = 500.0
 #: Suffixes whose voxel payload SimpleITK reads without complaint when truncated, and whose NaN
 #: and infinite floats it returns as 0: their raw data is checked with nibabel as well.
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+#: Suffixes whose header declares the voxel payload (MetaImage, NRRD): the payload is checked
+#: against it before SimpleITK reads the file, because SimpleITK before 2.4 (Slicer 5.6 ships
+#: 2.2.1, 5.8 ships 2.3.1) reads a truncated compressed file without error.
+HEADER_PAYLOAD_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 #: How messages name each input (``modality key -> name a radiologist reads``).
@@ -84,6 +91,8 @@ def read_image(source: ImageLike, name: str = "image") -> sitk.Image:
             )
         if path.is_file() and image_suffix(path) in NIFTI_SUFFIXES:
             _check_nifti_payload(path, name)
+        elif path.is_file() and image_suffix(path) in HEADER_PAYLOAD_SUFFIXES:
+            check_header_payload(path, name)
         try:
             if path.is_dir():
                 image = read_dicom_series(path, name)
@@ -128,6 +137,165 @@ def _check_nifti_payload(path: Path, name: str) -> None:
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         if bad:
             raise ImageValidationError(_non_finite_message(f"{name} ({path})", bad, data.size))
+
+
+#: Bytes per value of each MetaImage ``ElementType`` (MetaIO's metaTypes.h: MET_LONG is 4 bytes).
+_META_TYPE_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}
+#: Bytes per value of each NRRD ``type`` (every spelling of the NRRD format specification).
+_NRRD_TYPE_BYTES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+    **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
+                     "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+    **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t", "float"), 4),
+    **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+                     "int64_t", "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t",
+                     "double"), 8),
+}
+#: Largest header read when looking for the payload description (headers are a few hundred bytes).
+_MAX_HEADER_BYTES = 1 << 16
+#: Decompressed bytes produced per step while counting a compressed payload (bounds memory).
+_INFLATE_STEP = 1 << 24
+
+
+@dataclass(frozen=True)
+class _Payload:
+    """Where a MetaImage/NRRD file's voxels are and how many bytes they must make."""
+
+    file: Path
+    offset: int  # first byte of the voxel data in ``file``
+    expected: int  # bytes of (decompressed) voxel data the header's sizes and type need
+    compressed: bool  # zlib or gzip stream (MetaImage CompressedData, NRRD gzip encoding)
+    shape: tuple[int, ...]
+    declared_compressed: Optional[int] = None  # MetaImage CompressedDataSize
+
+
+def _header_lines(path: Path, separator: str) -> tuple[dict[str, str], int]:
+    """``({lower-case key: value}, byte offset after the header)`` of a text header ending with a
+    ``ElementDataFile`` line (MetaImage, ``separator`` "=") or an empty line / end of file (NRRD, ":")."""
+    with open(path, "rb") as stream:
+        head = stream.read(_MAX_HEADER_BYTES)
+    fields: dict[str, str] = {}
+    position = 0
+    while position < len(head):
+        end = head.find(b"\n", position)
+        end = len(head) if end < 0 else end + 1
+        line = head[position:end].decode("latin-1").rstrip("\r\n")
+        position = end
+        if separator == ":" and line == "":
+            break
+        if line.startswith("#") or separator not in line:
+            continue
+        key, _, value = line.partition(separator)
+        if separator == ":" and value.startswith("="):  # NRRD key/value pair "key:=value": not a field
+            continue
+        fields[key.strip().lower()] = value.strip()
+        if separator == "=" and key.strip().lower() == "elementdatafile":
+            break
+    return fields, position
+
+
+def _ints(text: str) -> Optional[tuple[int, ...]]:
+    values = text.split()
+    if not values or not all(re.fullmatch(r"\d+", v) for v in values):
+        return None
+    return tuple(int(v) for v in values)
+
+
+def _meta_payload(path: Path) -> Optional[_Payload]:
+    """The payload of a ``.mha``/``.mhd`` file, or None when its layout is not one checked here."""
+    fields, end = _header_lines(path, "=")
+    shape = _ints(fields.get("dimsize", ""))
+    size = _META_TYPE_BYTES.get(fields.get("elementtype", "").upper())
+    channels = _ints(fields.get("elementnumberofchannels", "1"))
+    data_file = fields.get("elementdatafile", "")
+    header_size = fields.get("headersize", "0")
+    binary = fields.get("binarydata", "True").lower() in ("true", "1")
+    if (shape is None or size is None or channels is None or not binary or not data_file
+            or data_file.upper() == "LIST" or "%" in data_file or not re.fullmatch(r"\d+", header_size)):
+        return None  # ASCII data, a file list or pattern, HeaderSize -1 (data at the end): left to ITK
+    local = data_file.upper() == "LOCAL"
+    declared = _ints(fields.get("compresseddatasize", ""))
+    return _Payload(file=path if local else path.parent / data_file,
+                    offset=(end if local else 0) + int(header_size),
+                    expected=int(np.prod(shape, dtype=np.int64)) * channels[0] * size,
+                    compressed=fields.get("compresseddata", "False").lower() in ("true", "1"), shape=shape,
+                    declared_compressed=declared[0] if declared else None)
+
+
+def _nrrd_payload(path: Path) -> Optional[_Payload]:
+    """The payload of a ``.nrrd``/``.nhdr`` file, or None when its layout is not one checked here."""
+    with open(path, "rb") as stream:
+        if not stream.read(8).startswith(b"NRRD000"):
+            return None  # not NRRD: ITK will say so
+    fields, end = _header_lines(path, ":")
+    shape = _ints(fields.get("sizes", ""))
+    size = _NRRD_TYPE_BYTES.get(" ".join(fields.get("type", "").lower().split()))
+    encoding = fields.get("encoding", "").lower()
+    data_file = fields.get("data file", fields.get("datafile", ""))
+    skips = [fields.get(k, "0") for k in ("line skip", "lineskip")] + [fields.get(k, "0") for k in ("byte skip", "byteskip")]
+    if (shape is None or size is None or encoding not in ("raw", "gzip", "gz") or data_file.upper().startswith("LIST")
+            or len(data_file.split()) > 1 or not all(re.fullmatch(r"\d+", v) for v in skips)
+            or any(int(v) for v in skips[:2])):
+        return None  # text encodings, bzip2, multi-file data, line skips, byte skip -1: left to ITK
+    byte_skip = int(fields.get("byte skip", fields.get("byteskip", "0")))
+    return _Payload(file=path.parent / data_file if data_file else path, offset=(0 if data_file else end) + byte_skip,
+                    expected=int(np.prod(shape, dtype=np.int64)) * size, compressed=encoding != "raw", shape=shape)
+
+
+def _inflated_bytes(payload: _Payload) -> tuple[int, str]:
+    """``(bytes the compressed payload inflates to, problem or "")``, stopping once ``expected`` is reached."""
+    inflater = zlib.decompressobj(47)  # zlib or gzip header, detected (as MetaIO and NrrdIO accept both)
+    total = 0
+    with open(payload.file, "rb") as stream:
+        stream.seek(payload.offset)
+        while total <= payload.expected and not inflater.eof:
+            chunk = inflater.unconsumed_tail or stream.read(1 << 20)
+            if not chunk:
+                return total, "the compressed data stops early"
+            try:
+                total += len(inflater.decompress(chunk, _INFLATE_STEP))
+            except zlib.error as exc:
+                return total, f"the compressed data is damaged: {exc}"
+    return total, ""
+
+
+def check_header_payload(path: Union[str, os.PathLike], name: str = "image") -> None:
+    """Refuse a MetaImage (``.mha``/``.mhd``) or NRRD (``.nrrd``/``.nhdr``) file whose voxel data is
+    shorter than its header says (a truncated copy or download) or whose compressed data is damaged.
+
+    SimpleITK before 2.4 reads such a compressed file without error (the missing voxels come out
+    as whatever the buffer held), so the check does not rely on it: the header's sizes and type give
+    the bytes needed; raw data is measured, compressed data is inflated and counted (and a
+    MetaImage's ``CompressedDataSize`` compared with the bytes present). Layouts not covered (ASCII
+    data, file lists, bzip2, skipped lines) are left to SimpleITK.
+
+    Raises:
+        ImageValidationError: names the file, the sizes and the fix.
+    """
+    path = Path(path)
+    try:
+        payload = _meta_payload(path) if image_suffix(path) in (".mha", ".mhd") else _nrrd_payload(path)
+        if payload is None or not payload.file.is_file():
+            return  # not checked here, or a missing data file: SimpleITK's own error names it
+        available = max(payload.file.stat().st_size - payload.offset, 0)
+        problem = ""
+        if payload.declared_compressed is not None and available < payload.declared_compressed:
+            got, problem = available, f"the header declares {payload.declared_compressed} compressed bytes, the file holds {available}"
+        elif payload.compressed:
+            got, problem = _inflated_bytes(payload)
+        else:
+            got = available
+    except OSError as exc:
+        raise _unreadable(name, path, exc) from None
+    if problem or got < payload.expected:
+        raise ImageValidationError(
+            f"{name} file {path} is truncated or corrupted: its {'x'.join(map(str, payload.shape))} voxels need "
+            f"{payload.expected} bytes of image data, {'only ' if got < payload.expected else ''}{got} could be read"
+            f"{f' ({problem})' if problem else ''}. Copy or export the file again."
+        )
 
 
 def _unreadable(name: str, path: Path, exc: BaseException) -> ImageValidationError:

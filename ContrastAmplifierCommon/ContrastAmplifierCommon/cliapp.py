@@ -18,6 +18,7 @@ cancel message with :func:`cancelled`.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -72,6 +73,41 @@ def _terminate_as_interrupt(signum, frame):  # pragma: no cover - exercised thro
     raise KeyboardInterrupt
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """The classes of the parser's usage errors (missing argument, bad option value...), by public names.
+
+    typer < 0.26 (the last releases for Python 3.9, Slicer 5.6/5.8's) is built on the ``click``
+    package and raises ``click.ClickException``; typer >= 0.26 vendors click in a private module
+    whose ``ClickException`` derives from the public ``typer.TyperException``. Both are looked up,
+    so either typer works whether or not ``click`` is installed next to it.
+    """
+    found: list[type[Exception]] = []
+    typer_base = getattr(typer, "TyperException", None)
+    if isinstance(typer_base, type) and issubclass(typer_base, Exception):
+        found.append(typer_base)
+    try:
+        click_exceptions = importlib.import_module("click.exceptions")
+    except ImportError:
+        pass
+    else:
+        found.append(click_exceptions.ClickException)
+    return tuple(found)
+
+
+def _show_usage_error(exc: Exception) -> None:
+    """Print a usage error as typer does: in a rich box when typer has rich, else click's plain lines."""
+    try:
+        from typer.rich_utils import rich_format_error
+    except ImportError:  # typer without rich
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    else:
+        rich_format_error(exc)  # type: ignore[arg-type]  # reads format_message() and the optional ctx
+
+
 def _describe_os_error(exc: OSError) -> str:
     where = f" {exc.filename}" if exc.filename else ""
     text = exc.strerror or str(exc)
@@ -96,20 +132,13 @@ def run_cli(app: typer.Typer, argv: Optional[Sequence[str]] = None, prog_name: O
     if sigterm_as_interrupt and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     _reported.clear()
-    from typer._click.exceptions import ClickException
-
     from .progress import Cancelled
 
     try:
         code = app(args=args, prog_name=prog_name, standalone_mode=False)
-    except ClickException as exc:  # usage errors: the parser's own message, boxed as typer shows it
-        try:
-            from typer.rich_utils import rich_format_error
-        except ImportError:  # typer without rich
-            exc.show()
-        else:
-            rich_format_error(exc)
-        sys.exit(exc.exit_code)
+    except _usage_errors() as exc:  # usage errors: the parser's own message, boxed as typer shows it
+        _show_usage_error(exc)
+        sys.exit(int(getattr(exc, "exit_code", 2)))
     except (KeyboardInterrupt, Cancelled, typer.Abort):
         code = 130
     except Exception as exc:

@@ -5,24 +5,32 @@ presses a button that needs the packages (or a batch script calls it). The list 
 requirements lives in one place, ``requirements.txt`` next to this file (the same list as
 ``pyproject.toml``; a test keeps them equal).
 
-Inside Slicer:
+Inside Slicer (5.6 and 5.8 embed Python 3.9.10; see Testing/InstalledExtension/SLICER_SOURCES.md):
 
+* What Slicer ships itself (:data:`SLICER_SHIPPED`: numpy, scipy, SimpleITK, VTK, pydicom,
+  requests, Pillow, ...) is never pip-installed: a requirement on one of them is skipped (and
+  must be met by every supported Slicer: ``requirements.txt`` asks for no newer version than
+  Slicer 5.6 ships), and every other package is installed with a pip constraint pinning each
+  shipped package to the version Slicer has, so pip cannot upgrade one as a dependency either
+  (it fails instead, and the error says so).
 * ``torch`` comes from the PyTorch extension (``PyTorchUtils``), which picks the right CUDA or
   CPU build for the machine; plain ``pip install torch`` could pull a multi-GB wrong build.
-* ``SimpleITK`` ships with Slicer and must not be replaced by pip.
-* Everything else goes through ``slicer.pydeps.pip_ensure`` (Slicer >= 5.11) or
-  ``slicer.util.pip_install`` (older versions).
+* The rest goes through ``slicer.util.pip_install`` as Slicer 5.6/5.8 define it: one positional
+  argument, a ``list`` of pip arguments (``slicer.pydeps`` exists in no Slicer release).
 
 Outside Slicer the project is installed with pip (``pip install -e .``), so nothing here runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import logging
+import os
 import re
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,8 +42,18 @@ REQUIREMENTS_FILE = Path(__file__).with_name("requirements.txt")
 #: Distribution name of the project, used when the requirements file is absent (wheel install).
 DISTRIBUTION = "slicer-contrast-amplifier"
 
-#: Packages Slicer provides itself: never pip-installed into Slicer.
-SLICER_PROVIDED = ("SimpleITK", "vtk")
+#: Distributions 3D Slicer 5.6/5.8 install into their own Python (SuperBuild pins, SimpleITK and
+#: VTK built from source; Testing/InstalledExtension/slicer-5.*-packages.txt lists them, a test
+#: keeps this tuple complete). The first-use install never installs, upgrades or replaces them.
+SLICER_SHIPPED = (
+    "numpy", "scipy", "SimpleITK", "vtk",
+    "pip", "setuptools", "wheel", "packaging", "pyparsing", "six",
+    "requests", "certifi", "idna", "charset-normalizer", "urllib3",
+    "pydicom", "Pillow", "retrying", "dicomweb-client",
+    "chardet", "CouchDB", "GitPython", "gitdb", "smmap",
+    "cryptography", "PyJWT", "wrapt", "Deprecated", "pycparser", "cffi", "PyNaCl", "python-dateutil",
+    "typing-extensions", "PyGithub",
+)
 
 #: Installed through the PyTorch extension when it is available.
 TORCH = "torch"
@@ -57,6 +75,11 @@ def _name(requirement: str) -> str:
 
 def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def is_slicer_shipped(requirement: str) -> bool:
+    """True if the requirement names a distribution Slicer ships (:data:`SLICER_SHIPPED`)."""
+    return _canonical(_name(requirement)) in {_canonical(n) for n in SLICER_SHIPPED}
 
 
 def load_requirements(path: Optional[Path] = None) -> list[str]:
@@ -86,9 +109,15 @@ def is_satisfied(requirement: str) -> bool:
         return False
     try:
         from packaging.requirements import Requirement
+        from packaging.version import InvalidVersion
     except ImportError:  # no 'packaging': presence is the best we can check
         return True
-    return Requirement(requirement).specifier.contains(installed, prereleases=True)
+    specifier = Requirement(requirement).specifier
+    try:
+        return specifier.contains(installed, prereleases=True)
+    except InvalidVersion:  # a source build's version such as "2.2.1-g6a057bd": compare its release part
+        release = re.match(r"\d+(\.\d+)*", installed)
+        return bool(release) and specifier.contains(release.group(0), prereleases=True)  # type: ignore[union-attr]
 
 
 def missing_requirements(requirements: Optional[Iterable[str]] = None) -> list[str]:
@@ -116,27 +145,85 @@ def _in_slicer() -> bool:
     return hasattr(slicer, "app")
 
 
-def slicer_pip_installer(requester: str = "ContrastAmplifier") -> Installer:
-    """An installer that uses Slicer's own pip wrappers (needs the Slicer application)."""
+def _installed_version(name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def shipped_constraints() -> list[str]:
+    """``name==version`` for each Slicer-shipped distribution installed in this Python.
+
+    Passed to pip as a constraints file, so that resolving the first-use requirements can never
+    upgrade, downgrade or reinstall what Slicer ships: pip keeps the installed version or fails.
+    A version that is not a valid PEP 440 version (pip would reject the whole file) is left out.
+    """
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # Slicer ships packaging; without it, trust the versions
+        Version, InvalidVersion = str, ValueError  # type: ignore[assignment,misc]
+    pins = []
+    for name in SLICER_SHIPPED:
+        version = _installed_version(name)
+        if version is None:
+            continue
+        try:
+            Version(version)
+        except InvalidVersion:
+            logger.info("Not pinning %s: its version %r is not a PEP 440 version", name, version)
+            continue
+        pins.append(f"{name}=={version}")
+    return pins
+
+
+@contextlib.contextmanager
+def constraints_file(pins: Sequence[str]) -> Iterator[Optional[str]]:
+    """A temporary pip constraints file holding ``pins`` (``None`` when there are none), removed afterwards."""
+    if not pins:
+        yield None
+        return
+    handle, path = tempfile.mkstemp(prefix="ContrastAmplifier-constraints-", suffix=".txt")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write("\n".join(pins) + "\n")
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def slicer_pip_installer(pip_install: Optional[Callable[[list[str]], None]] = None) -> Installer:
+    """An installer that runs ``slicer.util.pip_install`` with the :func:`shipped_constraints`.
+
+    Slicer 5.6/5.8 define ``pip_install(requirements)``: one positional argument, a ``str`` (split
+    with ``shlex``) or a ``list`` of pip arguments (each passed as is); it runs ``PythonSlicer -m
+    pip install ...`` and raises ``subprocess.CalledProcessError`` when pip fails. A list is
+    passed here, so a constraints path with spaces needs no quoting.
+
+    Args:
+        pip_install: the function to call; default ``slicer.util.pip_install`` (looked up at
+            install time, so the Slicer application must be running then).
+    """
 
     def install(requirements: list[str]) -> None:
-        import slicer
+        function = pip_install
+        if function is None:
+            import slicer
 
-        pydeps = getattr(slicer, "pydeps", None)
-        if pydeps is None:
+            function = slicer.util.pip_install
+        with constraints_file(shipped_constraints()) as path:
+            arguments = (["--constraint", path] if path else []) + list(requirements)
+            logger.info("pip install %s", " ".join(arguments))
             try:
-                pydeps = importlib.import_module("slicer.pydeps")
-            except ImportError:
-                pydeps = None
-        if pydeps is not None and hasattr(pydeps, "pip_ensure"):
-            from packaging.requirements import Requirement
-
-            pydeps.pip_ensure([Requirement(r) for r in requirements], skip_packages=list(SLICER_PROVIDED) + [TORCH], requester=requester)
-            return
-        try:
-            slicer.util.pip_install(requirements)
-        except TypeError:  # older Slicer: one space-separated string
-            slicer.util.pip_install(" ".join(requirements))
+                function(arguments)
+            except Exception as exc:  # CalledProcessError from Slicer's logProcessOutput, or OSError
+                raise DependencyError(
+                    f"Installing {', '.join(requirements)} failed ({type(exc).__name__}: {exc}). pip's own message is "
+                    "in the Python console and the application log: a package that needs a newer version of one "
+                    "Slicer ships (numpy, scipy, SimpleITK, ...) is refused rather than replacing Slicer's, and a "
+                    "download can fail without a network connection."
+                ) from exc
 
     return install
 
@@ -156,6 +243,18 @@ def slicer_torch_installer(requirement: str) -> bool:
     return True
 
 
+def _shipped_too_old(requirements: Sequence[str]) -> str:
+    lines = []
+    for requirement in requirements:
+        version = _installed_version(_name(requirement))
+        have = f"this Python has {_name(requirement)} {version}" if version else f"{_name(requirement)} is not installed"
+        lines.append(f"{requirement} ({have})")
+    return (
+        f"Needs {'; '.join(lines)}. These packages come with 3D Slicer and are never replaced by this extension: "
+        "use Slicer 5.6 or later."
+    )
+
+
 def ensure_dependencies(
     requirements: Optional[Iterable[str]] = None,
     confirm: Optional[ConfirmCallback] = None,
@@ -165,12 +264,15 @@ def ensure_dependencies(
 ) -> list[str]:
     """Make sure every requirement is importable, installing the missing ones after confirmation.
 
+    Requirements on packages Slicer ships (:data:`SLICER_SHIPPED`) are never installed: if one
+    is not met, nothing is installed and the error names the installed version.
+
     Args:
         requirements: specifiers; default :func:`load_requirements`.
         confirm: shows the message and returns True to go ahead (in Slicer:
             ``slicer.util.confirmOkCancelDisplay``). ``None`` (batch mode) logs the message and
             installs.
-        installer: installs a list of specifiers; default Slicer's pip wrappers.
+        installer: installs a list of specifiers; default :func:`slicer_pip_installer`.
         torch_installer: installs torch (PyTorch extension); returns False if unavailable, in
             which case torch goes through ``installer`` like the rest.
         module_title: module name used in the message.
@@ -179,11 +281,15 @@ def ensure_dependencies(
         The requirements that were installed (empty if nothing was missing).
 
     Raises:
-        DependencyError: the user declined, or packages are still missing after installing.
+        DependencyError: a Slicer-shipped package is too old, the user declined, pip failed, or
+            packages are still missing after installing.
     """
     missing = missing_requirements(requirements)
     if not missing:
         return []
+    shipped = [r for r in missing if is_slicer_shipped(r)]
+    if shipped:
+        raise DependencyError(f"{module_title} cannot run in this Slicer. {_shipped_too_old(shipped)}")
     message = install_message(missing, module_title)
     if confirm is not None:
         if not confirm(message):
@@ -200,12 +306,11 @@ def ensure_dependencies(
                 f"Missing Python packages: {', '.join(missing)}. Outside Slicer install the project with pip "
                 "(pip install -e . from the repository) instead."
             )
-        installer = slicer_pip_installer(module_title.replace(" ", ""))
+        installer = slicer_pip_installer()
     if torch_installer is None and _in_slicer():
         torch_installer = slicer_torch_installer
 
-    rest = [r for r in missing if _canonical(_name(r)) not in {_canonical(n) for n in SLICER_PROVIDED}]
-    provided = [r for r in missing if r not in rest]
+    rest = list(missing)
     torch_reqs = [r for r in rest if _canonical(_name(r)) == TORCH]
     if torch_reqs and torch_installer is not None and torch_installer(torch_reqs[0]):
         rest = [r for r in rest if r not in torch_reqs]
@@ -215,8 +320,5 @@ def ensure_dependencies(
     importlib.invalidate_caches()
     still = missing_requirements(missing)
     if still:
-        hint = ""
-        if any(r in provided for r in still):
-            hint = " SimpleITK/VTK come with Slicer: update Slicer to a version that ships the required release."
-        raise DependencyError(f"Still missing after installation: {', '.join(still)}. Restart Slicer and retry.{hint}")
+        raise DependencyError(f"Still missing after installation: {', '.join(still)}. Restart Slicer and retry.")
     return missing

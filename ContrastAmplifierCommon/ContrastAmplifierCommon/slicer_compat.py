@@ -83,7 +83,18 @@ except ImportError:  # headless: the Logic works, the GUI classes are inert
                 node = scene.AddNode(node)
             return node
 
-    ScriptedLoadableModuleTest = unittest.TestCase
+    class ScriptedLoadableModuleTest(unittest.TestCase):  # type: ignore[no-redef]
+        """Stand-in for ``ScriptedLoadableModuleTest`` outside Slicer: a ``unittest.TestCase`` with
+        the helpers Slicer's class adds (``delayDisplay`` logs instead of showing a message box,
+        ``takeScreenshot`` does nothing: there is no view), so a module's self-test runs headless."""
+
+        def delayDisplay(self, message: str, requestedDelay: Any = None, msec: Any = None) -> None:
+            import logging
+
+            logging.info(message)
+
+        def takeScreenshot(self, name: str, description: str, type: int = -1) -> None:
+            pass
 
 
 # -- Typed parameter nodes ------------------------------------------------------------------------

@@ -112,3 +112,26 @@ def test_a_real_cancel_prints_one_line_and_leaves_nothing(tmp_path, sig):
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines() == ["cancelled; finished cases are kept, the unfinished one was removed"]
     assert [p.name for p in out.iterdir()] == []  # no half case, no hidden temporary folder
+
+
+def test_only_public_typer_names_are_used():
+    """``typer._click`` exists from typer 0.26 on; Python 3.9 (Slicer 5.6/5.8's) gets typer <= 0.23.x,
+    which is built on the ``click`` package instead: the Libs may use typer's public names only."""
+    import re
+
+    packages = ["ContrastAmplifierCommon/ContrastAmplifierCommon", "ContrastAmplifier/ContrastAmplifierLib",
+                "ContrastAmplifierTraining/ContrastAmplifierTrainingLib", "LesionReader/LesionReaderLib"]
+    private = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+               for package in packages for path in sorted((REPO / package).rglob("*.py"))
+               for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+               if re.search(r"\btyper\._\w", line)]
+    assert not private, "private typer modules differ between typer releases:\n" + "\n".join(private)
+
+
+def test_usage_error_classes_are_found_by_public_names():
+    from ContrastAmplifierCommon import cliapp
+
+    classes = cliapp._usage_errors()
+    assert classes, "no usage-error class found"
+    with pytest.raises(classes):
+        typer.main.get_command(_app()).main(["go"], standalone_mode=False)  # missing argument

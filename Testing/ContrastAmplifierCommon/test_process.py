@@ -194,3 +194,220 @@ def test_real_phantom_cli_progress_and_cancel(tmp_path):
         time.sleep(0.05)
     job.cancel(grace_s=2.0)
     assert job.wait(timeout=60) is process.ProcessState.CANCELLED
+
+
+# -- the whole process tree: a launcher (PythonSlicer) whose child does the work ---------------------
+
+LAUNCHER = textwrap.dedent(
+    """
+    # Like PythonSlicer: a launcher that starts the real interpreter and waits for it. A SIGTERM ends
+    # the launcher (default action) without passing it on; the worker keeps our stdout/stderr.
+    import subprocess, sys
+    worker = subprocess.Popen([sys.executable, *sys.argv[1:]])
+    print(f"launcher {worker.pid}", file=sys.stderr, flush=True)
+    sys.exit(worker.wait())
+    """
+)
+
+WORKER = textwrap.dedent(
+    """
+    # The real work: writes its pid, reports progress, runs until killed. Options:
+    # "stubborn" ignores SIGTERM, "escape" also leaves the launcher's session (out of its process group).
+    import json, os, signal, sys, time
+    pid_file, mode = sys.argv[1], sys.argv[2]
+    if mode in ("stubborn", "escape"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if mode == "escape":
+        os.setsid()
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    i = 0
+    while True:
+        i += 1
+        print(json.dumps({"stage": "work", "fraction": min(i / 1000, 1.0), "message": ""}), flush=True)
+        time.sleep(0.05)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its parent to reap it counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _returns_within(seconds: float, function):
+    """Run ``function`` in a thread; fail (instead of hanging the suite) if it takes longer than ``seconds``."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = function()
+        except BaseException as exc:  # re-raised below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"did not return within {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return time.monotonic() - t0
+
+
+@pytest.fixture()
+def launched(tmp_path):
+    """``launched(mode) -> (job, launcher pid, worker pid)``: a running launcher + worker tree; the
+    worker is killed at teardown whatever happened (an escaped one could outlive a failed test)."""
+    import signal
+
+    launcher, worker = tmp_path / "launcher.py", tmp_path / "worker.py"
+    launcher.write_text(LAUNCHER, encoding="utf-8")
+    worker.write_text(WORKER, encoding="utf-8")
+    started = []
+
+    def launch(mode: str):
+        pid_file = tmp_path / f"worker-{mode}-{len(started)}.pid"
+        job = process.BackgroundProcess([sys.executable, str(launcher), str(worker), str(pid_file), mode]).start()
+        deadline = time.monotonic() + 30
+        while job.latest is None or not pid_file.exists() or not pid_file.read_text():
+            job.poll()
+            assert time.monotonic() < deadline, f"the worker did not start: {job.stderr_text}"
+            time.sleep(0.02)
+        worker_pid = int(pid_file.read_text())
+        started.append(worker_pid)
+        assert _alive(job.pid) and _alive(worker_pid) and worker_pid != job.pid
+        return job, job.pid, worker_pid
+
+    yield launch
+    for pid in started:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(params=["psutil", "process group only"])
+def tree_finder(request, monkeypatch):
+    """Both ways of finding the tree: with psutil (when installed) and without (Slicer 5.6/5.8 ship no psutil)."""
+    if request.param == "psutil":
+        pytest.importorskip("psutil")
+    else:
+        monkeypatch.setattr(process, "_psutil", None)
+    return request.param
+
+
+posix_only = pytest.mark.skipif(os.name == "nt", reason="launcher tree checked with POSIX signals and /proc")
+
+
+@posix_only
+def test_cancel_ends_the_launcher_and_the_worker_it_started(launched, tree_finder):
+    job, launcher, worker = launched("polite")
+    seconds = _returns_within(15, lambda: job.cancel(grace_s=2.0, wait=True))
+    assert seconds < 6
+    assert job.state is process.ProcessState.CANCELLED
+    assert not _alive(launcher) and not _alive(worker)
+
+
+@posix_only
+def test_cancel_kills_a_worker_that_ignores_terminate_after_the_launcher_is_gone(launched, tree_finder):
+    """The launcher dies of the SIGTERM, the worker ignores it and keeps the pipes: the kill must still
+    reach the worker at the end of the grace period, and cancel returns."""
+    job, launcher, worker = launched("stubborn")
+    seconds = _returns_within(15, lambda: job.cancel(grace_s=0.5, wait=True))
+    assert seconds < 0.5 + process.KILL_WAIT_S + 1.5
+    assert job.state is process.ProcessState.CANCELLED
+    assert not _alive(launcher) and not _alive(worker)
+    assert not job.readers_abandoned  # the kill closed the pipes: everything it wrote was read
+
+
+@posix_only
+def test_gui_cancel_finishes_through_polling(launched, tree_finder):
+    """The widget's way: cancel() returns at once, the QTimer's poll() does the kill and sees the end."""
+    job, launcher, worker = launched("stubborn")
+    t0 = time.monotonic()
+    job.cancel(grace_s=0.5)
+    assert time.monotonic() - t0 < 0.5
+    assert job.wait(timeout=0.5 + process.KILL_WAIT_S + 2.0) is process.ProcessState.CANCELLED
+    assert not _alive(launcher) and not _alive(worker)
+
+
+@posix_only
+def test_psutil_reaches_a_worker_that_left_the_process_group(launched):
+    """A worker in its own session is out of the group's reach; psutil saw it as a descendant."""
+    pytest.importorskip("psutil")
+    job, launcher, worker = launched("escape")
+    _returns_within(15, lambda: job.cancel(grace_s=0.3, wait=True))
+    assert job.state is process.ProcessState.CANCELLED
+    assert not _alive(worker)
+
+
+@posix_only
+def test_closing_returns_within_seconds_even_if_a_process_survives(launched, monkeypatch):
+    """Widget cleanup / application exit: a worker nothing can reach (own session, SIGTERM ignored,
+    no psutil) keeps the pipes open for ever; close() still returns within KILL_WAIT_S, the readers
+    abandoned, and so does a cancel with wait."""
+    monkeypatch.setattr(process, "_psutil", None)
+    job, launcher, worker = launched("escape")
+    seconds = _returns_within(15, job.close)
+    assert seconds < process.KILL_WAIT_S + 1.5
+    assert job.state is process.ProcessState.CANCELLED and job.readers_abandoned
+    assert not _alive(launcher) and _alive(worker)  # the one left (killed by the fixture)
+
+    job, launcher, worker = launched("escape")
+    seconds = _returns_within(20, lambda: job.cancel(grace_s=0.5, wait=True))
+    assert seconds < 0.5 + process.KILL_WAIT_S + 2.0
+    assert job.state is process.ProcessState.CANCELLED and job.readers_abandoned
+
+
+@posix_only
+def test_a_descendant_outliving_a_finished_child_is_ended(tmp_path):
+    """The child succeeded but left a process holding its pipes: the job still ends (and the leftover is killed)."""
+    script = tmp_path / "leaves_one.py"
+    pid_file = tmp_path / "left.pid"
+    script.write_text(textwrap.dedent(f"""
+        import subprocess, sys
+        left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        open({str(pid_file)!r}, "w").write(str(left.pid))
+        print("done", flush=True)
+    """), encoding="utf-8")
+    job = process.BackgroundProcess([sys.executable, str(script)]).start()
+    seconds = _returns_within(20, lambda: job.wait(timeout=15))
+    assert seconds < process.DRAIN_AFTER_EXIT_S + process.KILL_WAIT_S + 2.0
+    assert job.state is process.ProcessState.SUCCEEDED and job.log_lines[-1] == "done"
+    left = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(left)
+
+
+def test_windows_tree_is_ended_with_taskkill_while_the_launcher_lives():
+    """On Windows there is no SIGTERM for a console-less child: terminate already ends the tree
+    (taskkill /T walks it by parent id, so it must run while the launcher is alive)."""
+    calls = []
+
+    class FakePopen:
+        pid = 4242
+        returncode = None
+
+        def poll(self):
+            return self.returncode
+
+        def terminate(self):
+            calls.append("terminate launcher")
+            self.returncode = 1
+
+        kill = terminate
+
+    tree = process.ProcessTree(FakePopen(), windows=True, run=lambda command, **kwargs: calls.append(command))
+    tree.signal(kill=False)
+    assert calls[0] == ["taskkill", "/T", "/F", "/PID", "4242"]
+    assert calls[-1] == "terminate launcher"
+    calls.clear()
+    tree.signal(kill=True)  # the launcher is gone: nothing left to walk, no taskkill for a dead pid
+    assert calls == []

@@ -69,3 +69,20 @@ def test_connect_gui_needs_the_application_and_tr_is_identity(node):
     with pytest.raises(RuntimeError, match="Slicer application"):
         Parameters(node).connectGui(object())
     assert tr("Apply") == "Apply"
+
+
+def test_module_self_tests_run_headless(caplog):
+    """A module's ``<Module>Test`` calls Slicer's ``delayDisplay``; headless it logs the message
+    (LesionReaderTest uses it: without it the self-test failed outside the application)."""
+    import logging
+
+    class ModuleTest(slicer_compat.ScriptedLoadableModuleTest):
+        def runTest(self):
+            self.delayDisplay("Creating a two-case study", msec=0)
+            self.takeScreenshot("name", "description")
+
+    test = ModuleTest()
+    test.messageDelay = 0  # as ScriptedLoadableModule.runTest sets it
+    with caplog.at_level(logging.INFO):
+        test.runTest()
+    assert "Creating a two-case study" in caplog.text

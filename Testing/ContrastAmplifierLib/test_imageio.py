@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from ContrastAmplifierLib.imageio import (
     ImageValidationError,
+    check_header_payload,
     find_case_inputs,
     read_image,
     write_image_atomic,
@@ -139,15 +142,76 @@ def test_truncated_nifti_is_refused(tmp_path, suffix):
         read_image(path, "T1c")
 
 
-@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
-def test_truncated_compressed_nrrd_and_mha_are_refused(tmp_path, suffix):
-    whole = tmp_path / f"whole{suffix}"
-    sitk.WriteImage(_volume((40, 40, 40)), str(whole), True)
-    data = whole.read_bytes()
+def _data_file(path):
+    """The file holding the voxels: the header itself (.mha, .nrrd) or the detached data file (.mhd, .nhdr)."""
+    if path.suffix in (".mha", ".nrrd"):
+        return path
+    text = path.read_text(encoding="latin-1")
+    name = (re.search(r"ElementDataFile = (.+)", text) or re.search(r"data file: (.+)", text)).group(1).strip()
+    return path.parent / name
+
+
+TRUNCATED = r"T1c file .*t1c\.(mha|mhd|nrrd|nhdr) is truncated or corrupted: its 40x40x40 voxels need 256000 bytes of image data"
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["compressed", "raw"])
+@pytest.mark.parametrize("suffix", [".mha", ".mhd", ".nrrd", ".nhdr"])
+def test_truncated_metaimage_and_nrrd_are_refused_whatever_simpleitk_does(tmp_path, suffix, compress):
+    """SimpleITK 2.2/2.3 (Slicer 5.6/5.8) read a truncated compressed .mha without error (2.4+ raise):
+    read_image checks the payload against the header itself, so every SimpleITK gives the same answer."""
     path = tmp_path / f"t1c{suffix}"
-    path.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(ImageValidationError, match=r"T1c file .* could not be read .*truncated, corrupted"):
+    sitk.WriteImage(_volume((40, 40, 40)), str(path), compress)
+    data_file = _data_file(path)
+    data = data_file.read_bytes()
+    data_file.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ImageValidationError, match=TRUNCATED + ".*Copy or export the file again"):
         read_image(path, "T1c")
+    with pytest.raises(ImageValidationError, match=TRUNCATED):
+        check_header_payload(path, "T1c")  # the check alone, before SimpleITK sees the file
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_damaged_compressed_data_is_refused(tmp_path, suffix):
+    path = tmp_path / f"t1c{suffix}"
+    sitk.WriteImage(_volume((40, 40, 40)), str(path), True)
+    data = bytearray(path.read_bytes())
+    middle = len(data) - (len(data) - 400) // 2
+    data[middle:middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageValidationError, match=r"T1c file .* is truncated or corrupted: .*damaged"):
+        check_header_payload(path, "T1c")
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["compressed", "raw"])
+@pytest.mark.parametrize("suffix", [".mha", ".mhd", ".nrrd", ".nhdr"])
+def test_complete_files_pass_the_payload_check(tmp_path, suffix, compress):
+    """No false alarm: scalar, vector (2 components), 4D and integer images, attached and detached data."""
+    images = {
+        "float": _volume(),
+        "int16": sitk.Cast(_volume() * 1000, sitk.sitkInt16),
+        "vector": sitk.Compose(_volume(), _volume()),
+        "4d": sitk.JoinSeries([_volume(), _volume()]),
+        "uint8": sitk.Cast(_volume() * 100, sitk.sitkUInt8),
+        "double": sitk.Cast(_volume(), sitk.sitkFloat64),
+    }
+    for kind, image in images.items():
+        path = tmp_path / f"{kind}{suffix}"
+        sitk.WriteImage(image, str(path), compress)
+        check_header_payload(path, kind)
+    back = read_image(tmp_path / f"float{suffix}", "T1c")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(images["float"]))
+
+
+def test_payload_check_leaves_other_layouts_to_simpleitk(tmp_path):
+    """A header the check does not follow (ASCII data, a data file list) is not refused by it."""
+    path = tmp_path / "t1c.mha"
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_FLOAT\nBinaryData = False\n"
+                    "ElementDataFile = LOCAL\n1 2 3 4 5 6 7 8\n", encoding="ascii")
+    check_header_payload(path, "T1c")
+    listed = tmp_path / "t1c.nhdr"
+    listed.write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 2 2 2\nencoding: raw\ndata file: LIST\na.raw\n",
+                      encoding="ascii")
+    check_header_payload(listed, "T1c")
 
 
 def test_4d_images(tmp_path):
