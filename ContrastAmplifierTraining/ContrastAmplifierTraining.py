@@ -172,6 +172,8 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
     #: "cancelled" line) before killing it. A kill is safe too: checkpoints are written
     #: atomically after each epoch, so Resume repeats at most the unfinished epoch.
     STOP_GRACE_S = 30.0
+    #: Grace before the kill when Slicer closes during a fit (bounded: closing never hangs).
+    CLOSE_GRACE_S = 3.0
     #: Sub-commands of each CLI module, probed once per session (the probe imports the CLI and
     #: builds its click command). A probe that fails to import (packages not installed yet) is
     #: not kept, so the one after installing sees the command line.
@@ -329,14 +331,16 @@ class ContrastAmplifierTrainingLogic(ScriptedLoadableModuleLogic):
                                   installDependencies=installDependencies, extraArgs=extraArgs,
                                   upperClipPercentile=s.upperClipPercentile)
 
-    def stopTraining(self, job: Optional[process.BackgroundProcess], wait: bool = False) -> None:
+    def stopTraining(self, job: Optional[process.BackgroundProcess], wait: bool = False,
+                     grace_s: Optional[float] = None) -> None:
         """Stop a training child: SIGTERM (the CLI stops after the current case; finished epochs
-        are checkpointed), then a kill after :attr:`STOP_GRACE_S`. Never blocks unless ``wait``.
+        are checkpointed), then a kill of its whole process tree after ``grace_s`` (default
+        :attr:`STOP_GRACE_S`). Never blocks unless ``wait`` (then at most ``grace_s`` + a few s).
 
         Start again with the same output folder to resume.
         """
         if job is not None and job.running:
-            job.cancel(grace_s=self.STOP_GRACE_S, wait=wait)
+            job.cancel(grace_s=self.STOP_GRACE_S if grace_s is None else grace_s, wait=wait)
 
     @staticmethod
     def hasRun(outputFolder) -> bool:
@@ -531,8 +535,10 @@ class ContrastAmplifierTrainingWidget(ScriptedLoadableModuleWidget, VTKObservati
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        # Closing Slicer must not wait for the epoch in progress (STOP_GRACE_S): a short grace,
+        # then the tree is killed; finished epochs are checkpointed, Resume continues from them.
         if self._job is not None and self._job.running:
-            self.logic.stopTraining(self._job, wait=True)
+            self.logic.stopTraining(self._job, wait=True, grace_s=self.logic.CLOSE_GRACE_S)
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()

@@ -158,9 +158,16 @@ def test_sr_round_trip(dicom_study, tmp_path):
     sr = hd.sr.srread(result.written[0])
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     assert sr.StudyInstanceUID == uids["study"] and sr.PatientID == "PAT-DCM-1"
-    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
-    assert [s.SeriesInstanceUID for s in evidence] == [uids["series"]]
-    assert len(evidence[0].ReferencedSOPSequence) == SIZE[2]
+    # Every slice of the series is named as evidence. highdicom >= 0.23 lists them all as current
+    # requested procedure evidence; 0.22 (the last for Python 3.9, with Slicer's pydicom 2.4)
+    # moves the instances no measurement references to pertinent other evidence: both are valid.
+    referenced = []
+    for sequence in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in getattr(sr, sequence, []):
+            for series in study.ReferencedSeriesSequence:
+                assert series.SeriesInstanceUID == uids["series"]
+                referenced += [item.ReferencedSOPInstanceUID for item in series.ReferencedSOPSequence]
+    assert len(referenced) == len(set(referenced)) == SIZE[2]
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == GRADE_SCHEME
 
     groups = sr.content.get_image_measurement_groups()

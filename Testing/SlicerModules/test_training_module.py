@@ -431,3 +431,26 @@ def test_gui_is_disconnected_on_exit_even_where_connectGui_returns_no_tag(traini
     assert not widget.hasObserver(node, training.vtk.vtkCommand.ModifiedEvent, widget._checkCanApply)
     widget.enter()
     assert widget.hasObserver(node, training.vtk.vtkCommand.ModifiedEvent, widget._checkCanApply)
+
+
+def test_closing_slicer_during_a_fit_stops_it_within_seconds(training, scene, tmp_path):
+    """Widget cleanup (application close) uses CLOSE_GRACE_S, not the 30 s Stop grace: a child
+    that ignores SIGTERM (like a fit in the middle of an epoch) is killed and the call returns."""
+    import time
+
+    stubborn = tmp_path / "stubborn.py"
+    stubborn.write_text("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                        "print('ready', flush=True)\ntime.sleep(120)\n", encoding="utf-8")
+    job = process.BackgroundProcess([sys.executable, str(stubborn)]).start()
+    time.sleep(0.5)
+    logic = training.ContrastAmplifierTrainingLogic()
+    assert logic.CLOSE_GRACE_S <= 5 < logic.STOP_GRACE_S
+    started = time.monotonic()
+    logic.stopTraining(job, wait=True, grace_s=logic.CLOSE_GRACE_S)
+    elapsed = time.monotonic() - started
+    assert not job.running
+    assert elapsed < logic.CLOSE_GRACE_S + process.KILL_WAIT_S + 2.0, elapsed
+    # the widget's cleanup passes exactly that grace
+    source = MODULE.read_text(encoding="utf-8")
+    cleanup = source[source.index("    def cleanup(self)"):]
+    assert "grace_s=self.logic.CLOSE_GRACE_S" in cleanup.split("\n    def ", 1)[0]
