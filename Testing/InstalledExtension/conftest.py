@@ -10,7 +10,6 @@ runs it again anyway.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import pwd
@@ -35,19 +34,10 @@ TORCH_SPEC = os.environ.get("CA_TORCH_SPEC", "torch==2.13.0")
 FIRST_USE_LAYOUT = 1
 
 
-def _load_helper(name: str):
-    key = f"_installed_extension_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-tree_builder = _load_helper("build_installed_tree")
-slicer_env = _load_helper("slicer_env")
+# The helper scripts beside the tests (not test files) import as plain modules.
+sys.path.insert(0, str(HERE))
+import build_installed_tree as tree_builder  # noqa: E402
+import slicer_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")

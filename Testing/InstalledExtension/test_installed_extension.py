@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import ast
 import glob
-import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -47,21 +45,8 @@ MODULES = ("ContrastAmplifier", "ContrastAmplifierTraining", "LesionReader")
 PROJECT_PACKAGES = ("ContrastAmplifierCommon", "ContrastAmplifierLib", "ContrastAmplifierTrainingLib", "LesionReaderLib")
 
 
-def _load_helper(name: str):
-    """The helper module next to this file (loaded once per process; conftest.py shares it)."""
-    key = f"_installed_extension_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-tree_builder = _load_helper("build_installed_tree")
-slicer_env = _load_helper("slicer_env")
-# The fixtures env, installed and run_check are in conftest.py (shared with test_first_use.py).
+# The helpers (build_installed_tree, slicer_env) and the fixtures env, installed and run_check
+# are in conftest.py (shared with test_first_use.py).
 
 
 # -- the installed tree (no child process) ---------------------------------------------------

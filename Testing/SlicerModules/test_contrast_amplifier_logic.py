@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,22 +46,6 @@ def ca():
 @pytest.fixture(scope="module")
 def training():
     return _load(REPO / "ContrastAmplifierTraining" / "ContrastAmplifierTraining.py", "_slicer_module_Training_monitor")
-
-
-@pytest.fixture()
-def scene(monkeypatch):
-    scene = slicer.vtkMRMLScene()
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    return scene
-
-
-@pytest.fixture()
-def exchange_root(tmp_path, monkeypatch):
-    """Exchange folders (exported patient data) go here, so the tests can check they are removed."""
-    root = tmp_path / "tmp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
 
 
 def case_nodes(scene, case_dir: Path):

@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import types
 import xml.etree.ElementTree as ET
@@ -45,29 +44,6 @@ def ca():
     sys.modules[spec.name] = module  # dataclasses and the parameter wrapper look their module up
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture()
-def scene(monkeypatch):
-    scene = slicer.vtkMRMLScene()
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    return scene
-
-
-@pytest.fixture()
-def exchange_root(tmp_path, monkeypatch):
-    """Temporary folders (exported patient data, generated phantoms) go here, so tests can see them removed."""
-    root = tmp_path / "tmp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
-
-
-@pytest.fixture()
-def user_models(tmp_path, monkeypatch):
-    target = tmp_path / "user-models"
-    monkeypatch.setenv(registry.ENV_MODELS, str(target))
-    return target
 
 
 def patient(scene, name: str, seed: int, shape=(6, 7, 8)):

@@ -37,14 +37,6 @@ def load_module_file(name: str):
     return module
 
 
-@pytest.fixture()
-def scene(monkeypatch):
-    """A fresh scene installed as slicer.mrmlScene, as inside the application."""
-    scene = slicer.vtkMRMLScene()
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    return scene
-
-
 @pytest.fixture(scope="module")
 def ca():
     return load_module_file("ContrastAmplifier")

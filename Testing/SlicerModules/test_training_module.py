@@ -45,21 +45,6 @@ def training():
     return load_module_file()
 
 
-@pytest.fixture()
-def scene(monkeypatch):
-    scene = slicer.vtkMRMLScene()
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    return scene
-
-
-@pytest.fixture()
-def user_models(tmp_path, monkeypatch):
-    """An empty per-user models folder (CONTRAST_AMPLIFIER_MODELS), so nothing touches the real one."""
-    folder = tmp_path / "user-models"
-    monkeypatch.setenv("CONTRAST_AMPLIFIER_MODELS", str(folder))
-    return folder
-
-
 # -- 1. typed parameter node: .ui binding and settings ---------------------------------------------
 
 def _unannotated(hint):
