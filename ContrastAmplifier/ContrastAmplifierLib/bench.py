@@ -10,6 +10,10 @@ ratios, not absolute seconds):
    ANTsPy (``antspyx==0.6.3``) downgrades numpy, so it runs in its own virtual environment
    (``--ants-python``) as a subprocess; images and transforms are exchanged as files.
 2. The whole preprocessing of one 1 mm phantom case: HD-BET time, registration time, total.
+3. ``--only registration`` (:func:`run_registration_bench`): the rigid registrations T1, FLAIR,
+   ADC -> T1c of clinical-protocol phantom cases (2D thick-slice stacks, own fields of view,
+   oblique, truncated slabs, motion, EPI distortion) against the phantom's ground truth, legacy
+   two-start code vs the multi-start code, optionally ANTsPy ``Rigid`` and HD-BET's Dice.
 """
 
 from __future__ import annotations
@@ -289,3 +293,214 @@ def run_bench(out_dir: Union[str, os.PathLike], ants_python: Optional[Union[str,
 
 if __name__ == "__main__":  # pragma: no cover
     run_bench(sys.argv[1] if len(sys.argv) > 1 else "bench-output")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration on the clinical-protocol phantom (``contrast-amplifier bench --only registration``)
+# ---------------------------------------------------------------------------------------------
+
+#: Seed of the first case of the registration bench's clinical phantom cohort (case i: seed + i).
+REGISTRATION_BENCH_SEED = 700
+#: Modalities registered rigidly to the T1c.
+RIGID_MODALITIES = ("t1", "flair", "adc")
+#: Targets (mean error over the brain, mm): every modality but the ADC, the ADC (EPI distortion
+#: up to 3 mm that no rigid transform can undo), and the largest tolerated error of any case.
+TARGET_MEAN_MM = {"t1": 1.5, "flair": 1.5, "adc": 2.5}
+TARGET_CASE_MAX_MM = 3.0
+
+ANTS_RIGID_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import ants
+jobs = json.load(open(sys.argv[1], encoding="utf-8"))
+out = []
+probe = np.array([[0.0, 0.0, 0.0], [100.0, 0.0, 0.0], [0.0, 100.0, 0.0], [0.0, 0.0, 100.0]])
+for job in jobs:
+    fixed, moving = ants.image_read(job["fixed"]), ants.image_read(job["moving"])
+    kwargs = {"mask": ants.image_read(job["mask"])} if job.get("mask") else {}
+    start = time.perf_counter()
+    result = ants.registration(fixed, moving, type_of_transform=job["kind"], random_seed=1, **kwargs)
+    seconds = time.perf_counter() - start
+    tx = ants.read_transform(result["fwdtransforms"][0])
+    mapped = np.array([tx.apply_to_point(tuple(float(v) for v in p)) for p in probe])
+    matrix = np.eye(4)
+    matrix[:3, 3] = mapped[0]
+    matrix[:3, :3] = (mapped[1:] - mapped[0]).T / 100.0
+    out.append({"seconds": seconds, "matrix": matrix.tolist()})
+json.dump(out, open(sys.argv[2], "w", encoding="utf-8"))
+"""
+
+
+def clinical_cohort(work: Path, cases: int, seed: int, spacing: Optional[float]) -> list[Path]:
+    """The bench's clinical-protocol phantom cases (kept between runs: a folder per seed and spacing)."""
+    from .phantom import generate_cohort
+
+    folder = work / f"clinical-seed{seed}-{'native' if spacing is None else f'{spacing:g}mm'}"
+    return generate_cohort(folder, cases=cases, seed=seed, spacing=spacing, protocol="clinical", skip_existing=True)
+
+
+def _rigid_rows(case: Path, threads: int) -> list[dict]:
+    """Legacy and multi-start rigid registrations of one case, scored against the phantom's truth."""
+    from .imageio import read_image
+    from .phantom import registration_error_mm
+    from .plausibility import check_alignment, check_registration
+    from .registration import RigidSettings, mask_points_mm, register_rigid_detailed
+
+    t1c = read_image(case / "t1c.nii.gz", "T1c")
+    mask = sitk.ReadImage(str(case / "brain_mask.nii.gz"), sitk.sitkUInt8)
+    points = mask_points_mm(mask, 5000)
+    rows = []
+    for modality in RIGID_MODALITIES:
+        image = read_image(case / f"{modality}.nii.gz", modality)
+        for method in ("legacy", "multi"):
+            result = register_rigid_detailed(t1c, image, mask, RigidSettings(starts=method, threads=threads))
+            error = registration_error_mm(case, modality, result.transform)
+            other_checks = check_alignment(modality, t1c, image, result.transform, mask, points)
+            rows.append({"case": case.name, "modality": modality, "method": method, "mean_mm": error.mean_mm,
+                         "max_mm": error.max_mm, "seconds": result.seconds, "peak": result.peak, "nmi": result.nmi,
+                         "start": result.start, "agreeing_starts": result.agreeing_starts,
+                         "suspect": bool(check_registration(modality, result)),
+                         "other_findings": [f.code for f in other_checks]})
+    return rows
+
+
+def _affine_row(case: Path, threads: int) -> dict:
+    """The T1c -> ICBM 2009a affine (skull-stripped with the phantom's mask), scored on the T1c brain.
+
+    The phantom's world is the template's space, so ``world_to_native_lps`` of the T1c is the true
+    atlas -> T1c map: error = |estimate(truth^-1(p)) - p| over the T1c brain voxels p.
+    """
+    from .imageio import read_image
+    from .registration import AffineSettings, load_template, register_affine
+
+    template = load_template(1)
+    t1c = read_image(case / "t1c.nii.gz", "T1c")
+    mask = sitk.ReadImage(str(case / "brain_mask.nii.gz"), sitk.sitkUInt8)
+    start = time.perf_counter()
+    estimate = register_affine(template.image, sitk.Mask(t1c, mask), template.brain_mask, mask, AffineSettings(threads=threads))
+    seconds = time.perf_counter() - start
+    truth = np.array(json.loads((case / "phantom.json").read_text(encoding="utf-8"))["sequences"]["t1c"]["world_to_native_lps"])
+    points = mask_points_mm(mask, 5000)
+    world = (np.linalg.inv(truth) @ np.c_[points, np.ones(len(points))].T).T[:, :3]
+    error = np.linalg.norm(np.array([estimate.TransformPoint(tuple(p)) for p in world]) - points, axis=1)
+    return {"case": case.name, "modality": "t1c", "method": "affine_to_atlas", "mean_mm": float(error.mean()),
+            "max_mm": float(error.max()), "seconds": seconds}
+
+
+def _ants_rows(python: Union[str, os.PathLike], cases: list[Path], work: Path, threads: int) -> list[dict]:
+    """ANTsPy ``Rigid`` (modality -> T1c), without and with the T1c brain mask, in its own venv."""
+    from .phantom import registration_error_mm
+
+    jobs, keys = [], []
+    for case in cases:
+        for modality in RIGID_MODALITIES:
+            for masked in (False, True):
+                jobs.append({"fixed": str(case / "t1c.nii.gz"), "moving": str(case / f"{modality}.nii.gz"), "kind": "Rigid",
+                             "mask": str(case / "brain_mask.nii.gz") if masked else None})
+                keys.append((case, modality, "ants_rigid_masked" if masked else "ants_rigid"))
+    script, job_file, out_file = work / "ants_rigid.py", work / "ants_jobs.json", work / "ants_rigid.json"
+    script.write_text(ANTS_RIGID_SCRIPT, encoding="utf-8")
+    job_file.write_text(json.dumps(jobs), encoding="utf-8")
+    env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    subprocess.run([str(python), str(script), str(job_file), str(out_file)], check=True, env=env, stdout=subprocess.DEVNULL)
+    rows = []
+    for (case, modality, method), done in zip(keys, json.loads(out_file.read_text(encoding="utf-8"))):
+        error = registration_error_mm(case, modality, np.array(done["matrix"]))
+        rows.append({"case": case.name, "modality": modality, "method": method, "mean_mm": error.mean_mm,
+                     "max_mm": error.max_mm, "seconds": done["seconds"]})
+    return rows
+
+
+def _hdbet_rows(cases: list[Path]) -> list[dict]:
+    """HD-BET (fast, CPU) on each native T1c: Dice with the phantom's brain mask, and seconds."""
+    from .imageio import read_image
+    from .plausibility import dice
+    from .skullstrip import skull_strip
+
+    rows = []
+    for case in cases:
+        t1c = read_image(case / "t1c.nii.gz", "T1c")
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "brain_mask.nii.gz"))) > 0
+        result = skull_strip(t1c, mode="fast", device="cpu")
+        meta = json.loads((case / "phantom.json").read_text(encoding="utf-8"))["sequences"]["t1c"]
+        rows.append({"case": case.name, "dice": dice(sitk.GetArrayFromImage(result.mask) > 0, truth),
+                     "seconds": result.seconds, "t1c_mode": meta["acquisition"]["mode"],
+                     "t1c_section": meta["acquisition"]["section"], "t1c_spacing_mm": t1c.GetSpacing()})
+    return rows
+
+
+def summarise_registration(rows: list[dict]) -> dict:
+    """Per method and modality: mean / median / max over cases of the mean error, worst point error, time, flags."""
+    summary: dict[str, dict] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for modality in RIGID_MODALITIES + ("t1c",):
+            sel = [r for r in rows if r["method"] == method and r["modality"] == modality]
+            if not sel:
+                continue
+            means = np.array([r["mean_mm"] for r in sel])
+            entry = {"cases": len(sel), "mean_mm": float(means.mean()), "median_mm": float(np.median(means)),
+                     "max_mm": float(means.max()), "worst_point_mm": float(max(r["max_mm"] for r in sel)),
+                     "cases_over_3mm": int((means > TARGET_CASE_MAX_MM).sum()),
+                     "median_seconds": float(np.median([r["seconds"] for r in sel]))}
+            if "suspect" in sel[0]:
+                entry["flagged"] = int(sum(r["suspect"] for r in sel))
+                entry["flagged_over_3mm"] = int(sum(r["suspect"] for r in sel if r["mean_mm"] > TARGET_CASE_MAX_MM))
+            summary.setdefault(method, {})[modality] = entry
+    return summary
+
+
+def registration_table(summary: dict) -> str:
+    """Markdown table of :func:`summarise_registration`."""
+    lines = ["| method | modality | cases | mean of means (mm) | median (mm) | max (mm) | worst point (mm) | > 3 mm | "
+             "flagged (of > 3 mm) | median s |", "|" + "---|" * 10]
+    for method, per in summary.items():
+        for modality, e in per.items():
+            flags = f"{e['flagged']} ({e['flagged_over_3mm']})" if "flagged" in e else "-"
+            lines.append(f"| {method} | {modality} | {e['cases']} | {e['mean_mm']:.2f} | {e['median_mm']:.2f} | "
+                         f"{e['max_mm']:.2f} | {e['worst_point_mm']:.2f} | {e['cases_over_3mm']} | {flags} | "
+                         f"{e['median_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_registration_bench(out_dir: Union[str, os.PathLike], cases: int = 20, seed: int = REGISTRATION_BENCH_SEED,
+                           spacing: Optional[float] = 3.0, ants_python: Optional[Union[str, os.PathLike]] = None,
+                           threads: int = 2, hdbet: bool = False) -> dict:
+    """Rigid registration (T1, FLAIR, ADC -> T1c) on clinical-protocol phantom cases against their ground truth.
+
+    Each case is registered by the legacy two-start code and the multi-start code (the
+    preprocessing's, with the phantom's brain mask in place of HD-BET), optionally by ANTsPy
+    ``Rigid`` (unmasked and masked) in ``ants_python``'s venv, and HD-BET's Dice is measured on
+    every native T1c with ``hdbet``. Writes ``registration.json`` (every row and the summary) and
+    ``registration.md`` (the table) into ``out_dir``; the phantom cases are kept in
+    ``out_dir/clinical-seed<seed>-<spacing>`` for the next run.
+    """
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = clinical_cohort(out, cases, seed, spacing)
+    rows = []
+    for index, case in enumerate(paths):
+        rows += _rigid_rows(case, threads) + [_affine_row(case, threads)]
+        print(f"registration bench: case {index + 1}/{len(paths)} ({case.name}): " + ", ".join(
+            f"{r['modality']} {r['method']} {r['mean_mm']:.2f} mm" for r in rows[-2 * len(RIGID_MODALITIES) - 1:]), flush=True)
+    if ants_python:
+        with tempfile.TemporaryDirectory(dir=out) as work:
+            rows += _ants_rows(ants_python, paths, Path(work), threads)
+    summary = summarise_registration(rows)
+    results: dict = {"protocol": f"clinical phantom, {cases} cases, seeds {seed}-{seed + cases - 1}, "
+                                 f"{'native voxels' if spacing is None else f'voxels >= {spacing:g} mm'}",
+                     "targets": {"mean_mm": TARGET_MEAN_MM, "case_max_mm": TARGET_CASE_MAX_MM},
+                     "threads": threads, "summary": summary, "rows": rows}
+    table = registration_table(summary)
+    if hdbet:
+        dices = _hdbet_rows(paths)
+        values = [r["dice"] for r in dices]
+        results["hdbet"] = {"rows": dices, "mean_dice": float(np.mean(values)), "min_dice": float(np.min(values)),
+                            "median_seconds": float(np.median([r["seconds"] for r in dices]))}
+        table += (f"\n\nHD-BET fast (CPU) on the native T1c: Dice vs phantom brain mask mean {np.mean(values):.3f}, "
+                  f"min {np.min(values):.3f} ({len(values)} cases)")
+    print(table)
+    write_text_atomic(json.dumps(results, indent=2, default=float), out / "registration.json")
+    write_text_atomic(table + "\n", out / "registration.md")
+    print(f"wrote {out / 'registration.json'} and {out / 'registration.md'}")
+    return results

@@ -87,6 +87,18 @@ def preprocess(
             skull_strip_mode=skull_strip, device=device, qc=qc, progress=report, overwrite=overwrite, strict=strict,
         )
     typer.echo(f"wrote {out_dir} ({result.timings_s.get('total', float('nan')):.1f} s)", err=progress == "json")
+    _check_registration_line(result.findings, "qc.png (--qc) and preprocess.json" if qc else "preprocess.json")
+
+
+def _check_registration_line(findings, where: str) -> None:
+    """A red ``CHECK REGISTRATION`` line on stderr naming the modalities whose registration looks wrong."""
+    from .imageio import display_name
+    from .plausibility import suspect_modalities
+
+    suspect = suspect_modalities(findings)
+    if suspect:
+        typer.secho(f"CHECK REGISTRATION: {', '.join(display_name(m) for m in suspect)} may be misaligned with the T1c "
+                    f"(see the warnings above and {where}).", err=True, fg=typer.colors.RED)
 
 
 def _preprocess_geometry(model: Optional[str], spacing: Optional[float], crop: Optional[tuple[int, int, int]]) -> Geometry:
@@ -163,17 +175,28 @@ def demo(
 def bench(
     out_dir: Path = typer.Argument(Path("bench-output"), help="Where the bench writes its phantom case and results.json."),
     ants_python: Optional[Path] = typer.Option(None, "--ants-python", help="Python of a separate venv with antspyx, for the ANTs peer timings."),
-    spacing: float = typer.Option(1.0, "--spacing", help="Phantom spacing in mm (1 mm: the paper's atlas resolution)."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Phantom spacing in mm (default 1 mm: the paper's atlas resolution; registration bench: 3 mm, 0 = the clinical protocol's native voxels)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for every measurement."),
-    only: Optional[str] = typer.Option(None, "--only", help="preprocessing, inference or end-to-end (default: all)."),
+    only: Optional[str] = typer.Option(None, "--only", help="preprocessing, registration, inference or end-to-end (default: all)."),
     device: str = typer.Option("cpu", "--device", help="Device of the inference bench: cpu or cuda (end-to-end and preprocessing stay on the CPU)."),
+    cases: int = typer.Option(20, "--cases", min=1, help="Registration bench: clinical-protocol phantom cases (kept in OUT_DIR for the next run)."),
+    hdbet: bool = typer.Option(False, "--hdbet", help="Registration bench: also run HD-BET on every case's T1c (Dice vs the phantom's brain mask; ~30 s a case on the CPU)."),
 ) -> None:
     """Benchmarks (ratios within one run; this machine is shared and noisy); writes OUT_DIR/*.json."""
     import json
 
     from ContrastAmplifierCommon.atomicfile import write_text_atomic
 
+    if only not in (None, "preprocessing", "registration", "inference", "end-to-end"):
+        fail(f"--only {only}: use preprocessing, registration, inference or end-to-end")
     results = {}
+    if only in (None, "registration"):
+        from .bench import run_registration_bench
+
+        clinical_spacing = 3.0 if spacing is None else (None if spacing == 0 else spacing)
+        results["registration"] = run_registration_bench(out_dir, cases=cases, spacing=clinical_spacing,
+                                                         ants_python=ants_python, threads=threads, hdbet=hdbet)
+    spacing = 1.0 if spacing is None else spacing
     if only in (None, "preprocessing"):
         from .bench import run_bench
 
@@ -228,6 +251,7 @@ def predict(
                               threads=threads, progress=report, overwrite=overwrite, strict=strict)
     typer.echo(f"wrote {result.output_path} ({result.n_predictions} predictions, {result.timings_s['total']:.1f} s)",
                err=progress == "json")
+    _check_registration_line(result.preprocessed.findings, "`contrast-amplifier preprocess --qc` on this case")
 
 
 @app.command("predict-cohort")
@@ -257,6 +281,10 @@ def predict_cohort(
     typer.echo(f"{len(rows)} cases: {sum(r['status'] == 'done' for r in rows)} done, "
                f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {len(failed)} failed; see {out_dir / 'summary.csv'}",
                err=progress == "json")
+    check = [f"{r['case']} ({str(r['check_registration']).replace(';', ', ')})" for r in rows if r.get("check_registration")]
+    if check:
+        typer.secho(f"CHECK REGISTRATION in {len(check)} case(s): {'; '.join(check)} (column check_registration of "
+                    "summary.csv).", err=True, fg=typer.colors.RED)
     if failed:
         raise typer.Exit(1)
 

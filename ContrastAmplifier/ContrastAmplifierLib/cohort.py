@@ -2,7 +2,8 @@
 
 Each case folder holds t1, flair, adc and t1c images. Finished cases (output present) are
 skipped, so an interrupted run resumes; a failing case is recorded in ``summary.csv`` with its
-error and does not stop the others.
+error and does not stop the others. ``summary.csv`` also names, per case, the modalities whose
+registration to the T1c looks wrong (``check_registration``) and every plausibility warning.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from .imageio import find_case_inputs
 from ContrastAmplifierCommon.progress import Cancelled, CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 OUTPUT_NAME = "T1c-pro.nii.gz"
-SUMMARY_COLUMNS = ("case", "status", "seconds", "n_predictions", "output", "error")
+#: ``check_registration``: modalities whose registration to the T1c looks wrong (``;``-separated);
+#: ``warnings``: every plausibility finding of the case as ``code:modality`` (``;``-separated).
+SUMMARY_COLUMNS = ("case", "status", "seconds", "n_predictions", "output", "error", "check_registration", "warnings")
 
 
 def _case_folders(cases_dir: Path) -> list[Path]:
@@ -54,6 +57,7 @@ def predict_cohort(
     cases folder, contain it, or be the current directory (checked before any work).
     """
     from .inference import _resolve_bundle, amplify_case
+    from .plausibility import suspect_modalities
     from ContrastAmplifierCommon.outputs import check_output_folder
 
     report = progress or null_progress
@@ -65,7 +69,8 @@ def predict_cohort(
     for index, folder in enumerate(folders):
         check_cancel(cancel)
         target = out_dir / folder.name / OUTPUT_NAME
-        row: dict[str, object] = {"case": folder.name, "status": "", "seconds": "", "n_predictions": "", "output": str(target), "error": ""}
+        row: dict[str, object] = {"case": folder.name, "status": "", "seconds": "", "n_predictions": "", "output": str(target),
+                                  "error": "", "check_registration": "", "warnings": ""}
         span = SubProgress(report, index / len(folders), (index + 1) / len(folders))
         if target.exists() and not overwrite:
             row["status"] = "skipped"
@@ -78,11 +83,16 @@ def predict_cohort(
                                       out_path=target, folds=folds, n_mirrorings=n_mirrorings, device=device,
                                       precision=precision, compile=compile, mapping=mapping, progress=span, cancel=cancel,
                                       overwrite=overwrite, strict=strict)
-                row.update(status="done", n_predictions=result.n_predictions)
+                row.update(status="done", n_predictions=result.n_predictions,
+                           check_registration=";".join(result.suspect_registrations),
+                           warnings=";".join(f"{f.code}:{f.modality}" for f in result.preprocessed.findings))
             except (Cancelled, KeyboardInterrupt):
                 raise
             except Exception as exc:  # one bad case must not stop the cohort
                 row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                findings = getattr(exc, "findings", ())  # --strict: a PlausibilityError lists them
+                row.update(check_registration=";".join(suspect_modalities(findings)),
+                           warnings=";".join(f"{f.code}:{f.modality}" for f in findings))
             row["seconds"] = round(time.perf_counter() - start, 2)
         rows.append(row)
         _write_summary(out_dir / "summary.csv", rows)

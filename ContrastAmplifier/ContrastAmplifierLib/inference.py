@@ -78,6 +78,13 @@ class AmplifyResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     mapping: str = "direct"
 
+    @property
+    def suspect_registrations(self) -> list[str]:
+        """Modalities whose registration to the T1c looks wrong (``registration.suspect`` findings)."""
+        from .plausibility import suspect_modalities
+
+        return suspect_modalities(self.preprocessed.findings)
+
 
 def _resolve_bundle(bundle: Union[ModelBundle, str, os.PathLike, None]) -> ModelBundle:
     if isinstance(bundle, ModelBundle):
@@ -245,5 +252,10 @@ def amplify_case(
         report("write", 0.97, str(out_path))
         written = write_image_atomic(image, out_path)
     timings["total"] = time.perf_counter() - start
-    report("done", 1.0, f"T1c-pro from {len(models) * n_mirrorings} predictions ({chosen_mapping} mapping)")
+    from .imageio import display_name
+    from .plausibility import suspect_modalities
+
+    suspect = suspect_modalities(case.findings)
+    check = f"; CHECK REGISTRATION: {', '.join(display_name(m) for m in suspect)}" if suspect else ""
+    report("done", 1.0, f"T1c-pro from {len(models) * n_mirrorings} predictions ({chosen_mapping} mapping){check}")
     return AmplifyResult(image, prediction, case, written, len(models) * n_mirrorings, timings, chosen_mapping)

@@ -35,13 +35,14 @@ from .plausibility import Finding
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 from .registration import (
     AffineSettings,
+    RigidResult,
     RigidSettings,
     Template,
     atlas_crop_grid,
     compose,
     load_template,
     register_affine,
-    register_rigid,
+    register_rigid_detailed,
     resample,
 )
 
@@ -141,6 +142,10 @@ class PreprocessedCase:
         timings_s: seconds per stage and ``"total"``.
         findings: plausibility warnings (:class:`.plausibility.Finding`), written to
             ``preprocess.json`` as ``"warnings"``; empty when every check passed.
+        registration: per transform, its final metric and quality measurements
+            (``t1c_to_<modality>``: :meth:`.registration.RigidResult.to_dict` plus ``suspect``;
+            ``atlas_to_t1c``: metric, atlas Dice and correlation), written to ``preprocess.json``
+            as ``"registration"``.
     """
 
     images: dict[str, sitk.Image]
@@ -153,6 +158,7 @@ class PreprocessedCase:
     geometry: Geometry
     timings_s: dict[str, float] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    registration: dict[str, dict] = field(default_factory=dict)
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -222,6 +228,7 @@ class PreprocessedCase:
                       "rigid modality -> T1c", "one B-spline resampling per image", "z-score in brain, clip, [0,1]"],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "warnings": [f.to_dict() for f in self.findings],
+            "registration": self.registration,
         }
         meta.update(extra or {})
         write_text_atomic(json.dumps(meta, indent=2), out / "preprocess.json")
@@ -244,6 +251,7 @@ class PreprocessedCase:
             geometry=Geometry.from_dict(meta["geometry"]),
             timings_s=meta.get("timings_s", {}),
             findings=[Finding(**f) for f in meta.get("warnings", [])],
+            registration=meta.get("registration", {}),
         )
 
 
@@ -286,7 +294,7 @@ def preprocess_case(
     """
     from . import plausibility as plaus
     from .imageio import ImageValidationError
-    from .registration import mask_points_mm
+    from .registration import affine_metric, mask_points_mm
 
     geometry = geometry or Geometry()
     sink = progress or null_progress
@@ -342,21 +350,32 @@ def preprocess_case(
     timings["register_affine"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fit = plaus.atlas_fit(template.image, template.brain_mask, t1c, native_mask, atlas_to_t1c)
+    registration: dict[str, dict] = {"atlas_to_t1c": {
+        "kind": "affine", "metric": round(affine_metric(template, t1c, native_mask, atlas_to_t1c, affine_settings), 5),
+        "atlas_dice": round(fit[0], 5), "atlas_correlation": round(fit[1], 5),
+        "seconds": round(timings["register_affine"], 3)}}
     flag(plaus.check_brain_mask(native_mask) + plaus.check_atlas_fit(*fit), t0)
     check_cancel(cancel)
 
     t1c_to: dict[str, sitk.Transform] = {}
     others = [m for m in images if m != REFERENCE]
+    rigid: dict[str, RigidResult] = {}
     t0 = time.perf_counter()
     for i, name in enumerate(others):
         report("register", 0.65 + 0.2 * i / max(len(others), 1), f"rigid {name} -> T1c")
-        t1c_to[name] = register_rigid(t1c, images[name], native_mask, rigid_settings)
+        rigid[name] = register_rigid_detailed(t1c, images[name], native_mask, rigid_settings)
+        t1c_to[name] = rigid[name].transform
         check_cancel(cancel)
     timings["register_rigid"] = time.perf_counter() - t0
     timings["registration"] = timings["register_affine"] + timings["register_rigid"]
     t0 = time.perf_counter()
     points = mask_points_mm(native_mask, 5000)
-    flag([f for name in others for f in plaus.check_alignment(name, t1c, images[name], t1c_to[name], native_mask, points)], t0)
+    group = []
+    for name in others:
+        suspect = plaus.check_registration(name, rigid[name])
+        registration[f"t1c_to_{name}"] = {**rigid[name].to_dict(), "suspect": bool(suspect)}
+        group += suspect + plaus.check_alignment(name, t1c, images[name], t1c_to[name], native_mask, points)
+    flag(group, t0)
     check_cancel(cancel)
 
     report("resample", 0.85, "one B-spline resampling per image")
@@ -383,12 +402,14 @@ def preprocess_case(
         check_cancel(cancel)
     timings["resample_normalize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
-    report("done", 1.0, "preprocessing finished")
+    misaligned = plaus.suspect_modalities(findings)
+    report("done", 1.0, "preprocessing finished" + (
+        f"; CHECK REGISTRATION: {', '.join(display_name(m) for m in misaligned)}" if misaligned else ""))
     ordered = {k: normalised[k] for k in [m for m in MODALITIES if m in normalised] + [m for m in normalised if m not in MODALITIES]}
     return PreprocessedCase(
         images=ordered, zscores=zscores, brain_mask=mask_atlas, native_brain_mask=native_mask,
         atlas_to_t1c=atlas_to_t1c, t1c_to=t1c_to, native_grid=NativeGrid.of(t1c), geometry=geometry, timings_s=timings,
-        findings=findings,
+        findings=findings, registration=registration,
     )
 
 

@@ -3,7 +3,9 @@
 
 One row per registered modality, three columns (axial, coronal, sagittal mid slices of the atlas
 crop grid), with the ICBM 2009a template's brain outline drawn in red: a misregistration shows
-as brain tissue crossing the outline.
+as brain tissue crossing the outline. A modality whose rigid registration to the T1c looks wrong
+(finding ``registration.suspect``, :func:`.plausibility.check_registration`) gets its row label
+in red, "CHECK REGISTRATION", and a red frame around its three views.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import SimpleITK as sitk
 
 from ContrastAmplifierCommon.atomicfile import atomic_path
 
+from .plausibility import suspect_modalities
 from .registration import Template, load_template, resample
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-__all__ = ["write_qc_png"]
+__all__ = ["write_qc_png", "qc_figure", "CHECK_LABEL"]
+
+#: Added to the row label of a modality whose registration looks wrong.
+CHECK_LABEL = "CHECK REGISTRATION"
+SUSPECT_COLOUR = "red"
 
 
 def _views(volume: np.ndarray):
@@ -34,6 +42,15 @@ def _views(volume: np.ndarray):
 
 def write_qc_png(case, path: Union[str, os.PathLike], template: Optional[Template] = None, dpi: int = 80) -> Path:
     """Write the QC PNG of a :class:`preprocessing.PreprocessedCase` to ``path``."""
+    fig = qc_figure(case, template)
+    path = Path(path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    return path
+
+
+def qc_figure(case, template: Optional[Template] = None) -> Figure:
+    """The QC figure of a :class:`preprocessing.PreprocessedCase` (see the module docstring)."""
     from matplotlib.figure import Figure  # no pyplot: the caller's (or Slicer's) backend is left alone
 
     template = template or load_template(1)
@@ -41,6 +58,7 @@ def write_qc_png(case, path: Union[str, os.PathLike], template: Optional[Templat
         resample(template.brain_mask, case.brain_mask, None, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     ).astype(float)
     names = list(case.images)
+    suspect = set(suspect_modalities(getattr(case, "findings", [])))
     fig = Figure(figsize=(9, 3 * len(names)))
     axes = fig.subplots(len(names), 3, squeeze=False)
     for row, name in enumerate(names):
@@ -53,13 +71,24 @@ def write_qc_png(case, path: Union[str, os.PathLike], template: Optional[Templat
                 ax.contour(contour, levels=[0.5], colors="red", linewidths=0.8, origin="lower")
             ax.set_xticks([])
             ax.set_yticks([])
-            if col == 0:
+            if name in suspect:
+                _mark_suspect(ax, name, label=col == 0)
+            elif col == 0:
                 ax.set_ylabel(name.upper())
             if row == 0:
                 ax.set_title(view)
-    fig.suptitle("Registered to ICBM 2009a (red: template brain outline)", fontsize=10)
+    title = "Registered to ICBM 2009a (red: template brain outline)"
+    if suspect:
+        title += f"\n{CHECK_LABEL}: " + ", ".join(n.upper() for n in names if n in suspect)
+    fig.suptitle(title, fontsize=10, color=SUSPECT_COLOUR if suspect else "black")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=dpi)
-    return path
+    return fig
+
+
+def _mark_suspect(ax: Axes, name: str, label: bool) -> None:
+    """Red frame around a view of a suspect modality; on the first view, the red row label."""
+    for spine in ax.spines.values():
+        spine.set_edgecolor(SUSPECT_COLOUR)
+        spine.set_linewidth(2.5)
+    if label:
+        ax.set_ylabel(f"{name.upper()}\n{CHECK_LABEL}", color=SUSPECT_COLOUR, fontweight="bold")

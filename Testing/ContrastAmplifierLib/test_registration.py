@@ -10,8 +10,11 @@ import SimpleITK as sitk
 
 from ContrastAmplifierLib.bench import known_affine, moved_template
 from ContrastAmplifierLib.registration import (
+    AffineSettings,
+    RigidSettings,
     atlas_crop_grid,
     compose,
+    concrete_transform,
     load_template,
     mask_points_mm,
     mean_point_error_mm,
@@ -112,3 +115,46 @@ def test_rigid_starts_from_scanner_coordinates_when_fields_of_view_differ(small_
     error = float(np.linalg.norm(np.array([estimate.TransformPoint(tuple(p)) for p in points]) - truth, axis=1).mean())
     print(f"\ntruncated FLAIR -> T1c: mean {error:.2f} mm")
     assert error < 3.0  # 3 mm phantom voxels
+
+
+# -- SimpleITK as Slicer ships it (2.2.1 in 5.6, 2.3.1 in 5.8) -------------------------------------
+
+
+def _head(cx: float, cy: float, cz: float) -> sitk.Image:
+    z, y, x = np.mgrid[:40, :40, :40].astype(np.float32)
+    r2 = (x - cx) ** 2 / 120 + (y - cy) ** 2 / 160 + (z - cz) ** 2 / 100
+    inner = (x - cx - 3) ** 2 / 20 + (y - cy) ** 2 / 30 + (z - cz + 2) ** 2 / 25
+    image = sitk.GetImageFromArray((1000 * np.exp(-r2) + 500 * np.exp(-inner)).astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    return image
+
+
+@pytest.fixture()
+def generic_initializer(monkeypatch):
+    """``CenteredTransformInitializer`` returning the generic ``sitk.Transform``, as SimpleITK 2.2/2.3 do
+    (2.4+ return the concrete class: a test on those alone would not see the difference)."""
+    real = sitk.CenteredTransformInitializer
+
+    def as_before_2_4(*args, **kwargs):
+        return sitk.Transform(real(*args, **kwargs))
+
+    monkeypatch.setattr(sitk, "CenteredTransformInitializer", as_before_2_4)
+    assert type(sitk.CenteredTransformInitializer(_head(20, 20, 20), _head(20, 20, 20), sitk.Euler3DTransform())) is sitk.Transform
+
+
+def test_rigid_and_affine_accept_the_generic_transforms_of_simpleitk_before_2_4(generic_initializer):
+    fixed, moving = _head(20, 20, 20), _head(21, 19, 20)
+    rigid = register_rigid(fixed, moving, settings=RigidSettings(iterations=(20, 10, 5)))
+    assert type(rigid) is sitk.Euler3DTransform
+    assert rigid.TransformPoint((40.0, 40.0, 40.0)) == pytest.approx((42.0, 38.0, 40.0), abs=1.0)
+    affine = register_affine(fixed, moving, settings=AffineSettings(iterations=(20, 10, 5)))
+    assert type(affine) is sitk.AffineTransform
+
+
+def test_concrete_transform_downcasts_or_says_what_it_got():
+    generic = sitk.Transform(sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, 0.0, 0.0, (0.0, 0.0, 1.0)))
+    euler = concrete_transform(generic, sitk.Euler3DTransform)
+    assert type(euler) is sitk.Euler3DTransform and euler.GetCenter() == pytest.approx((1.0, 2.0, 3.0))
+    assert concrete_transform(euler, sitk.Euler3DTransform) is euler
+    with pytest.raises(TypeError, match="expected a transform of type AffineTransform, got Euler3DTransform"):
+        concrete_transform(generic, sitk.AffineTransform)
