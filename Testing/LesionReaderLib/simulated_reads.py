@@ -110,16 +110,18 @@ def simulate_reads(folder: Path, n_cases: int = 16, readers=("R1", "R2"), phases
             sec = max(10.0, rng.gauss(100 + 60 * (p == "T1c-pro") + 10 * len(sim.reference[c]), 30))
             sim.grades[(r, p)][c] = (g, round(sec, 3))
             grades.append({"reader": r, "phase": p, "case": c, "grade": g, "seconds": round(sec, 3), "excluded": int(c in excluded)})
-    with open(folder / "grades.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, GRADES_COLUMNS)
-        w.writeheader()
-        w.writerows(grades)
-    with open(folder / "lesions.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, LESIONS_COLUMNS)
-        w.writeheader()
-        w.writerows(lesions)
+    write_csv(folder / "grades.csv", GRADES_COLUMNS, grades)
+    write_csv(folder / "lesions.csv", LESIONS_COLUMNS, lesions)
     return sim
 
 
 def i_of(case: str) -> int:
     return int(case.split("_")[1])
+
+
+def write_csv(path: Path, columns, rows) -> None:
+    """``rows`` (dicts) as a CSV file with header ``columns``, the way the reads exports write them."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
+        writer.writerows(rows)

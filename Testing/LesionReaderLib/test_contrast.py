@@ -253,7 +253,7 @@ def test_phantom_cnr_orders_with_dose(phantom_case, tmp_path):
 
 def test_phantom_contrast_through_analyze(phantom_case, tmp_path):
     """analyze on a bare CSV folder + volumes.csv: the reference axes from lesions.json."""
-    import csv
+    from simulated_reads import write_csv
 
     from LesionReaderLib.analysis import GRADES_COLUMNS, LESIONS_COLUMNS, analyze
 
@@ -265,15 +265,10 @@ def test_phantom_contrast_through_analyze(phantom_case, tmp_path):
         (a, b), (c, d) = l["long_axis_ras"], l["short_axis_ras"]
         rows.append(dict(zip(LESIONS_COLUMNS, ["R2", "T1c-vfa", "case_000", l["id"], l["long_mm"], l["short_mm"], *a, *b, *c, *d, *l["center_ras"]])))
         rows.append(dict(zip(LESIONS_COLUMNS, ["R1", "T1c", "case_000", l["id"], l["long_mm"], l["short_mm"], *a, *b, *c, *d, *l["center_ras"]])))
-    with open(folder / "lesions.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, LESIONS_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    with open(folder / "grades.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, GRADES_COLUMNS)
-        w.writeheader()
-        w.writerow({"reader": "R2", "phase": "T1c-vfa", "case": "case_000", "grade": 3, "seconds": 60, "excluded": 0})
-        w.writerow({"reader": "R1", "phase": "T1c", "case": "case_000", "grade": 3, "seconds": 50, "excluded": 0})
+    write_csv(folder / "lesions.csv", LESIONS_COLUMNS, rows)
+    write_csv(folder / "grades.csv", GRADES_COLUMNS,
+              [{"reader": "R2", "phase": "T1c-vfa", "case": "case_000", "grade": 3, "seconds": 60, "excluded": 0},
+               {"reader": "R1", "phase": "T1c", "case": "case_000", "grade": 3, "seconds": 50, "excluded": 0}])
     (folder / "volumes.csv").write_text(
         "case,T1,T1c-low,T1c,T1c-x4,brain_mask,lesion_labels\n"
         f"case_000,{aligned['t1']},{aligned['t1c_low']},{case / 't1c.nii.gz'},{case / 't1c_x4.nii.gz'},"
