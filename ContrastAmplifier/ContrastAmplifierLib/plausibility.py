@@ -497,6 +497,8 @@ def check_registration(modality: str, result) -> list[Finding]:
     1.7-2.8 mm, 1.4-2.2 at 3.6-4.1 mm, below 1.5 beyond 6 mm; so errors above ~3.5 mm are
     flagged and errors below ~2.5 mm are not. At the clinical native voxels right registrations
     have sharper peaks (3.6-5.6 on seed 708). ``bench.py --only registration`` reports the flags.
+    The peak is calibrated for registrations measured over the T1c brain mask (as preprocessing
+    runs them); over a whole-head foreground (no mask given) scalp and skull lower it.
 
     Args:
         modality: the registered modality (``"flair"``...).

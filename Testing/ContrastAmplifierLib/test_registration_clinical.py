@@ -9,7 +9,7 @@ Cases at 3 mm (the bench's cohort, seeds 700-719, ``contrast-amplifier bench --o
   two-start code ended 86 mm away (the grid-centre start won; the scanner start was dragged off
   by the cut slab).
 * seed 718: the ADC slab is cut at the skull base too, tilted 12.5 degrees; the legacy code ended
-  11-12 mm away.
+  11-13 mm away.
 
 The phantom's own brain mask replaces HD-BET (measured in the bench with ``--hdbet``).
 """
