@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ContrastAmplifierCommon.atomicfile import write_text_atomic
-from .registration import AffineSettings, Template, load_template, mask_points_mm, mean_point_error_mm, register_affine
+from .registration import AffineSettings, Template, load_template, mask_points_mm, mean_point_error_mm, register_affine, skull_stripped
 
 __all__ = ["known_affine", "moved_template", "synthetic_head_case", "run_ants", "run_bench"]
 
@@ -375,7 +375,7 @@ def _affine_row(case: Path, threads: int) -> dict:
     t1c = read_image(case / "t1c.nii.gz", "T1c")
     mask = sitk.ReadImage(str(case / "brain_mask.nii.gz"), sitk.sitkUInt8)
     start = time.perf_counter()
-    estimate = register_affine(template.image, sitk.Mask(t1c, mask), template.brain_mask, mask, AffineSettings(threads=threads))
+    estimate = register_affine(template.image, skull_stripped(t1c, mask), template.brain_mask, mask, AffineSettings(threads=threads))
     seconds = time.perf_counter() - start
     error = _atlas_error_mm(case, estimate, mask)
     return {"case": case.name, "modality": "t1c", "method": "affine_to_atlas", "mean_mm": float(error.mean()),
@@ -404,7 +404,7 @@ def _ants_rows(python: Union[str, os.PathLike], cases: list[Path], work: Path, t
             keys.append((case, modality, "ants_rigid"))
         brain = work / f"{case.name}_t1c_brain.nii.gz"
         mask = sitk.ReadImage(str(case / "brain_mask.nii.gz"), sitk.sitkUInt8)
-        sitk.WriteImage(sitk.Mask(read_image(case / "t1c.nii.gz", "T1c"), mask), str(brain))
+        sitk.WriteImage(skull_stripped(read_image(case / "t1c.nii.gz", "T1c"), mask), str(brain))
         jobs.append({"fixed": str(template_path), "moving": str(brain), "kind": "AffineFast"})
         keys.append((case, "t1c", "ants_affine_fast"))
     script, job_file, out_file = work / "ants_rigid.py", work / "ants_jobs.json", work / "ants_rigid.json"
@@ -463,6 +463,8 @@ def summarise_registration(rows: list[dict]) -> dict:
             if "suspect" in sel[0]:
                 entry["flagged"] = int(sum(r["suspect"] for r in sel))
                 entry["flagged_over_3mm"] = int(sum(r["suspect"] for r in sel if r["mean_mm"] > TARGET_CASE_MAX_MM))
+            if "other_findings" in sel[0]:  # the other alignment checks (field of view, motion, edges)
+                entry["warned"] = int(sum(bool(r["other_findings"]) for r in sel))
             summary.setdefault(method, {})[modality] = entry
     return summary
 
@@ -470,13 +472,13 @@ def summarise_registration(rows: list[dict]) -> dict:
 def registration_table(summary: dict) -> str:
     """Markdown table of :func:`summarise_registration`."""
     lines = ["| method | modality | cases | mean of means (mm) | median (mm) | max (mm) | worst point (mm) | > 3 mm | "
-             "flagged (of > 3 mm) | median s |", "|" + "---|" * 10]
+             "flagged (of > 3 mm) | other warnings | median s |", "|" + "---|" * 11]
     for method, per in summary.items():
         for modality, e in per.items():
             flags = f"{e['flagged']} ({e['flagged_over_3mm']})" if "flagged" in e else "-"
             lines.append(f"| {method} | {modality} | {e['cases']} | {e['mean_mm']:.2f} | {e['median_mm']:.2f} | "
                          f"{e['max_mm']:.2f} | {e['worst_point_mm']:.2f} | {e['cases_over_3mm']} | {flags} | "
-                         f"{e['median_seconds']:.2f} |")
+                         f"{e.get('warned', '-')} | {e['median_seconds']:.2f} |")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from .imagefiles import (  # noqa: F401  (re-exported)
     ImageValidationError,
     find_image,
     image_suffix,
+    is_adc_name,
     read_dicom_series,
 )
 
@@ -41,6 +42,11 @@ SPACING_RANGE_MM = (0.05, 20.0)
 #: up to ~350 mm). 500 mm leaves room for all of these and catches wrong header units or
 #: spacing (a 67-voxel axis at 15 mm is 1 m, which HD-BET would resample to 1.5 mm: tens of GB).
 MAX_FIELD_OF_VIEW_MM = 500.0
+
+#: Smallest extent (mm) along every axis of an input series that can hold a whole brain. An adult
+#: brain is about 140 x 170 x 120 mm (left-right, front-back, cerebrum height); 60 mm is less than
+#: half of it: a localiser or scout (1-5 slices), a targeted slab or a single-slice export.
+MIN_SERIES_EXTENT_MM = 60.0
 
 #: Suffixes whose voxel payload SimpleITK reads without complaint when truncated, and whose NaN
 #: and infinite floats it returns as 0: their raw data is checked with nibabel as well.
@@ -307,10 +313,17 @@ def _unreadable(name: str, path: Path, exc: BaseException) -> ImageValidationErr
 
 
 def _more_than_one_volume(name: str, shape) -> str:
-    return (
+    """``name``: the input as messages call it, ``"ADC"`` or ``"ADC (path)"`` (see :func:`_describe`)."""
+    message = (
         f"{name} holds {int(np.prod(shape[3:]))} volumes ({'x'.join(str(s) for s in shape)}, 4D); a single 3D volume is "
-        "required. Export the one volume this input needs (for diffusion, the ADC map, not the b-value series)."
+        "required. "
     )
+    if is_adc_name(name.split(" (", 1)[0]):
+        return message + (
+            "This looks like the diffusion-weighted series (one volume per b-value), not the ADC map: export the ADC "
+            "map (one 3D volume) instead."
+        )
+    return message + "Export the single 3D volume this input needs, not a series of b-values, echoes or time points."
 
 
 def _non_finite_message(name: str, bad: int, total: int) -> str:
@@ -362,6 +375,23 @@ def validate_image(image: sitk.Image, name: str = "image") -> None:
     if float(array.max()) == float(array.min()):
         raise ImageValidationError(
             f"{name} is empty (every voxel equals {float(array.min()):g}); load the right series."
+        )
+
+
+def check_series_extent(image: sitk.Image, name: str = "image") -> None:
+    """Refuse a series too thin to hold a brain (:data:`MIN_SERIES_EXTENT_MM` along some axis).
+
+    Raises:
+        ImageValidationError: names the input, its extent and slices along that axis, and the fix.
+    """
+    extents = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
+    axis = int(np.argmin(extents))
+    if extents[axis] < MIN_SERIES_EXTENT_MM:
+        n, spacing = image.GetSize()[axis], image.GetSpacing()[axis]
+        raise ImageValidationError(
+            f"{name} covers only {extents[axis]:.0f} mm along its {('first', 'second', 'third')[axis]} axis ({n} slices of "
+            f"{spacing:g} mm; at least {MIN_SERIES_EXTENT_MM:.0f} mm needed): a localiser, a scout or a partial slab, "
+            f"not a whole-brain series. Load the whole-brain {name} series."
         )
 
 

@@ -22,7 +22,7 @@ saw (same clip, same atlas grid). A voxel the network leaves unchanged then keep
 T1c value exactly, so the T1c's own resolution survives a model that works on a coarser grid
 (the 3 mm phantom demo on a 1 mm T1c: same enhancement, no 3 mm blur), and nothing is capped at
 the upper clip. ``"auto"`` (default) takes ``"residual"`` when the model's grid is more than
-:data:`RESIDUAL_SPACING_RATIO` times coarser than the T1c's finest spacing, else ``"direct"``
+:data:`RESIDUAL_SPACING_RATIO` times coarser than the T1c's finest spacing (or more), else ``"direct"``
 (the paper's case: a 1 mm model on a ~1 mm T1c).
 """
 
@@ -124,7 +124,8 @@ def prediction_to_native_intensity(
     if mapping == "residual":
         z_input = (low + case.arrays["t1c"] * (high - low)).astype(np.float32)
         z_atlas = np.where(case.mask_array, z_atlas - z_input, 0.0).astype(np.float32)
-    z_native = sitk.GetArrayFromImage(case.to_native(z_atlas))
+    # Thick native slices get the mean over their slab (a 5 mm slice of a 1 mm prediction), not the centre plane.
+    z_native = sitk.GetArrayFromImage(case.to_native(z_atlas, average_slabs=True))
     mean, sd = brain_statistics(t1c_native, case.native_brain_mask)
     native_t1c = sitk.GetArrayFromImage(t1c_native).astype(np.float32)
     # Brain voxels that the atlas crop covers get the prediction; everything else keeps the T1c.
@@ -146,7 +147,7 @@ def resolve_mapping(mapping: str, model_spacing: Sequence[float], t1c_spacing: S
         raise ValueError(f"--mapping must be one of {', '.join(MAPPINGS)} (got {mapping!r})")
     if mapping != "auto":
         return mapping
-    coarser = min(model_spacing) > RESIDUAL_SPACING_RATIO * min(t1c_spacing)
+    coarser = min(model_spacing) >= RESIDUAL_SPACING_RATIO * min(t1c_spacing) - 1e-6
     return "residual" if coarser else "direct"
 
 

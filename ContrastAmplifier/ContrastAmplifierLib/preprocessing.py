@@ -117,12 +117,42 @@ class NativeGrid:
     def of(cls, image: sitk.Image) -> NativeGrid:
         return cls(tuple(image.GetSize()), tuple(image.GetOrigin()), tuple(image.GetSpacing()), tuple(image.GetDirection()))
 
+    def refined(self, factors: Sequence[int]) -> NativeGrid:
+        """The grid with each voxel split into ``factors`` (x, y, z) sub-voxels covering the same space."""
+        if tuple(factors) == (1, 1, 1):
+            return self
+        direction = np.array(self.direction).reshape(3, 3)
+        spacing = np.array(self.spacing) / np.array(factors)
+        # The first sub-voxel's centre lies half a voxel minus half a sub-voxel before the voxel's.
+        shift = direction @ ((spacing - np.array(self.spacing)) / 2.0)
+        fx, fy, fz = (int(f) for f in factors)
+        ox, oy, oz = (float(v) for v in np.array(self.origin) + shift)
+        sx, sy, sz = (float(v) for v in spacing)
+        return NativeGrid((self.size[0] * fx, self.size[1] * fy, self.size[2] * fz), (ox, oy, oz), (sx, sy, sz),
+                          self.direction)
+
     def reference(self, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:
         image = sitk.Image(list(self.size), pixel_type)
         image.SetOrigin(self.origin)
         image.SetSpacing(self.spacing)
         image.SetDirection(self.direction)
         return image
+
+
+#: A native axis counts as a slab axis when its spacing exceeds the atlas grid's by this factor.
+SLAB_RATIO = 1.5
+
+
+def slab_factors(native_spacing: Sequence[float], atlas_spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Sub-voxels per native voxel along x, y, z for slab averaging (:meth:`PreprocessedCase.to_native`).
+
+    An axis whose spacing is more than :data:`SLAB_RATIO` times the atlas grid's largest spacing is
+    split into ``ceil(spacing / atlas spacing)`` sub-voxels (a 5 mm slice on a 1 mm atlas grid: 5);
+    the others are left whole (1).
+    """
+    step = max(float(v) for v in atlas_spacing)
+    x, y, z = (int(np.ceil(s / step - 1e-6)) if s > SLAB_RATIO * step else 1 for s in native_spacing)
+    return x, y, z
 
 
 @dataclass
@@ -183,13 +213,17 @@ class PreprocessedCase:
         return image
 
     def to_native(self, data: Union[np.ndarray, sitk.Image], interpolator: int = sitk.sitkLinear,
-                  default: float = 0.0) -> sitk.Image:
+                  default: float = 0.0, average_slabs: bool = False) -> sitk.Image:
         """Map an atlas-space array or image back onto the native T1c grid.
 
         Args:
             data: (z, y, x) array on the crop grid, or any image in atlas space.
             interpolator: SimpleITK interpolator (linear by default; nearest for labels).
             default: value outside the crop grid.
+            average_slabs: along native axes coarser than the atlas grid (the slices of a 2D
+                stack, 4-6 mm against 1 mm), give each voxel the mean over its whole slab
+                instead of the value at its centre, as the scanner does (:func:`slab_factors`).
+                For intensities, not labels.
 
         Returns:
             Image with the input T1c's size, origin, spacing and direction.
@@ -198,8 +232,20 @@ class PreprocessedCase:
         pixel = image.GetPixelID() if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
         if pixel != image.GetPixelID():
             image = sitk.Cast(image, pixel)
-        return sitk.Resample(image, self.native_grid.reference(pixel), self.atlas_to_t1c.GetInverse(),
-                             interpolator, default, pixel)
+        factors = slab_factors(self.native_grid.spacing, image.GetSpacing()) if average_slabs else (1, 1, 1)
+        reference = self.native_grid.refined(factors).reference(pixel)
+        native = sitk.Resample(image, reference, self.atlas_to_t1c.GetInverse(), interpolator, default, pixel)
+        if factors == (1, 1, 1):
+            return native
+        array = sitk.GetArrayViewFromImage(native)
+        nx, ny, nz = self.native_grid.size
+        fx, fy, fz = factors
+        averaged = array.reshape(nz, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+        out = sitk.GetImageFromArray(averaged)
+        out.SetOrigin(self.native_grid.origin)
+        out.SetSpacing(self.native_grid.spacing)
+        out.SetDirection(self.native_grid.direction)
+        return out
 
     def write(self, out_dir: Union[str, os.PathLike], extra: Optional[dict] = None) -> Path:
         """Write images, mask, transforms and ``preprocess.json`` into ``out_dir`` (see module doc)."""
@@ -289,12 +335,14 @@ def preprocess_case(
         strict: raise at the first group of checks with findings instead of warning.
 
     Raises:
-        ImageValidationError: an input is missing, unreadable, 2D, empty or not finite.
+        ImageValidationError: an input is missing, unreadable, 2D, empty or not finite, too thin
+            to hold a brain (a localiser or slab: :func:`.imageio.check_series_extent`), or its
+            field of view misses most of the T1c brain (:func:`.plausibility.check_coverage`).
         PlausibilityError: ``strict`` and a plausibility check failed (lists that group's findings).
     """
     from . import plausibility as plaus
-    from .imageio import ImageValidationError
-    from .registration import affine_metric, mask_points_mm
+    from .imageio import ImageValidationError, check_series_extent
+    from .registration import affine_metric, mask_points_mm, skull_stripped
 
     geometry = geometry or Geometry()
     sink = progress or null_progress
@@ -321,6 +369,8 @@ def preprocess_case(
     report("read", 0.0, "reading and validating inputs")
     t0 = time.perf_counter()
     images = {name: read_image(src, display_name(name)) for name, src in inputs.items()}
+    for name, image in images.items():
+        check_series_extent(image, display_name(name))
     native_mask_in = read_image(brain_mask, "brain mask") if brain_mask is not None else None
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -345,7 +395,7 @@ def preprocess_case(
     report("register", 0.55, "affine T1c brain -> ICBM 2009a")
     template = template or load_template(1)
     t0 = time.perf_counter()
-    atlas_to_t1c = register_affine(template.image, sitk.Mask(t1c, native_mask), template.brain_mask, native_mask,
+    atlas_to_t1c = register_affine(template.image, skull_stripped(t1c, native_mask), template.brain_mask, native_mask,
                                    affine_settings)
     timings["register_affine"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -374,7 +424,11 @@ def preprocess_case(
     for name in others:
         suspect = plaus.check_registration(name, rigid[name])
         registration[f"t1c_to_{name}"] = {**rigid[name].to_dict(), "suspect": bool(suspect)}
-        group += suspect + plaus.check_alignment(name, t1c, images[name], t1c_to[name], native_mask, points)
+        found = suspect + plaus.check_alignment(name, t1c, images[name], t1c_to[name], native_mask, points)
+        # An input that misses most of the brain is an error, not a warning.
+        doubtful = any(f.code == plaus.REGISTRATION_SUSPECT or f.code.startswith("motion.") for f in found)
+        plaus.check_coverage(name, points, t1c_to[name], images[name], doubtful)
+        group += found
     flag(group, t0)
     check_cancel(cancel)
 

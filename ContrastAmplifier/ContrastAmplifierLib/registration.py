@@ -177,6 +177,21 @@ def load_template(resolution_mm: int = 1) -> Template:
     return Template(image=image, brain_mask=mask)
 
 
+def skull_stripped(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
+    """``image`` inside ``mask``, shifted so that its darkest brain voxel is 0, and 0 outside.
+
+    Everything that is not brain (the stripped skull, and what resampling fills in outside the
+    field of view) then sits at the brain's dark end whatever offset the scanner stored (a
+    background of -1500 is common), so the registration and the checks that use it give the
+    same result for ``a * image + b`` (``a > 0``) as for ``image``.
+    """
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    inside = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    values = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(inside) > 0]
+    darkest = float(values.min()) if values.size else 0.0
+    return sitk.Mask(image - darkest, inside)
+
+
 def crop_to_mask(image: sitk.Image, mask: sitk.Image, margin_mm: float) -> sitk.Image:
     """Crop ``image`` to the bounding box of ``mask`` (same grid) plus a margin in mm."""
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -729,7 +744,7 @@ def affine_metric(template: Template, t1c: sitk.Image, brain_mask: sitk.Image, a
     Template brain (fixed, inside its mask) against the skull-stripped native T1c, as
     :func:`register_affine` saw them; for ``preprocess.json``.
     """
-    moving = sitk.Mask(sitk.Cast(t1c, sitk.sitkFloat32), sitk.Cast(brain_mask > 0, sitk.sitkUInt8))
+    moving = skull_stripped(t1c, brain_mask)
     return _metric_at_level(template.image, moving, template.brain_mask, atlas_to_t1c, settings,
                             len(settings.level_spacing_mm) - 1)
 

@@ -318,3 +318,16 @@ def test_dicom_series_reader_refuses_empty_and_mixed_folders(tmp_path):
         read_image(tmp_path / "empty", "T1c")
     with pytest.raises(ImageValidationError, match="holds no DICOM series"):
         dicom_series_files(tmp_path / "empty")
+
+
+def test_series_too_thin_for_a_brain_is_named_with_its_slices():
+    from ContrastAmplifierLib.imageio import MIN_SERIES_EXTENT_MM, check_series_extent
+
+    scout = sitk.Image([256, 256, 3], sitk.sitkFloat32)
+    scout.SetSpacing((0.9, 0.9, 5.0))
+    with pytest.raises(ImageValidationError, match=re.escape(
+            "T2-FLAIR covers only 15 mm along its third axis (3 slices of 5 mm; at least 60 mm needed): a localiser")):
+        check_series_extent(scout, "T2-FLAIR")
+    whole = sitk.Image([256, 256, 12], sitk.sitkFloat32)
+    whole.SetSpacing((0.9, 0.9, MIN_SERIES_EXTENT_MM / 12))  # exactly 60 mm: a (short) whole-brain stack
+    check_series_extent(whole, "T1")

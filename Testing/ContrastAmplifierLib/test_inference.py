@@ -106,6 +106,8 @@ def test_mapping_auto_is_residual_only_for_a_coarser_model():
     assert resolve_mapping("auto", (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)) == "direct"  # the paper's model
     assert resolve_mapping("auto", (1.0, 1.0, 1.0), (0.9, 0.9, 5.0)) == "direct"
     assert resolve_mapping("auto", (3.0, 3.0, 3.0), (3.0, 3.0, 3.0)) == "direct"
+    assert resolve_mapping("auto", (3.0, 3.0, 3.0), (2.0, 2.0, 5.5)) == "residual"  # exactly 1.5 x: residual
+    assert resolve_mapping("auto", (3.0, 3.0, 3.0), (2.1, 2.1, 5.5)) == "direct"
     assert resolve_mapping("residual", (1.0,) * 3, (1.0,) * 3) == "residual"
     with pytest.raises(ValueError, match="--mapping must be one of auto, direct, residual"):
         resolve_mapping("sharp", (1.0,) * 3, (1.0,) * 3)

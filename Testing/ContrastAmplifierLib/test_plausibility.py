@@ -22,8 +22,9 @@ from ContrastAmplifierLib.preprocessing import Geometry, PreprocessedCase, prepr
 
 MODALITIES = ("t1", "flair", "adc", "t1c")
 GEOMETRY = Geometry(spacing=(4.0, 4.0, 4.0), crop_size=(40, 48, 40))
-#: Seed of the "other patient": its FLAIR pose lies 25.8 mm (rigid fit, brain points) from seed 31's T1c.
-OTHER_PATIENT_SEED = 990702
+#: Seed of the "other patient": its FLAIR pose is turned by 18 degrees and shifted by 23 mm (rigid fit
+#: of the brain points) from seed 31's T1c.
+OTHER_PATIENT_SEED = 990717
 
 
 def _image(array: np.ndarray, spacing: float = 2.0) -> sitk.Image:
@@ -62,20 +63,37 @@ def test_distinct_levels():
     assert P.distinct_levels(np.arange(5000.0), limit=1000) == 1000
 
 
+def test_border_position_puts_air_at_the_bottom_whatever_the_offset():
+    head = np.zeros((20, 20, 20), np.float32)
+    head[5:15, 5:15, 5:15] = 100.0  # faces: air (0); 0.5th / 99.5th percentiles 0 and 100
+    assert P.border_position(head) == 0.0
+    assert P.border_position(head - 1500.0) == 0.0  # a scanner offset moves nothing
+    assert P.border_position(-head - 1.0) == pytest.approx(1.0)  # inverted: air is the brightest
+    ramp = np.linspace(0.0, 1.0, 8000, dtype=np.float32).reshape(20, 20, 20)  # z = 0 face low, z = 19 high
+    assert P.border_position(ramp) == pytest.approx(0.5, abs=0.05)
+    assert P.border_position(np.ones((4, 4, 4))) == 0.0
+
+
 def test_check_intensity_flags_negated_and_label_images():
     ramp = np.linspace(0.0, 1000.0, 20 * 20 * 20, dtype=np.float32).reshape(20, 20, 20)
     assert P.check_intensity(_image(ramp), "t1c") == []
-    (negated,) = P.check_intensity(_image(-ramp - 1.0), "t1c")
-    # |a| has 99th percentile 1 + 0.99 x 1000 = 991: voxels above -19.82 (ramp < 18.82) are tolerated.
+    head = np.zeros((20, 20, 20), np.float32)
+    head[5:15, 5:15, 5:15] = np.linspace(50.0, 100.0, 1000).reshape(10, 10, 10)
+    # Negated (air -1, head -51..-101): |a| has 99th percentile 100.5 (tolerance -2.01): the 1000 head
+    # voxels of 8000 count, the air does not; the air is the brightest part.
+    (negated,) = P.check_intensity(_image(-head - 1.0), "t1c")
     assert (negated.code, negated.modality) == ("intensity.negative", "t1c")
-    assert negated.value == pytest.approx(1 - 18.82 / 1000, abs=2e-4)
+    assert negated.value == pytest.approx(1000 / 8000)
     assert negated.threshold == P.MAX_NEGATIVE_FRACTION and "every voxel is <= 0" in negated.message
-    # A third of the voxels clearly negative (a phase-like image): flagged with its fraction.
-    third = ramp.copy()
-    third.ravel()[: third.size // 3] *= -1
-    (f,) = P.check_intensity(_image(third), "adc")
-    # The 99th percentile of |a| is 990 (tolerance -19.8): ramp values below 19.8 stay tolerated.
-    assert f.code == "intensity.negative" and f.value == pytest.approx(1 / 3 - 0.0198, abs=1e-3) and "ADC" in f.message
+    # Stored with a scanner offset: every voxel negative, but the air is the darkest: a magnitude image.
+    assert P.check_intensity(_image(head - 1500.0), "t1c") == []
+    # A phase-like ADC: air is noise around 0 (the middle of the range), a third of the voxels clearly negative.
+    phase = np.random.default_rng(3).uniform(-100.0, 100.0, (20, 20, 20)).astype(np.float32)
+    phase[5:15, 5:15, 5:15] = 60.0
+    expected = float(np.mean(phase < -0.02 * np.percentile(np.abs(phase), 99)))
+    (f,) = P.check_intensity(_image(phase), "adc")
+    assert f.code == "intensity.negative" and f.value == pytest.approx(expected) and "ADC" in f.message
+    assert 0.3 < f.value < 0.5
     labels = (np.arange(8000) % 3).reshape(20, 20, 20).astype(np.float32)
     (f,) = P.check_intensity(_image(labels), "flair")
     assert (f.code, f.value, f.threshold) == ("intensity.levels", 3.0, P.MIN_DISTINCT_LEVELS)
@@ -138,16 +156,24 @@ def test_atlas_fit_identity_and_shift():
     assert P.check_atlas_fit(0.95, 0.8) == []
 
 
-def test_fov_fraction_and_max_displacement():
+def test_fov_fraction_and_rigid_motion():
     image = _image(np.zeros((10, 10, 10), np.float32), spacing=1.0)  # field of view -0.5 .. 9.5 mm
     points = np.array([[0.0, 0.0, 0.0], [9.0, 9.0, 9.0], [20.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
     assert P.fov_fraction(points, sitk.Transform(3, sitk.sitkIdentity), image) == pytest.approx(0.75)
     shift = sitk.TranslationTransform(3, (5.0, 0.0, 0.0))  # -> x = 5, 14, 25, 10: one inside
     assert P.fov_fraction(points, shift, image) == pytest.approx(0.25)
-    assert P.max_displacement_mm(points, sitk.TranslationTransform(3, (3.0, 4.0, 0.0))) == pytest.approx(5.0)
-    quarter_turn = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, math.pi / 2)  # (10, 0, 0) -> (0, 10, 0)
-    assert P.max_displacement_mm(np.array([[10.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), quarter_turn) == pytest.approx(
-        10 * math.sqrt(2))
+    moved = P.rigid_motion(points, sitk.TranslationTransform(3, (3.0, 4.0, 0.0)))
+    assert moved.rotation_deg == pytest.approx(0.0, abs=1e-6)
+    assert moved.translation_mm == pytest.approx(5.0) and moved.max_displacement_mm == pytest.approx(5.0)
+    quarter_turn = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, math.pi / 2)  # (x, y, 0) -> (-y, x, 0)
+    turned = P.rigid_motion(np.array([[10.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), quarter_turn)
+    # centroid (5.5, 0, 0) -> (0, 5.5, 0); the point (10, 0, 0) moves furthest.
+    assert turned.rotation_deg == pytest.approx(90.0)
+    assert turned.translation_mm == pytest.approx(5.5 * math.sqrt(2))
+    assert turned.max_displacement_mm == pytest.approx(10 * math.sqrt(2))
+    scaled = sitk.ScaleTransform(3, (1.1, 1.1, 1.1))  # no rotation in a scaling (polar decomposition)
+    assert P.rigid_motion(points, scaled).rotation_deg == pytest.approx(0.0, abs=1e-6)
+    assert P.rigid_motion(np.zeros((0, 3)), quarter_turn) == P.RigidMotion(0.0, 0.0, 0.0)
 
 
 def test_gradient_correlation_and_check_alignment():
@@ -160,11 +186,15 @@ def test_gradient_correlation_and_check_alignment():
     noise = _image(np.random.default_rng(0).uniform(0, 100, (40, 48, 40)).astype(np.float32))
     assert P.gradient_correlation(fixed, noise, identity, mask) < P.MIN_GRADIENT_CORRELATION
     assert P.check_alignment("flair", fixed, other, identity, mask) == []
-    moved = P.check_alignment("flair", fixed, other, sitk.TranslationTransform(3, (20.0, 0.0, 0.0)), mask)
+    moved = P.check_alignment("flair", fixed, other, sitk.TranslationTransform(3, (25.0, 0.0, 0.0)), mask)
     codes = {f.code for f in moved}
-    assert "motion.displacement" in codes and all(f.modality == "flair" for f in moved)
-    motion = next(f for f in moved if f.code == "motion.displacement")
-    assert motion.value == pytest.approx(20.0) and "FLAIR belongs to the same patient and examination" in motion.message
+    assert "motion.translation" in codes and "motion.rotation" not in codes and all(f.modality == "flair" for f in moved)
+    motion = next(f for f in moved if f.code == "motion.translation")
+    assert motion.value == pytest.approx(25.0) and "FLAIR belongs to the same patient and examination" in motion.message
+    # Within one examination's motion (up to ~10 degrees and 15 mm): no motion finding.
+    within = sitk.Euler3DTransform(fixed.TransformContinuousIndexToPhysicalPoint([19.5, 23.5, 19.5]), 0.15, 0.0, 0.0,
+                                   (9.0, 9.0, 0.0))
+    assert not [f for f in P.check_alignment("flair", fixed, other, within, mask) if f.code.startswith("motion.")]
 
 
 def test_raise_if_strict_lists_every_finding():
@@ -238,8 +268,9 @@ def test_flair_of_another_patient_is_flagged(small_case_dir, tmp_path):
     recorder = Recorder()
     case = preprocess_case(inputs, GEOMETRY, brain_mask=small_case_dir / "brain_mask.nii.gz", progress=recorder)
     print(f"\nother patient's FLAIR: {[(f.code, f.modality, round(f.value, 2)) for f in case.findings]}")
-    motion = [f for f in case.findings if f.code == "motion.displacement"]
-    assert [f.modality for f in motion] == ["flair"] and motion[0].value > P.MAX_DISPLACEMENT_MM
+    motion = [f for f in case.findings if f.code.startswith("motion.")]
+    assert {f.modality for f in motion} == {"flair"} and {f.code for f in motion} == {"motion.rotation", "motion.translation"}
+    assert next(f.value for f in motion if f.code == "motion.rotation") > P.MAX_MOTION_DEG
     assert all(f.modality == "flair" for f in case.findings)
     assert "check that the T2-FLAIR belongs to the same patient and examination" in motion[0].message
     warnings = [c for c in recorder.calls if c[0] == "warning"]
@@ -265,3 +296,50 @@ def test_negated_t1c_is_flagged_before_skull_stripping(small_case_dir):
     case = preprocess_case(inputs, GEOMETRY, brain_mask=small_case_dir / "brain_mask.nii.gz", progress=recorder)
     assert ("intensity.negative", "t1c") in [(f.code, f.modality) for f in case.findings]
     assert ("warning", 0.0, case.findings[0].message) in recorder.calls
+
+
+def _axial_slab(image: sitk.Image, keep: float) -> sitk.Image:
+    """The lower ``keep`` share of ``image``'s slices (a slab that stops part-way up the head)."""
+    n = max(1, int(round(image.GetSize()[2] * keep)))
+    return image[:, :, :n]
+
+
+@pytest.mark.parametrize("keep", [
+    0.5,  # 44-46% of the brain inside the slab, registered right or not
+    0.4,  # 24%: the registration drags it 35 mm up onto the brain's middle; the scanner's share counts
+])
+def test_flair_slab_that_misses_most_of_the_brain_is_an_error(small_case_dir, keep):
+    """A FLAIR slab over the lower part of the head leaves most of the brain without FLAIR: refused
+    (not a warning) with the share and the fix, also when its registration slid it onto the brain."""
+    flair = read_image(small_case_dir / "flair.nii.gz")
+    slab = _axial_slab(flair, keep)
+    assert slab.GetSize()[2] * slab.GetSpacing()[2] >= 60.0  # thick enough to pass the localiser check
+    inputs = {**_inputs(small_case_dir), "flair": slab}
+    with pytest.raises(ImageValidationError) as err:
+        preprocess_case(inputs, GEOMETRY, brain_mask=small_case_dir / "brain_mask.nii.gz")
+    message = str(err.value)
+    share = int(message.split("covers only ")[1].split("%")[0])
+    assert share < 100 * P.MIN_FOV_COVERAGE
+    assert "of the T1c brain after registration" in message or "of the T1c brain in scanner coordinates" in message
+    assert message.startswith("T2-FLAIR covers only") and "Load a T2-FLAIR series that covers the whole brain" in message
+
+
+def test_localiser_given_as_t1_is_refused_before_any_work(small_case_dir):
+    t1 = read_image(small_case_dir / "t1.nii.gz")
+    three = t1[:, :, t1.GetSize()[2] // 2 - 1: t1.GetSize()[2] // 2 + 2]  # 3 slices of 3 mm: a scout
+    with pytest.raises(ImageValidationError, match=r"T1 covers only 9 mm along its third axis \(3 slices of 3 mm"):
+        preprocess_case({**_inputs(small_case_dir), "t1": three}, GEOMETRY, brain_mask=small_case_dir / "brain_mask.nii.gz")
+
+
+def test_check_coverage_returns_the_share_or_raises():
+    image = _image(np.zeros((10, 10, 10), np.float32), spacing=1.0)  # field of view -0.5 .. 9.5 mm
+    points = np.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [30.0, 0.0, 0.0], [40.0, 0.0, 0.0]])
+    identity = sitk.Transform(3, sitk.sitkIdentity)
+    assert P.check_coverage("adc", points[:3], identity, image) == pytest.approx(2 / 3)
+    # A doubtful registration that moved the points into the field of view: the scanner's share counts.
+    into = sitk.TranslationTransform(3, (-35.0, 0.0, 0.0))  # (40, 0, 0) -> (5, 0, 0)
+    assert P.check_coverage("adc", points[[3, 3, 3, 0]], into, image) == pytest.approx(0.75)
+    with pytest.raises(ImageValidationError, match=r"ADC covers only 25% of the T1c brain in scanner coordinates"):
+        P.check_coverage("adc", points[[3, 3, 3, 0]], into, image, doubtful=True)
+    with pytest.raises(ImageValidationError, match=r"ADC covers only 25% of the T1c brain .*\(10 x 10 x 10 mm\)"):
+        P.check_coverage("adc", points[[0, 2, 3, 3]], identity, image)

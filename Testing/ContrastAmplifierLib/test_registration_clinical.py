@@ -110,13 +110,15 @@ def test_suspect_registration_reaches_json_warnings_strict_and_qc(cases, tmp_pat
     from ContrastAmplifierLib.qc import CHECK_LABEL, qc_figure
 
     case_dir = cases[FOV_OFFSET_SEED]
-    # The phantom stores this FLAIR with a -1450 offset (background negative, as some scanners do),
-    # which the intensity check flags first; remove the offsets so that --strict reaches the registration.
+    # The phantom stores this FLAIR with a -1450 offset (background negative, as some scanners do):
+    # a magnitude image all the same, which the intensity check lets through.
     storage = {m: s["storage"] for m, s in json.loads((case_dir / "phantom.json").read_text())["sequences"].items()}
-    inputs = {m: read_image(case_dir / f"{m}.nii.gz", m) - storage[m]["offset"] for m in ("t1", "flair", "adc", "t1c")}
+    assert storage["flair"]["offset"] < -1000
+    inputs = {m: case_dir / f"{m}.nii.gz" for m in ("t1", "flair", "adc", "t1c")}
     mask = case_dir / "brain_mask.nii.gz"
     recorder = Recorder()
     case = preprocess_case(inputs, GEOMETRY, brain_mask=mask, progress=recorder, rigid_settings=RigidSettings(starts="legacy"))
+    assert not [f for f in case.findings if f.code.startswith("intensity.")]
     assert P.suspect_modalities(case.findings) == ["flair"]
     finding = next(f for f in case.findings if f.code == P.REGISTRATION_SUSPECT)
     assert "CHECK REGISTRATION of the T2-FLAIR" in finding.message
