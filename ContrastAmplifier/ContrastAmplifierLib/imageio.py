@@ -67,7 +67,8 @@ def display_name(modality: str) -> str:
     return DISPLAY_NAMES.get(modality, modality.upper())
 
 
-def _describe(name: str, source: object) -> str:
+def describe_source(name: str, source: object) -> str:
+    """``"T1 (/path/t1.nii.gz)"`` for a path, ``"T1"`` for an image already loaded: how messages name an input."""
     return f"{name} ({source})" if isinstance(source, (str, os.PathLike)) else name
 
 
@@ -108,14 +109,14 @@ def read_image(source: ImageLike, name: str = "image") -> sitk.Image:
             raise
         except RuntimeError as exc:
             raise _unreadable(name, path, exc) from exc
-    image = _as_single_volume(image, _describe(name, source))
+    image = _as_single_volume(image, describe_source(name, source))
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageValidationError(
-            f"{_describe(name, source)} has {image.GetNumberOfComponentsPerPixel()} components per voxel (a colour or "
+            f"{describe_source(name, source)} has {image.GetNumberOfComponentsPerPixel()} components per voxel (a colour or "
             "vector image); a scalar (grey-level) volume is required."
         )
     image = sitk.Cast(image, sitk.sitkFloat32)
-    validate_image(image, _describe(name, source))
+    validate_image(image, describe_source(name, source))
     return image
 
 
@@ -378,8 +379,10 @@ def validate_image(image: sitk.Image, name: str = "image") -> None:
         )
 
 
-def check_series_extent(image: sitk.Image, name: str = "image") -> None:
+def check_series_extent(image: sitk.Image, name: str = "image", source: object = None) -> None:
     """Refuse a series too thin to hold a brain (:data:`MIN_SERIES_EXTENT_MM` along some axis).
+
+    ``name`` is what the input is ("T1"), ``source`` where it came from (a path, named in the message).
 
     Raises:
         ImageValidationError: names the input, its extent and slices along that axis, and the fix.
@@ -389,7 +392,7 @@ def check_series_extent(image: sitk.Image, name: str = "image") -> None:
     if extents[axis] < MIN_SERIES_EXTENT_MM:
         n, spacing = image.GetSize()[axis], image.GetSpacing()[axis]
         raise ImageValidationError(
-            f"{name} covers only {extents[axis]:.0f} mm along its {('first', 'second', 'third')[axis]} axis ({n} slices of "
+            f"{describe_source(name, source)} covers only {extents[axis]:.0f} mm along its {('first', 'second', 'third')[axis]} axis ({n} slices of "
             f"{spacing:g} mm; at least {MIN_SERIES_EXTENT_MM:.0f} mm needed): a localiser, a scout or a partial slab, "
             f"not a whole-brain series. Load the whole-brain {name} series."
         )

@@ -370,7 +370,7 @@ def preprocess_case(
     t0 = time.perf_counter()
     images = {name: read_image(src, display_name(name)) for name, src in inputs.items()}
     for name, image in images.items():
-        check_series_extent(image, display_name(name))
+        check_series_extent(image, display_name(name), inputs[name])
     native_mask_in = read_image(brain_mask, "brain mask") if brain_mask is not None else None
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
