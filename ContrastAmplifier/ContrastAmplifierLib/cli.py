@@ -39,6 +39,7 @@ def phantom(
     field_strength: float = typer.Option(1.5, "--field-strength", help="1.5 or 3 (tesla): picks relaxation times and Table 1 sequence parameters."),
     protocol: str = typer.Option("paper", "--protocol", help="paper (default: the paper's 3D research protocol) or clinical (2D 4-6 mm slices, oblique stacks, own FOV per sequence, motion, distorted EPI ADC, scanner storage; --spacing is then a floor on every voxel size)."),
     t1c_acquisition: Optional[str] = typer.Option(None, "--t1c-acquisition", help="clinical protocol: auto (drawn from the seed, the default), 2d or 3d T1c."),
+    lesions: str = typer.Option("default", "--lesions", help="Lesion profile: default (PHANTOM.md's mix) or small (for training: more metastases, 70% under 10 mm)."),
     progress: str = ProgressOpt,
 ) -> None:
     """Generate synthetic brain phantom cases (physics-based; for tests, demos and benchmarks only)."""
@@ -52,7 +53,7 @@ def phantom(
             out_dir, cases=cases, seed=seed, spacing=spacing,
             size=size,
             field_strength=field_strength, progress=report,
-            protocol=protocol, clinical=clinical,
+            protocol=protocol, clinical=clinical, lesions=lesions,
         )
     for path in paths:
         typer.echo(str(path), err=progress == "json")

@@ -47,7 +47,7 @@ from .phantom_anatomy import (TemplateAnatomy, choroid_plexus, dural_sinuses, he
 from .phantom_clinical import (PROTOCOLS, ClinicalOptions, ClinicalPlan, distortion_mm, distortion_transform, encode,
                                measure_lesion_on_grid, plan_clinical, write_stored)
 from .phantom_lesions import (Lesion, LesionMaps, place_lesions, rasterise_lesions,
-                              sample_lesion_count, sample_lesion_shape)
+                              LesionProfile, lesion_profile, sample_lesion_count, sample_lesion_shape)
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, check_cancel, null_progress
 
 SYNTHETIC_LABEL = "synthetic phantom \u2014 not clinical data"
@@ -344,10 +344,10 @@ def plan_acquisition(rng: np.random.Generator, anatomy: TemplateAnatomy, shell_t
 
 
 def _lesion_truth(rng: np.random.Generator, anatomy: TemplateAnatomy, depth: np.ndarray, t1c_grid: NativeGrid,
-                  t1c_pose: np.ndarray) -> tuple[str, list[Lesion]]:
-    case_type, count = sample_lesion_count(rng)
+                  t1c_pose: np.ndarray, profile: LesionProfile) -> tuple[str, list[Lesion]]:
+    case_type, count = sample_lesion_count(rng, profile)
     kind = "glioma" if case_type == "glioma" else "metastasis"
-    shapes = [sample_lesion_shape(rng, kind, i + 1) for i in range(count)]
+    shapes = [sample_lesion_shape(rng, kind, i + 1, profile) for i in range(count)]
 
     def inside_fov(points: np.ndarray, margin: float) -> np.ndarray:
         return t1c_grid.contains(apply_affine(t1c_pose, points), margin)
@@ -468,7 +468,8 @@ def _store_clinical(array: np.ndarray, seq: str, grid: NativeGrid, plan: Clinica
 def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float] = None,
                   size: Optional[tuple[int, int, int]] = None, field_strength: float = 1.5, noise: bool = True,
                   progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                  protocol: str = "paper", clinical: Optional[ClinicalOptions] = None) -> CaseResult:
+                  protocol: str = "paper", clinical: Optional[ClinicalOptions] = None,
+                  lesions: str = "default") -> CaseResult:
     """Generate one phantom case into ``case_dir`` (written in place; see :func:`generate_cohort`).
 
     Args:
@@ -486,6 +487,9 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
             (:mod:`.phantom_clinical`: 2D thick slices, oblique stacks, own FOVs, motion, EPI
             distortion, scanner storage).
         clinical: :class:`.phantom_clinical.ClinicalOptions` (``clinical`` protocol only).
+        lesions: lesion profile (:data:`.phantom_lesions.LESION_PROFILES`): ``default`` or
+            ``small`` (training: more, smaller metastases); recorded in ``phantom.json`` when not
+            the default.
 
     Returns:
         :class:`CaseResult` with the lesions as written to ``lesions.json``.
@@ -493,6 +497,7 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
     started = time.perf_counter()
     report = progress or null_progress
     options = _check_arguments(spacing, size, protocol, clinical)
+    profile = lesion_profile(lesions)
     floor_mm = 0.0 if spacing is None else float(spacing)
     spacing = 1.0 if spacing is None else float(spacing)
     fs = mr._check_field_strength(field_strength)
@@ -519,8 +524,8 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
     check_cancel(cancel)
 
     report("phantom", 0.15, "lesions and vessels")
-    case_type, lesions = _lesion_truth(rng["lesions"], anatomy, depth, grids["t1c"], poses["t1c"])
-    lesion_maps = rasterise_lesions(anatomy, lesions)
+    case_type, truth = _lesion_truth(rng["lesions"], anatomy, depth, grids["t1c"], poses["t1c"], profile)
+    lesion_maps = rasterise_lesions(anatomy, truth)
     vessels, vessel_info = vessel_fraction(anatomy, rng["vessels"], signed, shell_mm["csf"])
     plexus_radius = float(rng["vessels"].uniform(3.0, 5.0))
     plexus = choroid_plexus(anatomy, rng["vessels"], plexus_radius)
@@ -578,13 +583,14 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
     del signals, acq
 
     report("phantom", 0.88, "labels")
-    lesion_entries = _write_labels(case_dir, anatomy, lesion_maps, lesions, grids["t1c"], poses["t1c"])
+    lesion_entries = _write_labels(case_dir, anatomy, lesion_maps, truth, grids["t1c"], poses["t1c"])
 
     parameters = {
         "label": SYNTHETIC_LABEL,
         "generator": f"ContrastAmplifierLib.phantom {__version__}",
         "seed": int(seed), "field_strength_t": fs, "spacing_mm": spacing, "size_xyz": None if size is None else list(size),
         "noise": bool(noise), "case_type": case_type, "n_lesions": len(lesion_entries),
+        **({} if profile.name == "default" else {"lesion_profile": asdict(profile)}),
         "world": {
             "description": "ICBM 2009a nonlinear symmetric template space (nilearn), LPS millimetres "
                            "(SimpleITK physical coordinates); RAS = (-x, -y, z).",
@@ -615,7 +621,7 @@ def generate_case(case_dir: Union[str, Path], seed: int, spacing: Optional[float
         "scanner_gain": SCANNER_GAIN,
         "t1c_vfa_magnetisation_transfer_scale": VFA_MT_SCALE,
         "dwi_fat_suppression": DWI_FAT_SUPPRESSION,
-        "lesions_truth": [lesion.to_json() for lesion in lesions],
+        "lesions_truth": [lesion.to_json() for lesion in truth],
     }
     if plan is not None and options is not None:
         _add_clinical_parameters(parameters, plan, options, floor_mm)
@@ -697,10 +703,11 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
                     size: Optional[tuple[int, int, int]] = None, field_strength: float = 1.5,
                     progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
                     noise: bool = True, skip_existing: bool = False, protocol: str = "paper",
-                    clinical: Optional[ClinicalOptions] = None) -> list[Path]:
+                    clinical: Optional[ClinicalOptions] = None, lesions: str = "default") -> list[Path]:
     """Generate ``cases`` phantom cases ``OUT_DIR/case_NNN`` (case ``i`` uses ``seed + i``).
 
-    ``protocol`` and ``clinical`` are :func:`generate_case`'s (``paper``, the default, or ``clinical``).
+    ``protocol``, ``clinical`` and ``lesions`` are :func:`generate_case`'s (``paper``, the default, or
+    ``clinical``; lesion profile ``default`` or ``small``).
 
     Each case is built in a hidden temporary folder and renamed into place when complete, so a
     cancel or crash never leaves half a case. An existing phantom case folder (one holding
@@ -720,6 +727,7 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
     if cases < 1:
         raise ValueError(f"--cases must be >= 1, got {cases}.")
     _check_arguments(spacing, size, protocol, clinical)
+    lesion_profile(lesions)
     out_dir = Path(out_dir)
     # Only new case_NNN sub-folders are created: the current directory is a fine place for them.
     check_output_folder(out_dir, [], what="phantom output folder", allow_current_dir=True)
@@ -746,7 +754,7 @@ def generate_cohort(out_dir: Union[str, Path], cases: int = 1, seed: int = 0, sp
                 report(stage, (_i + fraction) / cases, f"case {_i + 1}/{cases}: {message}")
 
             generate_case(tmp, seed + i, spacing, size, field_strength, noise=noise, progress=sub_progress, cancel=cancel,
-                          protocol=protocol, clinical=clinical)
+                          protocol=protocol, clinical=clinical, lesions=lesions)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

@@ -205,6 +205,13 @@ def crop_to_mask(image: sitk.Image, mask: sitk.Image, margin_mm: float) -> sitk.
     return sitk.RegionOfInterest(image, [h - l for l, h in zip(lo, hi)], lo)
 
 
+def sampling_seed(seed: int) -> int:
+    """The seed handed to ITK's metric sampling for our ``seed`` (0, 1, ...): never 0, which
+    SimpleITK reads as ``sitkWallClock`` (a new jitter of the regular sampling grid on every run,
+    so the same images registered twice gave transforms a few hundredths of a mm apart)."""
+    return int(seed) % (2**31 - 2) + 1
+
+
 def _method(threads: int, bins: int, metric: str = "mattes", gradient_images: bool = False) -> sitk.ImageRegistrationMethod:
     """A registration method with the metric set up.
 
@@ -565,7 +572,7 @@ def _optimise(level: _Level, start: sitk.Euler3DTransform, iterations: int, lear
     fraction = min(1.0, max(settings.sampling_percentage, 3000.0 / n_support))
     if fraction < 1.0:
         reg.SetMetricSamplingStrategy(reg.REGULAR)
-        reg.SetMetricSamplingPercentage(fraction, seed)
+        reg.SetMetricSamplingPercentage(fraction, sampling_seed(seed))
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=1e-3, numberOfIterations=int(iterations),
                                                  relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScales(_RIGID_SCALES)
@@ -848,7 +855,7 @@ def _register_levels(
         fraction = min(1.0, max(settings.sampling_percentage, 3000.0 / max(n_support, 1)))
         if fraction < 1.0:
             reg.SetMetricSamplingStrategy(reg.REGULAR)
-            reg.SetMetricSamplingPercentage(fraction, seed)
+            reg.SetMetricSamplingPercentage(fraction, sampling_seed(seed))
         reg.SetOptimizerAsRegularStepGradientDescent(
             learningRate=settings.learning_rate / (2**level), minStep=1e-3, numberOfIterations=int(iterations),
             relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8,

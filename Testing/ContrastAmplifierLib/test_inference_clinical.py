@@ -104,8 +104,8 @@ def test_t1c_pro_follows_the_t1c_storage(case_dir, amplified, tmp_path):
     sd = first[mask].std()
     # Outside the brain: the rescaled T1c itself (float32 rounding of the rescale only).
     np.testing.assert_allclose(second[~mask], 2.5 * first[~mask] - 1700.0, atol=1e-2)
-    # Inside: the registrations' multithreaded mutual information differs between any two runs by
-    # a few hundredths of a millimetre, which moves sharp edges a little (measured: median 0.002,
-    # 99th percentile 0.016 brain SDs).
+    # Inside: the same up to float32 rounding (every registration is deterministic and its
+    # metric invariant to a positive gain and any offset).
     diff = np.abs(second - (2.5 * first - 1700.0))[mask] / (2.5 * sd)
-    assert np.median(diff) < 0.01 and np.percentile(diff, 99) < 0.05
+    print(f"\nequivariance: max {diff.max():.2e} brain SDs")
+    assert diff.max() < 1e-3

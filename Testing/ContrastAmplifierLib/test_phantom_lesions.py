@@ -88,3 +88,37 @@ def test_measure_single_voxel_lesion():
 
 def test_lps_to_ras():
     assert pl.lps_to_ras([1.0, 2.0, 3.0]) == [-1.0, -2.0, 3.0]
+
+
+def test_small_lesion_profile_skews_metastases_below_10_mm():
+    """Training profile: long axes log-uniform over 2-20 mm, so P(< 10 mm) = ln 5 / ln 10 and
+    P(< 5 mm) = ln 2.5 / ln 10; more metastases cases with more lesions than the default."""
+    import math
+
+    small = pl.lesion_profile("small")
+    rng = np.random.default_rng(11)
+    n = 4000
+    longs = np.array([2 * pl.sample_lesion_shape(rng, "metastasis", 1, small).semi_axes_mm[0] for _ in range(n)])
+    assert longs.min() >= 2.0 and longs.max() <= 20.0
+    for cut, p in ((10.0, math.log(5) / math.log(10)), (5.0, math.log(2.5) / math.log(10))):
+        tolerance = 4 * math.sqrt(p * (1 - p) / n)  # 4 binomial standard errors
+        assert abs(float(np.mean(longs < cut)) - p) < tolerance
+    draws = [pl.sample_lesion_count(np.random.default_rng(s), small) for s in range(2000)]
+    kinds = [k for k, _ in draws]
+    assert abs(kinds.count("none") / 2000 - 0.05) < 0.02 and abs(kinds.count("glioma") / 2000 - 0.10) < 0.03
+    mean_count = np.mean([c for k, c in draws if k == "metastases"])
+    default_mean = np.mean([c for k, c in (pl.sample_lesion_count(np.random.default_rng(s)) for s in range(2000))
+                            if k == "metastases"])
+    assert mean_count > default_mean + 1.5  # about 6.5 against 4.5 (the cap at 25 trims a little)
+
+
+def test_default_profile_draws_what_the_phantom_always_drew():
+    """Same random numbers consumed, same lesions: the default phantom's bytes do not move."""
+    for seed in range(50):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert pl.sample_lesion_count(a) == pl.sample_lesion_count(b, pl.LESION_PROFILES["default"])
+        x = pl.sample_lesion_shape(a, "metastasis", 1)
+        y = pl.sample_lesion_shape(b, "metastasis", 1, pl.LESION_PROFILES["default"])
+        assert np.array_equal(x.semi_axes_mm, y.semi_axes_mm) and a.uniform() == b.uniform()
+    with pytest.raises(ValueError, match="--lesions 'tiny': use one of default, small"):
+        pl.lesion_profile("tiny")

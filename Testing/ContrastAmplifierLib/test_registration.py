@@ -20,6 +20,7 @@ from ContrastAmplifierLib.registration import (
     mean_point_error_mm,
     register_affine,
     register_rigid,
+    sampling_seed,
 )
 
 
@@ -66,6 +67,14 @@ def test_rigid_recovers_pose_across_contrasts(template, centre):
     error = mean_point_error_mm(est, pose.GetInverse(), mask_points_mm(fixed_mask, 3000))
     print(f"\nrigid 2 mm vs 2x2x5 mm, inverted contrast: mean error {error:.3f} mm")
     assert error < 1.0  # below one fixed voxel (2 mm); typically ~0.2 mm
+    # The same images give the same transform (to 1e-12: threads add their sums in any order): the
+    # metric's sampling is seeded (SimpleITK reads the seed 0 as "wall
+    # clock": every run used to differ by a few hundredths of a mm).
+    np.testing.assert_allclose(register_rigid(fixed, moving, fixed_mask).GetParameters(), est.GetParameters(),
+                               rtol=0, atol=1e-9)
+    one_thread = register_rigid(fixed, moving, fixed_mask, RigidSettings(threads=1))
+    np.testing.assert_allclose(one_thread.GetParameters(), est.GetParameters(), rtol=0, atol=1e-9)
+    assert sampling_seed(0) == 1 and sampling_seed(5) == 6
 
 
 def _grid(like: sitk.Image, spacing) -> sitk.Image:
