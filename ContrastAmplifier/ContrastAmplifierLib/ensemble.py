@@ -80,6 +80,9 @@ class InferenceSettings:
             off for 1 mm cases and cohorts, not for the 3 mm demo. ``None`` (auto): on for CPU
             inputs of at least :data:`AUTO_COMPILE_VOXELS` voxels. Falls back to eager mode, with
             a warning, where compiling fails (e.g. no C++ compiler).
+        window: ``(z, y, x)`` tile size for sliding-window inference (:mod:`.sliding_window`:
+            tiles overlapping by half, Gaussian-weighted blend), e.g. a patch-trained model's
+            patch size; ``None`` (default) or a window covering the volume: one whole-volume pass.
     """
 
     device: torch.device
@@ -87,10 +90,11 @@ class InferenceSettings:
     channels_last: bool = True
     max_batch: int = 1
     compile: Optional[bool] = None
+    window: Optional[tuple[int, int, int]] = None
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", max_batch: Optional[int] = None,
-               compile: Optional[bool] = None) -> InferenceSettings:
+               compile: Optional[bool] = None, window: Optional[tuple[int, int, int]] = None) -> InferenceSettings:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
         dev = resolve_device(device)
@@ -100,7 +104,7 @@ class InferenceSettings:
             # Batching mirrorings does not speed up CPU inference (measured); on GPU it does.
             max_batch = 8 if dev.type == "cuda" else 1
         return cls(device=dev, precision=precision, channels_last=dev.type != "mps", max_batch=max(1, int(max_batch)),
-                   compile=None if compile is None else bool(compile))
+                   compile=None if compile is None else bool(compile), window=window)
 
     def compiles(self, voxels: int) -> bool:
         """Whether models are compiled for an input of ``voxels`` voxels (resolves ``compile=None``)."""
@@ -218,7 +222,7 @@ def predict_ensemble(
         models: one network per fold (already loaded; moved to the device here).
         inputs: float32 array ``(C, Z, Y, X)`` of normalised modalities in the bundle's order.
         n_mirrorings: 1, 2, 4 or 8 (paper: 8).
-        settings: device/precision/batching; default :meth:`InferenceSettings.create`.
+        settings: device/precision/batching/sliding window; default :meth:`InferenceSettings.create`.
         progress: ``(stage, fraction, message)`` callback, fraction over all predictions.
         cancel: checked before every forward pass.
 
@@ -238,7 +242,14 @@ def predict_ensemble(
     flushing = settings.device.type == "cpu" and torch.set_flush_denormal(True)
     try:
         with _strict_fp32(settings):
-            return _run(models, x, flips, settings, progress, cancel)
+            window = settings.window
+            if window is None or all(int(w) >= s for w, s in zip(window, x.shape[2:])):
+                return _run(models, x, flips, settings, progress, cancel)
+            from .sliding_window import sliding_window_predict
+
+            tiles = sliding_window_predict(lambda tile, sub: torch.from_numpy(_run(models, tile, flips, settings, sub, cancel)),
+                                           x, window, progress=progress)
+            return tiles.numpy()
     finally:
         if flushing:
             torch.set_flush_denormal(False)

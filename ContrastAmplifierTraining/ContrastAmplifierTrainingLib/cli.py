@@ -37,7 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-MULTI_VALUE_OPTIONS = ("--folds",)
+MULTI_VALUE_OPTIONS = ("--folds", "--patch-size")
 
 
 def _fail(message: str, progress: str, code: int = 2) -> None:
@@ -172,6 +172,12 @@ def fit(
     cudnn_benchmark: bool = typer.Option(True, "--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning on CUDA (faster, not bit-reproducible)."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", min=0.0, help="Clip the gradient norm to this value (default off, as in the paper)."),
     divergence_guard: bool = typer.Option(True, "--divergence-guard/--no-divergence-guard", help="Roll a diverged epoch back and halve the learning rate (default on; off = the paper's loop exactly; see README)."),
+    patch_size: Optional[list[str]] = typer.Option(None, "--patch-size", help="Train on patches: --patch-size Z Y X or --patch-size 64 (a cube), multiples of 2^(levels-1); default: whole volumes (the paper; see README 'Patch training')."),
+    lesion_fraction: float = typer.Option(1 / 3, "--lesion-fraction", min=0.0, max=1.0, help="Share of patches centred on an enhancing voxel (nnU-Net: 1/3)."),
+    patches_per_epoch: Optional[int] = typer.Option(None, "--patches-per-epoch", min=1, help="Patches per epoch (default: training cases x ceil(case voxels / patch voxels))."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Patches per step (patch mode; whole volumes use 1, as in the paper)."),
+    enhancement_weight: float = typer.Option(0.0, "--enhancement-weight", min=0.0, help="Loss weight 1 + W on enhancing voxels (default 0: the paper's plain MSE)."),
+    enhancement_threshold: float = typer.Option(0.2, "--enhancement-threshold", min=0.0, help="T1c minus T1c-low (0-1 scale) above which a voxel counts as enhancing (patch centres, loss weight; 0.2 measured on phantoms, see README)."),
     spacing: float = SpacingOpt,
     crop: tuple[int, int, int] = CropOpt,
     clip_percentiles: tuple[float, float] = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality before [0, 1] (paper: 1 99; see README 'Clip percentiles')."),
@@ -191,10 +197,16 @@ def fit(
     _install_sigterm(cancel)
     report = make_progress(progress)
     try:
+        sides = [int(v) for value in patch_size or [] for v in str(value).replace(",", " ").split()]
+        if len(sides) not in (0, 1, 3):
+            raise ValueError(f"--patch-size takes one side (a cube) or three (Z Y X), got {len(sides)}: {sides}")
+        patch = (sides[0],) * 3 if len(sides) == 1 else (sides[0], sides[1], sides[2]) if sides else None
         config = TrainConfig(
             epochs=epochs, learning_rate=learning_rate, seed=seed, mirror=not no_mirror,
             network=_network_config(base_channels, levels, input_skip), device=device, precision=precision,
             cudnn_benchmark=cudnn_benchmark, grad_clip=grad_clip, divergence_guard=divergence_guard,
+            patch_size=patch, lesion_fraction=lesion_fraction, patches_per_epoch=patches_per_epoch,
+            batch_size=batch_size, enhancement_weight=enhancement_weight, enhancement_threshold=enhancement_threshold,
         )
         config.resolved_precision(config.resolved_device())
     except ValueError as exc:
@@ -320,6 +332,53 @@ def demo_model(
         return
     lines = [f"{method:12s} NRMSE {m['nrmse']:.4f}  PSNR {m['psnr']:.2f} dB" for method, m in metrics.items()]
     typer.echo(f"bundle {bundle.path}; held-out phantoms (T1c-low -> T1c):\n" + "\n".join(lines))
+
+
+@app.command("evaluate")
+def evaluate(
+    bundle: str = typer.Argument(..., help="Model bundle: a bundle folder or a registry name (e.g. ContrastAmplifier/Resources/Models/phantom-demo)."),
+    out_dir: Path = typer.Argument(..., help="Receives lesions.csv, cases.csv, summary.md, evaluation.json, evaluation.png (and cases/ with --phantom-seeds, kept and reused)."),
+    phantom_seeds: Optional[str] = typer.Option(None, "--phantom-seeds", help="Phantom seeds FIRST-LAST (inclusive, e.g. 730000-730019), generated into OUT_DIR/cases/seed_N."),
+    cohort: Optional[Path] = typer.Option(None, "--cohort", help="Instead of --phantom-seeds: a folder of case folders with t1, flair, adc, t1c, t1c_x4, lesion_labels and brain_mask (what `contrast-amplifier phantom` writes)."),
+    spacing: float = typer.Option(1.0, "--spacing", help="Phantom spacing in mm (--phantom-seeds; the clinical protocol's voxel floor)."),
+    protocol: str = typer.Option("paper", "--protocol", help="Phantom acquisition protocol (--phantom-seeds): paper or clinical."),
+    hdbet: bool = typer.Option(False, "--hdbet", help="Skull-strip with HD-BET as in production (default: the case's own brain_mask.nii.gz)."),
+    folds: Optional[list[str]] = typer.Option(None, "--folds", help="Fold models to average (default: all of the bundle's)."),
+    flips: int = typer.Option(8, "--flips", help="Mirrorings per fold: 8 (paper), or 1, 2, 4 for a quicker look."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace this command's own output files in OUT_DIR (phantom cases there are always reused)."),
+    progress: str = ProgressOpt,
+) -> None:
+    """Evaluate a bundle on phantoms with known lesions: CNR/LBR/CEP per lesion and size band, PSNR/SSIM, false enhancement."""
+    from .phantom_eval import AmplifySettings, check_arguments, parse_seed_range, run_evaluation
+
+    fold_list = _parse_folds(folds)
+    try:
+        seeds = None if phantom_seeds is None else parse_seed_range(phantom_seeds)
+        check_arguments(seeds, cohort, spacing, protocol)
+    except ValueError as exc:
+        _fail(str(exc), progress)
+    cancel = CancelToken()
+    _install_sigterm(cancel)
+    report = make_progress(progress)
+    try:
+        settings = AmplifySettings(hdbet=hdbet, flips=flips, folds=fold_list, device=device, threads=threads)
+        run_evaluation(bundle, out_dir, seeds=seeds, cohort=cohort, spacing=spacing, protocol=protocol, settings=settings,
+                       overwrite=overwrite, progress=report, cancel=cancel)
+    except Cancelled:
+        getattr(report, "close", lambda: None)()
+        if progress == "json":
+            _json_line({"stage": "cancelled", "fraction": 0.0, "message": "cancelled; no evaluation output was written"})
+        cancelled("cancelled; no evaluation output was written (generated phantom cases in OUT_DIR/cases are kept)")
+    except (ValueError, FileNotFoundError) as exc:
+        getattr(report, "close", lambda: None)()
+        _fail(str(exc), progress)
+    getattr(report, "close", lambda: None)()
+    summary = (out_dir / "summary.md").read_text(encoding="utf-8")
+    if progress == "json":
+        _json_line({"stage": "done", "fraction": 1.0, "message": f"wrote {out_dir / 'summary.md'}", "out_dir": str(out_dir)})
+    typer.echo(summary, err=progress == "json")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

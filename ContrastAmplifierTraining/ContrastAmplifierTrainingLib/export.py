@@ -13,6 +13,7 @@ from ContrastAmplifierLib.network import NetworkConfig
 from .data import BUNDLE_MODALITIES
 from .fit import read_plan
 from .run_status import DONE_FILE, FINAL_WEIGHTS_FILE, FOLD_DIR_PREFIX, fold_dir
+from .trainer import PAPER_PATCH_RECORD
 
 DEFAULT_INTENDED_USE = "research only - not for clinical use"
 DEFAULT_DESCRIPTION = "Residual 3D UNet ensemble amplifying gadolinium contrast on brain MRI (Bone, Ammari et al., Invest Radiol 2022)."
@@ -66,8 +67,10 @@ def export_bundle(
         "paper": "Bone, Ammari et al., Invest Radiol 2022;57(8):527-535",
         "optimizer": "Adam",
         "learning_rate": plan["learning_rate"],
-        "batch_size": 1,
-        "loss": "MSE",
+        **{k: plan.get(k, PAPER_PATCH_RECORD[k]) for k in PAPER_PATCH_RECORD},
+        "mode": "whole volume (paper)" if plan.get("patch_size") is None else "patches",
+        "loss": "MSE" if not plan.get("enhancement_weight") else
+                f"MSE weighted 1 + {plan['enhancement_weight']:g} on enhancing voxels",
         "mirroring": plan["mirror"],
         "epochs": {str(k): done[k]["epochs"] for k in folds},
         "seed": plan["seed"],

@@ -28,10 +28,12 @@ from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubP
 from .cohort import assign_folds
 from .data import PERCENTILE_LEVELS, CachedCase, TrainingCase, to_training_case, train_set_percentiles
 from .run_status import PLAN_FILE, fold_dir as fold_folder
-from .trainer import EpochCallback, FoldResult, TrainConfig, config_record, fit_fold
+from .trainer import PAPER_PATCH_RECORD, EpochCallback, FoldResult, TrainConfig, config_record, fit_fold, patch_record
 
-#: Plan entries that must match on resume (anything else may change, e.g. more epochs).
-PLAN_KEYS_CHECKED = ("n_folds", "split_seed", "cases", "geometry", "network", "learning_rate", "seed", "mirror", "simulate_low_dose")
+#: Plan entries that must match on resume (anything else may change, e.g. more epochs); the patch
+#: and loss settings (:func:`.trainer.patch_record`) too, the paper's assumed where a plan lacks them.
+PLAN_KEYS_CHECKED = ("n_folds", "split_seed", "cases", "geometry", "network", "learning_rate", "seed", "mirror", "simulate_low_dose",
+                     *PAPER_PATCH_RECORD)
 
 
 class PlanMismatchError(ValueError):
@@ -86,6 +88,8 @@ def make_plan(
         "precision": config.resolved_precision(config.resolved_device()),
         "grad_clip": config.grad_clip,
         "divergence_guard": config.divergence_guard,
+        # Patch mode and loss weighting (None / 1 / 0.0: the paper's whole volumes and plain MSE).
+        **patch_record(config),
     }
 
 
@@ -118,7 +122,8 @@ def check_or_write_plan(out_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
     if path.is_file():
         existing = json.loads(path.read_text(encoding="utf-8"))
         for key in PLAN_KEYS_CHECKED:
-            if not _same_setting(key, json.loads(json.dumps(existing.get(key))), json.loads(json.dumps(plan.get(key)))):
+            before = existing.get(key, PAPER_PATCH_RECORD.get(key))
+            if not _same_setting(key, json.loads(json.dumps(before)), json.loads(json.dumps(plan.get(key)))):
                 raise PlanMismatchError(
                     f"{path} was made with a different {key!r}; resuming would mix two runs. "
                     "Use a new output folder, or rerun with the original options and cohort."

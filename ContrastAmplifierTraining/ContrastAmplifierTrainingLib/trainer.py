@@ -25,6 +25,13 @@ clipping as in bf16. After each epoch, a validation loss above ``DIVERGENCE_FACT
 far (or a non-finite loss) rolls model and Adam state back to the previous epoch's checkpoint,
 halves the learning rate and redoes the epoch; ``log.csv`` records ``lr`` and ``rollbacks``. A
 run that never diverges is unchanged.
+
+Patch mode (not in the paper; ``TrainConfig.patch_size``, default ``None`` = the paper's whole
+volumes): each step trains on ``batch_size`` random patches, a ``lesion_fraction`` of them centred
+on enhancing voxels (:mod:`.patches`), ``patches_per_epoch`` per epoch; every patch comes from
+``numpy.random.default_rng((seed, fold, epoch, patch index))``, so resume stays exact. Validation
+stays whole-volume. ``enhancement_weight`` > 0 weights the MSE of enhancing voxels (either mode).
+Checkpoints record these settings (:func:`patch_record`) and a resume with others is refused.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from ContrastAmplifierLib.network import NetworkConfig, ResidualUNet3D, count_pa
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, check_cancel, null_progress
 
 from .data import TrainingCase
+from .patches import (ENHANCEMENT_THRESHOLD, CaseSource, Cases, ListSource, PatchSampler, default_patches_per_epoch,
+                      enhancing_voxels, weighted_mse)
 from .metrics import mse, psnr, ssim3d
 from .run_status import CHECKPOINT_FILE, DONE_FILE, FINAL_WEIGHTS_FILE, LOG_FILE
 
@@ -87,6 +96,16 @@ class TrainConfig:
             the step anyway); kept as an option.
         divergence_guard: roll back and halve the learning rate when an epoch diverges (module
             docstring); off reproduces the paper's loop exactly.
+        patch_size: (z, y, x) patch sides, multiples of ``2 ** (levels - 1)``, clipped to the case
+            size; ``None`` (default): whole volumes at batch 1, the paper's training.
+        lesion_fraction: share of patches centred on an enhancing voxel (nnU-Net: 1/3).
+        patches_per_epoch: patches per epoch (rounded up to whole batches); ``None``: training
+            cases x ceil(case voxels / patch voxels), as many voxels as a whole-volume epoch.
+        batch_size: patches per step (patch mode only; whole volumes use 1).
+        enhancement_weight: ``w`` of the per-voxel loss weight ``1 + w`` on enhancing voxels (a
+            weighted mean, :func:`.patches.weighted_mse`); 0 (default): the paper's plain MSE.
+        enhancement_threshold: T1c minus T1c-low ([0, 1] scale) above which a voxel enhances
+            (:data:`.patches.ENHANCEMENT_THRESHOLD`, measured on phantoms).
     """
 
     epochs: int = 300
@@ -100,6 +119,28 @@ class TrainConfig:
     deterministic: bool = True
     grad_clip: Optional[float] = None
     divergence_guard: bool = True
+    patch_size: Optional[tuple[int, int, int]] = None
+    lesion_fraction: float = 1 / 3
+    patches_per_epoch: Optional[int] = None
+    batch_size: int = 1
+    enhancement_weight: float = 0.0
+    enhancement_threshold: float = ENHANCEMENT_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if self.patch_size is not None:
+            size = tuple(int(s) for s in self.patch_size)
+            multiple = self.network.size_multiple
+            if len(size) != 3 or any(s < 1 or s % multiple for s in size):
+                raise ValueError(f"--patch-size takes one or three positive multiples of {multiple} (2^(levels-1)), got {size}")
+            object.__setattr__(self, "patch_size", size)
+        elif self.batch_size != 1 or self.patches_per_epoch is not None:
+            raise ValueError("--batch-size and --patches-per-epoch need --patch-size (whole volumes train at batch 1, as in the paper)")
+        if not 0.0 <= self.lesion_fraction <= 1.0:
+            raise ValueError(f"--lesion-fraction must be in [0, 1], got {self.lesion_fraction}")
+        if self.batch_size < 1 or (self.patches_per_epoch is not None and self.patches_per_epoch < 1):
+            raise ValueError("--batch-size and --patches-per-epoch must be at least 1")
+        if self.enhancement_weight < 0:
+            raise ValueError(f"--enhancement-weight must be >= 0, got {self.enhancement_weight}")
 
     def resolved_device(self) -> torch.device:
         from ContrastAmplifierLib.ensemble import resolve_device
@@ -125,13 +166,31 @@ class FoldResult:
     history: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
 
+def patch_record(config: TrainConfig) -> dict[str, Any]:
+    """Patch and loss settings as plain data: in every checkpoint and plan.json; a resume must match them."""
+    patched = config.patch_size is not None
+    return {
+        "patch_size": list(config.patch_size) if config.patch_size is not None else None,
+        "lesion_fraction": config.lesion_fraction if patched else None,
+        "patches_per_epoch": config.patches_per_epoch,
+        "batch_size": config.batch_size,
+        "enhancement_weight": float(config.enhancement_weight),
+        "enhancement_threshold": float(config.enhancement_threshold) if patched or config.enhancement_weight else None,
+    }
+
+
+#: The paper's settings, assumed for checkpoints and plans written before patch mode existed.
+PAPER_PATCH_RECORD = patch_record(TrainConfig())
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def restore_checkpoint(
-    path: Path, model: ResidualUNet3D, optimizer: torch.optim.Optimizer, network: NetworkConfig, device: torch.device
+    path: Path, model: ResidualUNet3D, optimizer: torch.optim.Optimizer, network: NetworkConfig, device: torch.device,
+    patch: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Load ``checkpoint.pt`` into ``model`` and ``optimizer``; return it (epoch, history, ...).
 
@@ -139,8 +198,8 @@ def restore_checkpoint(
     tensors and plain data is refused, and so is a truncated or corrupted file, with one error.
 
     Raises:
-        CheckpointError: the file is refused, unreadable, incomplete, or made for another network;
-            the message names it and the fix.
+        CheckpointError: the file is refused, unreadable, incomplete, or made for another network
+            or other ``patch`` settings (:func:`patch_record`); the message names it and the fix.
     """
     fix = (f"delete the fold folder {path.parent} to train this fold again from its first epoch (the other folds "
            f"are kept), or restore {path.name} from a backup")
@@ -163,6 +222,13 @@ def restore_checkpoint(
         raise CheckpointError(
             f"{path} was made with network {state['network']}, not {network.to_dict()}; "
             "use a new output folder or the original network options."
+        )
+    recorded = state.get("patch", PAPER_PATCH_RECORD)
+    if patch is not None and recorded != patch:
+        changed = ", ".join(f"{k} {recorded.get(k)} -> {patch.get(k)}" for k in patch if recorded.get(k) != patch.get(k))
+        raise CheckpointError(
+            f"{path} was made with other patch/loss settings ({changed}); use a new output folder or the original "
+            "--patch-size, --lesion-fraction, --patches-per-epoch, --batch-size and --enhancement-weight."
         )
     try:
         model.load_state_dict(state["model"])
@@ -219,6 +285,37 @@ def epoch_plan(seed: int, fold: int, epoch: int, n_cases: int, mirror: bool) -> 
     return order, axes if mirror else np.zeros_like(axes)
 
 
+def _epoch_batches(source: CaseSource, sampler: Optional[PatchSampler], config: TrainConfig, fold: int, epoch: int,
+                   steps: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(inputs, target)`` batches of one epoch: whole cases in epoch_plan order, or sampled patches."""
+    if sampler is None:
+        order, axes = epoch_plan(config.seed, fold, epoch, len(source), config.mirror)
+        for index in order:
+            case = source.case(int(index)).to(device)
+            yield _mirror(case.inputs, axes[index])[None], _mirror(case.target, axes[index])[None]
+        return
+    for step in range(steps):
+        first = step * config.batch_size
+        yield sampler.batch([sampler.draw(config.seed, fold, epoch, first + i) for i in range(config.batch_size)], device)
+
+
+def _loss(prediction: torch.Tensor, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The paper's MSE, or with ``enhancement_weight`` the weighted MSE of :func:`.patches.weighted_mse`."""
+    if not config.enhancement_weight:
+        return F.mse_loss(prediction.float(), y)
+    return weighted_mse(prediction.float(), y, enhancing_voxels(x, y, config.enhancement_threshold), config.enhancement_weight)
+
+
+def _sampling(train_cases: Cases, config: TrainConfig, device: torch.device) -> tuple[CaseSource, Optional[PatchSampler], int]:
+    """The training cases as a source (a list moved to ``device`` once), the patch sampler and steps per epoch."""
+    source = ListSource([c.to(device) for c in train_cases]) if isinstance(train_cases, Sequence) else train_cases
+    if config.patch_size is None:
+        return source, None, len(source)
+    sampler = PatchSampler(source, config.patch_size, config.lesion_fraction, config.mirror, config.enhancement_threshold)
+    patches = config.patches_per_epoch or default_patches_per_epoch(len(source), sampler.shape(0), config.patch_size)
+    return source, sampler, -(-patches // config.batch_size)
+
+
 def evaluate(model: ResidualUNet3D, cases: Sequence[TrainingCase], device: torch.device, precision: str) -> dict[str, float]:
     """Mean MSE, PSNR and SSIM of the model's predictions on ``cases`` (no mirroring)."""
     if not cases:
@@ -238,7 +335,7 @@ def evaluate(model: ResidualUNet3D, cases: Sequence[TrainingCase], device: torch
 
 def fit_fold(
     fold: int,
-    train_cases: Sequence[TrainingCase],
+    train_cases: Cases,
     val_cases: Sequence[TrainingCase],
     fold_dir: Path,
     config: TrainConfig,
@@ -250,12 +347,12 @@ def fit_fold(
 
     Args:
         fold: fold index (seeds the weights and the epoch plans).
-        train_cases: the other folds' cases.
+        train_cases: the other folds' cases: a list, or a :class:`.patches.CaseSource`.
         val_cases: the held-out fold's cases (validation loss, PSNR, SSIM each epoch).
         fold_dir: where checkpoint, log and final weights go.
         config: see :class:`TrainConfig`.
         progress: ``(stage, fraction, message)`` with fraction over this fold's epochs.
-        cancel: checked between cases; a cancel loses at most the current epoch.
+        cancel: checked between cases (patch batches); a cancel loses at most the current epoch.
         on_epoch: receives each finished epoch's log row.
 
     Returns:
@@ -263,7 +360,7 @@ def fit_fold(
     """
     from safetensors.torch import save_file
 
-    if not train_cases:
+    if len(train_cases) == 0:
         raise ValueError(f"fold {fold} has no training cases; the cohort needs at least two folds' worth of patients.")
     progress = progress or null_progress
     fold_dir = Path(fold_dir)
@@ -291,39 +388,36 @@ def fit_fold(
         history: list[dict[str, Any]] = []
         start_epoch = 0
         if checkpoint_path.is_file():
-            state = restore_checkpoint(checkpoint_path, model, optimizer, config.network, device)
+            state = restore_checkpoint(checkpoint_path, model, optimizer, config.network, device, patch_record(config))
             history, start_epoch = state["history"], state["epoch"]
         if start_epoch >= config.epochs and final_path.is_file():
             progress("fit", 1.0, f"fold {fold} already finished ({start_epoch} epochs)")
             return FoldResult(fold, start_epoch, final_path, dict(history[-1]) if history else {}, history)
 
-        train_data = [c.to(device) for c in train_cases]
+        source, sampler, steps = _sampling(train_cases, config, device)
+        unit = "case" if sampler is None else "batch"
         val_data = [c.to(device) for c in val_cases]
         rollbacks = int(history[-1].get("rollbacks", 0)) if history else 0
         epoch = start_epoch
         while epoch < config.epochs:
             started = time.perf_counter()
-            order, axes = epoch_plan(config.seed, fold, epoch, len(train_data), config.mirror)
             model.train()
             total = 0.0
-            for step, index in enumerate(order):
+            for step, (x, y) in enumerate(_epoch_batches(source, sampler, config, fold, epoch, steps, device)):
                 check_cancel(cancel)
-                case = train_data[index]
-                x = _mirror(case.inputs, axes[index])[None]
-                y = _mirror(case.target, axes[index])[None]
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(device, precision):
                     prediction = model(x)
-                loss = F.mse_loss(prediction.float(), y)
+                loss = _loss(prediction, x, y, config)
                 loss.backward()
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip))
                 optimizer.step()
                 total += float(loss.detach())
-                fraction = (epoch + (step + 1) / len(order)) / config.epochs
-                progress("fit", fraction, f"fold {fold} epoch {epoch + 1}/{config.epochs} case {step + 1}/{len(order)}")
+                fraction = (epoch + (step + 1) / steps) / config.epochs
+                progress("fit", fraction, f"fold {fold} epoch {epoch + 1}/{config.epochs} {unit} {step + 1}/{steps}")
             check_cancel(cancel)
-            row: dict[str, Any] = {"fold": fold, "epoch": epoch + 1, "train_loss": total / len(order)}
+            row: dict[str, Any] = {"fold": fold, "epoch": epoch + 1, "train_loss": total / steps}
             row.update(evaluate(model, val_data, device, precision))
             row["seconds"] = time.perf_counter() - started
             if config.divergence_guard and history and _diverged(row, history):
@@ -332,7 +426,7 @@ def fit_fold(
                     raise RuntimeError(
                         f"fold {fold} diverged {rollbacks} times (last at epoch {epoch + 1}); restart it with a lower --lr."
                     )
-                restore_checkpoint(checkpoint_path, model, optimizer, config.network, device)
+                restore_checkpoint(checkpoint_path, model, optimizer, config.network, device, patch_record(config))
                 for group in optimizer.param_groups:
                     group["lr"] *= 0.5
                 progress("fit", epoch / config.epochs, f"fold {fold} epoch {epoch + 1} diverged (val loss {row['val_loss']:.3g}); "
@@ -348,6 +442,7 @@ def fit_fold(
                     "optimizer": optimizer.state_dict(),
                     "history": history,
                     "network": config.network.to_dict(),
+                    "patch": patch_record(config),
                 },
                 checkpoint_path,
             )

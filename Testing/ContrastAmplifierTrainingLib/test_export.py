@@ -36,6 +36,9 @@ def test_end_to_end_two_folds_export_reload_and_tamper(tmp_path, toy_shape, tiny
                            training_data="toy arrays")
     again = load_bundle(tmp_path / "bundle")
     assert again.folds == [0, 1] and again.modalities == ["t1", "flair", "adc", "t1c"]
+    record = json.loads((tmp_path / "bundle" / "bundle.json").read_text(encoding="utf-8"))["training"]
+    assert (record["mode"], record["batch_size"], record["patch_size"], record["loss"]) == (
+        "whole volume (paper)", 1, None, "MSE")
     assert again.crop_size == (32, 32, 32) and again.network_config == tiny_net
     assert again.percentiles == {k: tuple(v) for k, v in plan["geometry"]["percentiles"].items()}
     model = again.load_model(1)

@@ -4,6 +4,7 @@ divergence guard, and refused checkpoints."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -157,4 +158,125 @@ def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
         fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=config(2))
     shutil.rmtree(checkpoint.parent)  # the fix the message gives: the fold is trained again
     (result,) = fit_cases(cases, tmp_path / "run", folds=[0], n_folds=2, config=config(2))
+    assert result.epochs == 2
+
+
+# -- patch mode (patches.py) beside the paper's whole volumes --------------------------------------
+
+
+class _CaseSource:
+    """A CaseSource that is not a list (as an on-the-fly phantom generator would be)."""
+
+    def __init__(self, cases):
+        self._cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def case(self, index: int):
+        return self._cases[index]
+
+
+def _tensors(n: int, shape, seed: int):
+    from ContrastAmplifierTrainingLib.data import to_training_case, train_set_percentiles
+
+    cached = toy_cohort(n, shape, seed=seed)
+    percentiles = train_set_percentiles(cached)
+    return [to_training_case(c, percentiles) for c in cached]
+
+
+def test_whole_volume_mode_is_the_papers_loop_bit_for_bit(tmp_path):
+    """Paper mode (no patch size) still is: Adam, batch 1, MSE, epoch_plan order and mirroring; a
+    CaseSource object gives the very same weights as the list."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from ContrastAmplifierLib.network import ResidualUNet3D
+    from ContrastAmplifierTrainingLib.trainer import epoch_plan, fit_fold
+
+    cases = _tensors(3, (16, 16, 16), seed=21)
+    config = TrainConfig(epochs=2, seed=3, network=NetworkConfig(base_channels=4, levels=2), device="cpu", divergence_guard=False)
+    torch.manual_seed(config.seed * 1000 + 1)
+    model = ResidualUNet3D(config.network)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    for epoch in range(config.epochs):
+        order, axes = epoch_plan(config.seed, 1, epoch, 2, True)
+        for index in order:
+            dims = [d + 1 for d in range(3) if axes[index][d]]
+            x, y = (torch.flip(t, dims)[None] for t in (cases[index].inputs, cases[index].target))
+            optimizer.zero_grad(set_to_none=True)
+            F.mse_loss(model(x).float(), y).backward()
+            optimizer.step()
+    expected = model.state_dict()
+    for name, train in (("list", cases[:2]), ("source", _CaseSource(cases[:2]))):
+        fit_fold(1, train, cases[2:], tmp_path / name, config)
+        got = load_file(str(tmp_path / name / "final.safetensors"))
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+
+
+def test_patch_mode_resume_after_interruption_gives_identical_weights(tmp_path, tiny_net, toy_shape, fold_weights):
+    from ContrastAmplifierCommon.progress import CancelToken, Cancelled
+    from ContrastAmplifierTrainingLib.trainer import fit_fold
+
+    cases = _tensors(4, toy_shape, seed=22)
+    config = TrainConfig(epochs=3, network=tiny_net, device="cpu", patch_size=(16, 16, 16), batch_size=2,
+                         patches_per_epoch=4, enhancement_weight=2.0)
+    straight = fit_fold(0, _CaseSource(cases[:3]), cases[3:], tmp_path / "straight" / "fold_0", config)
+    assert [int(r["epoch"]) for r in straight.history] == [1, 2, 3]
+
+    cancel = CancelToken()
+    messages = []
+
+    def stop_mid_epoch_2(stage, fraction, message=""):
+        messages.append(message)
+        if "epoch 2/3 batch 1/2" in message:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        fit_fold(0, cases[:3], cases[3:], tmp_path / "killed" / "fold_0", config, progress=stop_mid_epoch_2, cancel=cancel)
+    assert "fold 0 epoch 1/3 batch 2/2" in messages
+    rows = []
+    fit_fold(0, cases[:3], cases[3:], tmp_path / "killed" / "fold_0", config, on_epoch=rows.append)
+    assert [r["epoch"] for r in rows] == [2, 3]
+    a, b = fold_weights(tmp_path / "straight", 0), fold_weights(tmp_path / "killed", 0)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed patch training must equal an uninterrupted run"
+
+
+def test_resume_with_other_patch_settings_is_refused(tmp_path, tiny_net, toy_shape):
+    from ContrastAmplifierTrainingLib.fit import PlanMismatchError
+    from ContrastAmplifierTrainingLib.trainer import fit_fold
+
+    cases = _tensors(3, toy_shape, seed=23)
+    patched = TrainConfig(epochs=1, network=tiny_net, device="cpu", patch_size=(16, 16, 16), patches_per_epoch=2)
+    fold = tmp_path / "fold_0"
+    fit_fold(0, cases[:2], cases[2:], fold, patched)
+    other = TrainConfig(epochs=2, network=tiny_net, device="cpu", patch_size=(8, 8, 8), patches_per_epoch=2)
+    with pytest.raises(CheckpointError, match=r"other patch/loss settings \(patch_size \[16, 16, 16\] -> \[8, 8, 8\]\).*--patch-size"):
+        fit_fold(0, cases[:2], cases[2:], fold, other)
+    with pytest.raises(CheckpointError, match=r"patch_size \[16, 16, 16\] -> None"):
+        fit_fold(0, cases[:2], cases[2:], fold, TrainConfig(epochs=2, network=tiny_net, device="cpu"))
+    weighted = TrainConfig(epochs=2, network=tiny_net, device="cpu", patch_size=(16, 16, 16), patches_per_epoch=2, enhancement_weight=1.0)
+    with pytest.raises(CheckpointError, match=r"enhancement_weight 0\.0 -> 1\.0"):
+        fit_fold(0, cases[:2], cases[2:], fold, weighted)
+    assert fit_fold(0, cases[:2], cases[2:], fold, dataclasses.replace(patched, epochs=2)).epochs == 2
+
+    # the run's plan.json refuses too; a plan and a checkpoint from before patch mode read as the paper's
+    toy = toy_cohort(4, (16, 16, 16), seed=24)
+    small = NetworkConfig(base_channels=4, levels=2)
+    paper = TrainConfig(epochs=1, network=small, device="cpu")
+    fit_cases(toy, tmp_path / "run", folds=[0], n_folds=2, config=paper)
+    with pytest.raises(PlanMismatchError, match="patch_size"):
+        fit_cases(toy, tmp_path / "run", folds=[0], n_folds=2,
+                  config=TrainConfig(epochs=1, network=small, device="cpu", patch_size=(8, 8, 8)))
+    plan_path = tmp_path / "run" / "plan.json"
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    assert plan["patch_size"] is None and plan["batch_size"] == 1 and plan["enhancement_weight"] == 0.0
+    for key in ("patch_size", "lesion_fraction", "patches_per_epoch", "batch_size", "enhancement_weight", "enhancement_threshold"):
+        del plan[key]
+    plan_path.write_text(json.dumps(plan), encoding="utf-8")
+    checkpoint = tmp_path / "run" / "fold_0" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    del state["patch"]
+    torch.save(state, checkpoint)
+    (result,) = fit_cases(toy, tmp_path / "run", folds=[0], n_folds=2, config=TrainConfig(epochs=2, network=small, device="cpu"))
     assert result.epochs == 2
