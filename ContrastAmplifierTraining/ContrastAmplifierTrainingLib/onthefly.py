@@ -129,11 +129,14 @@ class PhantomCaseSource:
         workers: processes building cases.
         prefetch: cases queued ahead of the last one asked for.
         keep_cases: cached cases kept on disk (oldest deleted beyond this); ``None`` keeps all.
+        walk: patches a patch-mode fit takes from each case before the next one (it walks the
+            cases in order, so the prefetch works: :class:`.patches.PatchSampler`).
     """
 
     def __init__(self, folder: Union[str, Path], settings: PhantomSourceSettings,
                  percentiles: Optional[Mapping[str, Sequence[float]]] = None, workers: int = 1, prefetch: int = 2,
-                 keep_cases: Optional[int] = None, keep_phantoms: bool = False, percentile_cases: int = 8) -> None:
+                 keep_cases: Optional[int] = None, keep_phantoms: bool = False, percentile_cases: int = 8,
+                 walk: int = 8) -> None:
         if settings.cases < 1:
             raise PhantomSourceError(f"a phantom source needs at least one case (got {settings.cases}).")
         self.folder = Path(folder)
@@ -141,6 +144,8 @@ class PhantomCaseSource:
         self.prefetch = max(0, int(prefetch))
         self.keep_cases = keep_cases
         self.keep_phantoms = keep_phantoms
+        self.walk = max(1, int(walk))
+        self._last: Optional[tuple[int, TrainingCase]] = None  # the patches of a walk reuse one case
         self._check_folder()
         self._pool = ProcessPoolExecutor(max_workers=max(1, int(workers)), initializer=_quiet_worker)
         self._pending: dict[int, Future] = {}
@@ -215,5 +220,7 @@ class PhantomCaseSource:
         return self.fit_percentiles()
 
     def case(self, index: int) -> TrainingCase:
-        """Case ``index`` as network tensors (normalised with :attr:`percentiles`)."""
-        return to_training_case(self.cached(index), self.percentiles)
+        """Case ``index`` as network tensors (normalised with :attr:`percentiles`; the last one is kept)."""
+        if self._last is None or self._last[0] != index:
+            self._last = (index, to_training_case(self.cached(index), self.percentiles))
+        return self._last[1]

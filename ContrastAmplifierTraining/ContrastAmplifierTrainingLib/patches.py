@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -119,10 +119,16 @@ class PatchSampler:
             without any falls back to a uniform patch, ``centred=False``).
         mirror: mirror random axes (the paper's augmentation).
         threshold: :func:`enhancing_mask`'s threshold.
+        walk: patches per case when the cases are walked in order (a source that makes its cases
+            as training runs, :class:`.onthefly.PhantomCaseSource`: case ``n // walk`` for the
+            ``n``-th patch of the run, so it can prefetch the next ones); ``None``: a random case
+            per patch.
+        patches_per_epoch: with ``walk``, the patches of one epoch (to number the run's patches).
     """
 
     def __init__(self, source: CaseSource, patch_size: Sequence[int], lesion_fraction: float = 1 / 3,
-                 mirror: bool = True, threshold: float = ENHANCEMENT_THRESHOLD):
+                 mirror: bool = True, threshold: float = ENHANCEMENT_THRESHOLD, walk: Optional[int] = None,
+                 patches_per_epoch: Optional[int] = None):
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch size must be three positive sides (z, y, x), got {tuple(patch_size)}")
         if not 0.0 <= lesion_fraction <= 1.0:
@@ -132,6 +138,10 @@ class PatchSampler:
         self.lesion_fraction = float(lesion_fraction)
         self.mirror = mirror
         self.threshold = float(threshold)
+        if walk is not None and (walk < 1 or not patches_per_epoch):
+            raise ValueError("walking the cases in order needs at least 1 patch per case and the patches per epoch")
+        self.walk = walk
+        self.patches_per_epoch = patches_per_epoch
         self._shapes: dict[int, tuple[int, int, int]] = {}
         self._coords: dict[int, np.ndarray] = {}
 
@@ -160,6 +170,8 @@ class PatchSampler:
         """The ``step``-th patch of an epoch (a pure function of the arguments and the cases)."""
         rng = np.random.default_rng((seed, fold, epoch, step))
         index = int(rng.integers(len(self.source)))
+        if self.walk is not None and self.patches_per_epoch:
+            index = ((epoch * self.patches_per_epoch + step) // self.walk) % len(self.source)
         lesion = bool(rng.random() < self.lesion_fraction)
         axes = rng.integers(0, 2, size=3).astype(bool) & self.mirror
         flat = self._enhancing(index)

@@ -311,7 +311,11 @@ def _sampling(train_cases: Cases, config: TrainConfig, device: torch.device) -> 
     source = ListSource([c.to(device) for c in train_cases]) if isinstance(train_cases, Sequence) else train_cases
     if config.patch_size is None:
         return source, None, len(source)
-    sampler = PatchSampler(source, config.patch_size, config.lesion_fraction, config.mirror, config.enhancement_threshold)
+    walk = getattr(source, "walk", None)  # a source made as training runs is walked in order
+    if walk is not None and config.patches_per_epoch is None:
+        raise ValueError("cases made on the fly need --patches-per-epoch (their number is not an epoch's size)")
+    sampler = PatchSampler(source, config.patch_size, config.lesion_fraction, config.mirror, config.enhancement_threshold,
+                           walk=walk, patches_per_epoch=config.patches_per_epoch)
     patches = config.patches_per_epoch or default_patches_per_epoch(len(source), sampler.shape(0), config.patch_size)
     return source, sampler, -(-patches // config.batch_size)
 
