@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from ContrastAmplifierCommon.atomicfile import atomic_path, write_text_atomic
+from ContrastAmplifierCommon.atomicfile import save_figure_atomic, write_text_atomic
 from .metrics import healthy_brain_roi, roi_contrast
 from ContrastAmplifierCommon.progress import TqdmProgress
 
@@ -55,9 +55,7 @@ def write_figure(panels: dict[str, np.ndarray], slice_index: int, window: tuple,
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp)
-    return path
+    return save_figure_atomic(fig, path, suffix=".png")
 
 
 def run_demo(out_dir: Path, spacing: float = 1.0, seed: int = DEMO_SEED, model: Optional[str] = None,

@@ -27,10 +27,10 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -868,15 +868,22 @@ def registration_error_mm(case_dir: Union[str, Path], modality: str, transform: 
     return RegistrationError(float(error.mean()), float(error.max()), int(len(points)))
 
 
+def signal_scale(params: Mapping[str, Any], name: str) -> tuple[float, float]:
+    """``(gain, offset)`` with ``physical = gain * signal + offset`` for sequence ``name`` of a case
+    whose ``phantom.json`` is ``params``: the clinical protocol's storage record, or the paper
+    protocol's one scanner gain (ADC: stored in 1e-6 mm^2/s)."""
+    storage = params["sequences"].get(name, {}).get("storage")
+    if storage is not None:
+        return float(storage["gain"]), float(storage["offset"])
+    return (1.0 / ADC_UNIT, 0.0) if name == "adc" else (SCANNER_GAIN, 0.0)
+
+
 def read_signal(case_dir: Union[str, Path], name: str) -> np.ndarray:
     """A sequence's image (z, y, x) in the phantom's units: magnitude signal (PD 1 = fully relaxed
     water) or ADC in mm^2/s, whatever the protocol's storage (slope/intercept, gain, offset)."""
-    params = _case_parameters(case_dir)
     physical = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(case_dir) / f"{name}.nii.gz"), sitk.sitkFloat64))
-    storage = params["sequences"][name].get("storage")
-    if storage is not None:
-        return (physical - storage["offset"]) / storage["gain"]
-    return physical * ADC_UNIT if name == "adc" else physical / SCANNER_GAIN
+    gain, offset = signal_scale(_case_parameters(case_dir), name)
+    return (physical - offset) / gain
 
 
 def adc_distortion_mm(case_dir: Union[str, Path], points_lps: np.ndarray) -> np.ndarray:

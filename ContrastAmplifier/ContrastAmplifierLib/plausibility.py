@@ -449,19 +449,20 @@ def fov_fraction(points_mm: np.ndarray, transform: sitk.Transform, image: sitk.I
 
 
 def check_coverage(modality: str, points_mm: np.ndarray, transform: sitk.Transform, image: sitk.Image,
-                   doubtful: bool = False) -> float:
+                   doubtful: bool = False, fraction: Optional[float] = None) -> float:
     """Fraction of the T1c brain (``points_mm``) inside ``image``'s field of view after ``transform``.
 
     Args:
         doubtful: the registration looks wrong (``registration.suspect``, implausible motion). A
             slab over part of the head is easily dragged onto the brain's middle; then the scanner
             coordinates (the identity: one examination shares them) are measured too.
+        fraction: :func:`fov_fraction` of these points, when already measured.
 
     Raises:
         ImageValidationError: less than :data:`MIN_FOV_COVERAGE`: most of the brain would have no
             input from this modality (a partial slab, or a registration that failed).
     """
-    fraction = fov_fraction(points_mm, transform, image)
+    fraction = fov_fraction(points_mm, transform, image) if fraction is None else fraction
     where = "after registration"
     if doubtful and fraction >= MIN_FOV_COVERAGE:
         scanner = fov_fraction(points_mm, sitk.Transform(3, sitk.sitkIdentity), image)
@@ -548,7 +549,8 @@ def gradient_correlation(fixed: sitk.Image, moving: sitk.Image, transform: sitk.
 
 
 def check_alignment(modality: str, t1c: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
-                    native_mask: sitk.Image, points_mm: Optional[np.ndarray] = None) -> list[Finding]:
+                    native_mask: sitk.Image, points_mm: Optional[np.ndarray] = None,
+                    fraction: Optional[float] = None) -> list[Finding]:
     """Overlap, motion and similarity of one modality after its rigid registration to the T1c.
 
     Args:
@@ -557,6 +559,7 @@ def check_alignment(modality: str, t1c: sitk.Image, moving: sitk.Image, transfor
         moving: the modality on its own grid.
         transform: T1c points -> modality points.
         points_mm: T1c brain points (default: up to 5000 voxels of ``native_mask``).
+        fraction: :func:`fov_fraction` of those points, when already measured.
 
     Returns:
         ``overlap.fov`` (too little of the brain inside the modality's field of view),
@@ -570,7 +573,7 @@ def check_alignment(modality: str, t1c: sitk.Image, moving: sitk.Image, transfor
     name = display_name(modality)
     same = f"check that the {name} belongs to the same patient and examination as the T1c."
     findings = []
-    fraction = fov_fraction(points, transform, moving)
+    fraction = fov_fraction(points, transform, moving) if fraction is None else fraction
     if fraction < MIN_FOV_FRACTION:
         findings.append(_finding("overlap.fov", modality, fraction, MIN_FOV_FRACTION,
                                  f"{name}: only {100 * fraction:.0f}% of the T1c brain lies inside the {name} field of "

@@ -424,10 +424,11 @@ def preprocess_case(
     for name in others:
         suspect = plaus.check_registration(name, rigid[name])
         registration[f"t1c_to_{name}"] = {**rigid[name].to_dict(), "suspect": bool(suspect)}
-        found = suspect + plaus.check_alignment(name, t1c, images[name], t1c_to[name], native_mask, points)
+        inside = plaus.fov_fraction(points, t1c_to[name], images[name])  # measured once, for both checks
+        found = suspect + plaus.check_alignment(name, t1c, images[name], t1c_to[name], native_mask, points, inside)
         # An input that misses most of the brain is an error, not a warning.
         doubtful = any(f.code == plaus.REGISTRATION_SUSPECT or f.code.startswith("motion.") for f in found)
-        plaus.check_coverage(name, points, t1c_to[name], images[name], doubtful)
+        plaus.check_coverage(name, points, t1c_to[name], images[name], doubtful, inside)
         group += found
     flag(group, t0)
     check_cancel(cancel)

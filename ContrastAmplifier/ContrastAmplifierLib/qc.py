@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from ContrastAmplifierCommon.atomicfile import atomic_path
+from ContrastAmplifierCommon.atomicfile import save_figure_atomic
 
 from .plausibility import suspect_modalities
 from .registration import Template, load_template, resample
@@ -42,11 +42,7 @@ def _views(volume: np.ndarray):
 
 def write_qc_png(case, path: Union[str, os.PathLike], template: Optional[Template] = None, dpi: int = 80) -> Path:
     """Write the QC PNG of a :class:`preprocessing.PreprocessedCase` to ``path``."""
-    fig = qc_figure(case, template)
-    path = Path(path)
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=dpi)
-    return path
+    return save_figure_atomic(qc_figure(case, template), path, dpi, suffix=".png")
 
 
 def qc_figure(case, template: Optional[Template] = None) -> Figure:

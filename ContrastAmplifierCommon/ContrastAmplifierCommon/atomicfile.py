@@ -12,9 +12,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
-__all__ = ["apply_umask", "atomic_path", "write_text_atomic"]
+__all__ = ["apply_umask", "atomic_path", "write_text_atomic", "save_figure_atomic"]
 
 
 def apply_umask(path: Union[str, os.PathLike], directory: bool = False) -> None:
@@ -50,3 +50,16 @@ def write_text_atomic(text: str, path: Union[str, os.PathLike]) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def save_figure_atomic(figure: Any, path: Union[str, os.PathLike], dpi: Optional[float] = None,
+                       suffix: Optional[str] = None) -> Path:
+    """Save a matplotlib ``figure`` to ``path`` through :func:`atomic_path`; returns ``path``.
+
+    ``suffix`` picks the format (default: ``path``'s own, e.g. ``.png``); ``dpi``: the figure's
+    own when ``None``.
+    """
+    path = Path(path)
+    with atomic_path(path, path.suffix if suffix is None else suffix) as tmp:
+        figure.savefig(tmp, **({} if dpi is None else {"dpi": dpi}))
+    return path

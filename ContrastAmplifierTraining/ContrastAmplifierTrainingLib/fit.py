@@ -27,6 +27,7 @@ from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubP
 
 from .cohort import assign_folds
 from .data import PERCENTILE_LEVELS, CachedCase, TrainingCase, to_training_case, train_set_percentiles
+from .patches import Cases
 from .run_status import PLAN_FILE, fold_dir as fold_folder
 from .trainer import PAPER_PATCH_RECORD, EpochCallback, FoldResult, TrainConfig, config_record, fit_fold, patch_record
 
@@ -207,10 +208,7 @@ def fit_cases(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or null_progress
-    folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
-    bad = [k for k in folds if not 0 <= k < n_folds]
-    if bad:
-        raise ValueError(f"--folds {bad} out of range: folds are 0..{n_folds - 1}.")
+    folds = requested_folds(folds, n_folds)
     plan = check_or_write_plan(out_dir, make_plan(cases, n_folds, split_seed, config, simulate_low_dose, source, percentile_levels))
     percentiles = plan["geometry"]["percentiles"]
     tensors = [to_training_case(c, percentiles) for c in cases]
@@ -218,18 +216,29 @@ def fit_cases(
     for i, fold in enumerate(folds):
         check_cancel(cancel)
         train, held_out = split_cases(tensors, plan, fold)
-        fold_dir = fold_folder(out_dir, fold)
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        tb_log, writer = _tensorboard_callback(fold_dir)
-        try:
-            results.append(
-                fit_fold(
-                    fold, train, held_out, fold_dir, config,
-                    progress=SubProgress(progress, i / len(folds), (i + 1) / len(folds)),
-                    cancel=cancel, on_epoch=_both_callbacks(tb_log, on_epoch),
-                )
-            )
-        finally:
-            if writer is not None:
-                writer.close()
+        results.append(train_fold(out_dir, fold, train, held_out, config, SubProgress(progress, i / len(folds), (i + 1) / len(folds)),
+                                  cancel, on_epoch))
     return results
+
+
+def requested_folds(folds: Optional[Sequence[int]], n_folds: int) -> list[int]:
+    """The fold indices to train (default all ``n_folds``); refuses indices out of range."""
+    chosen = list(range(n_folds)) if folds is None else [int(k) for k in folds]
+    bad = [k for k in chosen if not 0 <= k < n_folds]
+    if bad:
+        raise ValueError(f"--folds {bad} out of range: folds are 0..{n_folds - 1}.")
+    return chosen
+
+
+def train_fold(out_dir: Path, fold: int, train: Cases, held_out: Sequence[TrainingCase], config: TrainConfig,
+               progress: ProgressCallback, cancel: Optional[CancelToken], on_epoch: Optional[EpochCallback]) -> FoldResult:
+    """:func:`.trainer.fit_fold` into ``out_dir/fold_K`` with its TensorBoard log (when tensorboard is installed)."""
+    fold_dir = fold_folder(out_dir, fold)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    tb_log, writer = _tensorboard_callback(fold_dir)
+    try:
+        return fit_fold(fold, train, held_out, fold_dir, config, progress=progress, cancel=cancel,
+                        on_epoch=_both_callbacks(tb_log, on_epoch))
+    finally:
+        if writer is not None:
+            writer.close()

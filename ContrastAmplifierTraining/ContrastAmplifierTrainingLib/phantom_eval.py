@@ -60,7 +60,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ContrastAmplifierCommon.atomicfile import apply_umask, atomic_path, write_text_atomic
+from ContrastAmplifierCommon.atomicfile import apply_umask, save_figure_atomic, write_text_atomic
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 from ContrastAmplifierLib.metrics import RoiContrast, healthy_brain_roi, roi_contrast
 
@@ -235,35 +235,20 @@ def finite_mean(values: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def signal_scale(params: Optional[Mapping[str, Any]], name: str) -> tuple[float, float]:
-    """``(gain, offset)`` with ``physical = gain * signal + offset`` for sequence ``name``.
-
-    Clinical protocol: ``sequences.<name>.storage``; paper protocol: ``scanner_gain`` (the same
-    for every sequence: T1c and T1c-x4 share one scale); without ``phantom.json``: (1, 0), i.e. the
-    images are taken to share one scale already.
+    """``(gain, offset)`` with ``physical = gain * signal + offset`` for sequence ``name``: the
+    phantom's own (:func:`ContrastAmplifierLib.phantom.signal_scale`: clinical storage, or the paper
+    protocol's one scanner gain, so T1c and T1c-x4 share one scale); without ``phantom.json``: (1, 0),
+    i.e. the images are taken to share one scale already.
     """
-    if not params:
-        return 1.0, 0.0
-    storage = params.get("sequences", {}).get(name, {}).get("storage")
-    if storage is not None:
-        return float(storage["gain"]), float(storage["offset"])
-    gain = params.get("scanner_gain")
-    return (float(gain), 0.0) if isinstance(gain, (int, float)) else (1.0, 0.0)
+    from ContrastAmplifierLib.phantom import signal_scale as phantom_scale
+
+    return phantom_scale(params, name) if params else (1.0, 0.0)
 
 
 def to_signal(array: np.ndarray, params: Optional[Mapping[str, Any]], name: str) -> np.ndarray:
     """Stored/physical intensities of sequence ``name`` -> the phantom's signal units (float64)."""
     gain, offset = signal_scale(params, name)
     return (np.asarray(array, dtype=np.float64) - offset) / gain
-
-
-def _rigid_to_t1c(params: Mapping[str, Any], name: str) -> sitk.AffineTransform:
-    """The true T1c -> ``name`` point map from phantom.json (what Resample onto the T1c needs)."""
-    sequences = params["sequences"]
-    m = np.asarray(sequences[name]["world_to_native_lps"], float) @ np.linalg.inv(np.asarray(sequences["t1c"]["world_to_native_lps"], float))
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(m[:3, :3].ravel().tolist())
-    transform.SetTranslation(m[:3, 3].tolist())
-    return transform
 
 
 @dataclass(frozen=True)
@@ -558,8 +543,13 @@ def case_images(case: EvalCase, t1c_image: sitk.Image, t1c_pro: sitk.Image, t1c_
         "t1": to_signal(_resample_to(case.inputs["t1"], t1c_image, t1c_to_t1), params, "t1"),
     }
     if "t1c_low" in case.inputs and params and "t1c_low" in params.get("sequences", {}):
-        images["t1c_low"] = to_signal(_resample_to(case.inputs["t1c_low"], t1c_image, _rigid_to_t1c(params, "t1c_low")),
-                                      params, "t1c_low")
+        from ContrastAmplifierLib.phantom import true_rigid_to_t1c
+
+        truth = sitk.AffineTransform(3)  # the phantom's true T1c -> T1c-low pose (the pipeline registers no T1c-low)
+        matrix = true_rigid_to_t1c(case.folder, "t1c_low")
+        truth.SetMatrix(matrix[:3, :3].ravel().tolist())
+        truth.SetTranslation(matrix[:3, 3].tolist())
+        images["t1c_low"] = to_signal(_resample_to(case.inputs["t1c_low"], t1c_image, truth), params, "t1c_low")
     images["t1c_lin"] = linear_dose_baseline(images["t1c"], images["t1"])
     return images
 
@@ -785,9 +775,7 @@ def write_figure(lesions: Sequence[Mapping[str, Any]], path: Path, title: str) -
     ax_gap.set_ylabel("fraction of the T1c -> T1c-x4 CNR gap recovered")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp)
-    return path
+    return save_figure_atomic(fig, path, suffix=".png")
 
 
 def write_outputs(out_dir: Path, lesions: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str, Any]],

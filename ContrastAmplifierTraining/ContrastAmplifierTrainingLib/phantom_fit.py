@@ -19,10 +19,9 @@ from typing import Any, Optional
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 from .data import PERCENTILE_LEVELS
-from .fit import check_or_write_plan, make_plan
+from .fit import check_or_write_plan, make_plan, requested_folds, train_fold
 from .onthefly import PhantomCaseSource, PhantomSourceSettings
-from .run_status import fold_dir as fold_folder
-from .trainer import EpochCallback, FoldResult, TrainConfig, fit_fold
+from .trainer import EpochCallback, FoldResult, TrainConfig
 
 #: Cases of fold 0's stream whose brain z-scores set the clip percentiles.
 PERCENTILE_CASES = 8
@@ -62,10 +61,7 @@ def fit_phantoms(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = progress or null_progress
-    folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
-    bad = [k for k in folds if not 0 <= k < n_folds]
-    if bad:
-        raise ValueError(f"--folds {bad} out of range: folds are 0..{n_folds - 1}.")
+    folds = requested_folds(folds, n_folds)
     last = settings.first_seed + n_folds * settings.cases
     if settings.first_seed <= val_seed < last or settings.first_seed < val_seed + val_cases <= last:
         raise ValueError(f"validation seeds {val_seed}-{val_seed + val_cases - 1} overlap the training streams "
@@ -95,7 +91,6 @@ def fit_phantoms(
         check_cancel(cancel)
         with PhantomCaseSource(phantoms / f"fold_{fold}", fold_settings(settings, fold), percentiles=percentiles,
                                workers=workers, walk=walk, keep_cases=keep_cases) as stream:
-            results.append(fit_fold(fold, stream, held_out, fold_folder(out_dir, fold), config,
-                                    progress=SubProgress(progress, i / len(folds), (i + 1) / len(folds)),
-                                    cancel=cancel, on_epoch=on_epoch))
+            results.append(train_fold(out_dir, fold, stream, held_out, config,
+                                      SubProgress(progress, i / len(folds), (i + 1) / len(folds)), cancel, on_epoch))
     return results

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from ContrastAmplifierCommon.atomicfile import atomic_path, write_text_atomic
+from ContrastAmplifierCommon.atomicfile import save_figure_atomic, write_text_atomic
 
 from .results import AVERAGE, AnalysisResult, ordered_volumes
 from .stats import format_p
@@ -298,10 +298,8 @@ def _html(table: Table) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    """Save a matplotlib figure as PNG atomically (100 dpi)."""
-    with atomic_path(path, suffix=path.suffix) as tmp:
-        fig.savefig(tmp, dpi=100)
-    return path
+    """Save a matplotlib figure atomically at 100 dpi."""
+    return save_figure_atomic(fig, path, dpi=100)
 
 
 def _sensitivity_panel(ax, det: Sequence[Mapping], phases: Sequence[str]) -> None:
