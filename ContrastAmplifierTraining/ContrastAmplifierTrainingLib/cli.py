@@ -4,6 +4,7 @@ Verbs (nnU-Net style, one per stage)::
 
     contrast-amplifier-train prepare MANIFEST OUT_DIR            # preprocess into OUT_DIR/cache + plan.json
     contrast-amplifier-train fit MANIFEST OUT_DIR --folds 0 1 2 3 4 --epochs 300
+    contrast-amplifier-train fit-phantoms OUT_DIR --spacing 1.5 --patch-size 64 --patches-per-epoch 200
     contrast-amplifier-train export OUT_DIR BUNDLE_DIR --name my-model
 
 ``--folds`` takes several values after one flag (``--folds 0 1 2``) or comma-separated
@@ -17,6 +18,7 @@ SIGTERM or Ctrl-C stops between cases; rerunning the same command resumes.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 import threading
@@ -38,6 +40,9 @@ app = typer.Typer(
 )
 
 MULTI_VALUE_OPTIONS = ("--folds", "--patch-size")
+
+#: The command line being run (recorded in the plans of phantom-stream runs).
+_command_line: Optional[str] = None
 
 
 def _fail(message: str, progress: str, code: int = 2) -> None:
@@ -153,49 +158,39 @@ def prepare(
         typer.echo(f"{len(cases)} cases cached in {out_dir / 'cache'}", err=True)
 
 
-@app.command()
-def fit(
-    manifest: Path = typer.Argument(..., help="Cohort: manifest CSV, a folder of case folders, or a folder of cached *.npz cases."),
-    out_dir: Path = typer.Argument(..., help="Run folder (plan, cache, fold_K/ checkpoints and logs). Rerun to resume."),
-    folds: Optional[list[str]] = typer.Option(None, "--folds", "--fold", help="Folds to train, e.g. --folds 0 1 2 3 4 (default all) or --fold 3 for one array job."),
-    n_folds: int = typer.Option(5, "--n-folds", min=2, help="Number of folds of the patient-wise split (paper: 5)."),
-    epochs: int = typer.Option(300, "--epochs", min=1, help="Epochs per fold (paper: 300)."),
-    learning_rate: float = typer.Option(1e-3, "--lr", help="Adam learning rate (paper: 1e-3)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of weights, case order and mirroring."),
-    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the patient-wise fold split."),
-    base_channels: int = typer.Option(16, "--base-channels", min=1, help="Channels of the first level, doubled per level."),
-    levels: int = typer.Option(4, "--levels", min=1, help="Resolution levels of the UNet."),
-    input_skip: bool = typer.Option(False, "--input-skip/--no-input-skip", help="Add the post-contrast input's logit before the sigmoid (starts as identity; see README)."),
-    no_mirror: bool = typer.Option(False, "--no-mirror", help="Disable random mirroring (the paper mirrors all three axes)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16."),
-    cudnn_benchmark: bool = typer.Option(True, "--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning on CUDA (faster, not bit-reproducible)."),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", min=0.0, help="Clip the gradient norm to this value (default off, as in the paper)."),
-    divergence_guard: bool = typer.Option(True, "--divergence-guard/--no-divergence-guard", help="Roll a diverged epoch back and halve the learning rate (default on; off = the paper's loop exactly; see README)."),
-    patch_size: Optional[list[str]] = typer.Option(None, "--patch-size", help="Train on patches: --patch-size Z Y X or --patch-size 64 (a cube), multiples of 2^(levels-1); default: whole volumes (the paper; see README 'Patch training')."),
-    lesion_fraction: float = typer.Option(1 / 3, "--lesion-fraction", min=0.0, max=1.0, help="Share of patches centred on an enhancing voxel (nnU-Net: 1/3)."),
-    patches_per_epoch: Optional[int] = typer.Option(None, "--patches-per-epoch", min=1, help="Patches per epoch (default: training cases x ceil(case voxels / patch voxels))."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Patches per step (patch mode; whole volumes use 1, as in the paper)."),
-    enhancement_weight: float = typer.Option(0.0, "--enhancement-weight", min=0.0, help="Loss weight 1 + W on enhancing voxels (default 0: the paper's plain MSE)."),
-    enhancement_threshold: float = typer.Option(0.2, "--enhancement-threshold", min=0.0, help="T1c minus T1c-low (0-1 scale) above which a voxel counts as enhancing (patch centres, loss weight; 0.2 measured on phantoms, see README)."),
-    spacing: float = SpacingOpt,
-    crop: tuple[int, int, int] = CropOpt,
-    clip_percentiles: tuple[float, float] = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality before [0, 1] (paper: 1 99; see README 'Clip percentiles')."),
-    simulate_low_dose: bool = typer.Option(False, "--simulate-low-dose", help="Synthesise T1c-low from T1 and T1c (approximation; see README)."),
-    skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode for preprocessing: fast or accurate."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores; use 1 on a busy shared machine)."),
-    progress: str = ProgressOpt,
-) -> None:
-    """Train one network per fold (Adam 1e-3, batch 1, MSE, random mirroring), resuming if OUT_DIR has a run."""
-    from .cache import prepare_cases
-    from .fit import PlanMismatchError, fit_cases
+# Training options shared by `fit` (a cohort) and `fit-phantoms` (phantom streams).
+FoldsOpt = typer.Option(None, "--folds", "--fold", help="Folds to train, e.g. --folds 0 1 2 3 4 (default all) or --fold 3 for one array job.")
+NFoldsOpt = typer.Option(5, "--n-folds", min=2, help="Number of folds (paper: 5).")
+EpochsOpt = typer.Option(300, "--epochs", min=1, help="Epochs per fold (paper: 300).")
+LrOpt = typer.Option(1e-3, "--lr", help="Adam learning rate (paper: 1e-3).")
+SeedOpt = typer.Option(0, "--seed", help="Seed of weights, case order and mirroring.")
+BaseChannelsOpt = typer.Option(16, "--base-channels", min=1, help="Channels of the first level, doubled per level.")
+LevelsOpt = typer.Option(4, "--levels", min=1, help="Resolution levels of the UNet.")
+InputSkipOpt = typer.Option(False, "--input-skip/--no-input-skip", help="Add the post-contrast input's logit before the sigmoid (starts as identity; see README).")
+NoMirrorOpt = typer.Option(False, "--no-mirror", help="Disable random mirroring (the paper mirrors all three axes).")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16.")
+CudnnOpt = typer.Option(True, "--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN autotuning on CUDA (faster, not bit-reproducible).")
+GradClipOpt = typer.Option(None, "--grad-clip", min=0.0, help="Clip the gradient norm to this value (default off, as in the paper).")
+GuardOpt = typer.Option(True, "--divergence-guard/--no-divergence-guard", help="Roll a diverged epoch back and halve the learning rate (default on; off = the paper's loop exactly; see README).")
+PatchSizeOpt = typer.Option(None, "--patch-size", help="Train on patches: --patch-size Z Y X or --patch-size 64 (a cube), multiples of 2^(levels-1); default: whole volumes (the paper; see README 'Patch training').")
+LesionFractionOpt = typer.Option(1 / 3, "--lesion-fraction", min=0.0, max=1.0, help="Share of patches centred on an enhancing voxel (nnU-Net: 1/3).")
+PatchesPerEpochOpt = typer.Option(None, "--patches-per-epoch", min=1, help="Patches per epoch (default: training cases x ceil(case voxels / patch voxels)).")
+BatchSizeOpt = typer.Option(1, "--batch-size", min=1, help="Patches per step (patch mode; whole volumes use 1, as in the paper).")
+EnhancementWeightOpt = typer.Option(0.0, "--enhancement-weight", min=0.0, help="Loss weight 1 + W on enhancing voxels (default 0: the paper's plain MSE).")
+EnhancementThresholdOpt = typer.Option(0.2, "--enhancement-threshold", min=0.0, help="T1c minus T1c-low (0-1 scale) above which a voxel counts as enhancing (patch centres, loss weight; 0.2 measured on phantoms, see README).")
+ClipPercentilesOpt = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train-set percentiles LOW HIGH that clip each modality before [0, 1] (paper: 1 99; see README 'Clip percentiles').")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores; use 1 on a busy shared machine).")
+
+
+def _train_config(progress: str, *, epochs: int, learning_rate: float, seed: int, no_mirror: bool, base_channels: int,
+                  levels: int, input_skip: bool, device: str, precision: str, cudnn_benchmark: bool,
+                  grad_clip: Optional[float], divergence_guard: bool, patch_size: Optional[list[str]],
+                  lesion_fraction: float, patches_per_epoch: Optional[int], batch_size: int,
+                  enhancement_weight: float, enhancement_threshold: float) -> Any:
+    """The :class:`.trainer.TrainConfig` of the shared training options (one error line if they clash)."""
     from .trainer import TrainConfig
 
-    fold_list = _parse_folds(folds)
-    _set_threads(threads)
-    cancel = CancelToken()
-    _install_sigterm(cancel)
-    report = make_progress(progress)
     try:
         sides = [int(v) for value in patch_size or [] for v in str(value).replace(",", " ").split()]
         if len(sides) not in (0, 1, 3):
@@ -211,10 +206,14 @@ def fit(
         config.resolved_precision(config.resolved_device())
     except ValueError as exc:
         _fail(str(exc), progress)
-    requested = fold_list if fold_list is not None else list(range(n_folds))
+    return config
+
+
+def _epoch_reporter(requested: Sequence[int], epochs: int, progress: str) -> Any:
+    """The ``on_epoch`` callback: a JSON ``epoch`` line, or one tqdm line per finished epoch."""
 
     def on_epoch(row: dict[str, Any]) -> None:
-        done = requested.index(row["fold"]) + row["epoch"] / epochs
+        done = list(requested).index(row["fold"]) + row["epoch"] / epochs
         message = (f"fold {row['fold']} epoch {row['epoch']}/{epochs}: train {row['train_loss']:.5f}, val {row['val_loss']:.5f}, "
                    f"PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.4f} ({row['seconds']:.1f} s)")
         if progress == "json":
@@ -224,6 +223,67 @@ def fit(
 
             tqdm.write(message, file=sys.stderr)
 
+    return on_epoch
+
+
+def _finish_fit(results: Sequence[Any], out_dir: Path, progress: str) -> None:
+    summary = ", ".join(f"fold {r.fold}: val PSNR {r.metrics.get('val_psnr', float('nan')):.2f} dB" for r in results)
+    if progress == "json":
+        _json_line({"stage": "done", "fraction": 1.0, "message": summary, "out_dir": str(out_dir),
+                    "folds": [r.fold for r in results]})
+    else:
+        typer.echo(f"finished {summary}; export with: contrast-amplifier-train export {out_dir} BUNDLE_DIR", err=True)
+
+
+@app.command()
+def fit(
+    manifest: Path = typer.Argument(..., help="Cohort: manifest CSV, a folder of case folders, or a folder of cached *.npz cases."),
+    out_dir: Path = typer.Argument(..., help="Run folder (plan, cache, fold_K/ checkpoints and logs). Rerun to resume."),
+    folds: Optional[list[str]] = FoldsOpt,
+    n_folds: int = NFoldsOpt,
+    epochs: int = EpochsOpt,
+    learning_rate: float = LrOpt,
+    seed: int = SeedOpt,
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the patient-wise fold split."),
+    base_channels: int = BaseChannelsOpt,
+    levels: int = LevelsOpt,
+    input_skip: bool = InputSkipOpt,
+    no_mirror: bool = NoMirrorOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    cudnn_benchmark: bool = CudnnOpt,
+    grad_clip: Optional[float] = GradClipOpt,
+    divergence_guard: bool = GuardOpt,
+    patch_size: Optional[list[str]] = PatchSizeOpt,
+    lesion_fraction: float = LesionFractionOpt,
+    patches_per_epoch: Optional[int] = PatchesPerEpochOpt,
+    batch_size: int = BatchSizeOpt,
+    enhancement_weight: float = EnhancementWeightOpt,
+    enhancement_threshold: float = EnhancementThresholdOpt,
+    spacing: float = SpacingOpt,
+    crop: tuple[int, int, int] = CropOpt,
+    clip_percentiles: tuple[float, float] = ClipPercentilesOpt,
+    simulate_low_dose: bool = typer.Option(False, "--simulate-low-dose", help="Synthesise T1c-low from T1 and T1c (approximation; see README)."),
+    skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode for preprocessing: fast or accurate."),
+    threads: Optional[int] = ThreadsOpt,
+    progress: str = ProgressOpt,
+) -> None:
+    """Train one network per fold (Adam 1e-3, batch 1, MSE, random mirroring), resuming if OUT_DIR has a run."""
+    from .cache import prepare_cases
+    from .fit import PlanMismatchError, fit_cases
+
+    fold_list = _parse_folds(folds)
+    _set_threads(threads)
+    cancel = CancelToken()
+    _install_sigterm(cancel)
+    report = make_progress(progress)
+    config = _train_config(progress, epochs=epochs, learning_rate=learning_rate, seed=seed, no_mirror=no_mirror,
+                           base_channels=base_channels, levels=levels, input_skip=input_skip, device=device,
+                           precision=precision, cudnn_benchmark=cudnn_benchmark, grad_clip=grad_clip,
+                           divergence_guard=divergence_guard, patch_size=patch_size, lesion_fraction=lesion_fraction,
+                           patches_per_epoch=patches_per_epoch, batch_size=batch_size,
+                           enhancement_weight=enhancement_weight, enhancement_threshold=enhancement_threshold)
+    on_epoch = _epoch_reporter(fold_list if fold_list is not None else list(range(n_folds)), epochs, progress)
     try:
         cases = prepare_cases(manifest, out_dir / "cache", spacing=(spacing,) * 3, crop_size=tuple(crop),
                               simulate_low_dose=simulate_low_dose, skull_strip=skull_strip,
@@ -239,12 +299,89 @@ def fit(
         getattr(report, "close", lambda: None)()
         _fail(str(exc), progress)
     getattr(report, "close", lambda: None)()
-    summary = ", ".join(f"fold {r.fold}: val PSNR {r.metrics.get('val_psnr', float('nan')):.2f} dB" for r in results)
-    if progress == "json":
-        _json_line({"stage": "done", "fraction": 1.0, "message": summary, "out_dir": str(out_dir),
-                    "folds": [r.fold for r in results]})
-    else:
-        typer.echo(f"finished {summary}; export with: contrast-amplifier-train export {out_dir} BUNDLE_DIR", err=True)
+    _finish_fit(results, out_dir, progress)
+
+
+@app.command("fit-phantoms")
+def fit_phantoms_command(
+    out_dir: Path = typer.Argument(..., help="Run folder (plan, phantoms/ caches, fold_K/ checkpoints and logs). Rerun to resume."),
+    first_seed: int = typer.Option(770_000, "--first-seed", min=0, help="Phantom seed of fold 0's first case; fold K starts at FIRST + K x CASES."),
+    cases: int = typer.Option(2000, "--cases", min=1, help="Distinct phantom seeds per fold's stream."),
+    val_seeds: str = typer.Option("790000-790003", "--val-seeds", help="Held-out validation phantoms FIRST-LAST (inclusive), outside every stream."),
+    lesions: str = typer.Option("small", "--lesions", help="Phantom lesion profile: small (70 % under 10 mm) or default."),
+    protocol: str = typer.Option("paper", "--protocol", help="Phantom acquisition protocol: paper or clinical."),
+    walk: int = typer.Option(8, "--walk", min=1, help="Patches taken from each case before the next one (patch mode)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes making phantom cases ahead of the trainer."),
+    keep_cases: Optional[int] = typer.Option(None, "--keep-cases", min=1, help="Cached cases kept on disk per stream (oldest deleted; default all)."),
+    folds: Optional[list[str]] = FoldsOpt,
+    n_folds: int = NFoldsOpt,
+    epochs: int = EpochsOpt,
+    learning_rate: float = LrOpt,
+    seed: int = SeedOpt,
+    base_channels: int = BaseChannelsOpt,
+    levels: int = LevelsOpt,
+    input_skip: bool = InputSkipOpt,
+    no_mirror: bool = NoMirrorOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    cudnn_benchmark: bool = CudnnOpt,
+    grad_clip: Optional[float] = GradClipOpt,
+    divergence_guard: bool = GuardOpt,
+    patch_size: Optional[list[str]] = PatchSizeOpt,
+    lesion_fraction: float = LesionFractionOpt,
+    patches_per_epoch: Optional[int] = PatchesPerEpochOpt,
+    batch_size: int = BatchSizeOpt,
+    enhancement_weight: float = EnhancementWeightOpt,
+    enhancement_threshold: float = EnhancementThresholdOpt,
+    spacing: float = SpacingOpt,
+    crop: tuple[int, int, int] = CropOpt,
+    clip_percentiles: tuple[float, float] = ClipPercentilesOpt,
+    threads: Optional[int] = ThreadsOpt,
+    progress: str = ProgressOpt,
+) -> None:
+    """Train the folds on phantoms made while training runs: each fold its own seed stream (not in the paper; see README)."""
+    from ContrastAmplifierLib.phantom_lesions import LESION_PROFILES
+
+    from .fit import PlanMismatchError
+    from .onthefly import PhantomSourceError, PhantomSourceSettings
+    from .phantom_eval import parse_seed_range
+    from .phantom_fit import fit_phantoms
+
+    fold_list = _parse_folds(folds)
+    try:
+        validation = parse_seed_range(val_seeds, option="--val-seeds")
+        if lesions not in LESION_PROFILES:
+            raise ValueError(f"--lesions {lesions!r} is not a phantom lesion profile; choose one of {', '.join(sorted(LESION_PROFILES))}.")
+        if protocol not in ("paper", "clinical"):
+            raise ValueError(f"--protocol {protocol!r}: choose paper or clinical.")
+    except ValueError as exc:
+        _fail(str(exc), progress)
+    config = _train_config(progress, epochs=epochs, learning_rate=learning_rate, seed=seed, no_mirror=no_mirror,
+                           base_channels=base_channels, levels=levels, input_skip=input_skip, device=device,
+                           precision=precision, cudnn_benchmark=cudnn_benchmark, grad_clip=grad_clip,
+                           divergence_guard=divergence_guard, patch_size=patch_size, lesion_fraction=lesion_fraction,
+                           patches_per_epoch=patches_per_epoch, batch_size=batch_size,
+                           enhancement_weight=enhancement_weight, enhancement_threshold=enhancement_threshold)
+    _set_threads(threads)
+    cancel = CancelToken()
+    _install_sigterm(cancel)
+    report = make_progress(progress)
+    on_epoch = _epoch_reporter(fold_list if fold_list is not None else list(range(n_folds)), epochs, progress)
+    settings = PhantomSourceSettings(first_seed=first_seed, cases=cases, spacing=spacing, crop_size=(crop[0], crop[1], crop[2]),
+                                     lesions=lesions, protocol=protocol)
+    try:
+        results = fit_phantoms(out_dir, settings, val_seed=validation[0], val_cases=len(validation), config=config,
+                               folds=fold_list, n_folds=n_folds, walk=walk, workers=workers, keep_cases=keep_cases,
+                               progress=report, cancel=cancel, on_epoch=on_epoch, percentile_levels=clip_percentiles,
+                               command=_command_line)
+    except Cancelled:
+        getattr(report, "close", lambda: None)()
+        _cancelled(progress)
+    except (PlanMismatchError, PhantomSourceError, ValueError, FileNotFoundError) as exc:
+        getattr(report, "close", lambda: None)()
+        _fail(str(exc), progress)
+    getattr(report, "close", lambda: None)()
+    _finish_fit(results, out_dir, progress)
 
 
 @app.command()
@@ -383,7 +520,10 @@ def evaluate(
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point (``contrast-amplifier-train``)."""
-    args = expand_multi_value_options(sys.argv[1:] if argv is None else argv)
+    global _command_line
+    raw = list(sys.argv[1:] if argv is None else argv)
+    _command_line = "contrast-amplifier-train " + shlex.join(raw)
+    args = expand_multi_value_options(raw)
     # SIGTERM is the commands' own (it sets their cancel flag); Ctrl-C elsewhere prints one line.
     run_cli(app, args, prog_name="contrast-amplifier-train", sigterm_as_interrupt=False, cancelled_message=RESUME_MESSAGE)
 

@@ -85,8 +85,15 @@ def export_bundle(
         "divergence_guard": plan.get("divergence_guard"),
         "final_validation": {str(k): done[k].get("metrics", {}) for k in folds},
     }
+    if plan.get("phantoms"):  # fit_phantoms: the seed streams and the command that trained them
+        training["phantoms"] = plan["phantoms"]
+        training["cases"] = "phantoms made on the fly (see phantoms)"
+    if plan.get("command"):
+        training["command"] = plan["command"]
     if extra_training:
         training.update(extra_training)
+    default_data = (str(plan.get("source")) if plan.get("phantoms") else
+                    f"{len(plan['cases'])} cases of {n_patients} patients from {plan.get('source') or 'an unnamed cohort'}")
     return write_bundle(
         bundle_dir,
         states,
@@ -94,7 +101,7 @@ def export_bundle(
         version=version,
         description=description,
         intended_use=intended_use,
-        training_data=training_data or f"{len(plan['cases'])} cases of {n_patients} patients from {plan.get('source') or 'an unnamed cohort'}",
+        training_data=training_data or default_data,
         modalities=BUNDLE_MODALITIES,
         spacing=geometry["spacing"],
         crop_size=geometry["crop_size"],

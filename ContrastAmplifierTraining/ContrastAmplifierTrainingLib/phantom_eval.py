@@ -93,23 +93,23 @@ PHANTOM_LABEL = "synthetic phantom evaluation - not clinical data"
 # Small metric functions (arrays in, numbers out)
 # ---------------------------------------------------------------------------------------------
 
-def parse_seed_range(text: str) -> list[int]:
+def parse_seed_range(text: str, option: str = "--phantom-seeds") -> list[int]:
     """``"730000-730019"`` -> the 20 seeds 730000..730019 (inclusive); ``"5"`` -> ``[5]``.
 
     Raises:
         ValueError: not ``FIRST-LAST`` with integers ``0 <= FIRST <= LAST``.
     """
     parts = str(text).strip().split("-")
-    fix = "give FIRST-LAST with FIRST <= LAST (inclusive), e.g. --phantom-seeds 730000-730019, or one seed"
+    fix = f"give FIRST-LAST with FIRST <= LAST (inclusive), e.g. {option} 730000-730019, or one seed"
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise ValueError(f"--phantom-seeds {text!r} is not a seed range: {fix}.") from None
+        raise ValueError(f"{option} {text!r} is not a seed range: {fix}.") from None
     if len(values) not in (1, 2) or min(values) < 0:
-        raise ValueError(f"--phantom-seeds {text!r} is not a seed range: {fix}.")
+        raise ValueError(f"{option} {text!r} is not a seed range: {fix}.")
     first, last = values[0], values[-1]
     if last < first:
-        raise ValueError(f"--phantom-seeds {text!r}: the last seed is below the first; {fix}.")
+        raise ValueError(f"{option} {text!r}: the last seed is below the first; {fix}.")
     return list(range(first, last + 1))
 
 

@@ -47,6 +47,7 @@ def fit_phantoms(
     cancel: Optional[CancelToken] = None,
     on_epoch: Optional[EpochCallback] = None,
     percentile_levels: tuple[float, float] = PERCENTILE_LEVELS,
+    command: Optional[str] = None,
 ) -> list[FoldResult]:
     """Train the requested folds, each on its own phantom stream; resume like :func:`.fit.fit_cases`.
 
@@ -57,6 +58,7 @@ def fit_phantoms(
         config: training settings; patch mode needs ``patches_per_epoch``.
         walk: patches taken from each case before the next (patch mode).
         workers, keep_cases: see :class:`.onthefly.PhantomCaseSource`.
+        command: the command line that started the run, kept in ``plan.json`` and the exported bundle.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +80,8 @@ def fit_phantoms(
     plan["phantoms"] = {"first_seed": settings.first_seed, "cases_per_fold": settings.cases, "spacing": settings.spacing,
                         "crop_size": list(settings.crop_size), "lesions": settings.lesions,
                         "protocol": settings.protocol, "val_seed": val_seed, "val_cases": val_cases, "walk": walk}
+    if command:
+        plan["command"] = command  # the first run's; a resume need not repeat it word for word
     plan = check_or_write_plan(out_dir, plan)
     percentiles = plan["geometry"]["percentiles"]
     validation = PhantomCaseSource(phantoms / "validation", replace(settings, first_seed=val_seed, cases=val_cases),

@@ -71,6 +71,42 @@ def test_phantom_fit_two_folds_export_reload_and_reject_tampering(tmp_path):
     assert refused.returncode != 0 and "out of range" not in refused.stderr and "fold" in refused.stderr
 
 
+def test_fit_phantoms_trains_a_stream_and_the_bundle_records_seeds_and_command(tmp_path):
+    out = tmp_path / "run"
+    args = ["fit-phantoms", str(out), "--first-seed", "751000", "--cases", "2", "--val-seeds", "761000", "--spacing", "4",
+            "--crop", "40", "48", "40", "--fold", "1", "--n-folds", "2", "--epochs", "1", "--patch-size", "16",
+            "--patches-per-epoch", "4", "--walk", "2", "--base-channels", "4", "--levels", "2", "--lesion-fraction", "0.5",
+            "--enhancement-weight", "2", "--device", "cpu", "--progress", "json"]
+    done = _train(*args)
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(e["fold"], e["epoch"]) for e in events if e["stage"] == "epoch"] == [(1, 1)] and events[-1]["stage"] == "done"
+    plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+    assert plan["phantoms"]["first_seed"] == 751_000 and plan["phantoms"]["val_seed"] == 761_000
+    assert plan["lesion_fraction"] == 0.5 and plan["enhancement_weight"] == 2.0 and plan["patch_size"] == [16, 16, 16]
+    assert plan["command"].startswith("contrast-amplifier-train fit-phantoms ") and "--first-seed 751000" in plan["command"]
+    # Fold 1 walked seeds 751002-751003; the rerun resumes (nothing left to do) and keeps the plan.
+    assert {p.name for p in (out / "phantoms" / "fold_1" / "cache").glob("*.npz")} == {"phantom_751002.npz", "phantom_751003.npz"}
+    assert _train(*args).returncode == 0
+    _train("export", str(out), str(tmp_path / "bundle"), "--name", "stream-test", "--intended-use", "tests - not for clinical use")
+    training = json.loads((tmp_path / "bundle" / "bundle.json").read_text(encoding="utf-8"))["training"]
+    assert training["phantoms"]["cases_per_fold"] == 2 and training["command"] == plan["command"]
+    assert "phantoms made on the fly" in json.loads((tmp_path / "bundle" / "bundle.json").read_text(encoding="utf-8"))["training_data"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--val-seeds", "751001-751001"], "overlap the training streams"),
+    (["--val-seeds", "9-3"], "--val-seeds '9-3': the last seed is below the first"),
+    (["--lesions", "huge"], "--lesions 'huge'"),
+    (["--patch-size", "15"], "--patch-size takes one side (a cube) or three (Z Y X), got 2: [16, 15]"),
+])
+def test_fit_phantoms_bad_options_are_one_error_line(tmp_path, bad, message):
+    done = _train("fit-phantoms", str(tmp_path / "run"), "--first-seed", "751000", "--cases", "2", "--spacing", "4",
+                  "--crop", "40", "48", "40", "--epochs", "1", "--patch-size", "16", "--patches-per-epoch", "4",
+                  "--levels", "2", "--base-channels", "4", "--device", "cpu", *bad, check=False)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not list((tmp_path).glob("run/fold_*"))
+
+
 @pytest.mark.slow
 def test_prepare_with_simulated_low_dose(tmp_path):
     from ContrastAmplifierLib.phantom import generate_cohort
