@@ -394,6 +394,7 @@ def export(
     description: Optional[str] = typer.Option(None, "--description", help="One-paragraph description."),
     intended_use: str = typer.Option("research only - not for clinical use", "--intended-use", help="Intended use statement."),
     training_data: Optional[str] = typer.Option(None, "--training-data", help="Cohort description (default: counts and source)."),
+    unfinished: bool = typer.Option(False, "--unfinished", help="Also export folds still training, from their latest checkpoint (bundle.json says so)."),
 ) -> None:
     """Write a model bundle (SHA-256 per file, validated bundle.json) from a finished run."""
     from ContrastAmplifierLib.bundle import BundleError
@@ -403,7 +404,7 @@ def export(
     try:
         bundle = export_bundle(out_dir, bundle_dir, folds=_parse_folds(folds), name=name, version=version,
                                description=DEFAULT_DESCRIPTION if description is None else description,
-                               intended_use=intended_use, training_data=training_data)
+                               intended_use=intended_use, training_data=training_data, unfinished=unfinished)
     except (BundleError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), "bar")
     typer.echo(f"wrote bundle {bundle.name!r} with folds {bundle.folds} to {bundle.path}")

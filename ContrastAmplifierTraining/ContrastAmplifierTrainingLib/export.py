@@ -12,7 +12,7 @@ from ContrastAmplifierLib.network import NetworkConfig
 
 from .data import BUNDLE_MODALITIES
 from .fit import read_plan
-from .run_status import DONE_FILE, FINAL_WEIGHTS_FILE, FOLD_DIR_PREFIX, fold_dir
+from .run_status import CHECKPOINT_FILE, DONE_FILE, FINAL_WEIGHTS_FILE, FOLD_DIR_PREFIX, fold_dir
 from .trainer import PAPER_PATCH_RECORD
 
 DEFAULT_INTENDED_USE = "research only - not for clinical use"
@@ -29,6 +29,26 @@ def finished_folds(out_dir: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
+def checkpoint_fold(out_dir: Path, fold: int, network: NetworkConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Weights and ``done.json``-like record of an unfinished fold, from its latest ``checkpoint.pt``.
+
+    The checkpoint is read as a resume reads it (:func:`.trainer.restore_checkpoint`: tensors and
+    plain data only, the run's network), so a refused or corrupted file is one clear error.
+    """
+    import torch
+
+    from ContrastAmplifierLib.network import ResidualUNet3D
+
+    from .trainer import restore_checkpoint
+
+    path = fold_dir(out_dir, fold) / CHECKPOINT_FILE
+    model = ResidualUNet3D(network)
+    state = restore_checkpoint(path, model, torch.optim.Adam(model.parameters()), network, torch.device("cpu"))
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    history = state["history"]
+    return weights, {"fold": fold, "epochs": state["epoch"], "metrics": history[-1] if history else {}, "unfinished": True}
+
+
 def export_bundle(
     out_dir: Path,
     bundle_dir: Path,
@@ -39,8 +59,13 @@ def export_bundle(
     intended_use: str = DEFAULT_INTENDED_USE,
     training_data: Optional[str] = None,
     extra_training: Optional[dict[str, Any]] = None,
+    unfinished: bool = False,
 ) -> ModelBundle:
     """Write the bundle of ``folds`` (default: every finished fold) of the run in ``out_dir``.
+
+    ``unfinished`` also takes folds still training, from their latest checkpoint (for a look at a
+    long run, as nnU-Net's ``checkpoint_latest``); ``training.epochs`` and
+    ``training.unfinished_folds`` in ``bundle.json`` say so.
 
     Raises:
         FileNotFoundError: no plan in ``out_dir``.
@@ -50,6 +75,15 @@ def export_bundle(
 
     plan = read_plan(out_dir)
     done = finished_folds(out_dir)
+    partial: dict[int, dict[str, Any]] = {}
+    states: dict[int, Any] = {}
+    if unfinished:
+        network = NetworkConfig.from_dict(plan["network"])
+        for path in sorted(Path(out_dir).glob(f"{FOLD_DIR_PREFIX}*/{CHECKPOINT_FILE}")):
+            fold = int(path.parent.name[len(FOLD_DIR_PREFIX):])
+            if fold not in done and (folds is None or fold in folds):
+                states[fold], partial[fold] = checkpoint_fold(out_dir, fold, network)
+        done = {**done, **partial}
     if folds is None:
         folds = sorted(done)
         if not folds:
@@ -60,7 +94,8 @@ def export_bundle(
             f"folds {missing} of {out_dir} have not finished (finished: {sorted(done)}); "
             "finish them with `contrast-amplifier-train fit ... --folds K` or export only finished folds with --folds."
         )
-    states = {k: load_file(str(fold_dir(out_dir, k) / FINAL_WEIGHTS_FILE)) for k in folds}
+    states.update({k: load_file(str(fold_dir(out_dir, k) / FINAL_WEIGHTS_FILE)) for k in folds if k not in partial})
+    states = {k: states[k] for k in folds}
     geometry = plan["geometry"]
     n_patients = len({c["patient_id"] for c in plan["cases"]})
     training: dict[str, Any] = {
@@ -85,6 +120,8 @@ def export_bundle(
         "divergence_guard": plan.get("divergence_guard"),
         "final_validation": {str(k): done[k].get("metrics", {}) for k in folds},
     }
+    if partial:
+        training["unfinished_folds"] = {str(k): f"checkpoint of epoch {partial[k]['epochs']} (still training)" for k in sorted(partial)}
     if plan.get("phantoms"):  # fit_phantoms: the seed streams and the command that trained them
         training["phantoms"] = plan["phantoms"]
         training["cases"] = "phantoms made on the fly (see phantoms)"

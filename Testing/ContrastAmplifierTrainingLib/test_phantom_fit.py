@@ -53,5 +53,16 @@ def test_two_fold_run_on_phantom_streams_trains_and_exports(tmp_path):
                            intended_use="tests only - not for clinical use", training_data="phantom streams")
     record = json.loads((bundle.path / "bundle.json").read_text(encoding="utf-8"))["training"]
     assert record["mode"] == "patches" and bundle.folds == [1]
+    # A fold still training exports from its latest checkpoint only when asked, with the same weights.
+    (tmp_path / "run" / "fold_1" / "done.json").unlink()
+    with pytest.raises(ValueError, match="no fold of"):
+        export_bundle(tmp_path / "run", tmp_path / "none")
+    partial = export_bundle(tmp_path / "run", tmp_path / "partial", unfinished=True, intended_use="tests only - not for clinical use")
+    manifest = json.loads((partial.path / "bundle.json").read_text(encoding="utf-8"))["training"]
+    assert manifest["unfinished_folds"] == {"1": "checkpoint of epoch 1 (still training)"} and manifest["epochs"] == {"1": 1}
+    from safetensors.torch import load_file
+
+    ours, final = load_file(str(partial.path / "fold1.safetensors")), load_file(str(bundle.path / "fold1.safetensors"))
+    assert ours.keys() == final.keys() and all(ours[k].equal(final[k]) for k in final)
     with pytest.raises(ValueError, match="overlap the training streams"):
         fit_phantoms(tmp_path / "other", SETTINGS, val_seed=750_001, val_cases=1, config=config)
