@@ -23,7 +23,7 @@ VENV39 := .venv39
 PY39_SUITES := Testing/ContrastAmplifierCommon Testing/ContrastAmplifierLib Testing/LesionReaderLib
 PYTEST39_ARGS ?=
 
-.PHONY: install lint test test-py39 slicer-env demo bench clean
+.PHONY: install lint test test-py39 slicer-env system-deps demo bench clean
 
 install: $(STAMP)
 
@@ -40,9 +40,26 @@ lint: $(STAMP)
 	$(PY) -m ruff check
 	$(PY) -m mypy
 
-test: lint slicer-env $(VENV39)/.installed
+test: lint system-deps slicer-env $(VENV39)/.installed
 	CA_SLICER_SERIES=$(SLICER_SERIES) $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-py39
+
+# Real DICOM tools for the DICOM/PACS tests: Orthanc (a PACS, with its DICOMweb plugin) and
+# dicom3tools (dciodvfy, the DICOM validator). apt-get installs them where we are root and apt
+# exists (as on CI); elsewhere the tests that need them are skipped, each saying why.
+DICOM_TOOLS := /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/dciodvfy
+DICOM_PACKAGES := orthanc orthanc-dicomweb dicom3tools
+system-deps:
+	@if ls $(DICOM_TOOLS) >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing $(DICOM_PACKAGES) with apt-get (for the DICOM/PACS tests)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends $(DICOM_PACKAGES) >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(DICOM_PACKAGES) >/dev/null; } || \
+		echo "apt-get could not install $(DICOM_PACKAGES): the DICOM/PACS tests that need them are skipped."; \
+	else \
+		echo "Not root or no apt-get: $(DICOM_PACKAGES) not installed; the DICOM/PACS tests that need them are skipped."; \
+	fi
 
 # Returns at once when the env is built and its inputs (pins, slicer-core version) are unchanged.
 slicer-env: $(STAMP)

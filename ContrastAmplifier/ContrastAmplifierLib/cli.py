@@ -217,6 +217,9 @@ def bench(
 
 
 QUALITY_HELP = "Mirrorings per fold: 8 (paper), or 1, 2, 4 for a quicker look."
+OUT_DICOM_HELP = ("Also write T1c-pro as a DICOM MR series (one file per T1c slice) into this new or empty folder: a new "
+                  "series of the T1c's study when --t1c is a DICOM series folder, else a new de-identified study. "
+                  "Checked before any work. See README, DICOM output.")
 MappingOpt = typer.Option("auto", "--mapping", help="How T1c-pro returns to the T1c grid: auto, direct (the prediction itself) or residual (the T1c plus the network's change; keeps the T1c's resolution). See README.")
 CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README).")
 
@@ -227,7 +230,8 @@ def predict(
     flair: Path = typer.Option(..., "--flair", help="T2-FLAIR."),
     adc: Path = typer.Option(..., "--adc", help="ADC map."),
     t1c: Path = typer.Option(..., "--t1c", help="Routine contrast-enhanced T1 (T1c); T1c-pro is written on its grid."),
-    out: Path = typer.Option(..., "--out", help="Output T1c-pro file (.nii.gz, .nii, .nrrd, .mha); checked before any work, written atomically."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output T1c-pro file (.nii.gz, .nii, .nrrd, .mha); checked before any work, written atomically. Needed unless --out-dicom is given."),
+    out_dicom: Optional[Path] = typer.Option(None, "--out-dicom", help=OUT_DICOM_HELP),
     model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder (default: the default model; see `models list` / `models set-default`)."),
     folds: Optional[list[int]] = typer.Option(None, "--folds", help="Fold models to average (repeat the option; default: all)."),
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
@@ -238,19 +242,26 @@ def predict(
     skull_strip: Optional[str] = typer.Option(None, "--skull-strip", help="HD-BET fast or accurate (default: accurate on CUDA, fast on CPU)."),
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file, and an earlier T1c-pro series in the --out-dicom folder."),
     strict: bool = StrictOpt,
     progress: str = ProgressOpt,
 ) -> None:
     """Amplify one case: T1, T2-FLAIR, ADC and T1c in, T1c-pro out (5 folds x 8 mirrorings by default)."""
+    if out is None and out_dicom is None:
+        fail("give --out FILE, --out-dicom DIR or both: where T1c-pro goes")
     from .inference import amplify_case
 
     report = _WithWarnings(make_progress(progress), progress)
     with cli_job(report, "cancelled; no output was written"):
         result = amplify_case(t1, flair, adc, t1c, bundle=model, out_path=out, folds=folds, n_mirrorings=flips,
                               device=device, precision=precision, compile=compile_models, mapping=mapping, skull_strip_mode=skull_strip, brain_mask=brain_mask,
-                              threads=threads, progress=report, overwrite=overwrite, strict=strict)
-    typer.echo(f"wrote {result.output_path} ({result.n_predictions} predictions, {result.timings_s['total']:.1f} s)",
+                              threads=threads, progress=report, overwrite=overwrite, strict=strict, out_dicom=out_dicom)
+    written = [str(result.output_path)] if result.output_path is not None else []
+    if result.dicom_series is not None:
+        series = result.dicom_series
+        study = "the T1c's study" if series.from_dicom else "a new de-identified study"
+        written.append(f"the DICOM series {series.folder} ({len(series.files)} MR images, {study})")
+    typer.echo(f"wrote {' and '.join(written)} ({result.n_predictions} predictions, {result.timings_s['total']:.1f} s)",
                err=progress == "json")
     _check_registration_line(result.preprocessed.findings, "`contrast-amplifier preprocess --qc` on this case")
 
@@ -266,7 +277,8 @@ def predict_cohort(
     precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
     mapping: str = MappingOpt,
     compile_models: Optional[bool] = CompileOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists."),
+    out_dicom: Optional[Path] = typer.Option(None, "--out-dicom", help="Also write each case's T1c-pro as a DICOM MR series into DIR/<case>/ (the T1c's study for a DICOM T1c, else a new de-identified study). A case whose T1c-pro file exists gets its series from that file. See README, DICOM output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists (and replace their DICOM series)."),
     strict: bool = StrictOpt,
     progress: str = ProgressOpt,
 ) -> None:
@@ -277,7 +289,7 @@ def predict_cohort(
     with cli_job(report, "cancelled; finished cases are kept, the current one was not written"):
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
                           precision=precision, overwrite=overwrite, compile=compile_models, mapping=mapping,
-                          strict=strict, progress=report)
+                          strict=strict, progress=report, out_dicom=out_dicom)
     failed = [r for r in rows if r["status"] == "failed"]
     typer.echo(f"{len(rows)} cases: {sum(r['status'] == 'done' for r in rows)} done, "
                f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {len(failed)} failed; see {out_dir / 'summary.csv'}",

@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,6 +43,9 @@ from .ensemble import InferenceSettings, configure_cpu_threads, predict_ensemble
 from .imageio import ImageLike, read_image, write_image_atomic
 from .preprocessing import PreprocessedCase, preprocess_case
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
+
+if TYPE_CHECKING:
+    from .dicom_series import DicomSeriesResult
 
 #: Inputs of :func:`amplify_case`, in the paper's order (Figure 1).
 INPUT_MODALITIES = ("t1", "flair", "adc", "t1c")
@@ -68,6 +71,7 @@ class AmplifyResult:
         n_predictions: folds x mirrorings averaged.
         timings_s: seconds per stage and ``"total"``.
         mapping: ``"direct"`` or ``"residual"`` (see the module docstring).
+        dicom_series: the DICOM series written (``out_dicom``), if it was.
     """
 
     image: sitk.Image
@@ -77,6 +81,7 @@ class AmplifyResult:
     n_predictions: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
     mapping: str = "direct"
+    dicom_series: Optional[DicomSeriesResult] = None
 
     @property
     def suspect_registrations(self) -> list[str]:
@@ -172,6 +177,7 @@ def amplify_case(
     cancel: Optional[CancelToken] = None,
     overwrite: bool = False,
     strict: bool = False,
+    out_dicom: Union[str, os.PathLike, None] = None,
 ) -> AmplifyResult:
     """Amplify the contrast of one case: the paper's T1c -> T1c-pro.
 
@@ -195,8 +201,13 @@ def amplify_case(
         threads: CPU threads for torch (default: all cores).
         progress: ``(stage, fraction, message)`` callback over the whole job.
         cancel: checked between every step and every forward pass; nothing is written when set.
-        overwrite: allow replacing an existing ``out_path``.
+        overwrite: allow replacing an existing ``out_path``, and an earlier T1c-pro series in ``out_dicom``.
         strict: preprocessing plausibility warnings become errors (:func:`.preprocessing.preprocess_case`).
+        out_dicom: if given, T1c-pro is also written there as a DICOM MR series, after ``out_path``
+            (:func:`.dicom_series.write_t1c_pro_series`: the T1c's study when ``t1c`` is a DICOM
+            series folder, else a new de-identified study). The folder is checked before any work
+            (:func:`.dicom_series.check_dicom_output_folder`): new or empty, or holding an earlier
+            T1c-pro series with ``overwrite``.
 
     Returns:
         :class:`AmplifyResult` with T1c-pro on the native T1c grid.
@@ -204,11 +215,16 @@ def amplify_case(
     start = time.perf_counter()
     report = progress or null_progress
     timings: dict[str, float] = {}
+    sources = [p for p in (t1, flair, adc, t1c, brain_mask) if isinstance(p, (str, os.PathLike))]
     if out_path is not None:
         from ContrastAmplifierCommon.outputs import check_output_file
 
-        sources = [p for p in (t1, flair, adc, t1c, brain_mask) if isinstance(p, (str, os.PathLike))]
         out_path = check_output_file(out_path, OUTPUT_SUFFIXES, inputs=sources, overwrite=overwrite, what="T1c-pro output")
+    if out_dicom is not None:
+        from .dicom_series import check_dicom_output_folder
+
+        out_dicom = check_dicom_output_folder(out_dicom, inputs=sources, overwrite=overwrite,
+                                              outputs=[out_path] if out_path is not None else [])
     model_bundle = _resolve_bundle(bundle)
     missing = [m for m in model_bundle.modalities if m not in INPUT_MODALITIES]
     if missing:
@@ -252,6 +268,17 @@ def amplify_case(
     if out_path is not None:
         report("write", 0.97, str(out_path))
         written = write_image_atomic(image, out_path)
+    series = None
+    if out_dicom is not None:
+        from .dicom_series import write_t1c_pro_series
+
+        t0 = time.perf_counter()
+        report("write DICOM", 0.98, str(out_dicom))
+        details = (f"{len(models) * n_mirrorings} predictions averaged ({len(models)} folds x {n_mirrorings} mirrorings), "
+                   f"{chosen_mapping} mapping")
+        series = write_t1c_pro_series(image, out_dicom, t1c=t1c, model=model_bundle, sources={"t1": t1, "flair": flair, "adc": adc},
+                                      details=details, overwrite=overwrite)  # no cancel once T1c-pro is written: both or neither
+        timings["dicom"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     from .imageio import display_name
     from .plausibility import suspect_modalities
@@ -259,4 +286,4 @@ def amplify_case(
     suspect = suspect_modalities(case.findings)
     check = f"; CHECK REGISTRATION: {', '.join(display_name(m) for m in suspect)}" if suspect else ""
     report("done", 1.0, f"T1c-pro from {len(models) * n_mirrorings} predictions ({chosen_mapping} mapping){check}")
-    return AmplifyResult(image, prediction, case, written, len(models) * n_mirrorings, timings, chosen_mapping)
+    return AmplifyResult(image, prediction, case, written, len(models) * n_mirrorings, timings, chosen_mapping, series)
