@@ -16,6 +16,8 @@ the model registry are imported where they are used.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Dict, List, Optional, Sequence, Tuple
@@ -86,6 +88,10 @@ SHA-256; the line under Model shows the chosen model's version, geometry, folds 
 <br>Preprocess (QC) runs the paper's preprocessing (skull stripping, registration to the ICBM 2009a atlas,
 crop, normalisation) with the chosen model's spacing, crop and clip percentiles, in a background process,
 and loads the preprocessed volumes and a QC picture: what that model's network is given.
+<br>DICOM output folder (optional): each Apply also writes T1c-pro as a DICOM MR series into a new sub-folder
+"&lt;T1c name&gt; T1c-pro" there - in the T1c's study when the T1c was loaded from Slicer's DICOM database, else in a
+new de-identified study - and adds it to the DICOM database. Send to PACS sends that series to a PACS (a DICOMweb
+URL, dicom://AET@host:port, or an endpoint name of your PACS configuration file).
 <br>No MRI at hand? Sample Data > Contrast Amplifier > "Contrast Amplifier phantom" makes a synthetic case
 (T1, T2-FLAIR, ADC, T1c and its 4x-dose truth) and selects it here.
 See the <a href="https://github.com/SlicerContrastAmplifier/SlicerContrastAmplifier">extension documentation</a>.
@@ -175,6 +181,14 @@ class ContrastAmplifierParameterNode:
     Precision - auto, exact (fp32) or fast (bf16).
     SkullStripMode - HD-BET fast or accurate.
     QualityControl - Preprocess (QC) writes and shows qc.png.
+    DicomOutputFolder - where Apply also writes T1c-pro as a DICOM series: each Apply makes a new
+                        sub-folder "<T1c name> T1c-pro" there (:meth:`ContrastAmplifierLogic.dicomSeriesFolder`)
+                        and adds it to Slicer's DICOM database. Empty (stored as ".", the default of a
+                        path parameter): no DICOM files.
+    PacsTarget - send the series to this PACS after writing it: a URL (http://host:8042/dicom-web,
+                 dicom://AET@host:104) or an endpoint name of the user's PACS configuration file.
+                 Empty: not sent. Without a DICOM output folder the series is written to the
+                 exchange folder only to be sent.
     """
 
     InputT1: slicer.vtkMRMLScalarVolumeNode
@@ -189,6 +203,8 @@ class ContrastAmplifierParameterNode:
     Precision: Annotated[str, Choice(["auto", "exact", "fast"])] = "auto"
     SkullStripMode: Annotated[str, Choice(["fast", "accurate"])] = "fast"
     QualityControl: bool = True
+    DicomOutputFolder: Path
+    PacsTarget: str
 
 
 #
@@ -227,6 +243,17 @@ class AmplifyJob(BackgroundJob):
         showResult: show T1c-pro next to the T1c once loaded (:meth:`ContrastAmplifierLogic.showSideBySide`).
         result: the loaded T1c-pro node once :meth:`ContrastAmplifierLogic.pollAmplify` saw success.
         error: the failure message once the job failed or was cancelled.
+        dicomOutput: the folder of the T1c-pro DICOM series (``--out-dicom``), or ``None``.
+        keepDicom: the series folder is the user's (kept); otherwise it lies in the exchange folder
+            (written only to be sent) and is deleted with it.
+        sendTo: the PACS the series is sent to (``--send``), or ``None``.
+        t1cDicom: the copy of the T1c's own DICOM files passed as ``--t1c-dicom`` (the series joins
+            the T1c's study), or ``None`` (a new de-identified study; ``t1cDicomNote`` says why).
+        t1cDicomNote: why the T1c's DICOM files were not used ("" when they were, or no series is written).
+        importToDatabase: add the user's series folder to Slicer's DICOM database after success.
+        importedToDatabase: whether that import happened.
+        sendError: the command line's error when T1c-pro and its series were written but sending failed
+            (the result is loaded all the same).
     """
 
     outputPath: Optional[Path] = None
@@ -236,6 +263,14 @@ class AmplifyJob(BackgroundJob):
     showResult: bool = True
     result: object = None
     error: Optional[str] = None
+    dicomOutput: Optional[Path] = None
+    keepDicom: bool = False
+    sendTo: Optional[str] = None
+    t1cDicom: Optional[Path] = None
+    t1cDicomNote: str = ""
+    importToDatabase: bool = False
+    importedToDatabase: bool = False
+    sendError: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -321,6 +356,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
     RESULT_SUFFIX = "T1c-pro"
     #: Seconds between SIGTERM and SIGKILL on cancel (the CLI removes its temporary file on SIGTERM).
     CANCEL_GRACE_S = 5.0
+    #: Node attribute Slicer's DICOM scalar-volume plugin sets on a volume loaded from DICOM: its SOP Instance UIDs.
+    DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -712,7 +749,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
     def predictCommand(self, inputs: Dict[str, Path], outPath: Path, model: Optional[str] = None,
                        folds: Optional[Sequence[int]] = None, flips: int = 8, device: str = "auto",
                        precision: str = "auto", brainMask: Optional[Path] = None,
-                       threads: Optional[int] = None) -> List[str]:
+                       threads: Optional[int] = None, dicomOutput: Optional[Path] = None,
+                       t1cDicom: Optional[Path] = None, sendTo: Optional[str] = None) -> List[str]:
         """The ``contrast-amplifier predict ... --progress json`` command line run in the child process.
 
         Args:
@@ -725,10 +763,20 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             precision: auto, exact (fp32) or fast (bf16).
             brainMask: brain mask on the T1c grid (skips HD-BET).
             threads: CPU threads of the child (default: all cores).
+            dicomOutput: also write T1c-pro as a DICOM MR series into this new or empty folder (``--out-dicom``).
+            t1cDicom: the DICOM series folder the T1c came from (``--t1c-dicom``): the series joins the
+                T1c's study; without it the series makes a new de-identified study. Needs ``dicomOutput``.
+            sendTo: send the series to this PACS after writing it (``--send``): a URL or an endpoint name
+                of the PACS configuration file. Needs ``dicomOutput``.
 
         Raises:
             ValueError: an input file is missing or a setting is invalid (named in the message).
         """
+        if t1cDicom is not None and dicomOutput is None:
+            raise ValueError(_("The T1c's DICOM series is only used for a DICOM output; choose a DICOM output folder "
+                               "or leave it out."))
+        if sendTo and dicomOutput is None:
+            raise ValueError(_("Sending to a PACS needs a DICOM series: give a DICOM output folder too."))
         if device not in self.PREDICT_DEVICES:
             raise ValueError(_("Device must be one of {choices} (got {value!r}).").format(
                 choices=", ".join(self.PREDICT_DEVICES), value=device))
@@ -754,6 +802,12 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             args += ["--brain-mask", brainMask]
         if threads is not None:
             args += ["--threads", int(threads)]
+        if dicomOutput is not None:
+            args += ["--out-dicom", dicomOutput]
+        if t1cDicom is not None:
+            args += ["--t1c-dicom", t1cDicom]
+        if sendTo:
+            args += ["--send", sendTo]
         args += ["--progress", "json"]
         return process.python_module_command(self.CLI_MODULE, *args)
 
@@ -784,16 +838,150 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             ).format(mask=brainMask.GetName(), maskSize="x".join(map(str, maskDims)), t1c=t1c.GetName(),
                      t1cSize="x".join(map(str, t1cDims))))
 
+    # -- DICOM output: the T1c's own series, the output folder, the DICOM database -------------
+
+    @staticmethod
+    def dicomFolder(value) -> Optional[Path]:
+        """A DICOM output folder as an absolute path; ``None`` for no DICOM output.
+
+        ``None``, ``""`` and ``"."`` mean none: ``"."`` is what an empty path parameter holds
+        (``Path("")`` is ``Path(".")``), never a folder chosen in the panel.
+        """
+        if value is None or str(value).strip() in ("", "."):
+            return None
+        return Path(os.path.abspath(os.path.expanduser(str(value))))
+
+    def dicomSeriesFolder(self, parent, t1c) -> Path:
+        """A new (or empty) series folder for one Apply: ``<parent>/<T1c name> T1c-pro``, then `` 2``, `` 3``...
+
+        The command line writes a series only into a new or empty folder, and a PACS import takes
+        every file of a folder, so each Apply of the panel gets its own sub-folder.
+        """
+        base = Path(parent) / (re.sub(r"[^\w .-]+", "_", self.resultName(t1c)).strip(" .") or self.RESULT_SUFFIX)
+        candidate, number = base, 1
+        while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+            number += 1
+            candidate = base.with_name(f"{base.name} {number}")
+        return candidate
+
+    def t1cDicomFiles(self, t1c, database=None) -> Tuple[List[Path], str]:
+        """The DICOM files the T1c volume was loaded from, found through Slicer's DICOM database.
+
+        Slicer's DICOM plugin lists the SOP Instance UIDs of a loaded volume in the node attribute
+        ``DICOM.instanceUIDs``; ``database.fileForInstance(uid)`` names each file.
+
+        Args:
+            t1c: the T1c volume node.
+            database: the DICOM database (``None``: ``slicer.dicomDatabase`` where there is one).
+
+        Returns:
+            ``(files, "")`` when every instance has a file, else ``([], why not)``.
+        """
+        name = t1c.GetName()
+        uids = (t1c.GetAttribute(self.DICOM_INSTANCE_UIDS_ATTRIBUTE) or "").split()
+        if not uids:
+            return [], _("T1c '{name}' was not loaded from DICOM").format(name=name)
+        if t1c.GetParentTransformNode() is not None:
+            return [], _("T1c '{name}' is under a transform, so it is not on the grid of its DICOM series").format(name=name)
+        if database is None:
+            database = getattr(slicer, "dicomDatabase", None)
+        if database is None:
+            return [], _("Slicer's DICOM database is not available")
+        isOpen = getattr(database, "isOpen", True)
+        if not (isOpen() if callable(isOpen) else isOpen):
+            return [], _("Slicer's DICOM database is not open")
+        files: List[Path] = []
+        missing = 0
+        for uid in uids:
+            try:
+                found = database.fileForInstance(uid)
+            except Exception:  # a database that cannot answer: counted as not found
+                found = ""
+            path = Path(found) if found else None
+            if path is None or not path.is_file():
+                missing += 1
+            elif path not in files:
+                files.append(path)
+        if missing:
+            return [], _("{missing} of {total} DICOM files of T1c '{name}' were not found through the DICOM database").format(
+                missing=missing, total=len(uids), name=name)
+        return files, ""
+
+    def copyT1cDicom(self, t1c, folder: Path, database=None) -> Tuple[Optional[Path], str]:
+        """Copy the T1c's DICOM files (:meth:`t1cDicomFiles`) into ``folder``, for ``--t1c-dicom``.
+
+        Returns:
+            ``(folder, "")``, or ``(None, why not)`` when they are not all available (nothing is copied).
+        """
+        import shutil
+
+        files, why = self.t1cDicomFiles(t1c, database)
+        if not files:
+            return None, why
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, path in enumerate(files):
+            shutil.copyfile(path, folder / f"IM{index + 1:05d}.dcm")
+        return folder, ""
+
+    @staticmethod
+    def importDicomSeries(folder: Path) -> bool:
+        """Add a DICOM series folder to Slicer's DICOM database (``DICOMLib.DICOMUtils.importDicom``).
+
+        Returns:
+            False where DICOMLib or the database is missing (batch mode, tests) or the import failed (logged).
+        """
+        try:
+            from DICOMLib import DICOMUtils
+        except ImportError:
+            logging.info("Contrast Amplifier: DICOMLib is not available; %s was not added to a DICOM database.", folder)
+            return False
+        if getattr(slicer, "dicomDatabase", None) is None:
+            logging.info("Contrast Amplifier: no DICOM database; %s was not added to it.", folder)
+            return False
+        try:
+            imported = DICOMUtils.importDicom(str(folder))  # False (and an error in the log) when it failed
+        except Exception as exc:  # the series is written all the same: say so, do not fail the job
+            logging.warning("Contrast Amplifier: could not add %s to the DICOM database: %s", folder, exc)
+            return False
+        return imported is not False
+
+    def dicomSummary(self, job: AmplifyJob) -> str:
+        """What happened to the DICOM series of a finished job, for the status line ("" without one)."""
+        if job.dicomOutput is None:
+            return ""
+        study = _("the T1c's study") if job.t1cDicom is not None else (
+            _("a new de-identified study: {why}").format(why=job.t1cDicomNote) if job.t1cDicomNote
+            else _("a new de-identified study"))
+        if job.keepDicom:
+            details = _("{study}; added to the DICOM database").format(study=study) if job.importedToDatabase else study
+            text = _("DICOM series in {folder} ({details})").format(folder=job.dicomOutput, details=details)
+        else:
+            text = _("DICOM series ({study})").format(study=study)
+        if job.sendTo and job.sendError:
+            text += _(" NOT sent to {target}: {error}").format(target=job.sendTo, error=job.sendError)
+        elif job.sendTo:
+            text += _(" sent to {target}").format(target=job.sendTo)
+        return text + "."
+
     def startAmplify(self, t1, flair, adc, t1c, output=None, model: Optional[str] = None, quality: str = "paper",
                      device: str = "auto", precision: str = "auto", brainMask=None,
                      folds: Optional[Sequence[int]] = None, flips: Optional[int] = None,
                      threads: Optional[int] = None, workDir: Optional[Path] = None,
-                     installDependencies: bool = True, showResult: bool = True) -> AmplifyJob:
+                     installDependencies: bool = True, showResult: bool = True, dicomOutput: Optional[Path] = None,
+                     sendTo: Optional[str] = None, importToDatabase: bool = False) -> AmplifyJob:
         """Export the inputs and start ``contrast-amplifier predict`` in a child process; returns at once.
 
         Poll with :meth:`pollAmplify` (e.g. from a ``qt.QTimer``) until it returns True. No
         output node is created or modified before the result file exists. When the child cannot
         be started, the exported images are deleted before the error is raised.
+
+        ``dicomOutput`` (a new or empty folder; ``None``: none) also writes T1c-pro as a DICOM MR
+        series: in the T1c's study when the T1c was loaded from DICOM and its files are in Slicer's
+        DICOM database (:meth:`copyT1cDicom`), else in a new de-identified study. ``sendTo`` (a
+        PACS URL or endpoint name) sends that series; without ``dicomOutput`` it is written into the
+        exchange folder only to be sent. ``importToDatabase`` adds the ``dicomOutput`` series to
+        Slicer's DICOM database after success (:meth:`importDicomSeries`).
 
         Raises:
             ValueError: a missing, duplicate or mismatched input, or an invalid setting (named).
@@ -808,6 +996,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         if installDependencies:
             self.ensureDependencies()
         chosenFolds, chosenFlips = self.ensembleChoice(quality, model, folds, flips)
+        dicomFolder = self.dicomFolder(dicomOutput)
+        sendTo = (sendTo or "").strip() or None
         folder = Path(workDir) if workDir is not None else bridge.ExchangeFolder.create(parent=self._temporaryParent()).path
         try:  # exported patient images never outlive a child that did not start
             # NRRD keeps the T1c geometry in double precision, so T1c-pro lands exactly on its grid.
@@ -817,15 +1007,26 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                 maskFile = bridge.export_volume_node(brainMask, folder / "case" / "brain_mask.nrrd")
             outputPath = folder / "result" / "t1c_pro.nrrd"
             outputPath.parent.mkdir(parents=True, exist_ok=True)
+            # only to be sent: the series lives in the exchange folder and goes with it
+            seriesFolder = dicomFolder if dicomFolder is not None or not sendTo else outputPath.parent / "dicom"
+            t1cDicom, t1cDicomNote = None, ""
+            if seriesFolder is not None:
+                t1cDicom, t1cDicomNote = self.copyT1cDicom(t1c, folder / "case" / "t1c_dicom")
+                if t1cDicom is None:
+                    logging.info("Contrast Amplifier: the T1c-pro DICOM series makes a new de-identified study: %s.",
+                                 t1cDicomNote)
             command = self.predictCommand(files, outputPath, model=model or None, folds=chosenFolds, flips=chosenFlips,
-                                          device=device, precision=precision, brainMask=maskFile, threads=threads)
+                                          device=device, precision=precision, brainMask=maskFile, threads=threads,
+                                          dicomOutput=seriesFolder, t1cDicom=t1cDicom, sendTo=sendTo)
             logging.info("Contrast Amplifier: running %s", " ".join(command))
             child = process.BackgroundProcess(command, env=process.child_environment(self._childEnv(device))).start()
         except BaseException:
             bridge.ExchangeFolder(folder).cleanup()
             raise
         return AmplifyJob(process=child, workDir=folder, outDir=outputPath.parent, referenceName=t1c.GetName(),
-                          outputPath=outputPath, t1cNode=t1c, outputNode=output, command=command, showResult=showResult)
+                          outputPath=outputPath, t1cNode=t1c, outputNode=output, command=command, showResult=showResult,
+                          dicomOutput=seriesFolder, keepDicom=dicomFolder is not None, sendTo=sendTo, t1cDicom=t1cDicom,
+                          t1cDicomNote=t1cDicomNote, importToDatabase=importToDatabase and dicomFolder is not None)
 
     def startAmplifyFromParameters(self, parameterNode=None, **options) -> AmplifyJob:
         """:meth:`startAmplify` with the panel's choices (what Apply runs); ``options`` go to it.
@@ -833,9 +1034,20 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         The output is the chosen T1c-pro volume, or - the selector on "Create new volume" - a new
         ``"<T1c name> T1c-pro"`` volume. :meth:`finishAmplify` puts the selector back to "Create new
         volume", so each Apply (each patient) gets its own volume unless the user picks one again.
+
+        With a DICOM output folder, each Apply writes its series into a new sub-folder of it
+        (:meth:`dicomSeriesFolder`) and adds that to Slicer's DICOM database; with a PACS target
+        the series is sent there. ``dicomOutput``, ``sendTo`` and ``importToDatabase`` in
+        ``options`` take the place of those parameters.
         """
         parameters = self._parameters(parameterNode)
         nodes = self.inputNodes(parameters)
+        if "dicomOutput" not in options:
+            parent = self.dicomFolder(parameters.DicomOutputFolder)
+            options["dicomOutput"] = (self.dicomSeriesFolder(parent, nodes["t1c"])
+                                      if parent is not None and nodes["t1c"] is not None else parent)
+        options.setdefault("sendTo", parameters.PacsTarget or None)
+        options.setdefault("importToDatabase", True)
         return self.startAmplify(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"],
                                  output=parameters.OutputVolume, model=parameters.Model or None,
                                  quality=parameters.Quality, device=parameters.Device, precision=parameters.Precision,
@@ -868,11 +1080,18 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         hierarchy, and (``job.showResult``) is shown next to the T1c (:meth:`showSideBySide`).
         A new node's name is made unique when that T1c already has a T1c-pro.
 
+        When only sending the DICOM series failed (:meth:`sendFailedAfterWriting`), the result
+        is loaded and ``job.sendError`` holds the command line's message.
+
         Raises:
             process.ProcessCancelled: the job was cancelled (nothing is created).
             process.ProcessError: the command line failed; the message is its own error text.
         """
-        job.process.raise_for_state()
+        if self.sendFailedAfterWriting(job):
+            job.sendError = job.process.error_message()
+            logging.error("Contrast Amplifier: T1c-pro was written but not sent to %s: %s", job.sendTo, job.sendError)
+        else:
+            job.process.raise_for_state()
         scene = job.t1cNode.GetScene()
         if job.outputNode is not None:
             name = job.outputNode.GetName()
@@ -891,11 +1110,24 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         job.result = node
         return node
 
+    @staticmethod
+    def sendFailedAfterWriting(job: AmplifyJob) -> bool:
+        """Whether a failed job wrote T1c-pro and its DICOM series and only the PACS send failed.
+
+        The command line writes the T1c-pro file and the series together (both or neither, the file
+        atomically) before it sends, so a failure with both on disk is the send's.
+        """
+        if job.process.state is not process.ProcessState.FAILED or not job.sendTo or job.dicomOutput is None:
+            return False
+        series = job.dicomOutput
+        return job.outputPath is not None and job.outputPath.is_file() and series.is_dir() and any(series.iterdir())
+
     def pollAmplify(self, job: AmplifyJob) -> bool:
         """Forward new progress (``job.process.on_progress``) and, once the child has ended, finish the job.
 
-        Finishing loads the result (success) or records ``job.error`` (failure, cancel), then
-        deletes the exchange folder (exported patient data). Never blocks.
+        Finishing loads the result (success) or records ``job.error`` (failure, cancel), adds the
+        user's DICOM series to the DICOM database (``job.importToDatabase``), then deletes the
+        exchange folder (exported patient data). Never blocks.
 
         Returns:
             True when the job is finished (``job.result`` or ``job.error`` is set).
@@ -906,6 +1138,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         if job.result is None and job.error is None:
             try:
                 self.loadAmplifyResult(job)
+                if job.importToDatabase and job.keepDicom and job.dicomOutput is not None:
+                    job.importedToDatabase = self.importDicomSeries(job.dicomOutput)
             except Exception as exc:
                 job.error = str(exc) or type(exc).__name__
             finally:
@@ -932,7 +1166,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                 progress: Optional[Callable] = None, brainMask=None,
                 folds: Optional[Sequence[int]] = None, flips: Optional[int] = None, threads: Optional[int] = None,
                 cancel=None, timeout: Optional[float] = None, installDependencies: bool = True,
-                showResult: bool = True):
+                showResult: bool = True, dicomOutput: Optional[Path] = None, sendTo: Optional[str] = None,
+                importToDatabase: bool = False):
         """Amplify the contrast of one case: T1, T2-FLAIR, ADC and T1c nodes in, T1c-pro node out.
 
         Runs ``contrast-amplifier predict`` in a child process (Slicer's GUI and Python stay
@@ -957,6 +1192,12 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             timeout: seconds before a synchronous run is cancelled and ``TimeoutError`` raised.
             installDependencies: install missing Python packages first (asks in the GUI).
             showResult: show T1c-pro next to the T1c, linked, with its window/level (:meth:`showSideBySide`).
+            dicomOutput: also write T1c-pro as a DICOM MR series into this new or empty folder; in the
+                T1c's study when the T1c was loaded from DICOM (its files in Slicer's DICOM database),
+                else in a new de-identified study (``job.t1cDicomNote`` and the log say why).
+            sendTo: send the series to this PACS (URL or endpoint name of the PACS configuration file);
+                without ``dicomOutput`` the series is written to the exchange folder only to be sent.
+            importToDatabase: add the ``dicomOutput`` series to Slicer's DICOM database (where there is one).
 
         Returns:
             The T1c-pro volume node (synchronous) or the :class:`AmplifyJob` (asynchronous).
@@ -964,13 +1205,15 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         Raises:
             ValueError: an input is missing, chosen twice, or a setting is invalid (named in the message).
             process.ProcessCancelled: cancelled through ``cancel``; no node and no file are left.
-            process.ProcessError: the command line failed; the message is its own error text.
+            process.ProcessError: the command line failed; the message is its own error text. When
+                only sending to the PACS failed, T1c-pro is loaded (and its series kept) first.
         """
         import time
 
         job = self.startAmplify(t1, flair, adc, t1c, output=output, model=model, quality=quality, device=device,
                                 precision=precision, brainMask=brainMask, folds=folds, flips=flips, threads=threads,
-                                installDependencies=installDependencies, showResult=showResult)
+                                installDependencies=installDependencies, showResult=showResult, dicomOutput=dicomOutput,
+                                sendTo=sendTo, importToDatabase=importToDatabase)
         job.process.on_progress = progress
         if not synchronous:
             return job
@@ -992,6 +1235,9 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         if job.result is None:
             job.process.raise_for_state()  # the command line's own message (or "Cancelled by the user.")
             raise process.ProcessError(job.error or _("Contrast amplification produced no result; see the log."))
+        if job.sendError:
+            raise process.ProcessError(_("T1c-pro '{name}' was computed and loaded, but not sent to {target}: {error}").format(
+                name=job.result.GetName(), target=job.sendTo, error=job.sendError))
         return job.result
 
     # -- showing the result ------------------------------------------------------------------
@@ -1410,13 +1656,18 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._updateButtons()
 
     def _finishAmplify(self, job: AmplifyJob) -> None:
-        # loads the result into the T1c's study, shows it beside the T1c, removes the files, and puts
-        # the output selector back to "Create new volume" for the next Apply
+        # loads the result into the T1c's study, shows it beside the T1c, adds its DICOM series to the
+        # DICOM database, removes the files, and puts the output selector back to "Create new volume"
         result = self.logic.finishAmplify(job, self._parameterNode)
         if result is not None:
             seconds = (job.process.finished_at or 0.0) - (job.process.started_at or 0.0)
-            self.ui.statusLabel.text = _("Done in {seconds:.0f} s: '{name}' (right) next to the T1c (left).").format(
+            text = _("Done in {seconds:.0f} s: '{name}' (right) next to the T1c (left).").format(
                 seconds=seconds, name=result.GetName())
+            dicom = self.logic.dicomSummary(job)
+            self.ui.statusLabel.text = f"{text} {dicom}" if dicom else text
+            if job.sendError:
+                slicer.util.errorDisplay(_("T1c-pro was computed but not sent to {target}:\n{error}").format(
+                    target=job.sendTo, error=job.sendError), detailedText=job.process.stderr_text)
         elif job.process.state is process.ProcessState.CANCELLED:
             self.ui.statusLabel.text = _("Cancelled; no output volume or file was created.")
         else:

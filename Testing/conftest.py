@@ -81,6 +81,51 @@ def random_bundle_dir(tmp_path_factory) -> Path:
     return out
 
 
+# -- a throw-away Orthanc PACS (Testing/ContrastAmplifierLib/orthanc_server.py) ------------------
+# (used by Testing/ContrastAmplifierLib/test_pacs.py and Testing/LesionReaderLib/test_pacs_cases.py)
+
+ORTHANC_HELPER_DIR = REPO / "Testing" / "ContrastAmplifierLib"
+
+
+def import_orthanc_server():
+    """The ``orthanc_server`` helper module (its folder is put on ``sys.path``)."""
+    if str(ORTHANC_HELPER_DIR) not in sys.path:
+        sys.path.insert(0, str(ORTHANC_HELPER_DIR))
+    import orthanc_server
+
+    return orthanc_server
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A running Orthanc for the test module (DICOMweb and DIMSE on loopback, HTTP basic auth);
+    skipped with the reason when Orthanc is not installed."""
+    helper = import_orthanc_server()
+    reason = helper.missing()
+    if reason:
+        pytest.skip(reason)
+    server = helper.start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def empty_orthanc(orthanc):
+    """:func:`orthanc`, emptied of every study."""
+    orthanc.clear()
+    assert orthanc.instance_count() == 0
+    return orthanc
+
+
+@pytest.fixture
+def no_pacs_env(monkeypatch):
+    """No PACS endpoint, credentials or config file from the environment ($CA_PACS_*)."""
+    from ContrastAmplifierLib import pacs
+
+    for name in (pacs.ENV_URL, pacs.ENV_USER, pacs.ENV_PASSWORD, pacs.ENV_TOKEN, pacs.ENV_CALLING_AET, pacs.ENV_CONFIG):
+        monkeypatch.delenv(name, raising=False)
+
+
 # -- LesionReaderLib: tiny reader studies on real NIfTI files, a manual clock ----------------------
 # (used by Testing/LesionReaderLib and by the LesionReader module test in Testing/SlicerModules).
 # Case folders are named like patient ids, so blinding tests can check none of them reaches a reader.

@@ -15,6 +15,8 @@ import typer
 from ContrastAmplifierCommon.cliapp import cli_job, fail, run_cli
 from ContrastAmplifierCommon.progress import make_progress
 
+from .pacs_cli import pacs_app
+
 if TYPE_CHECKING:  # preprocessing imports SimpleITK: only inside the commands, so --help stays instant
     from .preprocessing import Geometry
 
@@ -217,6 +219,10 @@ def bench(
 
 
 QUALITY_HELP = "Mirrorings per fold: 8 (paper), or 1, 2, 4 for a quicker look."
+SEND_HELP = ("Then send the --out-dicom series to this PACS: a URL (https://host:port/dicom-web or "
+             "dicom://CALLED_AET@host:port) or an endpoint name of the PACS config file (`contrast-amplifier pacs "
+             "endpoints`). Checked before any work; prints 'sent N of M'; exit 1 unless the PACS acknowledged every instance.")
+PACS_CONFIG_HELP = "PACS config file for --send (default: $CA_PACS_CONFIG, else pacs.toml/pacs.json in the user config folder)."
 OUT_DICOM_HELP = ("Also write T1c-pro as a DICOM MR series (one file per T1c slice) into this new or empty folder: a new "
                   "series of the T1c's study when --t1c is a DICOM series folder, else a new de-identified study. "
                   "Checked before any work. See README, DICOM output.")
@@ -232,6 +238,9 @@ def predict(
     t1c: Path = typer.Option(..., "--t1c", help="Routine contrast-enhanced T1 (T1c); T1c-pro is written on its grid."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output T1c-pro file (.nii.gz, .nii, .nrrd, .mha); checked before any work, written atomically. Needed unless --out-dicom is given."),
     out_dicom: Optional[Path] = typer.Option(None, "--out-dicom", help=OUT_DICOM_HELP),
+    send: Optional[str] = typer.Option(None, "--send", help=SEND_HELP),
+    pacs_config: Optional[Path] = typer.Option(None, "--pacs-config", help=PACS_CONFIG_HELP),
+    t1c_dicom: Optional[Path] = typer.Option(None, "--t1c-dicom", help="The DICOM series folder the T1c came from, when --t1c is an exported file (as from Slicer): the --out-dicom series joins its study."),
     model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder (default: the default model; see `models list` / `models set-default`)."),
     folds: Optional[list[int]] = typer.Option(None, "--folds", help="Fold models to average (repeat the option; default: all)."),
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
@@ -251,11 +260,13 @@ def predict(
         fail("give --out FILE, --out-dicom DIR or both: where T1c-pro goes")
     from .inference import amplify_case
 
+    pacs = _pacs_target(send, pacs_config, out_dicom)
     report = _WithWarnings(make_progress(progress), progress)
     with cli_job(report, "cancelled; no output was written"):
         result = amplify_case(t1, flair, adc, t1c, bundle=model, out_path=out, folds=folds, n_mirrorings=flips,
                               device=device, precision=precision, compile=compile_models, mapping=mapping, skull_strip_mode=skull_strip, brain_mask=brain_mask,
-                              threads=threads, progress=report, overwrite=overwrite, strict=strict, out_dicom=out_dicom)
+                              threads=threads, progress=report, overwrite=overwrite, strict=strict, out_dicom=out_dicom,
+                              t1c_dicom=t1c_dicom)
     written = [str(result.output_path)] if result.output_path is not None else []
     if result.dicom_series is not None:
         series = result.dicom_series
@@ -264,6 +275,36 @@ def predict(
     typer.echo(f"wrote {' and '.join(written)} ({result.n_predictions} predictions, {result.timings_s['total']:.1f} s)",
                err=progress == "json")
     _check_registration_line(result.preprocessed.findings, "`contrast-amplifier preprocess --qc` on this case")
+    if pacs is not None and result.dicom_series is not None:
+        _send_written([result.dicom_series.folder], pacs, progress)
+
+
+def _pacs_target(send: Optional[str], pacs_config: Optional[Path], out_dicom: Optional[Path]):
+    """``--send``'s endpoint and retry policy, resolved before any work (a typo fails at once), or None."""
+    if send is None:
+        if pacs_config is not None:
+            fail("--pacs-config goes with --send PACS")
+        return None
+    if out_dicom is None:
+        fail("--send sends the DICOM series: add --out-dicom DIR (T1c-pro files in NIfTI/NRRD/MHA are not DICOM)")
+    from .pacs import endpoint_and_policy
+
+    with cli_job(None):
+        return endpoint_and_policy(send, pacs_config)
+
+
+def _send_written(folders: list[Path], pacs, progress: str) -> None:
+    """Send the series just written; a refused or unreachable PACS is one error line that keeps them."""
+    from .pacs import PacsError, mask_url
+    from .pacs_cli import send_and_report
+
+    endpoint, policy = pacs
+    try:
+        send_and_report(folders, endpoint, policy, err=progress == "json", what="T1c-pro instances")
+    except PacsError as exc:
+        shown = " ".join(str(f) for f in folders[:3]) + (" ..." if len(folders) > 3 else "")
+        fail(f"{exc} The T1c-pro series are written; send them later with `contrast-amplifier pacs send {shown} "
+             f"--to {endpoint.name or mask_url(endpoint.url)}`.")
 
 
 @app.command("predict-cohort")
@@ -277,6 +318,8 @@ def predict_cohort(
     precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
     mapping: str = MappingOpt,
     compile_models: Optional[bool] = CompileOpt,
+    send: Optional[str] = typer.Option(None, "--send", help=SEND_HELP + " Sends the series of every finished case (a resend duplicates nothing)."),
+    pacs_config: Optional[Path] = typer.Option(None, "--pacs-config", help=PACS_CONFIG_HELP),
     out_dicom: Optional[Path] = typer.Option(None, "--out-dicom", help="Also write each case's T1c-pro as a DICOM MR series into DIR/<case>/ (the T1c's study for a DICOM T1c, else a new de-identified study). A case whose T1c-pro file exists gets its series from that file. See README, DICOM output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists (and replace their DICOM series)."),
     strict: bool = StrictOpt,
@@ -285,6 +328,7 @@ def predict_cohort(
     """Amplify every case of a folder; finished cases are skipped, a failing case does not stop the others."""
     from .cohort import predict_cohort as run_cohort
 
+    pacs = _pacs_target(send, pacs_config, out_dicom)
     report = _WithWarnings(make_progress(progress), progress)
     with cli_job(report, "cancelled; finished cases are kept, the current one was not written"):
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
@@ -298,12 +342,16 @@ def predict_cohort(
     if check:
         typer.secho(f"CHECK REGISTRATION in {len(check)} case(s): {'; '.join(check)} (column check_registration of "
                     "summary.csv).", err=True, fg=typer.colors.RED)
+    folders = [Path(str(r["dicom"])) for r in rows if r["status"] != "failed" and r.get("dicom")]
+    if pacs is not None and folders:
+        _send_written(folders, pacs, progress)
     if failed:
         raise typer.Exit(1)
 
 
 models_app = typer.Typer(help="Model bundles: list, verify, import, set-default, path (per-user registry + shipped demo).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(pacs_app, name="pacs")
 
 
 @models_app.command("list")

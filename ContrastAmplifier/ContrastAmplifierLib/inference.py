@@ -178,6 +178,7 @@ def amplify_case(
     overwrite: bool = False,
     strict: bool = False,
     out_dicom: Union[str, os.PathLike, None] = None,
+    t1c_dicom: Union[str, os.PathLike, None] = None,
 ) -> AmplifyResult:
     """Amplify the contrast of one case: the paper's T1c -> T1c-pro.
 
@@ -208,6 +209,9 @@ def amplify_case(
             series folder, else a new de-identified study). The folder is checked before any work
             (:func:`.dicom_series.check_dicom_output_folder`): new or empty, or holding an earlier
             T1c-pro series with ``overwrite``.
+        t1c_dicom: the DICOM series folder the T1c was read from, when ``t1c`` itself is an image
+            or an exported file (as the Slicer module passes it): the ``out_dicom`` series then joins
+            that series' study (its grid must be the T1c's).
 
     Returns:
         :class:`AmplifyResult` with T1c-pro on the native T1c grid.
@@ -215,7 +219,10 @@ def amplify_case(
     start = time.perf_counter()
     report = progress or null_progress
     timings: dict[str, float] = {}
-    sources = [p for p in (t1, flair, adc, t1c, brain_mask) if isinstance(p, (str, os.PathLike))]
+    sources = [p for p in (t1, flair, adc, t1c, brain_mask, t1c_dicom) if isinstance(p, (str, os.PathLike))]
+    if t1c_dicom is not None and out_dicom is None:
+        raise ValueError(f"a T1c DICOM series ({t1c_dicom}) is only used for a DICOM output; add an output folder "
+                         "(--out-dicom DIR) or leave it out.")
     if out_path is not None:
         from ContrastAmplifierCommon.outputs import check_output_file
 
@@ -276,7 +283,7 @@ def amplify_case(
         report("write DICOM", 0.98, str(out_dicom))
         details = (f"{len(models) * n_mirrorings} predictions averaged ({len(models)} folds x {n_mirrorings} mirrorings), "
                    f"{chosen_mapping} mapping")
-        series = write_t1c_pro_series(image, out_dicom, t1c=t1c, model=model_bundle, sources={"t1": t1, "flair": flair, "adc": adc},
+        series = write_t1c_pro_series(image, out_dicom, t1c=t1c if t1c_dicom is None else t1c_dicom, model=model_bundle, sources={"t1": t1, "flair": flair, "adc": adc},
                                       details=details, overwrite=overwrite)  # no cancel once T1c-pro is written: both or neither
         timings["dicom"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start

@@ -551,6 +551,7 @@ def init_study(
     seed: int = 0,
     name: Optional[str] = None,
     force: bool = False,
+    dry_run: bool = False,
 ) -> Study:
     """Create a study folder: validated ``study.json`` plus an empty reads database.
 
@@ -570,9 +571,11 @@ def init_study(
         seed: seed of the case orders.
         name: study title (default: the folder name).
         force: replace an existing ``study.json`` (refused once reads exist).
+        dry_run: check everything but the existence of the volume files, and write nothing (a
+            caller that first fetches the volumes, e.g. from a PACS, checks its options so).
 
     Returns:
-        The loaded study.
+        The loaded study (with ``dry_run``: the study that would be written).
 
     Raises:
         StudyError: invalid inputs, missing files, an existing study (without ``force``, or
@@ -618,7 +621,9 @@ def init_study(
         "phases": [p.to_dict() for p in phase_list],
         "cases": [{"id": c.id, "volumes": {m: _relative_if_inside(v, root) for m, v in c.volumes.items()}} for c in collected],
     }
-    study = study_from_dict(data, root, check_files=True)  # validated before the folder is created
+    study = study_from_dict(data, root, check_files=not dry_run)  # validated before the folder is created
+    if dry_run:
+        return study
     before = set(os.listdir(root)) if root.is_dir() else set()
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -478,12 +478,23 @@ def _dicom_case(tmp_path: Path, case_dir: Path) -> Path:
     return case
 
 
-def _predict_cli(case: Path, bundle: Path, *extra: str) -> subprocess.CompletedProcess:
+@pytest.fixture
+def orthanc_server_or_skip(request):
+    """The test PACS (:func:`conftest.orthanc`), or None where Orthanc is not installed: the end-to-end
+    test then leaves its --send part out instead of being skipped whole."""
+    try:
+        return request.getfixturevalue("orthanc")
+    except pytest.skip.Exception:
+        return None
+
+
+def _predict_cli(case: Path, bundle: Path, *extra: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ContrastAmplifierLib.cli", "predict", *[
         arg for m in ("t1", "flair", "adc") for arg in (f"--{m}", str(case / f"{m}.nii.gz"))], "--t1c", str(case / "t1c"),
         "--model", str(bundle), "--flips", "1", "--folds", "0", "--device", "cpu",
         "--brain-mask", str(case / "brain_mask.nii.gz"), "--threads", "1", "--progress", "json", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          timeout=300)
 
 
 def test_predict_refuses_a_non_empty_dicom_folder_before_any_work(tmp_path, small_case_dir, random_bundle_dir):
@@ -498,10 +509,16 @@ def test_predict_refuses_a_non_empty_dicom_folder_before_any_work(tmp_path, smal
     assert not (tmp_path / "pro.nii.gz").exists() and [p.name for p in out.iterdir()] == ["old.dcm"]
     nothing = _predict_cli(case, random_bundle_dir)
     assert nothing.returncode == 2 and "give --out FILE, --out-dicom DIR or both" in nothing.stderr
+    for extra, message in ((["--send", "http://127.0.0.1:9/dicom-web"], "--send sends the DICOM series: add --out-dicom DIR"),
+                           (["--out-dicom", str(tmp_path / "new"), "--send", "nosuchname"], "nosuchname")):
+        refused = _predict_cli(case, random_bundle_dir, "--out", str(tmp_path / "pro.nii.gz"), *extra)
+        assert refused.returncode == 2 and message in refused.stderr and refused.stdout == "", refused.stderr
+    lonely = _predict_cli(case, random_bundle_dir, "--out", str(tmp_path / "pro.nii.gz"), "--t1c-dicom", str(case / "t1c"))
+    assert lonely.returncode == 2 and "is only used for a DICOM output; add an output folder (--out-dicom DIR)" in lonely.stderr
 
 
 @pytest.mark.slow
-def test_predict_writes_the_dicom_series_end_to_end(tmp_path, small_case_dir, random_bundle_dir):
+def test_predict_writes_the_dicom_series_end_to_end(tmp_path, small_case_dir, random_bundle_dir, orthanc_server_or_skip):
     case = _dicom_case(tmp_path, small_case_dir)
     out = tmp_path / "series"
     done = _predict_cli(case, random_bundle_dir, "--out", str(tmp_path / "pro.nii.gz"), "--out-dicom", str(out))
@@ -524,6 +541,25 @@ def test_predict_writes_the_dicom_series_end_to_end(tmp_path, small_case_dir, ra
     assert again.returncode == 0, again.stderr
     assert [pydicom.dcmread(str(p)).SOPInstanceUID for p in sorted(out.iterdir())] == \
         [pydicom.dcmread(str(p)).SOPInstanceUID for p in files]  # same prediction, same UIDs
+    # --send: the series goes to a real PACS (Orthanc over DICOMweb, credentials in the environment).
+    if orthanc_server_or_skip is not None:
+        pacs = orthanc_server_or_skip
+        before = len(pacs.rest("/instances"))
+        env = {"CA_PACS_USER": pacs.user, "CA_PACS_PASSWORD": pacs.password}
+        sent = _predict_cli(case, random_bundle_dir, "--out-dicom", str(out), "--overwrite", "--send", pacs.dicomweb_url,
+                            env=env)
+        assert sent.returncode == 0, sent.stderr
+        assert f"sent {len(files)} of {len(files)} instances to" in sent.stderr and pacs.password not in sent.stderr + sent.stdout
+        stored = {pacs.rest(f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in pacs.rest("/instances")}
+        assert len(stored) == before + len(files) and {pydicom.dcmread(str(p)).SOPInstanceUID for p in files} <= stored
+    # Slicer's way: the T1c exported to NRRD from its node, the DICOM series it was loaded from beside it.
+    sitk.WriteImage(t1c, str(tmp_path / "t1c.nrrd"))
+    slicer = _predict_cli(case, random_bundle_dir, "--t1c", str(tmp_path / "t1c.nrrd"),  # the last --t1c counts
+                          "--out-dicom", str(tmp_path / "from-slicer"), "--t1c-dicom", str(case / "t1c"))
+    assert slicer.returncode == 0, slicer.stderr
+    joined = pydicom.dcmread(str(sorted((tmp_path / "from-slicer").iterdir())[0]))
+    assert (joined.StudyInstanceUID, joined.PatientID, joined.FrameOfReferenceUID) == (
+        source.StudyInstanceUID, source.PatientID, source.FrameOfReferenceUID)
 
 
 def _nifti_cohort(tmp_path: Path, case_dir: Path) -> Path:

@@ -106,6 +106,25 @@ def test_predict_command_line_is_accepted_by_the_cli(ca, tmp_path):
     assert "predict" in process.available_cli_commands("ContrastAmplifierLib.cli")
 
 
+def test_every_predict_option_the_module_writes_is_one_the_cli_has(ca, tmp_path):
+    """The module builds the command line as text: each option in it must exist in `contrast-amplifier predict`
+    (the DICOM output, the T1c's series and the PACS target included)."""
+    import typer.main
+
+    from ContrastAmplifierLib import cli
+
+    logic = ca.ContrastAmplifierLogic()
+    files = {stem: tmp_path / f"{stem}.nrrd" for stem in ("t1", "flair", "adc", "t1c")}
+    command = logic.predictCommand(files, tmp_path / "out.nrrd", model="demo", folds=[0], flips=2, device="cpu",
+                                   precision="exact", brainMask=tmp_path / "mask.nrrd", threads=1,
+                                   dicomOutput=tmp_path / "series", t1cDicom=tmp_path / "t1c_dicom", sendTo="pacs")
+    written = {part for part in command[4:] if part.startswith("--")}
+    assert {"--out-dicom", "--t1c-dicom", "--send"} <= written
+    predict = typer.main.get_command(cli.app).commands["predict"]
+    known = {name for param in predict.params for name in getattr(param, "opts", [])}
+    assert written <= known, f"options the CLI's predict does not have: {sorted(written - known)}"
+
+
 def test_inputs_mask_and_output_are_validated_before_anything_runs(ca, scene, small_case_dir, exchange_root):
     logic = ca.ContrastAmplifierLogic()
     nodes, mask = case_nodes(scene, small_case_dir)
@@ -155,6 +174,59 @@ def test_synchronous_amplify_makes_a_named_node_on_the_t1c_grid(ca, scene, small
     command = result.GetAttribute("ContrastAmplifier.Command")
     assert "--folds 0" in command and "--flips 1" in command and "--brain-mask" in command
     assert list(exchange_root.iterdir()) == [], "exported inputs and the result file must be deleted after loading"
+
+
+def test_amplify_writes_its_dicom_series_into_the_study_of_a_dicom_t1c(ca, scene, small_case_dir, random_bundle_dir,
+                                                                      exchange_root, dicom_database, tmp_path, monkeypatch):
+    """Issue 16 in the module: a T1c loaded from DICOM (its files in the DICOM database) gives a T1c-pro series of its study."""
+    pydicom = pytest.importorskip("pydicom")
+    from ContrastAmplifierLib.imageio import read_image
+
+    monkeypatch.setitem(sys.modules, "DICOMLib", None)  # batch mode: no DICOM module, so nothing is imported
+    logic = ca.ContrastAmplifierLogic()
+    nodes, mask = case_nodes(scene, small_case_dir)
+    database, uids = dicom_database(sitk.ReadImage(str(small_case_dir / "t1c.nii.gz"), sitk.sitkFloat32), tmp_path / "db" / "t1c")
+    # the T1c as Slicer's DICOM plugin loads it: the series' voxels, its instances listed on the node
+    t1c = mrml_bridge.add_volume_node_from_sitk(read_image(tmp_path / "db" / "t1c", "T1c"), "T1c from DICOM", scene=scene)
+    t1c.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    series = tmp_path / "T1c-pro series"
+    result = logic.process(nodes["t1"], nodes["flair"], nodes["adc"], t1c, model=str(random_bundle_dir), brainMask=mask,
+                           timeout=600, dicomOutput=series, importToDatabase=True, **QUICK)
+    assert result.GetName() == "T1c from DICOM T1c-pro"
+    assert "--t1c-dicom" in result.GetAttribute("ContrastAmplifier.Command") and set(database.asked) == set(uids)
+    files = sorted(series.iterdir())
+    assert len(files) == len(uids)
+    written = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+    source = pydicom.dcmread(str(database.files[uids[0]]), stop_before_pixels=True)
+    assert (written.StudyInstanceUID, written.PatientID, written.FrameOfReferenceUID) == (
+        source.StudyInstanceUID, source.PatientID, source.FrameOfReferenceUID)
+    assert written.SeriesInstanceUID != source.SeriesInstanceUID and written.Modality == "MR"
+    assert list(exchange_root.iterdir()) == [], "the exported inputs and the T1c's copied DICOM files are removed"
+
+
+@pytest.mark.slow
+def test_amplify_sends_its_series_to_a_pacs_and_a_refused_send_keeps_the_result(ca, scene, small_case_dir, random_bundle_dir,
+                                                                                  exchange_root, empty_orthanc, tmp_path):
+    """Send to PACS through the real command line and a real Orthanc (skipped without Orthanc): sent from the
+    exchange folder when no DICOM folder is chosen; a refused association still loads T1c-pro and keeps its series."""
+    logic = ca.ContrastAmplifierLogic()
+    nodes, mask = case_nodes(scene, small_case_dir)
+    args = (nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"])
+    slices = sitk.ReadImage(str(small_case_dir / "t1c.nii.gz")).GetSize()[2]
+    result = logic.process(*args, model=str(random_bundle_dir), brainMask=mask, timeout=600, sendTo=empty_orthanc.dimse_url,
+                           **QUICK)
+    assert f"--send {empty_orthanc.dimse_url}" in result.GetAttribute("ContrastAmplifier.Command")
+    assert empty_orthanc.instance_count() == slices and len(empty_orthanc.study_uids()) == 1
+    assert list(exchange_root.iterdir()) == [], "the series written only to be sent goes with the exchange folder"
+
+    refused = f"dicom://NOTORTHANC@127.0.0.1:{empty_orthanc.dicom_port}"
+    before = volume_names(scene)
+    with pytest.raises(process.ProcessError, match=f"was computed and loaded, but not sent to {refused}: .*NOTORTHANC"):
+        logic.process(*args, model=str(random_bundle_dir), brainMask=mask, timeout=600, sendTo=refused,
+                      dicomOutput=tmp_path / "kept", **QUICK)
+    assert len(volume_names(scene)) == len(before) + 1, "the computed T1c-pro is loaded all the same"
+    assert len(list((tmp_path / "kept").iterdir())) == slices, "the series stays for a later send"
+    assert empty_orthanc.instance_count() == slices and list(exchange_root.iterdir()) == []
 
 
 def test_background_amplify_fills_a_chosen_output_node(ca, scene, small_case_dir, random_bundle_dir, exchange_root):

@@ -360,6 +360,9 @@ def test_parameters_are_typed_and_stored_like_slicers_serializers(ca, scene):
     assert isinstance(parameters, ca.ContrastAmplifierParameterNode)
     node = parameters.parameterNode
     assert (parameters.Quality, parameters.Device, parameters.QualityControl, parameters.Model) == ("Paper", "auto", True, "")
+    assert (parameters.DicomOutputFolder, parameters.PacsTarget) == (Path("."), ""), "no DICOM output, nothing sent"
+    parameters.DicomOutputFolder, parameters.PacsTarget = Path("/data/T1c-pro"), SEND_TARGET
+    assert node.GetParameter("DicomOutputFolder") == "/data/T1c-pro" and node.GetParameter("PacsTarget") == SEND_TARGET
     parameters.QualityControl = False
     parameters.Quality = "Quick"
     assert node.GetParameter("QualityControl") == "False" and node.GetParameter("Quality") == "Quick"
@@ -458,3 +461,220 @@ def test_phantom_sample_is_generated_loaded_selected_and_its_files_removed(ca, s
     assert truth.shape == voxels(nodes["t1c"]).shape and truth.max() > voxels(nodes["t1c"]).max()  # 4x dose enhances more
     assert list(exchange_root.iterdir()) == [], "the generated files are deleted once loaded"
     assert re.search(r"not clinical", shNode.GetItemName(shNode.GetItemParent(shNode.GetItemByDataNode(nodes["t1"]))))
+
+
+# -- 9. DICOM output and sending to a PACS (issue 16) ----------------------------------------------------
+
+#: Stands in for `contrast-amplifier predict ... [--out-dicom DIR] [--send TARGET]`: writes 2 x T1c where --out
+#: says and a file into the series folder (the real series is checked by the command line's own tests and by
+#: test_contrast_amplifier_logic.py); with an error message, fails after writing them, as a refused send does.
+FAKE_PREDICT_DICOM = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import SimpleITK as sitk
+    t1c, out, dicom, error, write = sys.argv[1:6]
+    if write == "yes":
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(t1c), sitk.sitkFloat32) * 2.0, out)
+        if dicom:
+            Path(dicom).mkdir(parents=True, exist_ok=True)
+            (Path(dicom) / "IM00001.dcm").write_bytes(b"a stand-in for the series")
+    print(json.dumps({"stage": "done", "fraction": 1.0, "message": ""}), flush=True)
+    if error:
+        print("error: " + error, file=sys.stderr)
+        sys.exit(1)
+    """
+)
+
+SEND_TARGET = "dicom://PACS@localhost:104"
+
+
+@pytest.fixture()
+def recording_predict(ca, tmp_path, monkeypatch):
+    """The real predictCommand is built (and recorded with its options and the T1c DICOM files handed to it);
+    the fake command above runs in its place. ``state["error"]`` makes it fail, ``state["write"]`` = "no" before writing."""
+    script = tmp_path / "fake_predict_dicom.py"
+    script.write_text(FAKE_PREDICT_DICOM, encoding="utf-8")
+    real = ca.ContrastAmplifierLogic.predictCommand
+    calls: list = []
+    state = {"error": "", "write": "yes"}
+
+    def command(self, inputs, outPath, **options):
+        t1cDicom = options.get("t1cDicom")
+        calls.append(types.SimpleNamespace(
+            command=real(self, inputs, outPath, **options), options=options,
+            t1cDicomFiles=sorted(p.name for p in Path(t1cDicom).iterdir()) if t1cDicom else []))
+        dicom = options.get("dicomOutput")
+        return [sys.executable, str(script), str(inputs["t1c"]), str(outPath), str(dicom or ""), state["error"], state["write"]]
+
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "predictCommand", command)
+    monkeypatch.setitem(sys.modules, "DICOMLib", None)  # as in batch mode and under slicer-core: no DICOM module
+    return types.SimpleNamespace(calls=calls, state=state)
+
+
+def run_apply(logic, parameters, state=process.ProcessState.SUCCEEDED):
+    job = logic.startAmplifyFromParameters(parameters, installDependencies=False)
+    assert job.process.wait(timeout=120) is state, job.process.stderr_text
+    return logic.finishAmplify(job, parameters), job
+
+
+def loaded_from_dicom(node, uids) -> None:
+    """What Slicer's DICOM scalar-volume plugin leaves on a volume it loaded."""
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+
+
+def test_predict_command_adds_the_dicom_output_the_t1c_series_and_the_pacs(ca, tmp_path):
+    logic = ca.ContrastAmplifierLogic()
+    files = {stem: tmp_path / f"{stem}.nrrd" for stem in ("t1", "flair", "adc", "t1c")}
+    command = logic.predictCommand(files, tmp_path / "out.nrrd", dicomOutput=tmp_path / "series",
+                                   t1cDicom=tmp_path / "t1c_dicom", sendTo=SEND_TARGET)
+    joined = " ".join(command)
+    for part in (f"--out {tmp_path / 'out.nrrd'}", f"--out-dicom {tmp_path / 'series'}",
+                 f"--t1c-dicom {tmp_path / 't1c_dicom'}", f"--send {SEND_TARGET}"):
+        assert part in joined
+    assert command[-2:] == ["--progress", "json"]
+    plain = " ".join(logic.predictCommand(files, tmp_path / "out.nrrd"))
+    assert "--out-dicom" not in plain and "--t1c-dicom" not in plain and "--send" not in plain
+    assert "--t1c-dicom" not in " ".join(logic.predictCommand(files, tmp_path / "o.nrrd", dicomOutput=tmp_path / "s"))
+    with pytest.raises(ValueError, match="The T1c's DICOM series is only used for a DICOM output"):
+        logic.predictCommand(files, tmp_path / "o.nrrd", t1cDicom=tmp_path / "t1c_dicom")
+    with pytest.raises(ValueError, match="Sending to a PACS needs a DICOM series"):
+        logic.predictCommand(files, tmp_path / "o.nrrd", sendTo=SEND_TARGET)
+
+
+def test_dicom_folder_and_one_new_series_folder_per_apply(ca, scene, tmp_path):
+    logic = ca.ContrastAmplifierLogic()
+    assert logic.getParameterNode().DicomOutputFolder == Path(".")  # the empty path parameter
+    for nothing in (None, "", ".", Path(""), Path(".")):
+        assert logic.dicomFolder(nothing) is None
+    assert logic.dicomFolder("relative/series") == Path.cwd() / "relative" / "series"
+    t1c = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Patient/A: T1c")
+    first = logic.dicomSeriesFolder(tmp_path, t1c)
+    assert first == tmp_path / "Patient_A_ T1c T1c-pro"
+    first.mkdir()
+    assert logic.dicomSeriesFolder(tmp_path, t1c) == first, "an empty folder is fine"
+    (first / "IM00001.dcm").write_bytes(b"x")
+    assert logic.dicomSeriesFolder(tmp_path, t1c) == tmp_path / "Patient_A_ T1c T1c-pro 2"
+    (tmp_path / "Patient_A_ T1c T1c-pro 2").write_text("a file, not a folder")
+    assert logic.dicomSeriesFolder(tmp_path, t1c) == tmp_path / "Patient_A_ T1c T1c-pro 3"
+
+
+def test_t1c_dicom_files_come_from_the_database_or_the_reason_is_said(ca, scene, tmp_path, dicom_database, monkeypatch):
+    logic = ca.ContrastAmplifierLogic()
+    nodes = patient(scene, "Patient A", 1)
+    t1c = nodes["t1c"]
+    assert logic.t1cDicomFiles(t1c) == ([], "T1c 'Patient A T1C' was not loaded from DICOM")
+    database, uids = dicom_database(mrml_bridge.volume_node_to_sitk(t1c), tmp_path / "db" / "series")
+    loaded_from_dicom(t1c, uids)
+    files, why = logic.t1cDicomFiles(t1c)  # slicer.dicomDatabase by default
+    assert why == "" and files == [database.files[uid] for uid in uids] and len(files) == 6
+    assert database.asked == uids
+
+    copied, why = logic.copyT1cDicom(t1c, tmp_path / "exchange" / "t1c_dicom")
+    assert why == "" and copied == tmp_path / "exchange" / "t1c_dicom"
+    assert sorted(p.read_bytes() for p in copied.iterdir()) == sorted(p.read_bytes() for p in files)
+
+    database.isOpen = False
+    assert logic.t1cDicomFiles(t1c) == ([], "Slicer's DICOM database is not open")
+    database.isOpen = True
+    other = type(database)({})
+    assert logic.t1cDicomFiles(t1c, other)[1] == "6 of 6 DICOM files of T1c 'Patient A T1C' were not found through the DICOM database"
+    files[2].unlink()  # deleted behind the database's back
+    assert logic.t1cDicomFiles(t1c)[1] == "1 of 6 DICOM files of T1c 'Patient A T1C' were not found through the DICOM database"
+    assert logic.copyT1cDicom(t1c, tmp_path / "nothing")[0] is None and not (tmp_path / "nothing").exists()
+    monkeypatch.setattr(slicer, "dicomDatabase", None, raising=False)
+    assert logic.t1cDicomFiles(t1c) == ([], "Slicer's DICOM database is not available")
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    t1c.SetAndObserveTransformNodeID(moved.GetID())
+    assert "is under a transform" in logic.t1cDicomFiles(t1c, database)[1]
+
+
+def test_send_without_a_dicom_folder_writes_the_series_in_the_exchange_folder(ca, scene, recording_predict, exchange_root):
+    logic = ca.ContrastAmplifierLogic()
+    parameters = logic.getParameterNode()
+    select(parameters, patient(scene, "Patient A", 1))
+    parameters.PacsTarget = SEND_TARGET
+    result, job = run_apply(logic, parameters)
+    (call,) = recording_predict.calls
+    assert call.options["dicomOutput"] == job.workDir / "result" / "dicom" and call.options["sendTo"] == SEND_TARGET
+    assert call.options["t1cDicom"] is None, "the T1c was not loaded from DICOM: a new de-identified study"
+    assert f"--send {SEND_TARGET}" in " ".join(call.command) and "--t1c-dicom" not in call.command
+    assert result.GetName() == "Patient A T1C T1c-pro" and job.sendError is None
+    assert not job.keepDicom and not job.importedToDatabase
+    assert list(exchange_root.iterdir()) == [], "the series written only to be sent goes with the exchange folder"
+    assert logic.dicomSummary(job) == ("DICOM series (a new de-identified study: T1c 'Patient A T1C' was not loaded from "
+                                       f"DICOM) sent to {SEND_TARGET}.")
+    parameters.PacsTarget = "   "  # blank: not sent, and no series
+    run_apply(logic, parameters)
+    assert recording_predict.calls[-1].options["dicomOutput"] is None and recording_predict.calls[-1].options["sendTo"] is None
+
+
+def test_dicom_output_folder_gets_a_series_per_apply_in_the_t1c_study(ca, scene, tmp_path, recording_predict,
+                                                                       dicom_database, exchange_root):
+    logic = ca.ContrastAmplifierLogic()
+    parameters = logic.getParameterNode()
+    nodes = patient(scene, "Patient A", 1)
+    database, uids = dicom_database(mrml_bridge.volume_node_to_sitk(nodes["t1c"]), tmp_path / "db" / "series")
+    loaded_from_dicom(nodes["t1c"], uids)
+    select(parameters, nodes)
+    parameters.DicomOutputFolder = tmp_path / "out"
+    result, job = run_apply(logic, parameters)
+    (call,) = recording_predict.calls
+    series = tmp_path / "out" / "Patient A T1C T1c-pro"
+    assert call.options["dicomOutput"] == series == job.dicomOutput and job.keepDicom
+    assert call.options["t1cDicom"] == job.workDir / "case" / "t1c_dicom" and len(call.t1cDicomFiles) == len(uids) == 6
+    assert f"--t1c-dicom {job.workDir / 'case' / 't1c_dicom'}" in " ".join(call.command) and "--send" not in call.command
+    assert result is not None and [p.name for p in series.iterdir()] == ["IM00001.dcm"]
+    assert job.importToDatabase and not job.importedToDatabase, "no DICOMLib here: nothing imported, nothing failed"
+    assert logic.dicomSummary(job) == f"DICOM series in {series} (the T1c's study)."
+    assert list(exchange_root.iterdir()) == [], "the copies of the T1c's DICOM files are removed with the exchange folder"
+    assert all(path.is_file() for path in database.files.values()), "the database's own files are untouched"
+
+    again, job = run_apply(logic, parameters)  # the next Apply never collides with the first series
+    assert job.dicomOutput == tmp_path / "out" / "Patient A T1C T1c-pro 2" and (job.dicomOutput / "IM00001.dcm").is_file()
+    assert [p.name for p in series.iterdir()] == ["IM00001.dcm"]
+
+
+def test_a_failed_send_still_loads_the_result_and_says_why(ca, scene, tmp_path, recording_predict, exchange_root):
+    logic = ca.ContrastAmplifierLogic()
+    parameters = logic.getParameterNode()
+    select(parameters, patient(scene, "Patient A", 1))
+    parameters.DicomOutputFolder = tmp_path / "out"
+    parameters.PacsTarget = SEND_TARGET
+    refused = f"PACS {SEND_TARGET} rejected the association (calling AE title CONTRASTAMP unknown)"
+    recording_predict.state["error"] = refused
+    result, job = run_apply(logic, parameters, process.ProcessState.FAILED)
+    assert result is not None and result.GetName() == "Patient A T1C T1c-pro", "the computed T1c-pro is not thrown away"
+    assert job.error is None and job.sendError == refused
+    assert logic.dicomSummary(job) == (f"DICOM series in {job.dicomOutput} (a new de-identified study: T1c 'Patient A T1C' "
+                                       f"was not loaded from DICOM) NOT sent to {SEND_TARGET}: {refused}.")
+    assert (job.dicomOutput / "IM00001.dcm").is_file() and list(exchange_root.iterdir()) == []
+    assert parameters.OutputVolume is None
+
+    nodes = logic.inputNodes(parameters)
+    with pytest.raises(process.ProcessError, match="T1c-pro 'Patient A T1C T1c-pro.*' was computed and loaded, but not sent to"):
+        logic.process(*nodes.values(), quality="balanced", installDependencies=False, timeout=120,
+                      dicomOutput=tmp_path / "batch", sendTo=SEND_TARGET)
+
+    recording_predict.state["write"] = "no"  # failed before anything was written: an ordinary failure
+    result, job = run_apply(logic, parameters, process.ProcessState.FAILED)
+    assert result is None and job.error == refused and job.sendError is None
+    assert list(exchange_root.iterdir()) == []
+
+
+def test_dicom_output_and_pacs_widgets_are_in_the_outputs_section():
+    root = ET.parse(REPO / "ContrastAmplifier" / "Resources" / "UI" / "ContrastAmplifier.ui").getroot()
+    outputs = next(w for w in root.iter("widget") if w.get("name") == "outputsCollapsibleButton")
+    widgets = {w.get("name"): w for w in outputs.iter("widget")}
+
+    def prop(widget, name):
+        found = [p for p in widget.findall("property") if p.get("name") == name]
+        return (found[0][0].text or "") if found else None
+
+    folder, pacs = widgets["dicomOutputFolderPathLineEdit"], widgets["pacsTargetLineEdit"]
+    assert folder.get("class") == "ctkPathLineEdit" and prop(folder, "filters") == "ctkPathLineEdit::Dirs"
+    assert pacs.get("class") == "QLineEdit" and prop(pacs, "placeholderText") == "URL or endpoint name; empty: do not send"
+    assert (prop(folder, "SlicerParameterName"), prop(pacs, "SlicerParameterName")) == ("DicomOutputFolder", "PacsTarget")
+    assert "DICOM" in prop(folder, "toolTip") and "PACS" in prop(pacs, "toolTip")
+    assert prop(widgets["dicomOutputFolderLabel"], "text") == "DICOM output folder:"
+    assert prop(widgets["pacsTargetLabel"], "text") == "Send to PACS:"
