@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -830,6 +831,24 @@ def _voxels_key(values: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+#: T1c-pro's content enters its UIDs on a grid of about this many steps over its value range.
+UID_CONTENT_LEVELS = 4096
+
+
+def _content_key(values: np.ndarray) -> str:
+    """SHA-256 of T1c-pro's voxels rounded to a power-of-two step of about 1/4096 of their range.
+
+    Two runs of the same prediction differ in float rounding (ITK's multi-threaded registration sums
+    in a varying order: ~1e-5 in a few voxels), which must not change the UIDs, or a rerun would
+    send a second copy to the PACS; a real change of a voxel by more than one step does change them.
+    The step is a power of two of the range so that the grid itself does not move with rounding.
+    """
+    finite = np.asarray(values, np.float64)
+    span = float(finite.max() - finite.min()) if finite.size else 0.0
+    step = 2.0 ** math.floor(math.log2(span / UID_CONTENT_LEVELS)) if span > 0 else 1.0
+    return f"step {step!r} " + _voxels_key(np.floor(finite / step).astype(np.float32))
+
+
 def _image_key(image: sitk.Image) -> str:
     """SHA-256 of an image in memory: voxels and geometry."""
     import SimpleITK as sitk
@@ -933,7 +952,7 @@ def write_t1c_pro_series(
     else:
         key = _file_key(Path(t1c)) if isinstance(t1c, (str, os.PathLike)) else _image_key(t1c if t1c is not None else pro)
         planes = _grid_slices(pro)
-    entropy = [key, _voxels_key(values), label.name, label.version, label.intended_use,
+    entropy = [key, _content_key(values), label.name, label.version, label.intended_use,
                f"{scaling.bits}{'s' if scaling.signed else 'u'}"]
     series_uid = generate_uid(entropy_srcs=["T1c-pro series", *entropy])
     template = _series_template(source, others, label, scaling, series_uid, key, values, details, pro.GetSize())

@@ -228,6 +228,58 @@ def fetch(
     typer.echo(f"next: contrast-amplifier predict {folders} --out T1c-pro.nii.gz", err=err)
 
 
+@pacs_app.command("amplify")
+def amplify(
+    study_uid: str = typer.Argument(..., help="Study Instance UID on the --from PACS."),
+    out_dir: Path = typer.Argument(..., help="Receives inputs/ (the fetched series), T1c-pro.nii.gz and T1c-pro-dicom/ (the series sent back)."),
+    source: Optional[str] = typer.Option(None, "--from", help="DICOMweb URL or endpoint name the inputs come from; default $CA_PACS_URL or the config's default."),
+    to: Optional[str] = typer.Option(None, "--to", help="Where T1c-pro's series goes (URL or endpoint name); default: the --from PACS."),
+    no_send: bool = typer.Option(False, "--no-send", help="Keep the T1c-pro series here (do not send it)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder (default: the default model)."),
+    folds: Optional[list[int]] = typer.Option(None, "--folds", help="Fold models to average (repeat the option; default: all)."),
+    flips: int = typer.Option(8, "--flips", help="Mirrorings per fold: 8 (paper), or 1, 2, 4 for a quicker look."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
+    brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
+    rules_file: Optional[Path] = typer.Option(None, "--rules", help="SeriesDescription patterns file, as for `pacs fetch`."),
+    series: Optional[list[str]] = typer.Option(None, "--series", help="Pick a series yourself: MODALITY=SERIES_NUMBER or =SERIES_INSTANCE_UID (repeat)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Fetch again and replace this command's earlier outputs in OUT_DIR."),
+    config_file: Optional[Path] = ConfigOpt,
+    retries: Optional[int] = RetriesOpt,
+    backoff: Optional[float] = BackoffOpt,
+    timeout: Optional[float] = TimeoutOpt,
+    progress: str = ProgressOpt,
+) -> None:
+    """Fetch a study's inputs, amplify, and send T1c-pro back as a new series of the study (the worklist loop)."""
+    from .pacs import load_rules
+    from .pacs_amplify import amplify_study
+
+    overrides = _parse_overrides(series)
+    if no_send and to is not None:
+        fail("--no-send and --to contradict each other: keep one")
+    reporter = _LazyProgress(progress)
+    with cli_job(reporter, "cancelled; the fetched inputs are kept (a rerun reuses them), no T1c-pro was written"):
+        endpoint, policy = _settings(source, config_file, retries, backoff, timeout)
+        target = None if no_send else endpoint if to is None else _settings(to, config_file, retries, backoff, timeout)[0]
+        done = amplify_study(study_uid, out_dir, endpoint, target, rules=load_rules(rules_file), overrides=overrides,
+                             policy=policy, overwrite=overwrite, progress=reporter, bundle=model, folds=folds,
+                             n_mirrorings=flips, device=device, precision=precision, brain_mask=brain_mask,
+                             threads=threads)
+    reporter.close()
+    err = progress == "json"
+    result = done.result
+    how = "fetched" if done.fetched is not None else "reused"
+    typer.echo(f"inputs {how} in {out_dir / 'inputs'}; wrote {result.output_path} and the DICOM series "
+               f"{result.dicom_series.folder} ({len(result.dicom_series.files)} MR images, {result.n_predictions} "
+               f"predictions, {result.timings_s['total']:.1f} s)", err=err)
+    if done.sent is not None:
+        _print_results(done.sent, False, err)
+        typer.echo(done.sent.summary(), err=err)
+        if not done.sent.ok:
+            raise typer.Exit(1)
+
+
 @pacs_app.command("endpoints")
 def endpoints(config_file: Optional[Path] = ConfigOpt) -> None:
     """Show the config file used and its endpoints (credentials masked)."""

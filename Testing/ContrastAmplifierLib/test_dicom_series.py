@@ -241,8 +241,18 @@ def test_uids_are_reproducible_and_follow_the_content(tmp_path, dicom_t1c):
     first = write_t1c_pro_series(pro, tmp_path / "a", t1c=dicom_t1c, model=DEMO_MODEL)
     again = write_t1c_pro_series(pro, tmp_path / "b", t1c=dicom_t1c, model=DEMO_MODEL)
     assert (again.series_uid, again.sop_instance_uids) == (first.series_uid, first.sop_instance_uids)
+    # A rerun of the same prediction differs in float rounding in a few voxels (multi-threaded ITK):
+    # the UIDs stay, so a rerun sends no second copy. A real change of one voxel gives new UIDs.
+    values = sitk.GetArrayFromImage(pro)
+    step = 2.0 ** np.floor(np.log2(float(values.max() - values.min()) / ds_mod.UID_CONTENT_LEVELS))
+    rounding = sitk.Image(pro)
+    for index in ((10, 10, 3), (5, 7, 1), (20, 3, 2)):
+        value = float(rounding[index])
+        rounding[index] = value + (3e-5 if np.floor((value + 3e-5) / step) == np.floor(value / step) else -3e-5)
+    rerun = write_t1c_pro_series(rounding, tmp_path / "r", t1c=dicom_t1c, model=DEMO_MODEL)
+    assert (rerun.series_uid, rerun.sop_instance_uids) == (first.series_uid, first.sop_instance_uids)
     changed = sitk.Image(pro)
-    changed[10, 10, 3] = changed[10, 10, 3] + 1.0
+    changed[10, 10, 3] = changed[10, 10, 3] + 2 * step
     other = write_t1c_pro_series(changed, tmp_path / "c", t1c=dicom_t1c, model=DEMO_MODEL)
     assert other.series_uid != first.series_uid
     assert not set(other.sop_instance_uids) & set(first.sop_instance_uids)
