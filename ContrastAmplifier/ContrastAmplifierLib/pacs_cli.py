@@ -39,6 +39,8 @@ ConfigOpt = typer.Option(None, "--config", help=CONFIG_HELP)
 RetriesOpt = typer.Option(None, "--retries", min=0, help="Retries of a failed request or association (connection errors, HTTP 5xx/429/408, aborts); default 3 or the config file's.")
 BackoffOpt = typer.Option(None, "--backoff", min=0.0, help="First pause between retries, seconds; doubles at each retry (default 1 or the config file's).")
 TimeoutOpt = typer.Option(None, "--timeout", min=0.1, help="Network timeout of one request, seconds (default 30 or the config file's).")
+RulesOpt = typer.Option(None, "--rules", help="TOML/JSON file of SeriesDescription patterns: a table per modality (t1, flair, adc, t1c) with include = \"REGEX\" and optionally exclude = \"REGEX\", and a top-level ignore = \"REGEX\"; modalities left out keep the defaults (case-insensitive search).")
+SeriesOpt = typer.Option(None, "--series", help="Pick a series yourself: MODALITY=SERIES_NUMBER or MODALITY=SERIES_INSTANCE_UID (repeat; e.g. --series t1c=7).")
 ProgressOpt = typer.Option("bar", "--progress", help="bar (on stderr), json (one JSON object per line on stdout) or none.")
 
 
@@ -201,8 +203,8 @@ def fetch(
     study_uid: str = typer.Argument(..., help="Study Instance UID (see `contrast-amplifier pacs query`)."),
     out_dir: Path = typer.Argument(..., help="Receives t1/, flair/, adc/, t1c/ (one DICOM series each) and series.json."),
     source: Optional[str] = typer.Option(None, "--from", help="DICOMweb URL (https://host:port/dicom-web) or endpoint name; default $CA_PACS_URL or the config's default."),
-    rules_file: Optional[Path] = typer.Option(None, "--rules", help="TOML/JSON file of SeriesDescription patterns: a table per modality (t1, flair, adc, t1c) with include = \"REGEX\" and optionally exclude = \"REGEX\", and a top-level ignore = \"REGEX\"; modalities left out keep the defaults (case-insensitive search)."),
-    series: Optional[list[str]] = typer.Option(None, "--series", help="Pick a series yourself: MODALITY=SERIES_NUMBER or MODALITY=SERIES_INSTANCE_UID (repeat; e.g. --series t1c=7)."),
+    rules_file: Optional[Path] = RulesOpt,
+    series: Optional[list[str]] = SeriesOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing OUT_DIR/<modality> folders."),
     config_file: Optional[Path] = ConfigOpt,
     retries: Optional[int] = RetriesOpt,
@@ -242,8 +244,8 @@ def amplify(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
-    rules_file: Optional[Path] = typer.Option(None, "--rules", help="SeriesDescription patterns file, as for `pacs fetch`."),
-    series: Optional[list[str]] = typer.Option(None, "--series", help="Pick a series yourself: MODALITY=SERIES_NUMBER or =SERIES_INSTANCE_UID (repeat)."),
+    rules_file: Optional[Path] = RulesOpt,
+    series: Optional[list[str]] = SeriesOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Fetch again and replace this command's earlier outputs in OUT_DIR."),
     config_file: Optional[Path] = ConfigOpt,
     retries: Optional[int] = RetriesOpt,

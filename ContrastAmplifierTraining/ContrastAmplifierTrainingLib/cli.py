@@ -183,6 +183,12 @@ ClipPercentilesOpt = typer.Option((1.0, 99.0), "--clip-percentiles", help="Train
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores; use 1 on a busy shared machine).")
 
 
+#: The parameters of `fit` and `fit-phantoms` that make the TrainConfig (passed on by name).
+TRAIN_OPTIONS = ("epochs", "learning_rate", "seed", "no_mirror", "base_channels", "levels", "input_skip", "device",
+                 "precision", "cudnn_benchmark", "grad_clip", "divergence_guard", "patch_size", "lesion_fraction",
+                 "patches_per_epoch", "batch_size", "enhancement_weight", "enhancement_threshold")
+
+
 def _train_config(progress: str, *, epochs: int, learning_rate: float, seed: int, no_mirror: bool, base_channels: int,
                   levels: int, input_skip: bool, device: str, precision: str, cudnn_benchmark: bool,
                   grad_clip: Optional[float], divergence_guard: bool, patch_size: Optional[list[str]],
@@ -277,12 +283,7 @@ def fit(
     cancel = CancelToken()
     _install_sigterm(cancel)
     report = make_progress(progress)
-    config = _train_config(progress, epochs=epochs, learning_rate=learning_rate, seed=seed, no_mirror=no_mirror,
-                           base_channels=base_channels, levels=levels, input_skip=input_skip, device=device,
-                           precision=precision, cudnn_benchmark=cudnn_benchmark, grad_clip=grad_clip,
-                           divergence_guard=divergence_guard, patch_size=patch_size, lesion_fraction=lesion_fraction,
-                           patches_per_epoch=patches_per_epoch, batch_size=batch_size,
-                           enhancement_weight=enhancement_weight, enhancement_threshold=enhancement_threshold)
+    config = _train_config(progress, **{name: value for name, value in locals().items() if name in TRAIN_OPTIONS})
     on_epoch = _epoch_reporter(fold_list if fold_list is not None else list(range(n_folds)), epochs, progress)
     try:
         cases = prepare_cases(manifest, out_dir / "cache", spacing=(spacing,) * 3, crop_size=tuple(crop),
@@ -356,12 +357,7 @@ def fit_phantoms_command(
             raise ValueError(f"--protocol {protocol!r}: choose paper or clinical.")
     except ValueError as exc:
         _fail(str(exc), progress)
-    config = _train_config(progress, epochs=epochs, learning_rate=learning_rate, seed=seed, no_mirror=no_mirror,
-                           base_channels=base_channels, levels=levels, input_skip=input_skip, device=device,
-                           precision=precision, cudnn_benchmark=cudnn_benchmark, grad_clip=grad_clip,
-                           divergence_guard=divergence_guard, patch_size=patch_size, lesion_fraction=lesion_fraction,
-                           patches_per_epoch=patches_per_epoch, batch_size=batch_size,
-                           enhancement_weight=enhancement_weight, enhancement_threshold=enhancement_threshold)
+    config = _train_config(progress, **{name: value for name, value in locals().items() if name in TRAIN_OPTIONS})
     _set_threads(threads)
     cancel = CancelToken()
     _install_sigterm(cancel)
