@@ -97,7 +97,9 @@ def test_a_real_cancel_prints_one_line_and_leaves_nothing(tmp_path, sig):
     env = child_environment()  # this checkout's packages first, as the Slicer module's children get them
     out = tmp_path / "phantoms"
     child = subprocess.Popen(
-        [sys.executable, "-m", "ContrastAmplifierLib.cli", "phantom", str(out), "--cases", "2", "--spacing", "4",
+        # 40 cases: on a loaded machine this test may not run for seconds after the first line, and
+        # the signal must still find work in progress (2 cases were once done before it arrived).
+        [sys.executable, "-m", "ContrastAmplifierLib.cli", "phantom", str(out), "--cases", "40", "--spacing", "4",
          "--progress", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
     )
