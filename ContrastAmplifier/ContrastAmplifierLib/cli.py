@@ -227,6 +227,7 @@ OUT_DICOM_HELP = ("Also write T1c-pro as a DICOM MR series (one file per T1c sli
                   "series of the T1c's study when --t1c is a DICOM series folder, else a new de-identified study. "
                   "Checked before any work. See README, DICOM output.")
 MappingOpt = typer.Option("auto", "--mapping", help="How T1c-pro returns to the T1c grid: auto, direct (the prediction itself) or residual (the T1c plus the network's change; keeps the T1c's resolution). See README.")
+BackendOpt = typer.Option("auto", "--backend", help="Inference runtime: auto (OpenVINO on CPU when installed, else torch; always torch on a GPU), torch, or openvino (CPU only; each fold is converted once per crop size and cached; see README, CPU backends).")
 CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README).")
 
 
@@ -248,6 +249,7 @@ def predict(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
     mapping: str = MappingOpt,
     compile_models: Optional[bool] = CompileOpt,
+    backend: str = BackendOpt,
     skull_strip: Optional[str] = typer.Option(None, "--skull-strip", help="HD-BET fast or accurate (default: accurate on CUDA, fast on CPU)."),
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
@@ -266,7 +268,7 @@ def predict(
         result = amplify_case(t1, flair, adc, t1c, bundle=model, out_path=out, folds=folds, n_mirrorings=flips,
                               device=device, precision=precision, compile=compile_models, mapping=mapping, skull_strip_mode=skull_strip, brain_mask=brain_mask,
                               threads=threads, progress=report, overwrite=overwrite, strict=strict, out_dicom=out_dicom,
-                              t1c_dicom=t1c_dicom)
+                              t1c_dicom=t1c_dicom, backend=backend)
     written = [str(result.output_path)] if result.output_path is not None else []
     if result.dicom_series is not None:
         series = result.dicom_series
@@ -318,6 +320,7 @@ def predict_cohort(
     precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
     mapping: str = MappingOpt,
     compile_models: Optional[bool] = CompileOpt,
+    backend: str = BackendOpt,
     send: Optional[str] = typer.Option(None, "--send", help=SEND_HELP + " Sends the series of every finished case (a resend duplicates nothing)."),
     pacs_config: Optional[Path] = typer.Option(None, "--pacs-config", help=PACS_CONFIG_HELP),
     out_dicom: Optional[Path] = typer.Option(None, "--out-dicom", help="Also write each case's T1c-pro as a DICOM MR series into DIR/<case>/ (the T1c's study for a DICOM T1c, else a new de-identified study). A case whose T1c-pro file exists gets its series from that file. See README, DICOM output."),
@@ -333,7 +336,7 @@ def predict_cohort(
     with cli_job(report, "cancelled; finished cases are kept, the current one was not written"):
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
                           precision=precision, overwrite=overwrite, compile=compile_models, mapping=mapping,
-                          strict=strict, progress=report, out_dicom=out_dicom)
+                          strict=strict, progress=report, out_dicom=out_dicom, backend=backend)
     failed = [r for r in rows if r["status"] == "failed"]
     typer.echo(f"{len(rows)} cases: {sum(r['status'] == 'done' for r in rows)} done, "
                f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {len(failed)} failed; see {out_dir / 'summary.csv'}",

@@ -60,6 +60,7 @@ def predict_cohort(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     out_dicom: Union[str, os.PathLike, None] = None,
+    backend: str = "auto",
 ) -> list[dict[str, object]]:
     """Amplify every case of ``cases_dir`` into ``out_dir/<case>/T1c-pro.nii.gz``; returns the summary rows.
 
@@ -67,7 +68,7 @@ def predict_cohort(
     (the summary is this command's own and is rewritten after every case). It may not be the
     cases folder, contain it, or be the current directory (checked before any work).
     ``out_dicom`` (optional) receives ``<case>/`` DICOM series folders (module doc); it is checked
-    like ``out_dir`` and may not be the same folder.
+    like ``out_dir`` and may not be the same folder. ``backend``: :func:`.inference.amplify_case`'s.
     """
     from .inference import _resolve_bundle
 
@@ -77,7 +78,7 @@ def predict_cohort(
     dicom_root = None if out_dicom is None else _check_dicom_root(out_dicom, out_root, cases_dir)
     model = _resolve_bundle(bundle)  # load and hash-check once for all cases
     options = dict(folds=folds, n_mirrorings=n_mirrorings, device=device, precision=precision, compile=compile,
-                   mapping=mapping, cancel=cancel, overwrite=overwrite, strict=strict)
+                   mapping=mapping, cancel=cancel, overwrite=overwrite, strict=strict, backend=backend)
     report = progress or null_progress
     rows: list[dict[str, object]] = []
     for index, folder in enumerate(folders):

@@ -33,6 +33,12 @@ MIRRORINGS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (2,), (3, 4), (2, 4),
 #: autocast (max error ~3e-3 on the [0, 1] output, see README); "auto": fast on CUDA, exact on CPU.
 PRECISIONS = ("auto", "exact", "fast")
 
+#: Inference backends. "torch": PyTorch (eager or ``torch.compile``), any device; "openvino": OpenVINO's
+#: CPU runtime (:mod:`.openvino_backend`: each fold converted once per input shape, cached on disk);
+#: "auto": OpenVINO on CPU when the ``openvino`` package imports (and ``compile`` is not asked for),
+#: torch otherwise and always on CUDA/MPS.
+BACKENDS = ("auto", "torch", "openvino")
+
 #: ``compile=None`` compiles on CPU from this many voxels: at 160 x 192 x 160 (4.9 M) compiling
 #: (7 s + 2 s per further fold) is repaid within the first predictions (2.8 s instead of 3.8 s
 #: each); at the demo's 56 x 64 x 56 (0.2 M) it never is. On CUDA the measured gain was nil.
@@ -83,6 +89,8 @@ class InferenceSettings:
         window: ``(z, y, x)`` tile size for sliding-window inference (:mod:`.sliding_window`:
             tiles overlapping by half, Gaussian-weighted blend), e.g. a patch-trained model's
             patch size; ``None`` (default) or a window covering the volume: one whole-volume pass.
+        backend: "torch" or "openvino" (CPU only; ``compile``, ``channels_last`` and autocast are
+            torch's and do not apply to it; its "fast" is OpenVINO's bf16 where the CPU has it).
     """
 
     device: torch.device
@@ -91,31 +99,68 @@ class InferenceSettings:
     max_batch: int = 1
     compile: Optional[bool] = None
     window: Optional[tuple[int, int, int]] = None
+    backend: str = "torch"
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", max_batch: Optional[int] = None,
-               compile: Optional[bool] = None, window: Optional[tuple[int, int, int]] = None) -> InferenceSettings:
+               compile: Optional[bool] = None, window: Optional[tuple[int, int, int]] = None,
+               backend: str = "torch") -> InferenceSettings:
+        """Settings with ``auto`` choices resolved; ``backend`` "torch" (default here), "openvino" or
+        "auto" (see :data:`BACKENDS`; ``amplify_case`` and the CLI default to "auto")."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
         dev = resolve_device(device)
+        backend = resolve_backend(backend, dev, compile)
         if precision == "auto":
             precision = "fast" if dev.type == "cuda" else "exact"
         if max_batch is None:
             # Batching mirrorings does not speed up CPU inference (measured); on GPU it does.
             max_batch = 8 if dev.type == "cuda" else 1
         return cls(device=dev, precision=precision, channels_last=dev.type != "mps", max_batch=max(1, int(max_batch)),
-                   compile=None if compile is None else bool(compile), window=window)
+                   compile=None if compile is None else bool(compile), window=window, backend=backend)
 
     def compiles(self, voxels: int) -> bool:
         """Whether models are compiled for an input of ``voxels`` voxels (resolves ``compile=None``)."""
+        if self.backend != "torch":
+            return False
         if self.compile is not None:
             return self.compile
         return self.device.type == "cpu" and voxels >= AUTO_COMPILE_VOXELS
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision != "fast":
+        if self.precision != "fast" or self.backend != "torch":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def resolve_backend(backend: str, device: torch.device, compile: Optional[bool] = None) -> str:
+    """The backend ("torch" or "openvino") that ``backend`` means on ``device`` (see :data:`BACKENDS`).
+
+    Raises:
+        ValueError: an unknown backend; "openvino" on a GPU, with ``compile=True``, or without the
+            ``openvino`` package (one line naming the fix).
+    """
+    backend = str(backend).lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if backend == "torch":
+        return backend
+    if device.type != "cpu":
+        if backend == "openvino":
+            raise ValueError(f"--backend openvino runs on the CPU only, not on {device.type}: use --device cpu, "
+                             "or --backend torch (or auto) for the GPU.")
+        return "torch"
+    if compile:
+        if backend == "openvino":
+            raise ValueError("--compile is torch.compile, which --backend openvino does not use: drop --compile, "
+                             "or use --backend torch.")
+        return "torch"
+    from . import openvino_backend
+
+    if backend == "openvino":
+        openvino_backend.require_openvino()
+        return backend
+    return "openvino" if openvino_backend.available() else "torch"
 
 
 def configure_cpu_threads(threads: Optional[int] = None) -> int:
@@ -182,9 +227,13 @@ def _compiled(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _forward_mirrored(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[tuple[int, ...]],
                       settings: InferenceSettings) -> torch.Tensor:
-    """Sum over ``flips`` of flip^-1(model(flip(x))) as float32, one forward pass for the batch."""
+    """Sum over ``flips`` of flip^-1(model(flip(x))) as float32, one forward pass for the batch.
+
+    ``model`` is a torch module (or its compiled wrapper) or an OpenVINO :class:`~.openvino_backend.CompiledFold`:
+    both backends share the mirroring and the sum.
+    """
     batch = torch.cat([torch.flip(x, dims) if dims else x for dims in flips], dim=0)
-    if settings.channels_last:
+    if settings.channels_last and settings.backend == "torch":
         batch = batch.contiguous(memory_format=torch.channels_last_3d)
     with settings.autocast():
         out = model(batch).float()
@@ -255,18 +304,32 @@ def predict_ensemble(
             torch.set_flush_denormal(False)
 
 
+def _prepare(model, x: torch.Tensor, settings: InferenceSettings) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What :func:`_forward_mirrored` calls for one fold: the torch module on the device
+    (channels-last, compiled where asked) or its OpenVINO compilation for ``x``'s shape."""
+    if settings.backend == "openvino":
+        from .openvino_backend import compiled_fold
+
+        return compiled_fold(model, tuple(x.shape), settings.precision)
+    model = model.to(settings.device).eval()
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    if settings.compiles(int(x[0, 0].numel())):
+        return _compiled(model)
+    return model
+
+
 def _run(models, x, flips, settings, progress, cancel) -> np.ndarray:
     total_predictions = len(models) * len(flips)
     accumulator: Optional[torch.Tensor] = None
     done = 0
     batch_size = min(settings.max_batch, len(flips))
     with torch.inference_mode():
-        for fold_index, model in enumerate(models):
-            model = model.to(settings.device).eval()
-            if settings.channels_last:
-                model = model.to(memory_format=torch.channels_last_3d)
-            if settings.compiles(int(x[0, 0].numel())):
-                model = _compiled(model)
+        for fold_index, fold in enumerate(models):
+            if settings.backend == "openvino":  # the first time at a crop size: a conversion of a few seconds
+                progress("ensemble", done / total_predictions, f"fold {fold_index + 1}/{len(models)}: OpenVINO model "
+                         f"for {'x'.join(map(str, x.shape[2:]))} (converted once, then cached)")
+            model = _prepare(fold, x, settings)
             pending = list(flips)
             while pending:
                 check_cancel(cancel)
@@ -284,5 +347,6 @@ def _run(models, x, flips, settings, progress, cancel) -> np.ndarray:
                 pending = pending[len(group) :]
                 done += len(group)
                 progress("ensemble", done / total_predictions, f"fold {fold_index + 1}/{len(models)}, {done}/{total_predictions} predictions")
+            del model  # an OpenVINO fold's buffers go before the next fold is compiled
     assert accumulator is not None
     return (accumulator / total_predictions)[0, 0].cpu().numpy().astype(np.float32)

@@ -179,6 +179,7 @@ def amplify_case(
     strict: bool = False,
     out_dicom: Union[str, os.PathLike, None] = None,
     t1c_dicom: Union[str, os.PathLike, None] = None,
+    backend: str = "auto",
 ) -> AmplifyResult:
     """Amplify the contrast of one case: the paper's T1c -> T1c-pro.
 
@@ -212,6 +213,8 @@ def amplify_case(
         t1c_dicom: the DICOM series folder the T1c was read from, when ``t1c`` itself is an image
             or an exported file (as the Slicer module passes it): the ``out_dicom`` series then joins
             that series' study (its grid must be the T1c's).
+        backend: "auto" (OpenVINO on CPU when installed, else torch), "torch" or "openvino" (CPU
+            only; :mod:`.openvino_backend`). Checked before any work.
 
     Returns:
         :class:`AmplifyResult` with T1c-pro on the native T1c grid.
@@ -236,7 +239,7 @@ def amplify_case(
     missing = [m for m in model_bundle.modalities if m not in INPUT_MODALITIES]
     if missing:
         raise ValueError(f"bundle {model_bundle.name!r} expects modalities {missing} that amplify_case does not take")
-    settings = InferenceSettings.create(device, precision, compile=compile)
+    settings = InferenceSettings.create(device, precision, compile=compile, backend=backend)
     if settings.device.type == "cpu":
         configure_cpu_threads(threads)
     hd_bet_device = "cpu" if settings.device.type != "cuda" else str(settings.device)
