@@ -297,16 +297,14 @@ def _pacs_target(send: Optional[str], pacs_config: Optional[Path], out_dicom: Op
 
 def _send_written(folders: list[Path], pacs, progress: str) -> None:
     """Send the series just written; a refused or unreachable PACS is one error line that keeps them."""
-    from .pacs import PacsError, mask_url
+    from .pacs import PacsError, resend_command
     from .pacs_cli import send_and_report
 
     endpoint, policy = pacs
     try:
         send_and_report(folders, endpoint, policy, err=progress == "json", what="T1c-pro instances")
     except PacsError as exc:
-        shown = " ".join(str(f) for f in folders[:3]) + (" ..." if len(folders) > 3 else "")
-        fail(f"{exc} The T1c-pro series are written; send them later with `contrast-amplifier pacs send {shown} "
-             f"--to {endpoint.name or mask_url(endpoint.url)}`.")
+        fail(f"{exc} The T1c-pro series are written; send them later with `{resend_command(folders, endpoint)}`.")
 
 
 @app.command("predict-cohort")

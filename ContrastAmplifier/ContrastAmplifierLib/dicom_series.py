@@ -816,11 +816,9 @@ class DicomSeriesResult:
 
 
 def _file_key(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"file sha256 {digest.hexdigest()}"
+    from .bundle import sha256_file
+
+    return f"file sha256 {sha256_file(path)}"
 
 
 def _voxels_key(values: np.ndarray) -> str:

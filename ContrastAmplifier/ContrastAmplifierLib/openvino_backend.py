@@ -46,6 +46,8 @@ import torch
 
 from ContrastAmplifierCommon.atomicfile import apply_umask
 
+from .bundle import sha256_file
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable naming the cache folder (tests, shared machines); default: the user cache.
@@ -149,14 +151,6 @@ def cache_key(model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[str
     return hashlib.sha256(text.encode()).hexdigest()[:32], json.loads(text)  # as entry.json will read back
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_entry(folder: Path, details: dict[str, Any]) -> Optional[str]:
     """``None`` when ``folder`` is a sound entry for ``details``, else what is wrong with it."""
     try:
@@ -164,7 +158,7 @@ def _check_entry(folder: Path, details: dict[str, Any]) -> Optional[str]:
         if entry.get("key") != details:
             return "it was made for another model, shape or OpenVINO version"
         for name, expected in entry["files"].items():
-            if _sha256(folder / name) != expected:
+            if sha256_file(folder / name) != expected:
                 return f"{name} does not match its SHA-256"
         if set(entry["files"]) != {"model.xml", "model.bin"}:
             return "its file list is wrong"
@@ -221,7 +215,7 @@ def _write_entry(folder: Path, converted: Any, details: dict[str, Any]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
-        files = {name: _sha256(tmp / name) for name in ("model.xml", "model.bin")}
+        files = {name: sha256_file(tmp / name) for name in ("model.xml", "model.bin")}
         (tmp / ENTRY_FILE).write_text(json.dumps({"key": details, "files": files}, indent=2) + "\n", encoding="utf-8")
         for name in ("model.xml", "model.bin", ENTRY_FILE):
             apply_umask(tmp / name)

@@ -58,7 +58,7 @@ from .pacs_config import (
 from .pacs_fetch import SERIES_FILE, FetchPlan, FetchResult, fetch_planned, fetch_study, plan_fetch
 from .pacs_query import SeriesInfo, StudyInfo, check_uid, query_series, query_studies
 from .pacs_rules import DEFAULT_RULES, MODALITIES, VOLUME_RULES, SeriesRule, SeriesRules, default_rules, load_rules, pick_series
-from .pacs_send import InstanceResult, SendReport, find_dicom_files, send_instances
+from .pacs_send import InstanceResult, SendReport, find_dicom_files, resend_command, send_instances
 
 __all__ = [
     "DEFAULT_CALLING_AET", "DEFAULT_RULES", "ENV_CALLING_AET", "ENV_CONFIG", "ENV_PASSWORD", "ENV_TOKEN", "ENV_URL",
@@ -66,6 +66,6 @@ __all__ = [
     "PacsConfig", "PacsConfigError", "PacsError", "PacsRefused", "PacsUnreachable", "RetryPolicy", "SendReport",
     "SeriesInfo", "SeriesRule", "SeriesRules", "SeriesSelectionError", "StudyInfo", "StudyNotFoundError",
     "check_uid", "default_config_path", "default_rules", "endpoint_and_policy", "fetch_planned", "fetch_study", "find_dicom_files", "load_config", "load_rules", "mask_url",
-    "pick_series", "plan_fetch", "query_series", "query_studies", "resolve_endpoint", "send_instances",
+    "pick_series", "plan_fetch", "query_series", "query_studies", "resend_command", "resolve_endpoint", "send_instances",
     "user_config_dir",
 ]

@@ -25,10 +25,10 @@ from typing import Any, Optional, Union
 
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
-from .pacs_config import Endpoint, PacsError, RetryPolicy, mask_url
+from .pacs_config import Endpoint, PacsError, RetryPolicy
 from .pacs_fetch import SERIES_FILE, FetchResult, fetch_study
 from .pacs_rules import MODALITIES, SeriesRules
-from .pacs_send import SendReport, send_instances
+from .pacs_send import SendReport, resend_command, send_instances
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -131,8 +131,7 @@ def amplify_study(
         try:
             sent = send_instances(series.folder, target, policy, cancel=cancel)
         except PacsError as exc:
-            raise type(exc)(f"{exc} T1c-pro and its series are written ({out}); send them later with `contrast-amplifier "
-                            f"pacs send {series.folder} --to {target.name or mask_url(target.url)}`.",
-                            exc.attempts, exc.report) from None
+            raise type(exc)(f"{exc} T1c-pro and its series are written ({out}); send them later with "
+                            f"`{resend_command([series.folder], target)}`.", exc.attempts, exc.report) from None
     report("done", 1.0, "study amplified" + (f", {sent.summary()}" if sent is not None else ""))
     return StudyAmplification(inputs=inputs, fetched=fetched, result=result, sent=sent)

@@ -93,13 +93,20 @@ def send_and_report(paths: Any, endpoint: Endpoint, policy: RetryPolicy, err: bo
             _print_results(exc.report, False, err)
             typer.echo(exc.report.summary(), err=err)
         raise
+    _finish_report(report, err, what)
+    return report
+
+
+def _finish_report(report: SendReport, err: bool, what: Optional[str] = None) -> None:
+    """Print what the PACS did not acknowledge and the summary; exit 1 unless it acknowledged all
+    (with ``what``, a line saying how to resend them)."""
     _print_results(report, False, err)
     typer.echo(report.summary(), err=err)
     if not report.ok:
-        typer.echo(f"not every one of the {what} was acknowledged; resend with `contrast-amplifier pacs send` "
-                   "once the PACS accepts them (a resend duplicates nothing).", err=True)
+        if what:
+            typer.echo(f"not every one of the {what} was acknowledged; resend with `contrast-amplifier pacs send` "
+                       "once the PACS accepts them (a resend duplicates nothing).", err=True)
         raise typer.Exit(1)
-    return report
 
 
 @pacs_app.command("send")
@@ -276,10 +283,7 @@ def amplify(
                f"{result.dicom_series.folder} ({len(result.dicom_series.files)} MR images, {result.n_predictions} "
                f"predictions, {result.timings_s['total']:.1f} s)", err=err)
     if done.sent is not None:
-        _print_results(done.sent, False, err)
-        typer.echo(done.sent.summary(), err=err)
-        if not done.sent.ok:
-            raise typer.Exit(1)
+        _finish_report(done.sent, err)
 
 
 @pacs_app.command("endpoints")

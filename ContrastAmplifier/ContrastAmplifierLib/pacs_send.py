@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, check_cancel
 
-from .pacs_config import Endpoint, PacsConfigError, PacsError, PacsRefused, PathLike, RetryPolicy
+from .pacs_config import Endpoint, PacsConfigError, PacsError, PacsRefused, PathLike, RetryPolicy, mask_url
 from .pacs_transport import Transient, http_attempt, import_optional, make_dicomweb_client, retrying, unreachable
 
 if TYPE_CHECKING:  # the optional DICOM packages: imported where used
@@ -420,6 +420,13 @@ def _send_dimse(instances: Sequence[InstanceFile], endpoint: Endpoint, report: S
 
     failure = unreachable(endpoint, f"sending {len(instances)} instance(s)", report)
     _, report.attempts = retrying(one_association, policy, failure, cancel)
+
+
+def resend_command(paths: Sequence[PathLike], endpoint: Endpoint) -> str:
+    """The ``contrast-amplifier pacs send`` command that sends ``paths`` to ``endpoint`` later
+    (the endpoint by its config name, else its URL with credentials masked)."""
+    shown = " ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+    return f"contrast-amplifier pacs send {shown} --to {endpoint.name or mask_url(endpoint.url)}"
 
 
 def send_instances(paths: Union[PathLike, Iterable[PathLike]], endpoint: Endpoint, policy: Optional[RetryPolicy] = None,
