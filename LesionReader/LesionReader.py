@@ -685,17 +685,21 @@ class LesionReaderTest(ScriptedLoadableModuleTest):
         self.test_reading_round_trip()
 
     def test_reading_round_trip(self):
+        """The two-case study lives in a temporary folder that is removed afterwards, pass or fail."""
         import tempfile
         from pathlib import Path
 
+        self.delayDisplay("Creating a two-case study")
+        with tempfile.TemporaryDirectory(prefix="LesionReaderTest-") as folder:
+            self._round_trip_in(Path(folder))
+
+    def _round_trip_in(self, root):
         import numpy as np
         import SimpleITK as sitk
 
         from LesionReaderLib import init_study
         from LesionReaderLib.export import export_study
 
-        self.delayDisplay("Creating a two-case study")
-        root = Path(tempfile.mkdtemp(prefix="LesionReaderTest-"))
         folders = []
         for i in range(2):
             folder = root / "cases" / f"case{i}"
