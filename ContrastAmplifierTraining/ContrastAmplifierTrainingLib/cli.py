@@ -6,6 +6,8 @@ Verbs (nnU-Net style, one per stage)::
     contrast-amplifier-train fit MANIFEST OUT_DIR --folds 0 1 2 3 4 --epochs 300
     contrast-amplifier-train fit-phantoms OUT_DIR --spacing 1.5 --patch-size 64 --patches-per-epoch 200
     contrast-amplifier-train export OUT_DIR BUNDLE_DIR --name my-model
+    contrast-amplifier-train fit MANIFEST OUT_DIR --executor slurm --partition gpu --no-wait   # one job per fold
+    contrast-amplifier-train status OUT_DIR                      # epochs, last metrics and job of every fold
 
 ``--folds`` takes several values after one flag (``--folds 0 1 2``) or comma-separated
 (``--folds 0,1,2``). With ``--progress json`` every line on stdout is one JSON object with
@@ -13,6 +15,10 @@ Verbs (nnU-Net style, one per stage)::
 carry ``fold``, ``epoch``, ``epochs``, ``train_loss``, ``val_loss``, ``val_psnr``, ``val_ssim``,
 ``seconds``; the last line is ``"stage": "done"`` (or ``"stage": "error"`` / ``"cancelled"``).
 SIGTERM or Ctrl-C stops between cases; rerunning the same command resumes.
+
+``fit --executor local|slurm`` trains each fold as its own submitit job (:mod:`.fold_jobs`);
+with ``--progress json`` its first line is ``"stage": "submitted"`` (``jobs``: fold -> job id),
+which is also the last line with ``--no-wait``.
 """
 
 from __future__ import annotations
@@ -57,10 +63,10 @@ _json_lock = threading.Lock()
 RESUME_MESSAGE = "stopped; rerun the same command to resume (finished epochs, folds and cached cases are kept)"
 
 
-def _cancelled(progress: str) -> None:
+def _cancelled(progress: str, message: str = RESUME_MESSAGE) -> None:
     if progress == "json":
-        _json_line({"stage": "cancelled", "fraction": 0.0, "message": RESUME_MESSAGE})
-    cancelled(RESUME_MESSAGE)
+        _json_line({"stage": "cancelled", "fraction": 0.0, "message": message})
+    cancelled(message)
 
 
 def _json_line(obj: dict[str, Any]) -> None:
@@ -215,11 +221,19 @@ def _train_config(progress: str, *, epochs: int, learning_rate: float, seed: int
     return config
 
 
-def _epoch_reporter(requested: Sequence[int], epochs: int, progress: str) -> Any:
-    """The ``on_epoch`` callback: a JSON ``epoch`` line, or one tqdm line per finished epoch."""
+def _epoch_reporter(requested: Sequence[int], epochs: int, progress: str, side_by_side: Optional[dict[int, int]] = None) -> Any:
+    """The ``on_epoch`` callback: a JSON ``epoch`` line, or one tqdm line per finished epoch.
+
+    ``side_by_side`` (fold -> epochs done before): the folds train at once (fold jobs), so the
+    fraction is the share of all their epochs done; otherwise they train one after another.
+    """
 
     def on_epoch(row: dict[str, Any]) -> None:
-        done = list(requested).index(row["fold"]) + row["epoch"] / epochs
+        if side_by_side is None:
+            done = list(requested).index(row["fold"]) + row["epoch"] / epochs
+        else:
+            side_by_side[row["fold"]] = row["epoch"]
+            done = sum(min(e, epochs) for e in side_by_side.values()) / epochs
         message = (f"fold {row['fold']} epoch {row['epoch']}/{epochs}: train {row['train_loss']:.5f}, val {row['val_loss']:.5f}, "
                    f"PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.4f} ({row['seconds']:.1f} s)")
         if progress == "json":
@@ -232,13 +246,131 @@ def _epoch_reporter(requested: Sequence[int], epochs: int, progress: str) -> Any
     return on_epoch
 
 
-def _finish_fit(results: Sequence[Any], out_dir: Path, progress: str) -> None:
+def _finish_fit(results: Sequence[Any], out_dir: Path, progress: str, bundle: Optional[Any] = None) -> None:
     summary = ", ".join(f"fold {r.fold}: val PSNR {r.metrics.get('val_psnr', float('nan')):.2f} dB" for r in results)
     if progress == "json":
         _json_line({"stage": "done", "fraction": 1.0, "message": summary, "out_dir": str(out_dir),
-                    "folds": [r.fold for r in results]})
+                    "folds": [r.fold for r in results], **({"bundle": str(bundle.path)} if bundle is not None else {})})
+    elif bundle is not None:
+        typer.echo(f"finished {summary}; wrote bundle {bundle.name!r} with folds {bundle.folds} to {bundle.path}", err=True)
     else:
         typer.echo(f"finished {summary}; export with: contrast-amplifier-train export {out_dir} BUNDLE_DIR", err=True)
+
+
+# Fold jobs (`fit --executor`, fold_jobs.py): where and how each fold's job runs.
+ExecutorOpt = typer.Option(None, "--executor", help="Train each fold as its own job through submitit: local (processes on this machine) or slurm (a job array). Default: the folds one after another in this process.")
+WaitOpt = typer.Option(True, "--wait/--no-wait", help="With --executor: wait for the fold jobs and export (--bundle-dir), or return once they are submitted (follow them with `status`).")
+ParallelOpt = typer.Option(None, "--parallel", min=1, help="Fold jobs training at once (local default: one per visible GPU, else 1; slurm: the array's %N, default all).")
+PartitionOpt = typer.Option(None, "--partition", help="SLURM partition of the fold jobs.")
+GpusPerJobOpt = typer.Option(None, "--gpus-per-job", min=0, help="SLURM GPUs per fold job (default 1, 0 with --device cpu).")
+CpusPerJobOpt = typer.Option(None, "--cpus-per-job", min=1, help="SLURM CPUs per fold job (default 4; also the job's torch threads unless --threads).")
+MemOpt = typer.Option(None, "--mem-gb", min=0.1, help="SLURM memory per fold job in GB (default: the partition's).")
+JobMinutesOpt = typer.Option(24 * 60, "--job-minutes", min=1, help="Time limit of one fold job; at the limit it is requeued and resumes from its last epoch.")
+SlurmOptionOpt = typer.Option(None, "--slurm-option", help="Extra sbatch option KEY=VALUE (repeatable), e.g. --slurm-option account=proj42 --slurm-option qos=long.")
+JobSetupOpt = typer.Option(None, "--job-setup", help="Shell line run first in each SLURM job (repeatable), e.g. --job-setup 'module load cuda'.")
+BundleDirOpt = typer.Option(None, "--bundle-dir", help="Once every requested fold has finished, export the run's finished folds as a bundle here (as `export` does).")
+BundleNameOpt = typer.Option("contrast-amplifier", "--bundle-name", help="Bundle name for --bundle-dir.")
+
+
+def _executor_settings(progress: str, executor: Optional[str], wait: bool, parallel: Optional[int], **slurm: Any) -> Any:
+    """The checked :class:`.fold_jobs.ExecutorSettings` of ``fit``'s options (``None``: train in this process)."""
+    from .fold_jobs import ExecutorSettings
+
+    given = [f"--{name.replace('_', '-')}" for name, value in slurm.items() if value not in (None, (), [])]
+    if executor is None:
+        alone = (["--no-wait"] if not wait else []) + (["--parallel"] if parallel else []) + [g for g in given if g != "--job-minutes"]
+        if alone:
+            _fail(f"{', '.join(alone)}: only with --executor local or slurm (without it fit trains the folds in this process).", progress)
+        return None
+    settings = ExecutorSettings(executor, parallel, slurm["partition"], slurm["gpus_per_job"], slurm["cpus_per_job"],
+                                slurm["mem_gb"], slurm["job_minutes"], tuple(slurm["slurm_option"] or ()),
+                                tuple(slurm["job_setup"] or ()))
+    try:
+        settings.check()
+    except ValueError as exc:
+        _fail(str(exc), progress)
+    return settings
+
+
+def _export_after_fit(out_dir: Path, bundle_dir: Optional[Path], name: str, progress: str) -> Optional[Any]:
+    """Export the run's finished folds to ``bundle_dir`` (``None``: nothing to do)."""
+    if bundle_dir is None:
+        return None
+    from ContrastAmplifierLib.bundle import BundleError
+
+    from .export import DEFAULT_DESCRIPTION, export_bundle
+
+    try:
+        return export_bundle(out_dir, bundle_dir, name=name, description=DEFAULT_DESCRIPTION)
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc), progress)
+    return None
+
+
+def _fold_results(out_dir: Path, folds: Sequence[int]) -> list[Any]:
+    """:class:`.trainer.FoldResult` of finished folds, from their ``done.json`` (trained by fold jobs)."""
+    from .export import finished_folds
+    from .run_status import FINAL_WEIGHTS_FILE, fold_dir
+    from .trainer import FoldResult
+
+    done = finished_folds(out_dir)
+    return [FoldResult(k, int(done[k]["epochs"]), fold_dir(out_dir, k) / FINAL_WEIGHTS_FILE, dict(done[k].get("metrics", {})))
+            for k in folds if k in done]
+
+
+def _announce_jobs(submission: Any, settings: Any, out_dir: Path, wait: bool, progress: str) -> None:
+    """Say which jobs were submitted or are followed, and how to follow them."""
+    from .fold_job import jobs_dir
+
+    jobs = {str(h.fold): h.job_id for h in submission.handles}
+    status = f"contrast-amplifier-train status {shlex.quote(str(out_dir))}"
+    parts = [f"fold {h.fold} -> job {h.job_id}" + (" (already running)" if h.fold in submission.attached else "")
+             for h in submission.handles]
+    message = (f"{settings.kind} fold jobs: {', '.join(parts) or 'none'}"
+               + (f"; already finished: folds {submission.finished}" if submission.finished else "")
+               + f"; logs in {jobs_dir(out_dir)}; follow them with: {status}")
+    if progress == "json":
+        _json_line({"stage": "submitted", "fraction": 0.0, "message": message, "executor": settings.kind, "jobs": jobs,
+                    "finished": submission.finished, "status_command": status, "waiting": wait})
+    else:
+        typer.echo(message, err=True)
+
+
+def _fit_with_jobs(cases: Sequence[Any], manifest: Path, out_dir: Path, requested: list[int], settings: Any, wait: bool,
+                   progress: str, cancel: CancelToken, job: Any) -> Optional[list[Any]]:
+    """Submit (or follow) the fold jobs; with ``wait``, wait for them and return the folds' results."""
+    from .fit import check_or_write_plan, make_plan
+    from .fold_jobs import stop_local_jobs, submit_folds, wait_for_folds
+
+    check_or_write_plan(out_dir, make_plan(cases, job.n_folds, job.split_seed, job.config, job.simulate_low_dose,
+                                           str(manifest), job.percentile_levels))
+    submission = submit_folds(job, requested, settings, command=_command_line, device=job.config.device)
+    _announce_jobs(submission, settings, out_dir, wait, progress)
+    if not wait or not submission.handles:
+        return _fold_results(out_dir, requested) if not submission.handles else None
+    from .run_status import fold_dir, read_fold_status
+
+    epochs = job.config.epochs
+    before = {h.fold: read_fold_status(fold_dir(out_dir, h.fold), h.fold).epochs_done for h in submission.handles}
+    on_epoch = _epoch_reporter([h.fold for h in submission.handles], epochs, progress, side_by_side=before)
+    report = make_progress(progress)
+    try:
+        outcome = wait_for_folds(out_dir, submission.handles, epochs, report, cancel, on_epoch)
+    except (Cancelled, KeyboardInterrupt):
+        getattr(report, "close", lambda: None)()
+        if settings.kind == "local":
+            stop_local_jobs(submission.handles)
+            _cancelled(progress, "stopped the fold jobs; " + RESUME_MESSAGE.split("; ", 1)[1])
+        _cancelled(progress, f"stopped waiting; the SLURM jobs keep running (stop them with: scancel "
+                             f"{' '.join(h.job_id for h in submission.handles)}); follow them with: contrast-amplifier-train "
+                             f"status {shlex.quote(str(out_dir))}, or rerun the same command to wait again")
+    getattr(report, "close", lambda: None)()
+    failed = [h for h in submission.handles if outcome.get(h.fold)]
+    if failed:
+        resume = _command_line or f"contrast-amplifier-train fit ... {out_dir} --executor {settings.kind}"
+        _fail("; ".join(f"fold {h.fold} (job {h.job_id}) failed: {outcome[h.fold]} (log: {h.record.get('stderr')})" for h in failed)
+              + f". Finished epochs are kept; to resume, rerun: {resume}", progress, code=1)
+    return _fold_results(out_dir, requested)
 
 
 @app.command()
@@ -272,27 +404,63 @@ def fit(
     simulate_low_dose: bool = typer.Option(False, "--simulate-low-dose", help="Synthesise T1c-low from T1 and T1c (approximation; see README)."),
     skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode for preprocessing: fast or accurate."),
     threads: Optional[int] = ThreadsOpt,
+    executor: Optional[str] = ExecutorOpt,
+    wait: bool = WaitOpt,
+    parallel: Optional[int] = ParallelOpt,
+    partition: Optional[str] = PartitionOpt,
+    gpus_per_job: Optional[int] = GpusPerJobOpt,
+    cpus_per_job: Optional[int] = CpusPerJobOpt,
+    mem_gb: Optional[float] = MemOpt,
+    job_minutes: int = JobMinutesOpt,
+    slurm_option: Optional[list[str]] = SlurmOptionOpt,
+    job_setup: Optional[list[str]] = JobSetupOpt,
+    bundle_dir: Optional[Path] = BundleDirOpt,
+    bundle_name: str = BundleNameOpt,
     progress: str = ProgressOpt,
 ) -> None:
     """Train one network per fold (Adam 1e-3, batch 1, MSE, random mirroring), resuming if OUT_DIR has a run."""
     from .cache import prepare_cases
-    from .fit import PlanMismatchError, fit_cases
+    from .fit import PlanMismatchError, fit_cases, requested_folds
 
     fold_list = _parse_folds(folds)
+    settings = _executor_settings(progress, executor, wait, parallel, partition=partition, gpus_per_job=gpus_per_job,
+                                  cpus_per_job=cpus_per_job, mem_gb=mem_gb, job_minutes=job_minutes,
+                                  slurm_option=slurm_option, job_setup=job_setup)
+    config = _train_config(progress, **{name: value for name, value in locals().items() if name in TRAIN_OPTIONS})
+    if bundle_dir is not None:
+        from ContrastAmplifierCommon.outputs import check_output_folder
+
+        if not wait:
+            _fail("--bundle-dir exports once the folds are done, which --no-wait does not wait for: drop one of them "
+                  "(rerun with --bundle-dir and without --no-wait to wait and export, or use `export` later).", progress)
+
+        try:  # before any training: a bundle folder that cannot be written fails now, not after days
+            check_output_folder(bundle_dir, ["bundle.json"], inputs=[manifest, out_dir / "cache"], overwrite=True, what="bundle folder")
+        except ValueError as exc:
+            _fail(str(exc), progress)
     _set_threads(threads)
     cancel = CancelToken()
     _install_sigterm(cancel)
-    report = make_progress(progress)
-    config = _train_config(progress, **{name: value for name, value in locals().items() if name in TRAIN_OPTIONS})
+    report = make_progress(progress) if settings is None else None
     on_epoch = _epoch_reporter(fold_list if fold_list is not None else list(range(n_folds)), epochs, progress)
     try:
+        requested = requested_folds(fold_list, n_folds)
+        _refuse_folds_with_live_jobs(out_dir, requested, settings)
         cases = prepare_cases(manifest, out_dir / "cache", spacing=(spacing,) * 3, crop_size=tuple(crop),
                               simulate_low_dose=simulate_low_dose, skull_strip=skull_strip,
                               device="cpu" if config.resolved_device().type != "cuda" else "cuda",
                               progress=report, cancel=cancel)
-        results = fit_cases(cases, out_dir, folds=fold_list, n_folds=n_folds, split_seed=split_seed, config=config,
-                            simulate_low_dose=simulate_low_dose, source=str(manifest), progress=report,
-                            cancel=cancel, on_epoch=on_epoch, percentile_levels=clip_percentiles)
+        if settings is not None:
+            from .fold_job import FoldJob
+
+            cache_dir = manifest if manifest.is_dir() and any(manifest.glob("*.npz")) else out_dir / "cache"
+            job = FoldJob(str(out_dir.resolve()), str(cache_dir.resolve()), n_folds, split_seed, config, simulate_low_dose,
+                          str(manifest), (float(clip_percentiles[0]), float(clip_percentiles[1])), threads)
+            results = _fit_with_jobs(cases, manifest, out_dir, requested, settings, wait, progress, cancel, job)
+        else:
+            results = fit_cases(cases, out_dir, folds=fold_list, n_folds=n_folds, split_seed=split_seed, config=config,
+                                simulate_low_dose=simulate_low_dose, source=str(manifest), progress=report,
+                                cancel=cancel, on_epoch=on_epoch, percentile_levels=clip_percentiles)
     except Cancelled:
         getattr(report, "close", lambda: None)()
         _cancelled(progress)
@@ -300,7 +468,22 @@ def fit(
         getattr(report, "close", lambda: None)()
         _fail(str(exc), progress)
     getattr(report, "close", lambda: None)()
-    _finish_fit(results, out_dir, progress)
+    if results is None:  # --no-wait: the "submitted" line was the last
+        return
+    _finish_fit(results, out_dir, progress, _export_after_fit(out_dir, bundle_dir, bundle_name, progress))
+
+
+def _refuse_folds_with_live_jobs(out_dir: Path, folds: Sequence[int], settings: Any) -> None:
+    """The serial fit must not train a fold that a fold job is training (``fit --executor`` attaches instead)."""
+    if settings is not None:
+        return
+    from .fold_jobs import live_jobs
+
+    live = live_jobs(out_dir, folds)
+    if live:
+        raise ValueError(f"folds {sorted(live)} of {out_dir} are being trained by fold jobs ({', '.join(f'fold {k}: job {j}' for k, j in sorted(live.items()))}); "
+                         f"follow them with `contrast-amplifier-train status {out_dir}` or wait for them with the same "
+                         "command and --executor.")
 
 
 @app.command("fit-phantoms")
@@ -404,6 +587,41 @@ def export(
     except (BundleError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), "bar")
     typer.echo(f"wrote bundle {bundle.name!r} with folds {bundle.folds} to {bundle.path}")
+
+
+@app.command()
+def status(
+    run_dir: Path = typer.Argument(..., help="Run folder of fit (with or without --executor)."),
+    progress: str = typer.Option("bar", "--progress", help="bar or none (lines on stdout), or json (one JSON object per fold, then a done line)."),
+) -> None:
+    """Where each fold of a run stands: epochs done, last validation metrics, and its job (fit --executor)."""
+    from .fold_jobs import fold_job_status
+    from .run_status import FINISHED, has_run
+
+    if not has_run(run_dir):
+        _fail(f"{run_dir} holds no run (no plan.json): give the OUT_DIR of `contrast-amplifier-train fit`.", progress)
+    folds = fold_job_status(run_dir)
+    total = sum(f.epochs or f.progress.epochs or 0 for f in folds)
+    done = sum(min(f.progress.epochs_done, f.epochs or f.progress.epochs or 0) for f in folds)
+    finished = [f.progress.fold for f in folds if f.progress.state == FINISHED]
+    summary = f"{len(finished)}/{len(folds)} folds finished" + (f", {done}/{total} epochs" if total else "")
+    if any(f.record.get("executor") == "slurm" and f.job_state.startswith("unknown") for f in folds):
+        summary += " (no sacct here: SLURM job states unknown, progress read from the fold folders)"
+    for fold in folds:
+        p = fold.progress
+        if progress == "json":
+            _json_line({"stage": "fold", "fraction": round(p.epochs_done / fold.epochs, 4) if fold.epochs else 0.0,
+                        "message": fold.line(), "fold": p.fold, "epochs_done": p.epochs_done, "epochs": fold.epochs,
+                        "state": p.state, "train_loss": p.train_loss, "val_loss": p.val_loss, "val_psnr": p.val_psnr,
+                        "val_ssim": p.val_ssim, "executor": fold.record.get("executor"), "job_id": fold.record.get("job_id"),
+                        "job_state": fold.job_state or None, "attempts": len(fold.attempts), "log": fold.record.get("stderr")})
+        else:
+            typer.echo(fold.line())
+    if progress == "json":
+        _json_line({"stage": "done", "fraction": round(done / total, 4) if total else 0.0, "message": summary,
+                    "run_dir": str(run_dir), "finished": finished})
+    else:
+        typer.echo(summary)
 
 
 @app.command()

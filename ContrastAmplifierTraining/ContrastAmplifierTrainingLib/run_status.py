@@ -156,6 +156,24 @@ def _log_rows(path: Path) -> list[dict[str, str]]:
         return []
 
 
+def read_log_rows(folder: PathLike) -> list[dict[str, Any]]:
+    """The finished epochs of a fold's ``log.csv`` (folder ``fold_<K>``), numbers as numbers.
+
+    ``fold``, ``epoch`` and ``rollbacks`` are ints, the other columns floats (``None`` when empty);
+    rows without an epoch are skipped. Used to follow fold jobs that run in other processes.
+    """
+    rows = []
+    for raw in _log_rows(Path(folder) / LOG_FILE):
+        row: dict[str, Any] = {key: to_float(value) for key, value in raw.items()}
+        if row.get("epoch") is None:
+            continue
+        for key in ("fold", "epoch", "rollbacks"):
+            if row.get(key) is not None:
+                row[key] = int(row[key])
+        rows.append(row)
+    return rows
+
+
 def read_fold_status(folder: PathLike, fold: int) -> FoldStatus:
     """A fold's state from its ``log.csv`` (last row) and ``done.json``.
 

@@ -174,3 +174,52 @@ def test_malicious_checkpoint_through_the_cli_is_one_error_line(tmp_path, train_
     assert "Traceback" not in done.stderr and "Warning" not in done.stderr
     assert f"error: {checkpoint} was refused" in done.stderr and "delete the fold folder" in done.stderr
     assert not marker.exists()
+
+
+def test_fit_exports_with_bundle_dir_and_status_reads_the_run(tmp_path, train_cli, fold_weights):
+    """`fit --bundle-dir` exports once the folds are done (the bundle holds the folds' own weights), and
+    `status` reads each fold's epochs and last validation metrics back from the run folder."""
+    from safetensors.torch import load_file
+
+    cache, run, bundle_dir = tmp_path / "cache", tmp_path / "run", tmp_path / "bundle"
+    for case in toy_cohort(4, (16, 16, 16), seed=7):
+        save_cached_case(case, cache / f"{case.case_id}.npz")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(train_cli("fit", str(cache), str(run), "--n-folds", "2", "--epochs", "1", "--base-channels", "4",
+                                    "--levels", "2", "--device", "cpu", "--bundle-dir", str(bundle_dir), "--bundle-name", "toy-run",
+                                    "--progress", "json"), capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = json.loads(done.stdout.splitlines()[-1])
+    assert last["stage"] == "done" and last["bundle"] == str(bundle_dir) and last["folds"] == [0, 1]
+    bundle = load_bundle(bundle_dir)
+    assert bundle.name == "toy-run" and bundle.folds == [0, 1]
+    for fold in (0, 1):
+        ours, exported = fold_weights(run, fold), load_file(str(bundle_dir / f"fold{fold}.safetensors"))
+        assert ours.keys() == exported.keys() and all(np.array_equal(ours[k].numpy(), exported[k].numpy()) for k in ours)
+
+    status = subprocess.run(train_cli("status", str(run), "--progress", "json"), capture_output=True, text=True, timeout=120, env=env)
+    assert status.returncode == 0, status.stderr
+    events = [json.loads(line) for line in status.stdout.splitlines()]
+    logged = {k: (tmp_path / "run" / f"fold_{k}" / "log.csv").read_text(encoding="utf-8").splitlines() for k in (0, 1)}
+    for event in events[:-1]:
+        row = dict(zip(logged[event["fold"]][0].split(","), logged[event["fold"]][1].split(",")))
+        assert (event["state"], event["epochs_done"], event["epochs"], event["job_id"]) == ("finished", 1, 1, None)
+        assert event["val_psnr"] == pytest.approx(float(row["val_psnr"])) and event["val_loss"] == pytest.approx(float(row["val_loss"]))
+    assert [e["fold"] for e in events[:-1]] == [0, 1]
+    assert events[-1] == {"stage": "done", "fraction": 1.0, "message": "2/2 folds finished, 2/2 epochs", "run_dir": str(run),
+                          "finished": [0, 1]}
+
+
+def test_fit_refuses_a_bundle_dir_it_cannot_write_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from ContrastAmplifierTrainingLib import cli
+
+    cache = tmp_path / "cache"
+    for case in toy_cohort(4, (16, 16, 16), seed=7):
+        save_cached_case(case, cache / f"{case.case_id}.npz")
+    (tmp_path / "a-file").write_text("x", encoding="utf-8")
+    done = CliRunner().invoke(cli.app, ["fit", str(cache), str(tmp_path / "run"), "--epochs", "1", "--base-channels", "4",
+                                        "--levels", "2", "--device", "cpu", "--bundle-dir", str(tmp_path / "a-file" / "bundle")])
+    assert done.exit_code == 2 and "a-file" in done.output and "is a file" in done.output, done.output
+    assert not (tmp_path / "run").exists()

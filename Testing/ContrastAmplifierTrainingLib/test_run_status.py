@@ -24,6 +24,7 @@ from ContrastAmplifierTrainingLib.run_status import (
     fold_dir,
     fold_of_dir,
     has_run,
+    read_log_rows,
     read_run_status,
     run_folder_signature,
 )
@@ -101,6 +102,17 @@ def test_status_of_a_real_run_folder(real_run):
     assert (stopped.state, stopped.epochs, stopped.epochs_done) == (STOPPED, 0, 1)
     assert stopped.train_loss == pytest.approx([r for r in rows if r["fold"] == 1][-1]["train_loss"], rel=1e-5)
     assert waiting == FoldStatus(2)
+
+
+def test_log_rows_come_back_as_the_trainer_reported_them(real_run, tmp_path):
+    """read_log_rows (what `fit --executor` follows jobs by): every finished epoch, numbers parsed."""
+    run, rows, _ = real_run
+    for fold in (0, 1):
+        logged = read_log_rows(fold_dir(run, fold))
+        reported = [r for r in rows if r["fold"] == fold]
+        assert [(r["fold"], r["epoch"], r["rollbacks"]) for r in logged] == [(fold, r["epoch"], 0) for r in reported]
+        assert all(type(r["epoch"]) is int and r["val_psnr"] == pytest.approx(t["val_psnr"], rel=1e-5) for r, t in zip(logged, reported))
+    assert read_log_rows(fold_dir(run, 2)) == [] and read_log_rows(tmp_path / "nowhere") == []
 
 
 def test_a_resumed_monitor_starts_from_the_folder(real_run):
