@@ -28,7 +28,7 @@ import vtk
 from slicer.util import VTKObservationMixin
 
 from ContrastAmplifierCommon import process
-from ContrastAmplifierCommon.dependencies import ensure_dependencies
+from ContrastAmplifierCommon.dependencies import ensure_dependencies, offer_optional_dependencies
 from ContrastAmplifierCommon.slicer_compat import IN_SLICER_APP as HAS_SLICER_APP
 from ContrastAmplifierCommon.slicer_compat import (
     Choice,
@@ -179,6 +179,9 @@ class ContrastAmplifierParameterNode:
     Quality - Quick / Balanced / Paper (QUALITY_PRESETS).
     Device - auto, cpu or cuda.
     Precision - auto, exact (fp32) or fast (bf16).
+    Backend - runtime of HD-BET and the ensemble on the CPU: auto (OpenVINO when installed, else PyTorch;
+              PyTorch on a GPU), torch or openvino (CPU only). OpenVINO is optional: Apply offers to
+              install it (:meth:`ContrastAmplifierLogic.ensureOptionalDependencies`).
     SkullStripMode - HD-BET fast or accurate.
     QualityControl - Preprocess (QC) writes and shows qc.png.
     DicomOutputFolder - where Apply also writes T1c-pro as a DICOM series: each Apply makes a new
@@ -201,6 +204,7 @@ class ContrastAmplifierParameterNode:
     Quality: Annotated[str, Choice(QUALITY_LABELS)] = "Paper"
     Device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     Precision: Annotated[str, Choice(["auto", "exact", "fast"])] = "auto"
+    Backend: Annotated[str, Choice(["auto", "torch", "openvino"])] = "auto"
     SkullStripMode: Annotated[str, Choice(["fast", "accurate"])] = "fast"
     QualityControl: bool = True
     DicomOutputFolder: Path
@@ -222,6 +226,7 @@ class BackgroundJob:
         outDir: where the command writes its results.
         referenceName: name of the T1c node, used to name the loaded results.
         results: nodes loaded by :meth:`ContrastAmplifierLogic.loadPreprocessResults`.
+        backend: the runtime the child uses on the CPU ("torch" or "openvino"; :meth:`ContrastAmplifierLogic.resolveBackend`).
     """
 
     process: process.BackgroundProcess
@@ -229,6 +234,7 @@ class BackgroundJob:
     outDir: Path
     referenceName: str
     results: Dict[str, object] = field(default_factory=dict)
+    backend: str = "torch"
 
 
 @dataclass
@@ -350,6 +356,10 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
     #: Devices of amplification (resolved by the command line itself).
     PREDICT_DEVICES = ("auto", "cpu", "cuda", "mps")
     PRECISIONS = ("auto", "exact", "fast")
+    #: Runtimes of HD-BET and the ensemble (the command line's ``--backend``); OpenVINO is an optional package.
+    BACKENDS = ("auto", "torch", "openvino")
+    #: Settings key (Slicer's QSettings) remembering that the user declined the optional OpenVINO install.
+    DECLINED_OPENVINO_SETTING = "ContrastAmplifier/DeclinedOpenVINO"
     SKULL_STRIP_MODES = ("fast", "accurate")
     MIRRORINGS = (1, 2, 4, 8)
     #: Suffix of the result node's name: "<T1c name> T1c-pro".
@@ -363,6 +373,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         #: Asks the user before installing packages; the widget sets a dialog, batch mode logs and installs.
         self.confirmInstall: Optional[Callable[[str], bool]] = None
+        self._declined = False  # the optional OpenVINO install was declined (without Qt settings to keep it in)
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -416,20 +427,118 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             seen[node_id] = label
 
     def ensureDependencies(self) -> None:
-        """Install missing Python packages on first use (asks through :attr:`confirmInstall`)."""
+        """Install missing Python packages on first use (asks through :attr:`confirmInstall`); the optional
+        OpenVINO is offered after them (:meth:`ensureOptionalDependencies`)."""
         ensure_dependencies(confirm=self.confirmInstall, module_title="Contrast Amplifier")
+
+    # -- the CPU runtime (PyTorch or the optional OpenVINO) -------------------------------------
+
+    @staticmethod
+    def openvinoInstalled() -> bool:
+        """Whether the ``openvino`` package is installed in this Python (looked up, not imported: cheap)."""
+        import importlib.util
+
+        try:
+            return importlib.util.find_spec("openvino") is not None
+        except (ImportError, ValueError):
+            return False
+
+    def resolveBackend(self, backend: str = "auto", device: str = "auto") -> str:
+        """The runtime (``"torch"`` or ``"openvino"``) the command line picks for ``backend`` on ``device``:
+        ``auto`` is OpenVINO on the CPU when it is installed, PyTorch otherwise and on a GPU.
+
+        Raises:
+            ValueError: an unknown backend, or OpenVINO with a GPU device (named in the message).
+        """
+        if backend not in self.BACKENDS:
+            raise ValueError(_("Backend must be one of {choices} (got {value!r}).").format(
+                choices=", ".join(self.BACKENDS), value=backend))
+        gpu = self._onGpu(device)
+        if backend == "openvino" and gpu:
+            raise ValueError(_("OpenVINO runs on the CPU only: choose Device cpu, or Backend auto or torch for the "
+                               "GPU."))
+        if backend == "auto":
+            return "openvino" if not gpu and self.openvinoInstalled() else "torch"
+        return backend
+
+    def backendSummary(self, backend: str = "auto", device: str = "auto") -> str:
+        """One line for the panel: which runtime runs skull stripping and the network, and why."""
+        try:
+            runtime = self.resolveBackend(backend, device)
+        except ValueError as exc:
+            return str(exc)
+        if backend == "openvino" and not self.openvinoInstalled():
+            return _("OpenVINO is not installed: Apply offers to install it (or choose auto or torch).")
+        if runtime == "openvino":
+            return _("OpenVINO on the CPU.") if backend == "openvino" else _("auto: OpenVINO on the CPU (installed).")
+        if backend == "torch":
+            return _("PyTorch.")
+        if self._onGpu(device):
+            return _("auto: PyTorch (on a GPU).")
+        return _("auto: PyTorch (OpenVINO, optional and faster on the CPU, is not installed: Apply offers it).")
+
+    def ensureOptionalDependencies(self, backend: str = "auto", device: str = "auto") -> None:
+        """Offer to install OpenVINO (optional) when ``backend`` would use it and it is missing.
+
+        ``auto`` never fails for it: a declined (remembered, not asked again) or failed install keeps
+        PyTorch. ``openvino`` asks every time and raises when it is still missing afterwards.
+
+        Raises:
+            ValueError: ``backend`` is "openvino" and OpenVINO could not be installed (names the fix).
+        """
+        self.resolveBackend(backend, device)  # an unknown backend, or OpenVINO on a GPU: refused here
+        if backend == "torch" or self.openvinoInstalled():
+            return
+        if backend == "auto" and (self._onGpu(device) or self._declinedOpenVINO()):
+            return
+        asked = []
+
+        def confirm(message: str) -> bool:
+            asked.append(message)
+            return self.confirmInstall(message) if self.confirmInstall is not None else True
+
+        installed = offer_optional_dependencies(confirm=confirm, module_title="Contrast Amplifier")
+        if not installed and not self.openvinoInstalled():
+            if asked and backend == "auto":
+                self._declinedOpenVINO(remember=True)
+            if backend == "openvino":
+                raise ValueError(_("Backend openvino needs the OpenVINO package, which is not installed (declined or "
+                                   "failed: see the log). Choose Backend auto or torch, or install it from the Python "
+                                   "console with slicer.util.pip_install('openvino')."))
+
+    def _onGpu(self, device: str) -> bool:
+        return device == "mps" or self.resolvePreprocessDevice(device) == "cuda"
+
+    def _declinedOpenVINO(self, remember: bool = False) -> bool:
+        """Whether the user declined the optional OpenVINO install (kept in Slicer's settings; ``remember``
+        records it). Without Qt (batch, tests) it is remembered for this Logic only."""
+        try:
+            import qt
+
+            settings = qt.QSettings()
+        except (ImportError, AttributeError):
+            settings = None
+        if remember:
+            self._declined = True
+            if settings is not None:
+                settings.setValue(self.DECLINED_OPENVINO_SETTING, True)
+            return True
+        if settings is not None and str(settings.value(self.DECLINED_OPENVINO_SETTING, False)).lower() == "true":
+            return True
+        return self._declined
 
     # -- preprocessing -----------------------------------------------------------------------
 
     def preprocessCommand(self, caseDir: Path, outDir: Path, device: str = "cpu", skullStripMode: str = "fast",
                           qualityControl: bool = True, spacing: Optional[float] = None,
-                          crop: Optional[Sequence[int]] = None, model: Optional[str] = None) -> List[str]:
+                          crop: Optional[Sequence[int]] = None, model: Optional[str] = None,
+                          backend: str = "auto") -> List[str]:
         """The ``contrast-amplifier preprocess`` command line run in the child process.
 
         ``model`` (registry name or bundle folder) preprocesses with that bundle's spacing, crop
         and clip percentiles (``--model``), i.e. what Apply feeds its network. Without it,
         ``spacing`` (mm) and ``crop`` (voxels, x y z) override the paper's 1 mm, 160 x 192 x 160
-        geometry (coarse values make quick checks).
+        geometry (coarse values make quick checks). ``backend``: HD-BET's runtime (``--backend``).
 
         Raises:
             ValueError: an invalid setting, or ``model`` together with ``spacing``/``crop`` (named in the message).
@@ -444,8 +553,9 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         if skullStripMode not in self.SKULL_STRIP_MODES:
             raise ValueError(_("Skull-strip mode must be one of {choices} (got {value!r}).").format(
                 choices=", ".join(self.SKULL_STRIP_MODES), value=skullStripMode))
+        self.resolveBackend(backend, device)
         args: List[object] = ["preprocess", caseDir, outDir, "--device", device, "--skull-strip", skullStripMode,
-                              "--progress", "json"]
+                              "--backend", backend, "--progress", "json"]
         if qualityControl:
             args.append("--qc")
         if spacing is not None:
@@ -461,10 +571,12 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
     def startPreprocess(self, t1, flair, adc, t1c, device: str = "cpu", skullStripMode: str = "fast",
                         qualityControl: bool = True, workDir: Optional[Path] = None,
                         installDependencies: bool = True, spacing: Optional[float] = None,
-                        crop: Optional[Sequence[int]] = None, model: Optional[str] = None) -> BackgroundJob:
+                        crop: Optional[Sequence[int]] = None, model: Optional[str] = None,
+                        backend: str = "auto") -> BackgroundJob:
         """Export the inputs and start preprocessing in a child process; returns at once.
 
         ``model``: preprocess with that bundle's geometry (see :meth:`preprocessCommand`).
+        ``backend``: HD-BET's runtime (auto, torch, openvino; see :meth:`resolveBackend`).
         Poll ``job.process`` (``poll()``/``running``), then call :meth:`loadPreprocessResults`.
         When the child cannot be started, the exported images are deleted before the error is raised.
         """
@@ -473,19 +585,21 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         self.validateInputs(nodes)
         if installDependencies:
             self.ensureDependencies()
+            self.ensureOptionalDependencies(backend, device)
+        runtime = self.resolveBackend(backend, device)
         folder = Path(workDir) if workDir is not None else bridge.ExchangeFolder.create(parent=self._temporaryParent()).path
         outDir = folder / "preprocessed"
         try:  # exported patient images never outlive a child that did not start
             bridge.export_volume_nodes(nodes, folder / "case", suffix=".nrrd")
             command = self.preprocessCommand(folder / "case", outDir, device, skullStripMode, qualityControl, spacing,
-                                             crop, model=model)
+                                             crop, model=model, backend=backend)
             logging.info("Contrast Amplifier: running %s", " ".join(command))
             env = process.child_environment(self._childEnv(self.resolvePreprocessDevice(device)))
             child = process.BackgroundProcess(command, env=env).start()
         except BaseException:
             bridge.ExchangeFolder(folder).cleanup()
             raise
-        return BackgroundJob(process=child, workDir=folder, outDir=outDir, referenceName=t1c.GetName())
+        return BackgroundJob(process=child, workDir=folder, outDir=outDir, referenceName=t1c.GetName(), backend=runtime)
 
     def startPreprocessFromParameters(self, parameterNode=None, **options) -> BackgroundJob:
         """:meth:`startPreprocess` with the panel's choices (Preprocess (QC)); ``options`` go to it."""
@@ -494,7 +608,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         return self.startPreprocess(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"], device=parameters.Device,
                                     skullStripMode=parameters.SkullStripMode,
                                     qualityControl=parameters.QualityControl, model=parameters.Model or None,
-                                    **options)
+                                    backend=parameters.Backend, **options)
 
     def loadPreprocessResults(self, job: BackgroundJob) -> Dict[str, object]:
         """Load the preprocessed volumes of a finished job as nodes named ``"<T1c> preprocessed <modality>"``.
@@ -531,10 +645,11 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                    qualityControl: bool = True, progressCallback: Optional[Callable[[process.ProgressEvent], None]] = None,
                    timeout: Optional[float] = None, spacing: Optional[float] = None,
                    crop: Optional[Sequence[int]] = None, keepFiles: bool = False,
-                   model: Optional[str] = None) -> Dict[str, object]:
+                   model: Optional[str] = None, backend: str = "auto") -> Dict[str, object]:
         """Synchronous preprocessing (batch mode): export, run, wait, load; returns the new nodes.
 
-        ``model``: preprocess with that bundle's geometry (see :meth:`preprocessCommand`).
+        ``model``: preprocess with that bundle's geometry (see :meth:`preprocessCommand`); ``backend``:
+        HD-BET's runtime (:meth:`resolveBackend`).
 
         With ``keepFiles`` the exchange folder (inputs, outputs, transforms, ``qc.png``) is kept
         and its path is in each result node's ``ContrastAmplifier.Folder`` attribute; otherwise
@@ -545,7 +660,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             process.ProcessError: the command line failed; the message is its own error text.
         """
         job = self.startPreprocess(t1, flair, adc, t1c, device, skullStripMode, qualityControl,
-                                   spacing=spacing, crop=crop, model=model)
+                                   spacing=spacing, crop=crop, model=model, backend=backend)
         if progressCallback is not None:
             job.process.on_progress = progressCallback
         try:
@@ -750,7 +865,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                        folds: Optional[Sequence[int]] = None, flips: int = 8, device: str = "auto",
                        precision: str = "auto", brainMask: Optional[Path] = None,
                        threads: Optional[int] = None, dicomOutput: Optional[Path] = None,
-                       t1cDicom: Optional[Path] = None, sendTo: Optional[str] = None) -> List[str]:
+                       t1cDicom: Optional[Path] = None, sendTo: Optional[str] = None,
+                       backend: str = "auto") -> List[str]:
         """The ``contrast-amplifier predict ... --progress json`` command line run in the child process.
 
         Args:
@@ -768,6 +884,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                 T1c's study; without it the series makes a new de-identified study. Needs ``dicomOutput``.
             sendTo: send the series to this PACS after writing it (``--send``): a URL or an endpoint name
                 of the PACS configuration file. Needs ``dicomOutput``.
+            backend: runtime of HD-BET and the ensemble (``--backend``): auto, torch or openvino (CPU only).
 
         Raises:
             ValueError: an input file is missing or a setting is invalid (named in the message).
@@ -786,6 +903,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         if int(flips) not in self.MIRRORINGS:
             raise ValueError(_("Mirrorings must be one of {choices} (got {value}).").format(
                 choices=", ".join(map(str, self.MIRRORINGS)), value=flips))
+        self.resolveBackend(backend, device)
         args: List[object] = ["predict"]
         for stem in self.INPUTS:
             if stem not in inputs:
@@ -797,7 +915,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             args += ["--model", model]
         for fold in folds or ():
             args += ["--folds", int(fold)]
-        args += ["--flips", int(flips), "--device", device, "--precision", precision]
+        args += ["--flips", int(flips), "--device", device, "--precision", precision, "--backend", backend]
         if brainMask is not None:
             args += ["--brain-mask", brainMask]
         if threads is not None:
@@ -969,7 +1087,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                      folds: Optional[Sequence[int]] = None, flips: Optional[int] = None,
                      threads: Optional[int] = None, workDir: Optional[Path] = None,
                      installDependencies: bool = True, showResult: bool = True, dicomOutput: Optional[Path] = None,
-                     sendTo: Optional[str] = None, importToDatabase: bool = False) -> AmplifyJob:
+                     sendTo: Optional[str] = None, importToDatabase: bool = False, backend: str = "auto") -> AmplifyJob:
         """Export the inputs and start ``contrast-amplifier predict`` in a child process; returns at once.
 
         Poll with :meth:`pollAmplify` (e.g. from a ``qt.QTimer``) until it returns True. No
@@ -981,7 +1099,9 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         DICOM database (:meth:`copyT1cDicom`), else in a new de-identified study. ``sendTo`` (a
         PACS URL or endpoint name) sends that series; without ``dicomOutput`` it is written into the
         exchange folder only to be sent. ``importToDatabase`` adds the ``dicomOutput`` series to
-        Slicer's DICOM database after success (:meth:`importDicomSeries`).
+        Slicer's DICOM database after success (:meth:`importDicomSeries`). ``backend`` (auto, torch,
+        openvino) is the runtime of HD-BET and the ensemble; the optional OpenVINO is offered first
+        where it would be used (:meth:`ensureOptionalDependencies`).
 
         Raises:
             ValueError: a missing, duplicate or mismatched input, or an invalid setting (named).
@@ -995,6 +1115,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                                "volume in T1c-pro output.").format(name=output.GetName()))
         if installDependencies:
             self.ensureDependencies()
+            self.ensureOptionalDependencies(backend, device)
+        runtime = self.resolveBackend(backend, device)
         chosenFolds, chosenFlips = self.ensembleChoice(quality, model, folds, flips)
         dicomFolder = self.dicomFolder(dicomOutput)
         sendTo = (sendTo or "").strip() or None
@@ -1017,7 +1139,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                                  t1cDicomNote)
             command = self.predictCommand(files, outputPath, model=model or None, folds=chosenFolds, flips=chosenFlips,
                                           device=device, precision=precision, brainMask=maskFile, threads=threads,
-                                          dicomOutput=seriesFolder, t1cDicom=t1cDicom, sendTo=sendTo)
+                                          dicomOutput=seriesFolder, t1cDicom=t1cDicom, sendTo=sendTo, backend=backend)
             logging.info("Contrast Amplifier: running %s", " ".join(command))
             child = process.BackgroundProcess(command, env=process.child_environment(self._childEnv(device))).start()
         except BaseException:
@@ -1026,7 +1148,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         return AmplifyJob(process=child, workDir=folder, outDir=outputPath.parent, referenceName=t1c.GetName(),
                           outputPath=outputPath, t1cNode=t1c, outputNode=output, command=command, showResult=showResult,
                           dicomOutput=seriesFolder, keepDicom=dicomFolder is not None, sendTo=sendTo, t1cDicom=t1cDicom,
-                          t1cDicomNote=t1cDicomNote, importToDatabase=importToDatabase and dicomFolder is not None)
+                          t1cDicomNote=t1cDicomNote, importToDatabase=importToDatabase and dicomFolder is not None,
+                          backend=runtime)
 
     def startAmplifyFromParameters(self, parameterNode=None, **options) -> AmplifyJob:
         """:meth:`startAmplify` with the panel's choices (what Apply runs); ``options`` go to it.
@@ -1051,7 +1174,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         return self.startAmplify(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"],
                                  output=parameters.OutputVolume, model=parameters.Model or None,
                                  quality=parameters.Quality, device=parameters.Device, precision=parameters.Precision,
-                                 brainMask=parameters.InputBrainMask, **options)
+                                 brainMask=parameters.InputBrainMask, backend=parameters.Backend, **options)
 
     def finishAmplify(self, job: AmplifyJob, parameterNode=None):
         """The end of an Apply: load the result (:meth:`pollAmplify`), then reset the output choice.
@@ -1167,7 +1290,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                 folds: Optional[Sequence[int]] = None, flips: Optional[int] = None, threads: Optional[int] = None,
                 cancel=None, timeout: Optional[float] = None, installDependencies: bool = True,
                 showResult: bool = True, dicomOutput: Optional[Path] = None, sendTo: Optional[str] = None,
-                importToDatabase: bool = False):
+                importToDatabase: bool = False, backend: str = "auto"):
         """Amplify the contrast of one case: T1, T2-FLAIR, ADC and T1c nodes in, T1c-pro node out.
 
         Runs ``contrast-amplifier predict`` in a child process (Slicer's GUI and Python stay
@@ -1198,6 +1321,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             sendTo: send the series to this PACS (URL or endpoint name of the PACS configuration file);
                 without ``dicomOutput`` the series is written to the exchange folder only to be sent.
             importToDatabase: add the ``dicomOutput`` series to Slicer's DICOM database (where there is one).
+            backend: runtime of HD-BET and the ensemble: auto (OpenVINO on the CPU when installed), torch
+                or openvino (:meth:`resolveBackend`).
 
         Returns:
             The T1c-pro volume node (synchronous) or the :class:`AmplifyJob` (asynchronous).
@@ -1213,7 +1338,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         job = self.startAmplify(t1, flair, adc, t1c, output=output, model=model, quality=quality, device=device,
                                 precision=precision, brainMask=brainMask, folds=folds, flips=flips, threads=threads,
                                 installDependencies=installDependencies, showResult=showResult, dicomOutput=dicomOutput,
-                                sendTo=sendTo, importToDatabase=importToDatabase)
+                                sendTo=sendTo, importToDatabase=importToDatabase, backend=backend)
         job.process.on_progress = progress
         if not synchronous:
             return job
@@ -1599,6 +1724,8 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.qualityInfoLabel.text = preset.summary
         except ValueError as exc:
             self.ui.qualityInfoLabel.text = str(exc)
+        self.ui.backendInfoLabel.text = self.logic.backendSummary(pn.Backend if pn is not None else "auto",
+                                                                  pn.Device if pn is not None else "auto")
 
     def _missingInputs(self) -> List[str]:
         pn = self._parameterNode
@@ -1649,7 +1776,7 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         try:
             with slicer.util.tryWithErrorDisplay(_("Contrast amplification could not start."), waitCursor=True):
                 self._job = self.logic.startAmplifyFromParameters(self._parameterNode)
-                self._startProgress(_("Amplification started..."))
+                self._startProgress(self._startedText(_("Amplification started"), self._job))
         except Exception as exc:  # already shown to the user by tryWithErrorDisplay
             self.ui.statusLabel.text = _("Not started: {error}").format(error=exc)
         finally:
@@ -1687,7 +1814,7 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             with slicer.util.tryWithErrorDisplay(_("Preprocessing could not start."), waitCursor=True):
                 self._job = self.logic.startPreprocessFromParameters(self._parameterNode)
                 self.ui.qcImageLabel.clear()
-                self._startProgress(_("Preprocessing started..."))
+                self._startProgress(self._startedText(_("Preprocessing started"), self._job))
         except Exception as exc:  # already shown to the user by tryWithErrorDisplay
             self.ui.statusLabel.text = _("Not started: {error}").format(error=exc)
         finally:
@@ -1711,6 +1838,11 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.statusLabel.text = _("Failed: {error}").format(error=exc)
 
     # -- shared: progress polling --------------------------------------------------------------
+
+    @staticmethod
+    def _startedText(started: str, job: BackgroundJob) -> str:
+        runtime = _("OpenVINO") if job.backend == "openvino" else _("PyTorch")
+        return _("{started} ({runtime})...").format(started=started, runtime=runtime)
 
     def _startProgress(self, text: str) -> None:
         self._warnings = []  # plausibility warnings of this run, shown when it ends

@@ -8,10 +8,23 @@ Each configuration runs in its own child process so that its peak RAM (``ru_maxr
 * ``compiled``: ``exact`` with each fold model through ``torch.compile`` (Inductor, frozen
   weights); the first fold's compilation happens in the untimed warm-up and is reported as
   ``warmup_seconds``, further folds compile inside the timed run (as in a real case);
-* ``fast``: the same as ``exact`` with bf16 autocast (documented error, see README).
+* ``fast``: the same as ``exact`` with bf16 autocast (documented error, see README);
+* ``ov-exact``, ``ov-fast``, ``ov-int8``: the OpenVINO backend (what ``--backend auto`` runs on a
+  CPU with ``openvino`` installed) in f32, bf16 (f32 where the CPU has no BF16) and int8 (NNCF,
+  :mod:`.openvino_int8`). Each fold's conversion (and quantisation) is cached on first use: a
+  separate child process does it first ("first use", untimed, its own peak RAM), so the timed
+  run is what every later case costs. int8 calibrates a random-weights network on synthetic
+  volumes (:data:`SYNTHETIC_CALIBRATION_SEEDS`; the timed input is seed 0) and a bundle on its
+  phantoms, where its accuracy rule gives the verdict.
 
 Networks: the paper-size UNet (base 16, 4 levels, random weights) at 160 x 192 x 160, and the
 shipped demo bundle's real weights at its own crop size (the accuracy of ``fast`` is judged there).
+
+Issue 18's targets (:data:`TARGETS`, :func:`target_rows`): ``--precision exact``, ``fast`` and
+``int8`` as ``--backend auto`` runs them on the CPU (OpenVINO when installed) against naive, at
+the paper size with 1 fold x 8 mirrorings; the max difference is the worse of the paper-size
+and the bundle's; int8's accuracy is its rule's verdict on the bundle; peak RAM is the largest
+``VmHWM`` of the timed runs.
 
 ``device="cuda"`` runs the same three modes on the GPU: naive is fp32, default memory format, one
 mirroring per forward pass; exact and fast batch the 8 mirrorings of a fold into one pass
@@ -29,12 +42,30 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 PAPER_SHAPE_ZYX = (160, 192, 160)
+#: Every mode: ``(backend, precision, torch.compile)``; ``naive`` is the baseline (module docstring).
+MODES: dict[str, Optional[tuple[str, str, bool]]] = {
+    "naive": None,
+    "exact": ("torch", "exact", False),
+    "compiled": ("torch", "exact", True),
+    "fast": ("torch", "fast", False),
+    "ov-exact": ("openvino", "exact", False),
+    "ov-fast": ("openvino", "fast", False),
+    "ov-int8": ("openvino", "int8", False),
+}
+#: Issue 18's CPU targets per precision: (least speed-up vs naive, largest max |diff| vs naive or,
+#: for int8, ``None``: its accuracy rule instead).
+TARGETS: dict[str, tuple[float, Optional[float]]] = {"exact": (2.5, 1e-5), "fast": (3.5, 5e-3), "int8": (5.0, None)}
+PEAK_RAM_TARGET_MB = 4000.0
+#: Synthetic calibration volumes of ``ov-int8`` on a random-weights network (the timed input is seed 0).
+SYNTHETIC_CALIBRATION_SEEDS = (1, 2)
 
 
 def _input_volume(shape_zyx: Sequence[int], channels: int, seed: int = 0) -> np.ndarray:
@@ -86,16 +117,49 @@ def _naive(models, x: np.ndarray, n_mirrorings: int, device: str = "cpu") -> np.
     return total / (len(models) * n_mirrorings)
 
 
+def _synthetic_inputs(shape_zyx: Sequence[int], channels: int) -> list[np.ndarray]:
+    return [_input_volume(shape_zyx, channels, seed) for seed in SYNTHETIC_CALIBRATION_SEEDS]
+
+
+def _settings(spec: dict, models, channels: int) -> tuple[Any, Optional[dict]]:
+    """The mode's inference settings (explicit: no auto), and for ``ov-int8`` with a bundle its verdict."""
+    from .ensemble import InferenceSettings
+
+    mode = MODES[spec["mode"]]
+    assert mode is not None
+    backend, precision, compiled = mode
+    settings = InferenceSettings.create(spec.get("device", "cpu"), precision, compile=compiled, backend=backend)
+    if precision != "int8":
+        return settings, None
+    from . import openvino_int8
+
+    if spec.get("bundle") and spec.get("int8_check", True):
+        from .bundle import load_bundle
+
+        bundle = load_bundle(spec["bundle"])
+        settings = replace(settings, calibration=openvino_int8.bundle_calibration(bundle))
+        return settings, asdict(openvino_int8.accept_int8(bundle, models, spec["mirrorings"], settings))
+    shape = [int(s) for s in spec["shape_zyx"]]
+    identity = {"kind": "synthetic", "seeds": list(SYNTHETIC_CALIBRATION_SEEDS), "shape_zyx": shape, "channels": channels}
+    return replace(settings, calibration=openvino_int8.CalibrationSet(identity, partial(_synthetic_inputs, shape, channels))), None
+
+
 def worker(spec: dict) -> dict:
-    """Run one configuration (in the current process) and return timing and peak RAM."""
+    """Run one configuration (in the current process) and return timing and peak RAM.
+
+    ``spec["prepare"]``: only an OpenVINO mode's first use (every fold converted, and quantised,
+    into the cache), timed as a whole.
+    """
     import torch
 
-    from .ensemble import InferenceSettings, configure_cpu_threads, predict_ensemble
+    from .ensemble import configure_cpu_threads, predict_ensemble
 
+    started = time.perf_counter()
     models, channels = _models(spec)
     x = _input_volume(spec["shape_zyx"], channels)
     device = spec.get("device", "cpu")
     cuda = device.startswith("cuda")
+    verdict = None
     # One untimed run first: one-time costs (allocator, kernel selection, CUDA context) are not per case.
     if spec["mode"] == "naive":
         torch.set_num_threads(spec["threads"])  # torch's default is the core count as well
@@ -105,8 +169,11 @@ def worker(spec: dict) -> dict:
             return _naive(models, x, spec["mirrorings"], device)
     else:
         configure_cpu_threads(spec["threads"])
-        compiled = spec["mode"] == "compiled"
-        settings = InferenceSettings.create(device, "exact" if compiled else spec["mode"], compile=compiled)  # explicit: no auto
+        settings, verdict = _settings(spec, models, channels)
+        if spec.get("prepare"):
+            predict_ensemble(models, x, 1, settings)
+            return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+                    **({"int8_verdict": verdict} if verdict is not None else {})}
         # On CUDA the warm-up uses the timed batch shape (cuDNN picks kernels per shape).
         warm = time.perf_counter()
         predict_ensemble(models[:1], x, spec["mirrorings"] if cuda else 1, settings)
@@ -125,6 +192,8 @@ def worker(spec: dict) -> dict:
     row = {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "predictions": len(models) * spec["mirrorings"]}
     if "warmup_seconds" in spec:
         row["warmup_seconds"] = spec["warmup_seconds"]
+    if verdict is not None:
+        row["int8_verdict"] = verdict
     if cuda:
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
@@ -154,14 +223,79 @@ def _run_child(spec: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _measure(spec: dict) -> dict:
+    """One timed child; an OpenVINO mode's first use (conversion, quantisation) runs in a child before it."""
+    first = _run_child({**spec, "prepare": True, "save": None}) if spec["mode"].startswith("ov-") else None
+    row = _run_child(spec)
+    if first is not None:
+        row["first_use_seconds"] = first["seconds"]
+        row["first_use_peak_rss_mb"] = first["peak_rss_mb"]
+    return row
+
+
+def torch_cpu_bf16() -> bool:
+    """Whether PyTorch's oneDNN has bf16 kernels on this CPU (AVX-512 BF16 or AMX); without them bf16 is emulated."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # an older or a different build: assume it has
+        return True
+
+
+def available_modes(device: str = "cpu") -> tuple[str, ...]:
+    """Every mode worth running here: torch's ``fast`` on the CPU only with oneDNN bf16 (emulated, it
+    ran over 9 minutes for 8 predictions at 160 x 192 x 160 on an AVX2 CPU, 15x fp32, and was
+    stopped); the OpenVINO ones on the CPU with ``openvino`` (int8: and ``nncf``)."""
+    modes = ["naive", "exact", "compiled"] + (["fast"] if device != "cpu" or torch_cpu_bf16() else [])
+    if device == "cpu":
+        from . import openvino_backend
+
+        if openvino_backend.available():
+            modes += ["ov-exact", "ov-fast"]
+            try:
+                from .openvino_int8 import require_nncf
+
+                require_nncf()
+                modes.append("ov-int8")
+            except ValueError:
+                pass
+    return tuple(modes)
+
+
+def _note(row: dict) -> str:
+    notes = []
+    if "warmup_seconds" in row and row["mode"] == "compiled":
+        notes.append(f"compiling fold 1 took {row['warmup_seconds']:.1f} s, untimed")
+    if "first_use_seconds" in row:
+        notes.append(f"first use {row['first_use_seconds']:.1f} s (peak RAM {row['first_use_peak_rss_mb']:.0f} MB), untimed, cached")
+    return f"  ({'; '.join(notes)})" if notes else ""
+
+
 def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Path] = None,
                         shape_zyx: Sequence[int] = PAPER_SHAPE_ZYX, paper_predictions: Sequence[int] = (1, 8, 40),
-                        device: str = "cpu") -> dict:
-    """Print and return the inference benchmark (see module docstring)."""
+                        device: str = "cpu", modes: Optional[Sequence[str]] = None, int8_check: bool = True) -> dict:
+    """Print and return the inference benchmark and its targets (see module docstring).
+
+    ``modes``: a subset of :data:`MODES` (``naive`` is always run; default :func:`available_modes`);
+    ``int8_check``: ``ov-int8`` on the bundle runs its accuracy rule (calibration and check on
+    phantoms on first use, minutes); off: synthetic calibration, no verdict.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-inference-", dir=out_dir))
-    results: dict[str, object] = {"threads": threads, "shape_zyx": list(shape_zyx), "device": device}
+    if modes is None and "fast" not in available_modes(device):
+        print("(torch's fast mode skipped: oneDNN has no bf16 kernels on this CPU; emulated bf16 is many times slower "
+              "than fp32, and --precision auto keeps fp32 on the CPU)")
+    modes = ("naive", *[m for m in (modes or available_modes(device)) if m != "naive"])
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown bench modes {unknown}: use {', '.join(MODES)}")
+    results: dict[str, Any] = {"threads": threads, "shape_zyx": list(shape_zyx), "device": device, "modes": list(modes)}
+    if any(m.startswith("ov-") for m in modes):
+        from .openvino_backend import supports_bf16
+
+        results["openvino_bf16"] = supports_bf16()
     where = f"{threads} threads" if device == "cpu" else device
     print(f"\ninference, paper-size UNet (base 16, 4 levels, random weights) at {'x'.join(map(str, shape_zyx[::-1]))}, {where}")
 
@@ -174,10 +308,9 @@ def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Pa
         return f"peak RAM {row['peak_rss_mb']:6.0f} MB{gpu}"
 
     rows: list[dict] = []
-    # One fold x 8 mirrorings compares the three modes on identical work; then 1 and 40 predictions.
-    modes = ("naive", "exact", "compiled", "fast")
+    # One fold x 8 mirrorings compares the modes on identical work; then 1 and 40 predictions.
     for mode in modes:
-        r = _run_child(spec(mode, 1, 8, str(scratch / f"paper8_{mode}.npy")))
+        r = _measure(spec(mode, 1, 8, str(scratch / f"paper8_{mode}.npy")))
         rows.append({"mode": mode, **r})
     naive_out = np.load(scratch / "paper8_naive.npy")
     for row in rows:
@@ -186,12 +319,11 @@ def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Pa
     for row in rows:
         row["speedup_vs_naive"] = naive8 / row["seconds"]
         print(f"  {row['mode']:<8} 8 predictions: {row['seconds']:7.2f} s  ({row['seconds'] / 8:6.3f} s each)  "
-              f"x{row['speedup_vs_naive']:4.2f} vs naive  {memory(row)}  max |diff| vs naive {row['max_abs_diff_vs_naive']:.1e}")
-    compiled_row = next(r for r in rows if r["mode"] == "compiled")
-    print(f"  (compiled: compiling the first fold model took {compiled_row['warmup_seconds']:.1f} s, untimed; "
-          "further folds compile inside the per-case timings)")
+              f"x{row['speedup_vs_naive']:4.2f} vs naive  {memory(row)}  max |diff| vs naive {row['max_abs_diff_vs_naive']:.1e}"
+              + _note(row))
     results["paper_8_predictions"] = rows
     per_case: dict[str, dict[int, float]] = {}
+    peaks: dict[str, float] = {r["mode"]: r["peak_rss_mb"] for r in rows}
     for mode in modes[1:]:
         per_case[mode] = {}
         for n in paper_predictions:
@@ -199,35 +331,103 @@ def run_inference_bench(out_dir: Path, threads: int = 2, bundle_dir: Optional[Pa
             if n == 8:
                 per_case[mode][n] = next(r["seconds"] for r in rows if r["mode"] == mode)
                 continue
-            per_case[mode][n] = _run_child(spec(mode, folds, flips))["seconds"]
+            row = _measure(spec(mode, folds, flips))
+            per_case[mode][n] = row["seconds"]
+            peaks[mode] = max(peaks[mode], row["peak_rss_mb"])
         print(f"  {mode:<8} seconds per case: " + ", ".join(f"{n} pred. {s:.2f} s" for n, s in per_case[mode].items()))
     per_case["naive"] = {n: naive8 / 8 * n for n in paper_predictions}
     print("  naive    seconds per case (from its 8-prediction rate): " + ", ".join(f"{n} pred. {s:.2f} s" for n, s in per_case["naive"].items()))
     results["paper_seconds_per_case"] = per_case
+    results["paper_peak_rss_mb"] = peaks
 
     if bundle_dir is not None:
-        from .bundle import load_bundle
-
-        bundle = load_bundle(bundle_dir)
-        demo_shape = list(bundle.crop_size[::-1])
-        print(f"\ninference, bundle '{bundle.name}' (real weights) at {'x'.join(map(str, bundle.crop_size))}, "
-              f"{len(bundle.folds)} folds x 8 mirrorings")
-        demo_rows = []
-        for mode in modes:
-            r = _run_child({"mode": mode, "bundle": str(bundle.path), "mirrorings": 8, "shape_zyx": demo_shape,
-                            "threads": threads, "save": str(scratch / f"demo_{mode}.npy"), "device": device})
-            demo_rows.append({"mode": mode, **r})
-        ref = np.load(scratch / "demo_naive.npy")
-        for row in demo_rows:
-            row["max_abs_diff_vs_naive"] = float(np.abs(np.load(scratch / f"demo_{row['mode']}.npy") - ref).max())
-            row["speedup_vs_naive"] = demo_rows[0]["seconds"] / row["seconds"]
-            print(f"  {row['mode']:<8} {row['predictions']} predictions: {row['seconds']:6.2f} s  x{row['speedup_vs_naive']:4.2f} vs naive  "
-                  f"{memory(row)}  max |diff| vs naive {row['max_abs_diff_vs_naive']:.1e}")
-        results["bundle"] = {"name": bundle.name, "rows": demo_rows}
+        results["bundle"] = _bundle_bench(Path(bundle_dir), modes, threads, device, scratch, int8_check, memory)
+    if device == "cpu":
+        results["targets"] = target_rows(results)
+        print("\n" + targets_table(results["targets"]))
     for path in scratch.iterdir():
         path.unlink()
     scratch.rmdir()
     return results
+
+
+def _bundle_bench(bundle_dir: Path, modes: Sequence[str], threads: int, device: str, scratch: Path, int8_check: bool,
+                  memory: Any) -> dict:
+    """Every mode with the bundle's real weights at its crop size, all folds x 8 mirrorings."""
+    from .bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    demo_shape = list(bundle.crop_size[::-1])
+    print(f"\ninference, bundle '{bundle.name}' (real weights) at {'x'.join(map(str, bundle.crop_size))}, "
+          f"{len(bundle.folds)} folds x 8 mirrorings")
+    demo_rows = []
+    for mode in modes:
+        r = _measure({"mode": mode, "bundle": str(bundle.path), "mirrorings": 8, "shape_zyx": demo_shape,
+                      "threads": threads, "save": str(scratch / f"demo_{mode}.npy"), "device": device,
+                      "int8_check": int8_check})
+        demo_rows.append({"mode": mode, **r})
+    ref = np.load(scratch / "demo_naive.npy")
+    for row in demo_rows:
+        row["max_abs_diff_vs_naive"] = float(np.abs(np.load(scratch / f"demo_{row['mode']}.npy") - ref).max())
+        row["speedup_vs_naive"] = demo_rows[0]["seconds"] / row["seconds"]
+        print(f"  {row['mode']:<8} {row['predictions']} predictions: {row['seconds']:6.2f} s  x{row['speedup_vs_naive']:4.2f} vs naive  "
+              f"{memory(row)}  max |diff| vs naive {row['max_abs_diff_vs_naive']:.1e}" + _note(row))
+        if row.get("int8_verdict"):
+            print(f"           int8 rule {_verdict_words(row['int8_verdict'])}")
+    return {"name": bundle.name, "rows": demo_rows}
+
+
+def _verdict_words(verdict: dict) -> str:
+    changes = ", ".join(f"{c['cnr_change'] * 100:+.2f} %" for c in verdict["cases"])
+    return (f"{'accepted' if verdict['accepted'] else 'REFUSED'} ({verdict['folds']} folds x {verdict['mirrorings']} "
+            f"mirrorings): lesion CNR change {changes} (limit {verdict['cnr_tolerance'] * 100:g} %), worst voxel "
+            f"{verdict['max_abs_diff']:.4f} (limit {verdict['max_diff_bound']:g})")
+
+
+def target_rows(results: dict) -> list[dict]:
+    """Issue 18's targets (:data:`TARGETS`, :data:`PEAK_RAM_TARGET_MB`) against :func:`run_inference_bench`'s results.
+
+    Each precision is judged in the mode ``--backend auto`` runs on this CPU: OpenVINO when it was
+    benchmarked, else torch (no int8). Each row: ``target``, ``mode``, ``speedup``, ``accuracy``
+    (words), ``passed``.
+    """
+    paper = {r["mode"]: r for r in results["paper_8_predictions"]}
+    bundle = {r["mode"]: r for r in results.get("bundle", {}).get("rows", [])}
+    openvino = any(m.startswith("ov-") for m in paper)
+    out = []
+    for precision, (least, bound) in TARGETS.items():
+        mode = f"ov-{precision}" if openvino else precision
+        target = f"{precision}: >= {least:g}x naive, " + (f"max diff <= {bound:g}" if bound is not None else "accuracy rule")
+        row = paper.get(mode)
+        if row is None:
+            out.append({"target": target, "mode": mode, "speedup": None, "accuracy": "not run", "passed": False})
+            continue
+        if bound is not None:
+            diffs = [row["max_abs_diff_vs_naive"]] + ([bundle[mode]["max_abs_diff_vs_naive"]] if mode in bundle else [])
+            accurate = max(diffs) <= bound
+            accuracy = f"max diff {diffs[0]:.1e} (paper size)" + (f", {diffs[1]:.1e} (bundle)" if len(diffs) > 1 else "")
+        else:
+            verdict = bundle.get(mode, {}).get("int8_verdict")
+            accurate = bool(verdict and verdict["accepted"])
+            accuracy = "rule not checked (no bundle, or int8_check off)" if not verdict else (
+                f"rule {_verdict_words(verdict)} on the bundle; max diff vs naive {row['max_abs_diff_vs_naive']:.1e}")
+        if precision == "fast" and openvino and not results.get("openvino_bf16", False):
+            accuracy += "; no BF16 on this CPU: fast ran in f32"
+        out.append({"target": target, "mode": mode, "speedup": row["speedup_vs_naive"], "accuracy": accuracy,
+                    "passed": bool(row["speedup_vs_naive"] >= least and accurate)})
+    peak = max([*results.get("paper_peak_rss_mb", {}).values(), *(r["peak_rss_mb"] for r in bundle.values())])
+    out.append({"target": f"peak RAM < {PEAK_RAM_TARGET_MB / 1000:g} GB", "mode": "every timed run", "speedup": None,
+                "accuracy": f"largest {peak:.0f} MB", "passed": bool(peak < PEAK_RAM_TARGET_MB)})
+    return out
+
+
+def targets_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`target_rows`."""
+    lines = ["| target | mode | speed-up vs naive | accuracy / measured | result |", "|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+        lines.append(f"| {r['target']} | {r['mode']} | {speed} | {r['accuracy']} | {'PASS' if r['passed'] else 'FAIL'} |")
+    return "\n".join(lines)
 
 
 def run_end_to_end_bench(out_dir: Path, bundle_dir: Path, spacing: float = 1.0, threads: int = 2) -> dict:

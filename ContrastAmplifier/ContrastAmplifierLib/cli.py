@@ -15,6 +15,7 @@ import typer
 from ContrastAmplifierCommon.cliapp import cli_job, fail, run_cli
 from ContrastAmplifierCommon.progress import make_progress
 
+from .cli_options import BackendOpt
 from .pacs_cli import pacs_app
 
 if TYPE_CHECKING:  # preprocessing imports SimpleITK: only inside the commands, so --help stays instant
@@ -74,6 +75,7 @@ def preprocess(
     model: Optional[str] = typer.Option(None, "--model", help="Registry name or bundle folder: use its spacing, crop and clip percentiles, i.e. exactly what `predict --model` feeds that network."),
     skull_strip: str = typer.Option("fast", "--skull-strip", help="HD-BET mode: fast (CPU default) or accurate (GPU, with mirroring)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (HD-BET)."),
+    backend: str = BackendOpt,
     qc: bool = typer.Option(False, "--qc", help="Also write qc.png: mid slices of each registered modality with the template brain outline."),
     overwrite: bool = OverwriteOpt,
     strict: bool = StrictOpt,
@@ -88,6 +90,7 @@ def preprocess(
         result = preprocess_case_dir(
             case_dir, out_dir, geometry,
             skull_strip_mode=skull_strip, device=device, qc=qc, progress=report, overwrite=overwrite, strict=strict,
+            backend=backend,
         )
     typer.echo(f"wrote {out_dir} ({result.timings_s.get('total', float('nan')):.1f} s)", err=progress == "json")
     _check_registration_line(result.findings, "qc.png (--qc) and preprocess.json" if qc else "preprocess.json")
@@ -180,7 +183,7 @@ def bench(
     ants_python: Optional[Path] = typer.Option(None, "--ants-python", help="Python of a separate venv with antspyx, for the ANTs peer timings."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Phantom spacing in mm (default 1 mm: the paper's atlas resolution; registration bench: 3 mm, 0 = the clinical protocol's native voxels)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for every measurement."),
-    only: Optional[str] = typer.Option(None, "--only", help="preprocessing, registration, inference or end-to-end (default: all)."),
+    only: Optional[str] = typer.Option(None, "--only", help="preprocessing, registration, inference, end-to-end or cohort (8 phantoms at 3 mm, serial vs --cluster local:2; needs dask) (default: all)."),
     device: str = typer.Option("cpu", "--device", help="Device of the inference bench: cpu or cuda (end-to-end and preprocessing stay on the CPU)."),
     cases: int = typer.Option(20, "--cases", min=1, help="Registration bench: clinical-protocol phantom cases (kept in OUT_DIR for the next run)."),
     hdbet: bool = typer.Option(False, "--hdbet", help="Registration bench: also run HD-BET on every case's T1c (Dice vs the phantom's brain mask; ~30 s a case on the CPU)."),
@@ -190,8 +193,8 @@ def bench(
 
     from ContrastAmplifierCommon.atomicfile import write_text_atomic
 
-    if only not in (None, "preprocessing", "registration", "inference", "end-to-end"):
-        fail(f"--only {only}: use preprocessing, registration, inference or end-to-end")
+    if only not in (None, "preprocessing", "registration", "inference", "end-to-end", "cohort"):
+        fail(f"--only {only}: use preprocessing, registration, inference, end-to-end or cohort")
     results = {}
     if only in (None, "registration"):
         from .bench import run_registration_bench
@@ -204,16 +207,29 @@ def bench(
         from .bench import run_bench
 
         results["preprocessing"] = run_bench(out_dir, ants_python=ants_python, spacing=spacing, threads=threads)
+    from .registry import list_models
+
+    shipped = [e for e in list_models() if e.source == "builtin"]
+    bundle_dir = shipped[0].path if shipped else None
     if only in (None, "inference", "end-to-end"):
         from .bench_inference import run_end_to_end_bench, run_inference_bench
-        from .registry import list_models
 
-        shipped = [e for e in list_models() if e.source == "builtin"]
-        bundle_dir = shipped[0].path if shipped else None
         if only in (None, "inference"):
             results["inference"] = run_inference_bench(out_dir, threads=threads, bundle_dir=bundle_dir, device=device)
         if only in (None, "end-to-end") and bundle_dir is not None:
             results["end_to_end"] = run_end_to_end_bench(out_dir, bundle_dir, spacing=spacing, threads=threads)
+    if only in (None, "cohort") and bundle_dir is not None:
+        from .bench_cohort import run_cohort_bench
+        from .cluster import ClusterError, require_dask
+
+        try:
+            require_dask()
+        except ClusterError as exc:  # the other parts' results are still written
+            if only == "cohort":
+                fail(str(exc))
+            typer.secho(f"cohort bench skipped: {exc}", err=True, fg=typer.colors.YELLOW)
+        else:
+            results["cohort"] = run_cohort_bench(out_dir, bundle_dir, threads=threads)
     write_text_atomic(json.dumps(results, indent=2, default=float), Path(out_dir) / "bench.json")
     typer.echo(f"wrote {Path(out_dir) / 'bench.json'}")
 
@@ -227,7 +243,7 @@ OUT_DICOM_HELP = ("Also write T1c-pro as a DICOM MR series (one file per T1c sli
                   "series of the T1c's study when --t1c is a DICOM series folder, else a new de-identified study. "
                   "Checked before any work. See README, DICOM output.")
 MappingOpt = typer.Option("auto", "--mapping", help="How T1c-pro returns to the T1c grid: auto, direct (the prediction itself) or residual (the T1c plus the network's change; keeps the T1c's resolution). See README.")
-BackendOpt = typer.Option("auto", "--backend", help="Inference runtime: auto (OpenVINO on CPU when installed, else torch; always torch on a GPU), torch, or openvino (CPU only; each fold is converted once per crop size and cached; see README, CPU backends).")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32), fast (bf16; OpenVINO: only where the CPU has BF16, else fp32) or int8 (OpenVINO + NNCF on the CPU: each fold quantised once, calibrated on phantoms, used only if its accuracy check on held-out phantoms passes, else refused; see README, int8).")
 CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README).")
 
 
@@ -246,7 +262,7 @@ def predict(
     folds: Optional[list[int]] = typer.Option(None, "--folds", help="Fold models to average (repeat the option; default: all)."),
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
+    precision: str = PrecisionOpt,
     mapping: str = MappingOpt,
     compile_models: Optional[bool] = CompileOpt,
     backend: str = BackendOpt,
@@ -307,6 +323,41 @@ def _send_written(folders: list[Path], pacs, progress: str) -> None:
         fail(f"{exc} The T1c-pro series are written; send them later with `{resend_command(folders, endpoint)}`.")
 
 
+CLUSTER_HELP = ("Run the cases on a Dask cluster: local (one worker per core), local:N (N worker processes; with "
+                "CUDA GPUs, one worker per GPU takes the ensembles), tcp://HOST:PORT (a running Dask scheduler) or slurm "
+                "(SLURM jobs from --cluster-config, scaled with the queue). Prints the Dask dashboard link. Needs Dask "
+                "(the package's cluster extra). See README, Cohorts beyond one machine.")
+CLUSTER_CONFIG_HELP = ("YAML or JSON file for --cluster slurm: 'slurm:' (dask-jobqueue SLURMCluster options: queue, "
+                       "account, cores, processes, memory, walltime, job_extra_directives, worker_extra_args) and "
+                       "'adapt:' (minimum_jobs, maximum_jobs). See README.")
+NUM_PARTS_HELP = ("Split the cohort into N parts (round robin over the sorted case folders) and run only --part-id K: "
+                  "for an sbatch array, no Dask needed. The summary is then summary-part-K-of-N.csv.")
+PART_ID_HELP = "Which part to run, 0 to N-1 (e.g. $SLURM_ARRAY_TASK_ID of sbatch --array=0-(N-1))."
+COHORT_THREADS_HELP = ("CPU threads per case (torch and ITK). Default: all cores serially, cores/N with --cluster "
+                       "local:N. 1 makes every run's T1c-pro the same to the bit (see README).")
+BRAIN_MASK_NAME_HELP = ("Use the image of this name in each case folder as its brain mask (e.g. brain_mask for "
+                        "brain_mask.nii.gz), instead of HD-BET; a case without one fails.")
+
+
+class _CohortConsole(_WithWarnings):
+    """``predict-cohort``'s console: also prints the Dask dashboard's link (stage ``dashboard``) on stderr;
+    with ``--progress json`` it stays in the JSON stream too."""
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        if stage == "dashboard":
+            import importlib.util
+
+            viewer = "" if importlib.util.find_spec("bokeh") else " (`pip install bokeh` to view it)"
+            line = f"Dask dashboard: {message}{viewer}"
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                typer.echo(line, err=True)
+            if self.progress != "json":
+                return
+        super().__call__(stage, fraction, message)
+
+
 @app.command("predict-cohort")
 def predict_cohort(
     cases_dir: Path = typer.Argument(..., help="Folder of case folders, each with t1, flair, adc, t1c images."),
@@ -315,7 +366,7 @@ def predict_cohort(
     folds: Optional[list[int]] = typer.Option(None, "--folds", help="Fold models to average (default: all)."),
     flips: int = typer.Option(8, "--flips", help=QUALITY_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto, exact or fast."),
+    precision: str = PrecisionOpt,
     mapping: str = MappingOpt,
     compile_models: Optional[bool] = CompileOpt,
     backend: str = BackendOpt,
@@ -324,21 +375,31 @@ def predict_cohort(
     out_dicom: Optional[Path] = typer.Option(None, "--out-dicom", help="Also write each case's T1c-pro as a DICOM MR series into DIR/<case>/ (the T1c's study for a DICOM T1c, else a new de-identified study). A case whose T1c-pro file exists gets its series from that file. See README, DICOM output."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose T1c-pro already exists (and replace their DICOM series)."),
     strict: bool = StrictOpt,
+    threads: Optional[int] = typer.Option(None, "--threads", help=COHORT_THREADS_HELP),
+    brain_mask_name: Optional[str] = typer.Option(None, "--brain-mask-name", help=BRAIN_MASK_NAME_HELP),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help=CLUSTER_HELP),
+    cluster_config: Optional[Path] = typer.Option(None, "--cluster-config", help=CLUSTER_CONFIG_HELP),
+    num_parts: Optional[int] = typer.Option(None, "--num-parts", help=NUM_PARTS_HELP),
+    part_id: Optional[int] = typer.Option(None, "--part-id", help=PART_ID_HELP),
     progress: str = ProgressOpt,
 ) -> None:
     """Amplify every case of a folder; finished cases are skipped, a failing case does not stop the others."""
     from .cohort import predict_cohort as run_cohort
+    from .cohort import summary_name
 
     pacs = _pacs_target(send, pacs_config, out_dicom)
-    report = _WithWarnings(make_progress(progress), progress)
+    report = _CohortConsole(make_progress(progress), progress)
     with cli_job(report, "cancelled; finished cases are kept, the current one was not written"):
         rows = run_cohort(cases_dir, out_dir, bundle=model, folds=folds, n_mirrorings=flips, device=device,
                           precision=precision, overwrite=overwrite, compile=compile_models, mapping=mapping,
-                          strict=strict, progress=report, out_dicom=out_dicom, backend=backend)
+                          strict=strict, progress=report, out_dicom=out_dicom, backend=backend, threads=threads,
+                          brain_mask=brain_mask_name, num_parts=num_parts, part_id=part_id, cluster=cluster,
+                          cluster_config=cluster_config)
     failed = [r for r in rows if r["status"] == "failed"]
-    typer.echo(f"{len(rows)} cases: {sum(r['status'] == 'done' for r in rows)} done, "
-               f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {len(failed)} failed; see {out_dir / 'summary.csv'}",
-               err=progress == "json")
+    part = "" if num_parts is None else f" (part {part_id} of {num_parts})"
+    typer.echo(f"{len(rows)} cases{part}: {sum(r['status'] == 'done' for r in rows)} done, "
+               f"{sum(r['status'] == 'skipped' for r in rows)} skipped, {len(failed)} failed; see "
+               f"{out_dir / summary_name(num_parts, part_id)}", err=progress == "json")
     check = [f"{r['case']} ({str(r['check_registration']).replace(';', ', ')})" for r in rows if r.get("check_registration")]
     if check:
         typer.secho(f"CHECK REGISTRATION in {len(check)} case(s): {'; '.join(check)} (column check_registration of "

@@ -15,8 +15,8 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 MIRRORINGS: tuple[tuple[int, ...], ...] = ((), (4,), (3,), (2,), (3, 4), (2, 4), (2, 3), (2, 3, 4))
 
 #: Precision modes. "exact": fp32 (channels-last; TF32 off on CUDA; same result to ~1e-7); "fast": bf16
-#: autocast (max error ~3e-3 on the [0, 1] output, see README); "auto": fast on CUDA, exact on CPU.
-PRECISIONS = ("auto", "exact", "fast")
+#: autocast (max error ~3e-3 on the [0, 1] output, see README); "int8": OpenVINO only, each fold
+#: quantised by NNCF (:mod:`.openvino_int8`: calibrated on phantoms, used only once accepted by its
+#: accuracy rule); "auto": fast on CUDA, exact on CPU.
+PRECISIONS = ("auto", "exact", "fast", "int8")
 
 #: Inference backends. "torch": PyTorch (eager or ``torch.compile``), any device; "openvino": OpenVINO's
 #: CPU runtime (:mod:`.openvino_backend`: each fold converted once per input shape, cached on disk);
@@ -76,7 +78,8 @@ class InferenceSettings:
 
     Attributes:
         device: resolved torch device.
-        precision: "exact" (fp32) or "fast" (bf16 autocast).
+        precision: "exact" (fp32), "fast" (bf16 autocast; OpenVINO: bf16 where the CPU has it) or "int8"
+            (OpenVINO only; :mod:`.openvino_int8`).
         channels_last: use ``torch.channels_last_3d`` (2x faster fp32 convolutions on CPU here).
         max_batch: mirrorings per forward pass (halved automatically on out-of-memory).
         compile: run each fold model through ``torch.compile`` with Inductor weight freezing
@@ -91,6 +94,8 @@ class InferenceSettings:
             patch size; ``None`` (default) or a window covering the volume: one whole-volume pass.
         backend: "torch" or "openvino" (CPU only; ``compile``, ``channels_last`` and autocast are
             torch's and do not apply to it; its "fast" is OpenVINO's bf16 where the CPU has it).
+        calibration: precision "int8" only: the :class:`~.openvino_int8.CalibrationSet` the folds are
+            quantised with (:func:`.openvino_int8.int8_settings` sets it after the accuracy check).
     """
 
     device: torch.device
@@ -100,6 +105,7 @@ class InferenceSettings:
     compile: Optional[bool] = None
     window: Optional[tuple[int, int, int]] = None
     backend: str = "torch"
+    calibration: Optional[Any] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto", max_batch: Optional[int] = None,
@@ -110,6 +116,8 @@ class InferenceSettings:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
         dev = resolve_device(device)
+        if precision == "int8":
+            backend = _int8_backend(backend, dev, compile)
         backend = resolve_backend(backend, dev, compile)
         if precision == "auto":
             precision = "fast" if dev.type == "cuda" else "exact"
@@ -161,6 +169,23 @@ def resolve_backend(backend: str, device: torch.device, compile: Optional[bool] 
         openvino_backend.require_openvino()
         return backend
     return "openvino" if openvino_backend.available() else "torch"
+
+
+def _int8_backend(backend: str, device: torch.device, compile: Optional[bool]) -> str:
+    """The backend of precision "int8": OpenVINO (with NNCF) on the CPU, or a one-line error naming the fix."""
+    if device.type != "cpu":
+        raise ValueError(f"--precision int8 runs on OpenVINO's CPU backend only, not on {device.type}: use --device cpu, "
+                         "or --precision fast on the GPU.")
+    if compile:
+        raise ValueError("--precision int8 runs on OpenVINO, which does not use torch.compile: drop --compile, or use "
+                         "--precision exact or fast.")
+    if str(backend).lower() == "torch":
+        raise ValueError("--precision int8 is OpenVINO's (NNCF quantisation); PyTorch has no int8 path here: drop "
+                         "--backend torch (--backend auto or openvino runs int8), or use --precision exact or fast.")
+    from .openvino_int8 import require_nncf
+
+    require_nncf()
+    return "openvino" if str(backend).lower() in ("auto", "openvino") else backend
 
 
 def configure_cpu_threads(threads: Optional[int] = None) -> int:
@@ -307,6 +332,13 @@ def predict_ensemble(
 def _prepare(model, x: torch.Tensor, settings: InferenceSettings) -> Callable[[torch.Tensor], torch.Tensor]:
     """What :func:`_forward_mirrored` calls for one fold: the torch module on the device
     (channels-last, compiled where asked) or its OpenVINO compilation for ``x``'s shape."""
+    if settings.precision == "int8":
+        from .openvino_int8 import compiled_int8_fold
+
+        if settings.calibration is None:
+            raise ValueError("precision int8 needs a calibration set: run through amplify_case, or set one with "
+                             "openvino_int8.int8_settings (bundles) or dataclasses.replace(settings, calibration=...)")
+        return compiled_int8_fold(model, tuple(x.shape), settings.calibration)
     if settings.backend == "openvino":
         from .openvino_backend import compiled_fold
 
@@ -327,8 +359,9 @@ def _run(models, x, flips, settings, progress, cancel) -> np.ndarray:
     with torch.inference_mode():
         for fold_index, fold in enumerate(models):
             if settings.backend == "openvino":  # the first time at a crop size: a conversion of a few seconds
+                made = "converted and quantised to int8" if settings.precision == "int8" else "converted"
                 progress("ensemble", done / total_predictions, f"fold {fold_index + 1}/{len(models)}: OpenVINO model "
-                         f"for {'x'.join(map(str, x.shape[2:]))} (converted once, then cached)")
+                         f"for {'x'.join(map(str, x.shape[2:]))} ({made} once, then cached)")
             model = _prepare(fold, x, settings)
             pending = list(flips)
             while pending:

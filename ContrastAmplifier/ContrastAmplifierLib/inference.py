@@ -45,6 +45,8 @@ from .preprocessing import PreprocessedCase, preprocess_case
 from ContrastAmplifierCommon.progress import CancelToken, ProgressCallback, SubProgress, check_cancel, null_progress
 
 if TYPE_CHECKING:
+    import torch
+
     from .dicom_series import DicomSeriesResult
 
 #: Inputs of :func:`amplify_case`, in the paper's order (Figure 1).
@@ -193,7 +195,8 @@ def amplify_case(
         folds: fold models to average (default: all of the bundle's).
         n_mirrorings: 1, 2, 4 or 8 (paper: 8).
         device: auto, cpu, cuda, cuda:N or mps (network and HD-BET).
-        precision: auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16 autocast).
+        precision: auto (bf16 on CUDA, fp32 on CPU), exact (fp32), fast (bf16 autocast) or int8
+            (OpenVINO; :func:`.openvino_int8.int8_settings` calibrates and checks it first, or refuses it).
         compile: ``torch.compile`` each fold model; ``None`` decides by device and size (see
             :class:`~.ensemble.InferenceSettings`).
         skull_strip_mode: HD-BET fast/accurate; default accurate on CUDA, fast on CPU.
@@ -214,52 +217,165 @@ def amplify_case(
             or an exported file (as the Slicer module passes it): the ``out_dicom`` series then joins
             that series' study (its grid must be the T1c's).
         backend: "auto" (OpenVINO on CPU when installed, else torch), "torch" or "openvino" (CPU
-            only; :mod:`.openvino_backend`). Checked before any work.
+            only; :mod:`.openvino_backend`), for the ensemble and for HD-BET where it runs on the CPU
+            (:mod:`.skullstrip_openvino`). Checked before any work.
 
     Returns:
         :class:`AmplifyResult` with T1c-pro on the native T1c grid.
     """
     start = time.perf_counter()
     report = progress or null_progress
-    timings: dict[str, float] = {}
-    sources = [p for p in (t1, flair, adc, t1c, brain_mask, t1c_dicom) if isinstance(p, (str, os.PathLike))]
-    if t1c_dicom is not None and out_dicom is None:
-        raise ValueError(f"a T1c DICOM series ({t1c_dicom}) is only used for a DICOM output; add an output folder "
-                         "(--out-dicom DIR) or leave it out.")
-    if out_path is not None:
-        from ContrastAmplifierCommon.outputs import check_output_file
-
-        out_path = check_output_file(out_path, OUTPUT_SUFFIXES, inputs=sources, overwrite=overwrite, what="T1c-pro output")
-    if out_dicom is not None:
-        from .dicom_series import check_dicom_output_folder
-
-        out_dicom = check_dicom_output_folder(out_dicom, inputs=sources, overwrite=overwrite,
-                                              outputs=[out_path] if out_path is not None else [])
+    sources: list[Union[str, os.PathLike]] = [
+        p for p in (t1, flair, adc, t1c, brain_mask, t1c_dicom) if isinstance(p, (str, os.PathLike))]
+    out_path, out_dicom = check_case_outputs(sources, out_path, out_dicom, overwrite, t1c_dicom)
     model_bundle = _resolve_bundle(bundle)
-    missing = [m for m in model_bundle.modalities if m not in INPUT_MODALITIES]
-    if missing:
-        raise ValueError(f"bundle {model_bundle.name!r} expects modalities {missing} that amplify_case does not take")
+    check_modalities(model_bundle)
     settings = InferenceSettings.create(device, precision, compile=compile, backend=backend)
     if settings.device.type == "cpu":
         configure_cpu_threads(threads)
+    if settings.precision == "int8":  # calibrated and checked once per model (cached); a refusal comes before any work
+        from .openvino_int8 import int8_settings
+
+        settings = int8_settings(settings, model_bundle, model_bundle.load_models(folds), n_mirrorings, report, cancel)
     hd_bet_device = "cpu" if settings.device.type != "cuda" else str(settings.device)
     mode = skull_strip_mode or ("accurate" if settings.device.type == "cuda" else "fast")
+    prepared = prepare_case({"t1": t1, "flair": flair, "adc": adc, "t1c": t1c}, model_bundle, mapping=mapping,
+                            skull_strip_mode=mode, skull_strip_device=hd_bet_device, skull_strip_backend=backend, brain_mask=brain_mask,
+                            progress=report, cancel=cancel, strict=strict)
+    return finish_case(prepared, model_bundle, settings, folds=folds, n_mirrorings=n_mirrorings,
+                       outside_brain=outside_brain, out_path=out_path, out_dicom=out_dicom, t1c_dicom=t1c_dicom,
+                       overwrite=overwrite, progress=report, cancel=cancel, start=start)
 
-    t1c_image = read_image(t1c, "T1c")
+
+def check_case_outputs(
+    sources: Sequence[Union[str, os.PathLike]],
+    out_path: Union[str, os.PathLike, None],
+    out_dicom: Union[str, os.PathLike, None],
+    overwrite: bool,
+    t1c_dicom: Union[str, os.PathLike, None] = None,
+) -> tuple[Optional[Path], Optional[Path]]:
+    """:func:`amplify_case`'s checks of its outputs, before any work: ``(out_path, out_dicom)`` resolved.
+
+    ``sources``: the input paths (no output may be one of them). See ``out_path``, ``out_dicom`` and
+    ``t1c_dicom`` of :func:`amplify_case` for what is refused.
+    """
+    if t1c_dicom is not None and out_dicom is None:
+        raise ValueError(f"a T1c DICOM series ({t1c_dicom}) is only used for a DICOM output; add an output folder "
+                         "(--out-dicom DIR) or leave it out.")
+    checked_path = checked_dicom = None
+    if out_path is not None:
+        from ContrastAmplifierCommon.outputs import check_output_file
+
+        checked_path = check_output_file(out_path, OUTPUT_SUFFIXES, inputs=sources, overwrite=overwrite,
+                                         what="T1c-pro output")
+    if out_dicom is not None:
+        from .dicom_series import check_dicom_output_folder
+
+        checked_dicom = check_dicom_output_folder(out_dicom, inputs=sources, overwrite=overwrite,
+                                                  outputs=[checked_path] if checked_path is not None else [])
+    return checked_path, checked_dicom
+
+
+def check_modalities(model_bundle: ModelBundle) -> None:
+    """Refuse a bundle that expects an input :func:`amplify_case` does not take."""
+    missing = [m for m in model_bundle.modalities if m not in INPUT_MODALITIES]
+    if missing:
+        raise ValueError(f"bundle {model_bundle.name!r} expects modalities {missing} that amplify_case does not take")
+
+
+@dataclass
+class PreparedCase:
+    """The first half of :func:`amplify_case` (:func:`prepare_case`), what the second (:func:`finish_case`) needs.
+
+    Plain data (SimpleITK images and transforms, numpy arrays): it pickles exactly, so the two halves
+    may run in different processes (:mod:`.cohort_dask`).
+
+    Attributes:
+        preprocessed: the preprocessing result.
+        t1c: the native T1c as read (the grid and intensities T1c-pro is mapped back onto).
+        inputs: the inputs as given (paths or images), for the DICOM output's sources.
+        mapping: ``"direct"`` or ``"residual"`` (resolved).
+        seconds: time of the preprocessing.
+    """
+
+    preprocessed: PreprocessedCase
+    t1c: sitk.Image
+    inputs: dict[str, ImageLike]
+    mapping: str
+    seconds: float
+
+
+def prepare_case(
+    inputs: Mapping[str, ImageLike],
+    model_bundle: ModelBundle,
+    mapping: str = "auto",
+    skull_strip_mode: str = "fast",
+    skull_strip_device: str = "cpu",
+    skull_strip_backend: str = "auto",
+    brain_mask: Optional[ImageLike] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    strict: bool = False,
+) -> PreparedCase:
+    """CPU half of :func:`amplify_case`: read the T1c, resolve the mapping, preprocess (0-40% of ``progress``).
+
+    Args:
+        inputs: ``t1``, ``flair``, ``adc``, ``t1c`` (paths or images).
+        model_bundle: the bundle (its geometry and modalities).
+        skull_strip_mode, skull_strip_device: HD-BET's (resolved: ``"fast"``/``"accurate"``, ``"cpu"``/``"cuda[:N]"``).
+        skull_strip_backend: HD-BET's runtime, ``amplify_case``'s ``backend`` (auto, torch, openvino; CPU only).
+        Others: as :func:`amplify_case`'s.
+    """
+    report = progress or null_progress
+    t1c_image = read_image(inputs["t1c"], "T1c")
     chosen_mapping = resolve_mapping(mapping, model_bundle.spacing, t1c_image.GetSpacing())
-    inputs: Mapping[str, ImageLike] = {"t1": t1, "flair": flair, "adc": adc, "t1c": t1c_image}
+    given: dict[str, ImageLike] = {**inputs, "t1c": t1c_image}
     t0 = time.perf_counter()
     case = preprocess_case(
-        {m: inputs[m] for m in model_bundle.modalities}, model_bundle.geometry(), skull_strip_mode=mode,
-        device=hd_bet_device, brain_mask=brain_mask, progress=SubProgress(report, 0.0, 0.4), cancel=cancel,
+        {m: given[m] for m in model_bundle.modalities}, model_bundle.geometry(), skull_strip_mode=skull_strip_mode,
+        device=skull_strip_device, backend=skull_strip_backend, brain_mask=brain_mask, progress=SubProgress(report, 0.0, 0.4), cancel=cancel,
         strict=strict,
     )
-    timings["preprocess"] = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     check_cancel(cancel)
+    return PreparedCase(case, t1c_image, dict(inputs), chosen_mapping, seconds)
 
+
+def finish_case(
+    prepared: PreparedCase,
+    model_bundle: ModelBundle,
+    settings: InferenceSettings,
+    models: Optional[Sequence[torch.nn.Module]] = None,
+    folds: Optional[Sequence[int]] = None,
+    n_mirrorings: int = 8,
+    outside_brain: str = "t1c",
+    out_path: Optional[Path] = None,
+    out_dicom: Optional[Path] = None,
+    t1c_dicom: Union[str, os.PathLike, None] = None,
+    overwrite: bool = False,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    start: Optional[float] = None,
+) -> AmplifyResult:
+    """Ensemble half of :func:`amplify_case`: predict, map back to the T1c grid, write (40-100% of ``progress``).
+
+    Args:
+        prepared: :func:`prepare_case`'s result.
+        settings: device, precision, backend (resolved).
+        models: the fold networks of ``folds`` already loaded (a worker's cache); ``None`` loads them.
+        out_path, out_dicom: checked outputs (:func:`check_case_outputs`), or ``None``.
+        start: ``perf_counter`` at the start of the case, for ``timings_s["total"]`` (default: now
+            minus the preprocessing time).
+        Others: as :func:`amplify_case`'s.
+    """
+    report = progress or null_progress
+    case = prepared.preprocessed
+    timings: dict[str, float] = {"preprocess": prepared.seconds}
+    start = time.perf_counter() - prepared.seconds if start is None else start
     t0 = time.perf_counter()
     report("load model", 0.4, f"{model_bundle.name}: folds {list(folds) if folds is not None else model_bundle.folds}")
-    models = model_bundle.load_models(folds)
+    if models is None:
+        models = model_bundle.load_models(folds)
     arrays = case.arrays
     stacked = np.stack([arrays[m] for m in model_bundle.modalities]).astype(np.float32)
     prediction = predict_ensemble(models, stacked, n_mirrorings, settings, progress=SubProgress(report, 0.42, 0.92), cancel=cancel)
@@ -268,9 +384,9 @@ def amplify_case(
     check_cancel(cancel)
 
     t0 = time.perf_counter()
-    report("map back", 0.93, f"atlas -> native T1c grid ({chosen_mapping})")
-    image = prediction_to_native_intensity(prediction, case, t1c_image, model_bundle.geometry().clip_for("t1c"), outside_brain,
-                                           chosen_mapping)
+    report("map back", 0.93, f"atlas -> native T1c grid ({prepared.mapping})")
+    image = prediction_to_native_intensity(prediction, case, prepared.t1c, model_bundle.geometry().clip_for("t1c"),
+                                           outside_brain, prepared.mapping)
     timings["map_back"] = time.perf_counter() - t0
     check_cancel(cancel)
 
@@ -279,14 +395,17 @@ def amplify_case(
         report("write", 0.97, str(out_path))
         written = write_image_atomic(image, out_path)
     series = None
+    n_predictions = len(models) * n_mirrorings
     if out_dicom is not None:
         from .dicom_series import write_t1c_pro_series
 
         t0 = time.perf_counter()
         report("write DICOM", 0.98, str(out_dicom))
-        details = (f"{len(models) * n_mirrorings} predictions averaged ({len(models)} folds x {n_mirrorings} mirrorings), "
-                   f"{chosen_mapping} mapping")
-        series = write_t1c_pro_series(image, out_dicom, t1c=t1c if t1c_dicom is None else t1c_dicom, model=model_bundle, sources={"t1": t1, "flair": flair, "adc": adc},
+        details = (f"{n_predictions} predictions averaged ({len(models)} folds x {n_mirrorings} mirrorings), "
+                   f"{prepared.mapping} mapping")
+        given = prepared.inputs
+        series = write_t1c_pro_series(image, out_dicom, t1c=given["t1c"] if t1c_dicom is None else t1c_dicom,
+                                      model=model_bundle, sources={m: given[m] for m in ("t1", "flair", "adc")},
                                       details=details, overwrite=overwrite)  # no cancel once T1c-pro is written: both or neither
         timings["dicom"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
@@ -295,5 +414,5 @@ def amplify_case(
 
     suspect = suspect_modalities(case.findings)
     check = f"; CHECK REGISTRATION: {', '.join(display_name(m) for m in suspect)}" if suspect else ""
-    report("done", 1.0, f"T1c-pro from {len(models) * n_mirrorings} predictions ({chosen_mapping} mapping){check}")
-    return AmplifyResult(image, prediction, case, written, len(models) * n_mirrorings, timings, chosen_mapping, series)
+    report("done", 1.0, f"T1c-pro from {n_predictions} predictions ({prepared.mapping} mapping){check}")
+    return AmplifyResult(image, prediction, case, written, n_predictions, timings, prepared.mapping, series)

@@ -1,4 +1,4 @@
-"""OpenVINO CPU backend of the ensemble (``--backend openvino``; ``auto`` on CPU when installed).
+"""OpenVINO CPU backend of the ensemble and of HD-BET (``--backend openvino``; ``auto`` on CPU when installed).
 
 Each fold network is converted once per input shape: exported to ONNX (the TorchScript exporter,
 then the dynamo one; a temporary file), read by OpenVINO, or, where no ONNX export works,
@@ -9,10 +9,15 @@ a mirrored input goes through exactly what the torch path runs. It is compiled f
 where the CPU has BF16 instructions; elsewhere "fast" runs in f32 with a logged note). The
 mirrorings and their average are :mod:`.ensemble`'s, shared with the torch path.
 
+HD-BET's network (:mod:`.skullstrip_openvino`) goes through the same conversion and cache, with
+dynamic spatial axes (``compiled_fold(..., export_shape=...)``): its input size follows each
+image's field of view, so it is converted once, traced at a small size, and its cached IR is
+reshaped to each input before compiling.
+
 Cache: the converted model is saved as OpenVINO IR (``model.xml`` + ``model.bin``, fp32 weights)
 in ``<user cache>/SlicerContrastAmplifier/openvino/<key>/`` (``$CA_OPENVINO_CACHE`` overrides the
 folder), ``key`` hashing the weights' SHA-256 (over the state dict's names, dtypes, shapes and
-bytes), the network, the input shape, the OpenVINO version and :data:`CACHE_FORMAT`. The entry's
+bytes), the network, the input shape (-1 for a dynamic axis), the OpenVINO version and :data:`CACHE_FORMAT`. The entry's
 ``entry.json`` records the SHA-256 of ``model.xml`` and ``model.bin``; they are checked on every
 load, and an entry that fails (corrupted, truncated, half-deleted, another key) is rebuilt, never
 used. An entry is written into a temporary folder beside it and renamed into place, so a crash
@@ -37,7 +42,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -147,8 +152,13 @@ def cache_key(model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[str
         "input_shape": [int(s) for s in input_shape],
         "openvino": str(require_openvino().get_version()),
     }
+    return entry_key(details)
+
+
+def entry_key(details: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A cache entry's folder name (a hash of ``details``) and ``details`` as ``entry.json`` reads them back."""
     text = json.dumps(details, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32], json.loads(text)  # as entry.json will read back
+    return hashlib.sha256(text.encode()).hexdigest()[:32], json.loads(text)
 
 
 def _check_entry(folder: Path, details: dict[str, Any]) -> Optional[str]:
@@ -175,35 +185,52 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """ONNX export: the TorchScript exporter (fast), then the dynamo one (needs onnxscript)."""
+def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, dynamic: tuple[int, ...] = ()) -> None:
+    """ONNX export: the TorchScript exporter (fast), then the dynamo one (needs onnxscript).
+
+    ``dynamic``: axes of the input (and output) left dynamic in the graph.
+    """
     has_dynamo = "dynamo" in inspect.signature(torch.onnx.export).parameters
     attempts: list[dict[str, Any]] = [{"dynamo": False, "opset_version": 17}, {"dynamo": True}] if has_dynamo else [{"opset_version": 17}]
+    axes = {name: {axis: f"dim{axis}" for axis in dynamic} for name in ("input", "output")} if dynamic else None
     errors: list[str] = []
     for extra in attempts:
         try:
-            torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["output"], **extra)
+            torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["output"],
+                              dynamic_axes=axes, **extra)
             return
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
     raise RuntimeError("; ".join(errors))
 
 
-def convert(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
-    """``openvino.Model`` of ``model`` for inputs of ``input_shape`` (static), via ONNX where it works."""
+def convert(model: torch.nn.Module, input_shape: tuple[int, ...], example_shape: Optional[tuple[int, ...]] = None) -> Any:
+    """``openvino.Model`` of ``model`` for inputs of ``input_shape``, via ONNX where it works.
+
+    ``input_shape`` is static, or holds -1 for dynamic axes (a fully convolutional network such as
+    HD-BET's, whose input size follows each image's field of view): the model is then traced at
+    ``example_shape`` (small, so that the export's forward pass is cheap) and the cached IR is
+    reshaped to each input before compiling (``openvino.Model.reshape``).
+    """
     global conversions
     ov = require_openvino()
     model = model.to("cpu").eval()
+    dynamic = tuple(axis for axis, size in enumerate(input_shape) if int(size) < 0)
+    traced = input_shape
+    if dynamic:
+        if example_shape is None:
+            raise ValueError(f"input shape {tuple(input_shape)} has dynamic axes: give example_shape to trace the model at")
+        traced = example_shape
     with _quiet(), torch.inference_mode(False), torch.no_grad():
-        example = torch.zeros(tuple(int(s) for s in input_shape), dtype=torch.float32)
+        example = torch.zeros(tuple(int(s) for s in traced), dtype=torch.float32)
         with tempfile.TemporaryDirectory(prefix="ca-onnx-") as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             try:
-                _export_onnx(model, example, onnx_path)
+                _export_onnx(model, example, onnx_path, dynamic)
                 converted = ov.convert_model(str(onnx_path))
             except Exception as exc:
                 logger.info("ONNX export or conversion failed (%s); converting the torch module directly", exc)
-                converted = ov.convert_model(model, example_input=example, input=[tuple(example.shape)])
+                converted = ov.convert_model(model, example_input=example, input=[tuple(int(s) for s in input_shape)])
     conversions += 1
     return converted
 
@@ -233,10 +260,20 @@ def _write_entry(folder: Path, converted: Any, details: dict[str, Any]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_or_convert(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
+def load_or_convert(model: torch.nn.Module, input_shape: tuple[int, ...],
+                    example_shape: Optional[tuple[int, ...]] = None) -> Any:
     """The ``openvino.Model`` of ``model`` at ``input_shape``: from the cache when its entry is
-    sound, else converted and cached (a cache that cannot be written is logged and skipped)."""
+    sound, else converted and cached (a cache that cannot be written is logged and skipped).
+
+    ``input_shape`` may hold -1 for dynamic axes (then give ``example_shape``; see :func:`convert`).
+    """
     key, details = cache_key(model, input_shape)
+    return load_or_build(key, details, lambda: convert(model, input_shape, example_shape))
+
+
+def load_or_build(key: str, details: dict[str, Any], build: Callable[[], Any]) -> Any:
+    """The ``openvino.Model`` of the cache entry ``key`` (:func:`entry_key` of ``details``) when it is
+    sound, else ``build()``'s, cached (the int8 models of :mod:`.openvino_int8` are entries too)."""
     folder = cache_dir() / key
     if folder.exists():
         problem = _check_entry(folder, details)
@@ -246,7 +283,7 @@ def load_or_convert(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Any
             except Exception as exc:
                 problem = f"OpenVINO could not read it ({exc})"
         logger.warning("OpenVINO cache entry %s is unusable (%s); rebuilding it", folder, problem)
-    converted = convert(model, input_shape)
+    converted = build()
     try:
         _write_entry(folder, converted, details)
     except OSError as exc:
@@ -292,13 +329,27 @@ class CompiledFold:
 
 
 def compiled_fold(model: torch.nn.Module, input_shape: tuple[int, ...], precision: str = "exact",
-                  threads: Optional[int] = None) -> CompiledFold:
+                  threads: Optional[int] = None, export_shape: Optional[tuple[int, ...]] = None) -> CompiledFold:
     """``model`` as a :class:`CompiledFold` for batch-1 inputs of ``input_shape`` ``(N, C, Z, Y, X)``,
     from the cache (converted and cached the first time).
 
     ``threads``: OpenVINO's CPU threads (default: torch's, i.e. ``--threads``).
+    ``export_shape``: convert once for every spatial size (the cache entry's spatial axes are
+    dynamic; the model is traced at this small shape) and reshape the IR to ``input_shape`` here,
+    for a fully convolutional network whose input size changes from image to image (HD-BET).
+    ``None``: one static conversion per ``input_shape`` (the ensemble's folds).
     """
     input_shape = (1, *(int(s) for s in input_shape[1:]))
+    if export_shape is None:
+        return compile_converted(load_or_convert(model, input_shape), input_shape, precision, threads)
+    dynamic = (1, input_shape[1], *(-1 for _ in input_shape[2:]))
+    converted = load_or_convert(model, dynamic, example_shape=tuple(int(s) for s in export_shape))
+    converted.reshape(list(input_shape))
+    return compile_converted(converted, input_shape, precision, threads)
+
+
+def compile_converted(converted: Any, input_shape: tuple[int, ...], precision: str = "exact",
+                      threads: Optional[int] = None) -> CompiledFold:
+    """An ``openvino.Model`` (converted, or quantised by :mod:`.openvino_int8`) compiled for the CPU."""
     hint = precision_hint(precision)
-    converted = load_or_convert(model, input_shape)
-    return CompiledFold(_compile(converted, precision, hint, int(threads or torch.get_num_threads())), input_shape, hint)
+    return CompiledFold(_compile(converted, precision, hint, int(threads or torch.get_num_threads())), tuple(input_shape), hint)

@@ -10,8 +10,8 @@ send T1c-pro back (``contrast-amplifier pacs amplify``).
 3. The series goes to ``target`` (:func:`.pacs_send.send_instances`); its UIDs follow its content,
    so sending again after a failure stores nothing twice.
 
-Every output is checked before the PACS is asked anything, so a second run into a finished
-folder fails at once unless ``overwrite``.
+Every output, and the device, precision and backend, is checked before the PACS is asked
+anything, so a second run into a finished folder fails at once unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def amplify_study(
         policy: retries of every PACS request.
         overwrite: fetch again and replace this command's earlier outputs.
         predict: options of :func:`.inference.amplify_case` (``bundle``, ``folds``, ``n_mirrorings``,
-            ``device``, ``precision``, ``brain_mask``, ``threads``...).
+            ``device``, ``precision``, ``backend``, ``brain_mask``, ``threads``...).
 
     Raises:
         PacsError: as :func:`.pacs_fetch.fetch_study` and :func:`.pacs_send.send_instances` (a
@@ -102,9 +102,13 @@ def amplify_study(
     from ContrastAmplifierCommon.outputs import check_output_file
 
     from .dicom_series import check_dicom_output_folder
+    from .ensemble import InferenceSettings
     from .inference import OUTPUT_SUFFIXES, amplify_case
 
     report = progress or null_progress
+    # a device, precision or backend that cannot run is refused before anything is fetched
+    InferenceSettings.create(predict.get("device", "auto"), predict.get("precision", "auto"),
+                             compile=predict.get("compile"), backend=predict.get("backend", "auto"))
     out = Path(out_dir)
     out_path = check_output_file(out / T1C_PRO_FILE, OUTPUT_SUFFIXES, overwrite=overwrite, what="T1c-pro output")
     check_dicom_output_folder(out / T1C_PRO_SERIES, overwrite=overwrite, outputs=[out_path])

@@ -18,6 +18,8 @@ import typer
 from ContrastAmplifierCommon.cliapp import cli_job, fail, run_cli
 from ContrastAmplifierCommon.progress import make_progress
 
+from .cli_options import BackendOpt
+
 if TYPE_CHECKING:  # pacs itself is light, but keep the import graph of --help minimal
     from .pacs import Endpoint, PacsConfig, RetryPolicy, SendReport
 
@@ -249,6 +251,7 @@ def amplify(
     flips: int = typer.Option(8, "--flips", help="Mirrorings per fold: 8 (paper), or 1, 2, 4 for a quicker look."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
+    backend: str = BackendOpt,
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),
     rules_file: Optional[Path] = RulesOpt,
@@ -274,7 +277,7 @@ def amplify(
         done = amplify_study(study_uid, out_dir, endpoint, target, rules=load_rules(rules_file), overrides=overrides,
                              policy=policy, overwrite=overwrite, progress=reporter, bundle=model, folds=folds,
                              n_mirrorings=flips, device=device, precision=precision, brain_mask=brain_mask,
-                             threads=threads)
+                             threads=threads, backend=backend)
     reporter.close()
     err = progress == "json"
     result = done.result

@@ -313,6 +313,7 @@ def preprocess_case(
     affine_settings: AffineSettings = AffineSettings(),
     template: Optional[Template] = None,
     strict: bool = False,
+    backend: str = "torch",
 ) -> PreprocessedCase:
     """Preprocess one case (see the module docstring for the order of steps).
 
@@ -333,6 +334,8 @@ def preprocess_case(
         rigid_settings, affine_settings: registration settings.
         template: atlas template (default: nilearn's ICBM 2009a at 1 mm).
         strict: raise at the first group of checks with findings instead of warning.
+        backend: HD-BET's runtime: ``"torch"``, ``"openvino"`` (CPU) or ``"auto"``
+            (:func:`.skullstrip.skull_strip_backend`); checked before any work.
 
     Raises:
         ImageValidationError: an input is missing, unreadable, 2D, empty or not finite, too thin
@@ -365,6 +368,10 @@ def preprocess_case(
 
     if REFERENCE not in inputs:
         raise ImageValidationError(f"no {display_name(REFERENCE)} given (got {sorted(inputs)}); the T1c is the reference of every case.")
+    if brain_mask is None:  # a backend that cannot run is one error line before any work
+        from .skullstrip import skull_strip_backend
+
+        backend = skull_strip_backend(backend, device)
 
     report("read", 0.0, "reading and validating inputs")
     t0 = time.perf_counter()
@@ -380,10 +387,10 @@ def preprocess_case(
     t1c = images[REFERENCE]
     t0 = time.perf_counter()
     if native_mask_in is None:
-        report("skull-strip", 0.05, f"HD-BET {skull_strip_mode} on {device}")
+        report("skull-strip", 0.05, f"HD-BET {skull_strip_mode} on {device} ({'OpenVINO' if backend == 'openvino' else 'PyTorch'})")
         from .skullstrip import skull_strip
 
-        native_mask = skull_strip(t1c, mode=skull_strip_mode, device=device).mask
+        native_mask = skull_strip(t1c, mode=skull_strip_mode, device=device, backend=backend).mask
     else:
         native_mask = sitk.Cast(
             sitk.Resample(native_mask_in, t1c, sitk.Transform(), sitk.sitkNearestNeighbor, 0) > 0.5, sitk.sitkUInt8)
@@ -488,6 +495,7 @@ def preprocess_case_dir(
     brain_mask: Optional[ImageLike] = None,
     overwrite: bool = False,
     strict: bool = False,
+    backend: str = "torch",
 ) -> PreprocessedCase:
     """Preprocess the case in ``case_dir`` (files t1, flair, adc, t1c) and write ``out_dir``.
 
@@ -501,6 +509,7 @@ def preprocess_case_dir(
     Args:
         overwrite: replace this function's own files in an existing ``out_dir``.
         strict: plausibility warnings become errors (see :func:`preprocess_case`).
+        backend: HD-BET's runtime (see :func:`preprocess_case`); ``preprocess.json`` records the one that ran.
 
     Returns:
         The :class:`PreprocessedCase` (``timings_s`` includes ``"write"`` and ``"total"``).
@@ -516,13 +525,18 @@ def preprocess_case_dir(
     inputs = find_case_inputs(case_dir, modalities)
     sources = [case_dir, *inputs.values()] + ([brain_mask] if isinstance(brain_mask, (str, os.PathLike)) else [])
     out = check_output_folder(out_dir, preprocess_output_names(list(inputs), qc), inputs=sources, overwrite=overwrite)
+    if brain_mask is None:
+        from .skullstrip import skull_strip_backend
+
+        backend = skull_strip_backend(backend, device)
     case = preprocess_case(inputs, geometry, skull_strip_mode, device, brain_mask=brain_mask,
-                           progress=SubProgress(report, 0.0, 0.95), cancel=cancel, strict=strict)
+                           progress=SubProgress(report, 0.0, 0.95), cancel=cancel, strict=strict, backend=backend)
     check_cancel(cancel)
     report("write", 0.95, f"writing {out}")
     t0 = time.perf_counter()
     with staged_folder(out, last=MANIFEST_FILE) as tmp:
-        extra = {"inputs": {k: str(v) for k, v in inputs.items()}, "skull_strip": {"mode": skull_strip_mode, "device": device}}
+        skull = {"mode": skull_strip_mode, "device": device, **({"backend": backend} if brain_mask is None else {})}
+        extra = {"inputs": {k: str(v) for k, v in inputs.items()}, "skull_strip": skull}
         case.write(tmp, extra)
         if qc:
             from .qc import write_qc_png

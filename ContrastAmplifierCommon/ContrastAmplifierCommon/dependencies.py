@@ -18,6 +18,10 @@ Inside Slicer (5.6 and 5.8 embed Python 3.9.10; see Testing/InstalledExtension/S
 * The rest goes through ``slicer.util.pip_install`` as Slicer 5.6/5.8 define it: one positional
   argument, a ``list`` of pip arguments (``slicer.pydeps`` exists in no Slicer release).
 
+Optional packages (:data:`OPTIONAL_REQUIREMENTS`: OpenVINO, a faster CPU runtime for HD-BET and the
+ensemble) are offered the same way by :func:`offer_optional_dependencies`, but never required: a
+declined or failed install is logged and the module goes on with PyTorch.
+
 Outside Slicer the project is installed with pip (``pip install -e .``), so nothing here runs.
 """
 
@@ -57,6 +61,14 @@ SLICER_SHIPPED = (
 
 #: Installed through the PyTorch extension when it is available.
 TORCH = "torch"
+
+#: Optional packages offered on first use (:func:`offer_optional_dependencies`): requirement -> what it
+#: gives. Each is in pyproject.toml's ``[openvino]`` extra with the same specifier (a test checks).
+#: OpenVINO alone is enough in Slicer: its own ONNX and PyTorch front ends convert the networks
+#: (the ``onnx``/``onnxscript``/``nncf`` of the extra serve the command line's exporter and int8).
+OPTIONAL_REQUIREMENTS = {
+    "openvino>=2024.0": "OpenVINO, a faster CPU runtime for skull stripping (HD-BET) and the network ensemble",
+}
 
 ConfirmCallback = Callable[[str], bool]
 Installer = Callable[[list[str]], None]
@@ -253,6 +265,73 @@ def _shipped_too_old(requirements: Sequence[str]) -> str:
         f"Needs {'; '.join(lines)}. These packages come with 3D Slicer and are never replaced by this extension: "
         "use Slicer 5.6 or later."
     )
+
+
+def optional_install_message(missing: Sequence[str], module_title: str = "Contrast Amplifier",
+                              purposes: Optional[dict] = None) -> str:
+    """The question asked before installing optional packages (their purpose, and that they are optional)."""
+    purposes = OPTIONAL_REQUIREMENTS if purposes is None else purposes
+    listed = "\n".join(f"  - {r}: {purposes[r]}" if r in purposes else f"  - {r}" for r in missing)
+    return (
+        f"{module_title} can use these optional Python packages, not installed in Slicer yet:\n{listed}\n\n"
+        "Without them it runs on PyTorch, only slower on the CPU. Download and install them into Slicer's Python "
+        "now (a few minutes)? Slicer may need a restart afterwards."
+    )
+
+
+def offer_optional_dependencies(
+    requirements: Optional[Iterable[str]] = None,
+    confirm: Optional[ConfirmCallback] = None,
+    installer: Optional[Installer] = None,
+    module_title: str = "Contrast Amplifier",
+) -> list[str]:
+    """Offer the missing optional packages (default :data:`OPTIONAL_REQUIREMENTS`) and install them if accepted.
+
+    Never raises for a declined, impossible or failed install: it logs why and returns what was
+    installed, so the caller goes on without them (PyTorch). Requirements on packages Slicer ships
+    are never installed (skipped with a warning), like in :func:`ensure_dependencies`.
+
+    Args:
+        requirements: specifiers; default the keys of :data:`OPTIONAL_REQUIREMENTS`.
+        confirm: shows the message and returns True to install (in Slicer: a dialog). ``None``
+            (batch mode) logs the message and installs.
+        installer: installs a list of specifiers; default :func:`slicer_pip_installer` (inside Slicer;
+            outside it nothing is installed: pip installs the ``[openvino]`` extra there).
+        module_title: module name used in the message.
+
+    Returns:
+        The requirements now installed (empty when nothing was missing, or nothing was installed).
+    """
+    requirements = list(OPTIONAL_REQUIREMENTS) if requirements is None else list(requirements)
+    missing = [r for r in missing_requirements(requirements) if not is_slicer_shipped(r)]
+    for skipped in set(missing_requirements(requirements)) - set(missing):
+        logger.warning("Not installing optional %s: it would replace a package 3D Slicer ships", skipped)
+    if not missing:
+        return []
+    message = optional_install_message(missing, module_title)
+    if confirm is not None:
+        if not confirm(message):
+            logger.info("%s: optional packages not installed (declined): %s", module_title, ", ".join(missing))
+            return []
+    else:
+        logger.warning(message.replace("now (a few minutes)?", "now (batch mode)."))
+    if installer is None:
+        if not _in_slicer():
+            logger.warning("%s: optional packages %s are not installed; outside Slicer install them with pip "
+                           "(pip install \"slicer-contrast-amplifier[openvino]\").", module_title, ", ".join(missing))
+            return []
+        installer = slicer_pip_installer()
+    try:
+        installer(missing)
+    except Exception as exc:  # DependencyError from pip, or anything else: optional means never blocking
+        logger.warning("%s: optional packages not installed, going on with PyTorch: %s", module_title, exc)
+        return []
+    importlib.invalidate_caches()
+    still = missing_requirements(missing)
+    if still:
+        logger.warning("%s: optional packages still missing after installation (%s); going on with PyTorch. "
+                       "Restarting Slicer may help.", module_title, ", ".join(still))
+    return [r for r in missing if r not in still]
 
 
 def ensure_dependencies(

@@ -229,3 +229,65 @@ def test_nothing_runs_at_import_time():
         ), ast.dump(node)[:80]
         if isinstance(node, ast.Expr):
             assert isinstance(node.value, ast.Constant)  # docstring only
+
+
+# -- optional packages (OpenVINO): offered, never required ----------------------------------------
+
+
+def test_optional_requirements_are_the_openvino_extras_own():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    extra = pyproject["project"]["optional-dependencies"]["openvino"]
+    assert list(dependencies.OPTIONAL_REQUIREMENTS) and set(dependencies.OPTIONAL_REQUIREMENTS) <= set(extra)
+    assert not any(dependencies.is_slicer_shipped(r) for r in dependencies.OPTIONAL_REQUIREMENTS)
+    message = dependencies.optional_install_message(list(dependencies.OPTIONAL_REQUIREMENTS))
+    assert "openvino>=2024.0: OpenVINO, a faster CPU runtime" in message and "Without them it runs on PyTorch" in message
+
+
+def test_declined_or_failed_optional_install_is_logged_never_raised(caplog):
+    calls = []
+    with caplog.at_level("INFO", logger=dependencies.__name__):
+        assert dependencies.offer_optional_dependencies(["no-such-opt-xyz>=1"], confirm=lambda m: False,
+                                                        installer=calls.append) == []
+    assert calls == [] and "not installed (declined): no-such-opt-xyz>=1" in caplog.text
+
+    def failing(requirements):
+        raise dependencies.DependencyError("Installing no-such-opt-xyz>=1 failed (CalledProcessError: pip)")
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=dependencies.__name__):
+        assert dependencies.offer_optional_dependencies(["no-such-opt-xyz>=1"], confirm=lambda m: True, installer=failing) == []
+    assert "not installed, going on with PyTorch: Installing no-such-opt-xyz>=1 failed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=dependencies.__name__):  # pip "succeeded" but nothing is importable
+        assert dependencies.offer_optional_dependencies(["no-such-opt-xyz>=1"], confirm=lambda m: True,
+                                                        installer=lambda r: None) == []
+    assert "still missing after installation (no-such-opt-xyz>=1)" in caplog.text
+    # outside Slicer without an installer: nothing installed, the pip extra named
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=dependencies.__name__):
+        assert dependencies.offer_optional_dependencies(["no-such-opt-xyz>=1"]) == []
+    assert 'pip install "slicer-contrast-amplifier[openvino]"' in caplog.text
+
+
+def test_accepted_optional_install_goes_through_slicers_pip_with_the_shipped_pins(monkeypatch):
+    import importlib.metadata
+
+    calls = []
+    _fake_slicer(monkeypatch, _slicer_58_pip_install(calls))
+    installed = {"done": False}
+    real = dependencies.is_satisfied
+    monkeypatch.setattr(dependencies, "is_satisfied", lambda r: installed["done"] or real(r))
+    asked = []
+
+    def confirm(message):
+        asked.append(message)
+        installed["done"] = True  # stands for pip's effect: the package is then importable
+        return True
+
+    wanted = ["numpy>=1.0", "no-such-opt-xyz>=1"]  # numpy is there: only the missing one is offered
+    assert dependencies.offer_optional_dependencies(wanted, confirm=confirm) == ["no-such-opt-xyz>=1"]
+    assert len(asked) == 1 and "no-such-opt-xyz>=1" in asked[0] and "numpy" not in asked[0]
+    [(args, constraints)] = calls
+    assert args[:2] == ["install", "--constraint"] and args[3:] == ["no-such-opt-xyz>=1"]
+    assert f"numpy=={importlib.metadata.version('numpy')}" in constraints  # Slicer's numpy stays as it is
+    assert dependencies.offer_optional_dependencies(wanted, confirm=confirm) == [] and len(asked) == 1  # nothing missing now

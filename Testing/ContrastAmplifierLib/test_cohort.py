@@ -119,3 +119,61 @@ def test_cohort_output_may_not_be_the_cases_folder(tmp_path, small_case_dir, ran
         with pytest.raises(OutputPathError, match="cohort output folder"):
             predict_cohort(cases, out, bundle=random_bundle_dir, n_mirrorings=1, device="cpu", folds=[0])
     assert sorted(p.relative_to(cases) for p in cases.rglob("*")) == before
+
+
+def test_parts_cover_every_case_exactly_once():
+    """--num-parts N --part-id K: round robin over the sorted folders; the union of the parts is the
+    cohort, no case is in two parts, and the parts' sizes differ by one at most."""
+    import pytest
+
+    from ContrastAmplifierLib.cohort import select_part
+
+    for n_cases in range(0, 12):
+        folders = [Path(f"/cohort/case_{i:03d}") for i in range(n_cases)][::-1]  # any order in, sorted out
+        for num_parts in range(1, 7):
+            parts = [select_part(folders, num_parts, k) for k in range(num_parts)]
+            taken = [p for part in parts for p in part]
+            assert sorted(taken) == sorted(folders) and len(set(taken)) == len(taken) == n_cases
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert select_part([Path("b"), Path("a")], None, None) == [Path("a"), Path("b")]
+    for num_parts, part_id, message in ((3, 3, "out of range for --num-parts 3: use 0 to 2"),
+                                        (3, -1, "out of range"), (0, 0, "1 or more"),
+                                        (3, None, "go together"), (None, 1, "go together")):
+        with pytest.raises(ValueError, match=message):
+            select_part([Path("a")], num_parts, part_id)
+
+
+def test_each_part_writes_its_own_summary(tmp_path, random_bundle_dir):
+    """Three parts of five cases in one output folder (as an sbatch array writes them): each part's
+    summary-part-K-of-3.csv holds its cases, together every case once; no part writes summary.csv.
+    The cases lack their images, so each fails at once (a failure is a row like any other)."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from ContrastAmplifierLib import cli
+
+    cases = tmp_path / "cases"
+    names = [f"case_{i}" for i in range(5)]
+    for name in names:
+        (cases / name).mkdir(parents=True)
+    out = tmp_path / "out"
+    seen = []
+    for part in range(3):
+        rows = predict_cohort(cases, out, bundle=random_bundle_dir, num_parts=3, part_id=part)
+        with open(out / f"summary-part-{part}-of-3.csv", newline="", encoding="utf-8") as handle:
+            summary = list(csv.DictReader(handle))
+        assert [r["case"] for r in summary] == [r["case"] for r in rows] == names[part::3]
+        assert all(r["status"] == "failed" and "T1 is missing" in r["error"] for r in summary)
+        seen += [r["case"] for r in summary]
+    assert sorted(seen) == names and not (out / "summary.csv").exists()
+
+    with pytest.raises(ValueError, match="--part-id 3 is out of range"):
+        predict_cohort(cases, tmp_path / "never", bundle=random_bundle_dir, num_parts=3, part_id=3)
+    assert not (tmp_path / "never").exists()  # refused before any work
+    done = CliRunner().invoke(cli.app, ["predict-cohort", str(cases), str(tmp_path / "never"), "--num-parts", "2",
+                                        "--part-id", "2", "--model", str(random_bundle_dir), "--progress", "none"])
+    assert done.exit_code == 2 and "--part-id 2 is out of range for --num-parts 2: use 0 to 1" in done.output
+    done = CliRunner().invoke(cli.app, ["predict-cohort", str(cases), str(out), "--num-parts", "2", "--part-id", "1",
+                                        "--model", str(random_bundle_dir), "--progress", "none"])
+    assert done.exit_code == 1 and "2 cases (part 1 of 2): 0 done, 0 skipped, 2 failed" in done.output
+    assert "summary-part-1-of-2.csv" in done.output

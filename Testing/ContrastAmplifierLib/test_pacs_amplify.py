@@ -94,3 +94,17 @@ def test_an_unknown_study_is_one_error_line_and_writes_nothing(empty_orthanc, ra
     assert done.returncode == 2 and f"study {STUDY_UID} not found" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (out / "T1c-pro.nii.gz").exists()
     assert not (out / "T1c-pro-dicom").exists() and not (out / "inputs" / "t1c").exists()
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--backend", "onnx"], "backend must be one of auto, torch, openvino"),
+    (["--backend", "openvino", "--precision", "slow"], "precision must be one of"),
+])
+def test_backend_and_precision_are_checked_before_the_pacs_is_asked(tmp_path, options, named):
+    """``pacs amplify --backend`` (as ``predict``'s): a wrong choice is one error line, nothing fetched or written."""
+    out = tmp_path / "case"
+    cmd = [sys.executable, "-m", "ContrastAmplifierLib.cli", "pacs", "amplify", STUDY_UID, str(out),
+           "--from", "http://127.0.0.1:9/dicom-web", "--device", "cpu", "--progress", "none", *options]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and named in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -270,28 +270,38 @@ def test_preprocess_crop_takes_three_values_like_training():
 # -- preprocess --model: the bundle's geometry, as predict uses it (the Slicer "Preprocess (QC)") --
 
 
-def _skull_strip_from_case_mask(case_dir, monkeypatch):
-    """HD-BET replaced by the case's own brain mask (HD-BET itself: test_skullstrip.py)."""
+def _skull_strip_from_case_mask(case_dir, monkeypatch) -> list:
+    """HD-BET replaced by the case's own brain mask (HD-BET itself: test_skullstrip.py and, on OpenVINO,
+    test_skullstrip_openvino.py); returns the list of backends it was asked for."""
     from ContrastAmplifierLib import skullstrip
 
     native_mask = sitk.ReadImage(str(case_dir / "brain_mask.nii.gz"))
+    asked = []
 
-    def from_case_mask(image, mode="fast", device="cpu", postprocess=True):
+    def from_case_mask(image, mode="fast", device="cpu", postprocess=True, backend="torch"):
+        asked.append(backend)
         mask = sitk.Cast(sitk.Resample(native_mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0) > 0, sitk.sitkUInt8)
-        return skullstrip.SkullStripResult(mask, sitk.Mask(image, mask), 0.0, mode, str(device))
+        return skullstrip.SkullStripResult(mask, sitk.Mask(image, mask), 0.0, mode, str(device), backend)
 
     monkeypatch.setattr(skullstrip, "skull_strip", from_case_mask)
+    return asked
 
 
 def test_preprocess_with_model_uses_the_bundle_geometry(case_dir, random_bundle_dir, tmp_path, monkeypatch):
     from ContrastAmplifierLib.bundle import load_bundle
 
-    _skull_strip_from_case_mask(case_dir, monkeypatch)
+    from ContrastAmplifierLib import openvino_backend
+
+    asked = _skull_strip_from_case_mask(case_dir, monkeypatch)
     out = tmp_path / "out"
     result = _preprocess_cli(case_dir, out, "--model", random_bundle_dir)
     assert result.exit_code == 0, result.output
     bundle = load_bundle(random_bundle_dir)
     meta = json.loads((out / "preprocess.json").read_text(encoding="utf-8"))
+    # --backend auto: HD-BET on OpenVINO where it imports, else torch; said in the progress and recorded
+    runtime = "openvino" if openvino_backend.available() else "torch"
+    assert asked == [runtime] and meta["skull_strip"] == {"mode": "fast", "device": "cpu", "backend": runtime}
+    assert f'HD-BET fast on cpu ({"OpenVINO" if runtime == "openvino" else "PyTorch"})' in result.output
     assert meta["geometry"] == bundle.geometry().to_dict()
     assert meta["geometry"]["spacing"] == [4.0, 4.0, 4.0] and meta["geometry"]["crop_size"] == [40, 48, 40]
     assert meta["percentiles_used"]["t1c"] == list(bundle.percentiles["t1c"]) == [-2.0, 3.0]
@@ -314,3 +324,10 @@ def test_preprocess_refuses_model_with_spacing_or_crop(case_dir, random_bundle_d
 def test_preprocess_with_an_unknown_model_names_it():
     result = _preprocess_cli("missing-case", "out", "--model", "no-such-model")
     assert result.exit_code == 2 and "unknown model 'no-such-model'" in result.output
+
+
+
+def test_preprocess_backend_that_cannot_run_is_refused_before_any_work(case_dir, tmp_path):
+    refused = _preprocess_cli(case_dir, tmp_path / "refused", "--backend", "openvino", "--device", "cuda")
+    assert refused.exit_code == 2 and "runs on the CPU only, not on cuda" in refused.output
+    assert '"stage"' not in refused.output and not (tmp_path / "refused").exists()

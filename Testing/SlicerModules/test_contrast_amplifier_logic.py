@@ -125,6 +125,63 @@ def test_every_predict_option_the_module_writes_is_one_the_cli_has(ca, tmp_path)
     assert written <= known, f"options the CLI's predict does not have: {sorted(written - known)}"
 
 
+def test_backend_reaches_both_command_lines_and_the_panel_says_what_runs(ca, tmp_path, monkeypatch):
+    """The panel's Backend (auto, torch, openvino) becomes --backend of predict and of preprocess, and the
+    panel line says what auto means here; OpenVINO on a GPU is refused before anything runs."""
+    import typer.main
+
+    from ContrastAmplifierLib import cli
+
+    logic = ca.ContrastAmplifierLogic()
+    files = {stem: tmp_path / f"{stem}.nrrd" for stem in ("t1", "flair", "adc", "t1c")}
+    out = tmp_path / "out.nrrd"
+    assert "--backend auto" in " ".join(logic.predictCommand(files, out))
+    assert "--backend openvino" in " ".join(logic.predictCommand(files, out, device="cpu", backend="openvino"))
+    preprocess = logic.preprocessCommand(tmp_path / "case", tmp_path / "pre", "cpu", backend="torch")
+    assert "--backend torch" in " ".join(preprocess)
+    commands = typer.main.get_command(cli.app).commands
+    known = {name for param in commands["preprocess"].params for name in getattr(param, "opts", [])}
+    assert {part for part in preprocess[4:] if str(part).startswith("--")} <= known
+    with pytest.raises(ValueError, match="Backend must be one of auto, torch, openvino"):
+        logic.predictCommand(files, out, backend="onnx")
+    with pytest.raises(ValueError, match="OpenVINO runs on the CPU only: choose Device cpu, or Backend auto or torch"):
+        logic.predictCommand(files, out, device="cuda", backend="openvino")
+    with pytest.raises(ValueError, match="OpenVINO runs on the CPU only"):
+        logic.preprocessCommand(tmp_path, tmp_path, "cuda", backend="openvino")
+    installed = importlib.util.find_spec("openvino") is not None
+    assert logic.resolveBackend("auto", "cpu") == ("openvino" if installed else "torch")
+    assert logic.resolveBackend("auto", "cuda") == logic.resolveBackend("torch", "cpu") == "torch"
+    assert logic.backendSummary("auto", "cuda") == "auto: PyTorch (on a GPU)."
+    if installed:
+        assert logic.backendSummary("auto", "cpu") == "auto: OpenVINO on the CPU (installed)."
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "openvinoInstalled", staticmethod(lambda: False))
+    assert logic.resolveBackend("auto", "cpu") == "torch"
+    assert "OpenVINO, optional and faster on the CPU, is not installed: Apply offers it" in logic.backendSummary("auto", "cpu")
+    assert logic.backendSummary("openvino", "cpu").startswith("OpenVINO is not installed: Apply offers to install it")
+
+
+def test_openvino_is_offered_once_for_auto_and_required_for_openvino(ca, monkeypatch):
+    """The optional install: auto asks once (a decline is remembered, PyTorch runs), openvino asks every time
+    and refuses to start without it, torch never asks (the real offer, a stand-in package name)."""
+    from ContrastAmplifierCommon import dependencies
+
+    monkeypatch.setattr(dependencies, "OPTIONAL_REQUIREMENTS", {"no-such-openvino-xyz>=1": "a stand-in for OpenVINO"})
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "openvinoInstalled", staticmethod(lambda: False))
+    logic = ca.ContrastAmplifierLogic()
+    asked = []
+    logic.confirmInstall = lambda message: asked.append(message) or False  # the user declines
+    logic.ensureOptionalDependencies("torch", "cpu")
+    logic.ensureOptionalDependencies("auto", "cuda")
+    assert asked == []
+    logic.ensureOptionalDependencies("auto", "cpu")  # declined: no error, PyTorch runs
+    assert len(asked) == 1 and "no-such-openvino-xyz>=1: a stand-in for OpenVINO" in asked[0]
+    logic.ensureOptionalDependencies("auto", "cpu")
+    assert len(asked) == 1, "a declined optional install is not asked again"
+    with pytest.raises(ValueError, match="Backend openvino needs the OpenVINO package.*Choose Backend auto or torch"):
+        logic.ensureOptionalDependencies("openvino", "cpu")
+    assert len(asked) == 2
+
+
 def test_inputs_mask_and_output_are_validated_before_anything_runs(ca, scene, small_case_dir, exchange_root):
     logic = ca.ContrastAmplifierLogic()
     nodes, mask = case_nodes(scene, small_case_dir)
@@ -147,6 +204,7 @@ def test_parameter_node_holds_every_amplification_setting(ca, scene):
     logic.setDefaultParameters(node)
     assert node.GetParameter("Quality") == "Paper" and node.GetParameter("Device") == "auto"
     assert node.GetParameter("Precision") == "auto" and node.GetParameter("Model") == ""
+    assert node.GetParameter("Backend") == "auto"
     assert {"InputBrainMask", "OutputVolume"} <= set(ca.ContrastAmplifierParameterNode.allParameters)
     assert logic.resolvePreprocessDevice("auto") in ("cpu", "cuda")
     assert "--device cpu" in " ".join(logic.preprocessCommand(Path("c"), Path("o"), device="cpu"))

@@ -1,0 +1,11 @@
+"""Command-line options shared by ``contrast-amplifier`` (:mod:`.cli`) and its ``pacs`` sub-app
+(:mod:`.pacs_cli`, which :mod:`.cli` imports: the shared options live here, not in either)."""
+
+from __future__ import annotations
+
+import typer
+
+BACKEND_HELP = ("Inference runtime of HD-BET and of the ensemble: auto (OpenVINO on CPU when installed, else torch; always "
+                "torch on a GPU), torch, or openvino (CPU only; each network is converted once, the ensemble's folds "
+                "once per crop size, and cached; see README, CPU backends).")
+BackendOpt = typer.Option("auto", "--backend", help=BACKEND_HELP)
