@@ -150,7 +150,6 @@ def test_check_registration_summaries_in_predict_and_predict_cohort(small_case_d
     """A suspect registration is named in the predict line, the cohort's summary.csv and its last line."""
     from typer.testing import CliRunner
 
-    from ContrastAmplifierLib import inference
     from ContrastAmplifierLib.cli import app
 
     def flag_flair(modality, result):
@@ -169,11 +168,10 @@ def test_check_registration_summaries_in_predict_and_predict_cohort(small_case_d
 
     cases = tmp_path / "cases" / "a"
     cases.mkdir(parents=True)
-    for m in ("t1", "flair", "adc", "t1c"):
+    for m in ("t1", "flair", "adc", "t1c", "brain_mask"):
         (cases / f"{m}.nii.gz").write_bytes((small_case_dir / f"{m}.nii.gz").read_bytes())
-    real = inference.amplify_case
-    monkeypatch.setattr(inference, "amplify_case", lambda *a, **k: real(*a, brain_mask=mask, **k))  # no HD-BET
-    done = CliRunner().invoke(app, ["predict-cohort", str(tmp_path / "cases"), str(tmp_path / "cohort"), *common])
+    done = CliRunner().invoke(app, ["predict-cohort", str(tmp_path / "cases"), str(tmp_path / "cohort"), *common,
+                                    "--brain-mask-name", "brain_mask"])  # the case's own mask: no HD-BET
     assert done.exit_code == 0, done.output
     assert "CHECK REGISTRATION in 1 case(s): a (flair)" in done.output
     with open(tmp_path / "cohort" / "summary.csv", newline="", encoding="utf-8") as handle:
