@@ -245,7 +245,7 @@ def torch_cpu_bf16() -> bool:
 
 def available_modes(device: str = "cpu") -> tuple[str, ...]:
     """Every mode worth running here: torch's ``fast`` on the CPU only with oneDNN bf16 (emulated, it
-    ran over 9 minutes for 8 predictions at 160 x 192 x 160 on an AVX2 CPU, 15x fp32, and was
+    ran over 9 minutes for 8 predictions at 160 x 192 x 160 on an AVX2 CPU, over 5x fp32 in the same run, and was
     stopped); the OpenVINO ones on the CPU with ``openvino`` (int8: and ``nncf``)."""
     modes = ["naive", "exact", "compiled"] + (["fast"] if device != "cpu" or torch_cpu_bf16() else [])
     if device == "cpu":

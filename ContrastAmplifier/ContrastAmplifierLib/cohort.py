@@ -134,6 +134,12 @@ def predict_cohort(
                    mapping=mapping, overwrite=overwrite, strict=strict, backend=backend)
     summary = out_dir / summary_name(num_parts, part_id)
     report = progress or null_progress
+    if precision == "int8":  # calibrated and checked once, before any case: a refusal stops the cohort here
+        from .ensemble import InferenceSettings
+        from .openvino_int8 import int8_settings
+
+        int8_settings(InferenceSettings.create(device, precision, compile=compile, backend=backend), model,
+                      model.load_models(folds), n_mirrorings, report, cancel)
     cases = [CohortCase(folder, out_dir / folder.name / OUTPUT_NAME, None if dicom_root is None else dicom_root / folder.name)
              for folder in folders]
     if cluster is not None:

@@ -206,6 +206,10 @@ def ensemble_task(preprocessed: tuple[PreparedCase, dict[str, Any]], case: Cohor
             settings = InferenceSettings.create(options["device"], options["precision"], compile=options["compile"],
                                                 backend=options["backend"])
             models, loaded = worker_models(job.bundle, job.bundle_sha256, options["folds"])
+            if settings.precision == "int8":  # the verdict the client's check cached (openvino_int8), read again here
+                from .openvino_int8 import int8_settings
+
+                settings = int8_settings(settings, job.bundle, models, options["n_mirrorings"])
             # overwrite: the preprocessing task checked the outputs with the user's --overwrite; what
             # can stand there now is this case's own output from an attempt on a worker that died.
             result = finish_case(prepared, job.bundle, settings, models=models, folds=options["folds"],

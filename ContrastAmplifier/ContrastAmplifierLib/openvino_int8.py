@@ -367,7 +367,8 @@ class Verdict:
     def describe(self) -> str:
         changes = ", ".join(f"{c['cnr_change'] * 100:+.2f} % (seed {int(c['seed'])}: {c['cnr_fp32']:.3f} -> "
                             f"{c['cnr_int8']:.3f})" for c in self.cases)
-        return (f"{self.folds} folds x {self.mirrorings} mirrorings on {len(self.cases)} held-out phantom cases: lesion CNR "
+        return (f"{self.folds} fold{'s' if self.folds != 1 else ''} x {self.mirrorings} mirroring{'s' if self.mirrorings != 1 else ''} "
+                f"on {len(self.cases)} held-out phantom case{'s' if len(self.cases) != 1 else ''}: lesion CNR "
                 f"of T1c-pro changed by {changes} against fp32 (limit +-{self.cnr_tolerance * 100:g} % in every case); "
                 f"largest voxel difference in the brain {self.max_abs_diff:.4f} (limit {self.max_diff_bound:g}, "
                 "normalised [0, 1] units)")
@@ -506,6 +507,7 @@ def int8_settings(settings: Any, bundle: Any, models: Sequence[torch.nn.Module],
     verdict = accept_int8(bundle, models, n_mirrorings, calibrated, progress=report, cancel=cancel, **rule)
     if not verdict.accepted:
         raise Int8Refused(f"int8 refused for model {bundle.name!r}: {verdict.describe()}. Use --precision exact (fp32) "
-                          "instead.")
+                          "instead, or more predictions (all folds, --flips 8: an average of more predictions carries "
+                          "less of int8's error).")
     report("int8", 0.0, f"int8 accepted: {verdict.describe()}")
     return calibrated

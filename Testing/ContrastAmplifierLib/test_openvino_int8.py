@@ -120,10 +120,10 @@ def test_refusals_name_the_numbers(int8_cache, demo):
     with pytest.raises(oi.Int8Refused) as refused:
         _int8(demo, models, max_diff_bound=1e-6)
     message = str(refused.value)
-    assert message.startswith("int8 refused for model 'phantom-demo': 5 folds x 8 mirrorings on 1 held-out phantom cases")
+    assert message.startswith("int8 refused for model 'phantom-demo': 5 folds x 8 mirrorings on 1 held-out phantom case:")
     assert f"largest voxel difference in the brain {measured['max_abs_diff']:.4f} (limit 1e-06" in message
     assert f"seed {oi.ACCEPTANCE_SEED}: {measured['cnr_fp32']:.3f} -> {measured['cnr_int8']:.3f}" in message
-    assert message.endswith("Use --precision exact (fp32) instead.") and "\n" not in message
+    assert "Use --precision exact (fp32) instead, or more predictions" in message and "\n" not in message
     with pytest.raises(oi.Int8Refused, match=r"changed by [+-]\d\.\d\d % .*limit \+-1e-07 % in every case"):
         _int8(demo, models, cnr_tolerance=1e-9)  # the CNR rule alone (the voxel bound is met)
 
@@ -224,3 +224,17 @@ def test_amplify_case_int8_writes_what_the_check_measured(int8_cache, demo, tmp_
     brain = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "brain_mask.nii.gz"))) > 0
     cnr = roi_contrast(image, lesions, healthy_brain_roi(brain, lesions, margin_voxels=1)).cnr  # 3 mm: 1 voxel
     assert cnr == pytest.approx(measured["cnr_int8"], rel=1e-3)
+
+
+def test_predict_cohort_checks_int8_once_before_any_case(int8_cache, demo, tmp_path):
+    """A cohort's int8 is checked up front (cohort.py); one fold x 1 mirroring is refused (worst voxel ~0.06 > 0.03)."""
+    from ContrastAmplifierLib.cohort import predict_cohort
+
+    case_dir, _ = _acceptance_case(demo)
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "case_a").symlink_to(case_dir, target_is_directory=True)
+    with pytest.raises(oi.Int8Refused, match=r"1 fold x 1 mirroring on 1 held-out phantom case: .* Use --precision exact"):
+        predict_cohort(cases, tmp_path / "out", bundle=demo, folds=[0], n_mirrorings=1, device="cpu", precision="int8",
+                       backend="openvino")
+    assert not (tmp_path / "out" / "case_a").exists()
