@@ -233,16 +233,18 @@ def amplify_case(
     settings = InferenceSettings.create(device, precision, compile=compile, backend=backend)
     if settings.device.type == "cpu":
         configure_cpu_threads(threads)
+    models = None
     if settings.precision == "int8":  # calibrated and checked once per model (cached); a refusal comes before any work
         from .openvino_int8 import int8_settings
 
-        settings = int8_settings(settings, model_bundle, model_bundle.load_models(folds), n_mirrorings, report, cancel)
+        models = model_bundle.load_models(folds)  # loaded once: the check's, then the ensemble's
+        settings = int8_settings(settings, model_bundle, models, n_mirrorings, report, cancel)
     hd_bet_device = "cpu" if settings.device.type != "cuda" else str(settings.device)
     mode = skull_strip_mode or ("accurate" if settings.device.type == "cuda" else "fast")
     prepared = prepare_case({"t1": t1, "flair": flair, "adc": adc, "t1c": t1c}, model_bundle, mapping=mapping,
                             skull_strip_mode=mode, skull_strip_device=hd_bet_device, skull_strip_backend=backend, brain_mask=brain_mask,
                             progress=report, cancel=cancel, strict=strict)
-    return finish_case(prepared, model_bundle, settings, folds=folds, n_mirrorings=n_mirrorings,
+    return finish_case(prepared, model_bundle, settings, models=models, folds=folds, n_mirrorings=n_mirrorings,
                        outside_brain=outside_brain, out_path=out_path, out_dicom=out_dicom, t1c_dicom=t1c_dicom,
                        overwrite=overwrite, progress=report, cancel=cancel, start=start)
 
