@@ -336,7 +336,7 @@ PART_ID_HELP = "Which part to run, 0 to N-1 (e.g. $SLURM_ARRAY_TASK_ID of sbatch
 COHORT_THREADS_HELP = ("CPU threads per case (torch and ITK). Default: all cores serially, cores/N with --cluster "
                        "local:N. 1 makes every run's T1c-pro the same to the bit (see README).")
 BRAIN_MASK_NAME_HELP = ("Use the image of this name in each case folder as its brain mask (e.g. brain_mask for "
-                        "brain_mask.nii.gz), instead of HD-BET; a case without one fails.")
+                        "brain_mask.nii.gz; the file name works too), instead of HD-BET; a case without one fails.")
 
 
 class _CohortConsole(_WithWarnings):

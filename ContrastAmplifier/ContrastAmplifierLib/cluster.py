@@ -317,7 +317,9 @@ def local_cluster(workers: Optional[int] = None, gpu_workers: Optional[int] = No
     memory = _total_memory()
     specs: dict[str, dict] = {}
     for i in range(count):
-        options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1", "silence_logs": logging.ERROR,
+        # A failing case is reported once, in its summary row and on the console: the worker's own
+        # "Compute Failed" ERROR record of the same exception is left out.
+        options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1", "silence_logs": logging.CRITICAL,
                                    "memory_limit": int(memory / count) if memory else "auto"}
         if i < gpus:
             options["resources"] = {"GPU": 1}

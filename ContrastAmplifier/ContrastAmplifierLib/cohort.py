@@ -125,6 +125,10 @@ def predict_cohort(
         check_cluster_request(cluster, cluster_config)
     elif cluster_config is not None:
         raise ValueError("--cluster-config is the SLURM cluster file: it goes with --cluster slurm.")
+    if brain_mask:  # "brain_mask.nii.gz" names the same image as "brain_mask"
+        from .imagefiles import image_stem
+
+        brain_mask = image_stem(brain_mask) or brain_mask
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     folders = select_part(_case_folders(cases_dir), num_parts, part_id)
     out_root = check_output_folder(out_dir, [], inputs=[cases_dir], what="cohort output folder")

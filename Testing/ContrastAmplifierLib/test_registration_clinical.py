@@ -171,7 +171,7 @@ def test_check_registration_summaries_in_predict_and_predict_cohort(small_case_d
     for m in ("t1", "flair", "adc", "t1c", "brain_mask"):
         (cases / f"{m}.nii.gz").write_bytes((small_case_dir / f"{m}.nii.gz").read_bytes())
     done = CliRunner().invoke(app, ["predict-cohort", str(tmp_path / "cases"), str(tmp_path / "cohort"), *common,
-                                    "--brain-mask-name", "brain_mask"])  # the case's own mask: no HD-BET
+                                    "--brain-mask-name", "brain_mask.nii.gz"])  # the case's own mask (its file name): no HD-BET
     assert done.exit_code == 0, done.output
     assert "CHECK REGISTRATION in 1 case(s): a (flair)" in done.output
     with open(tmp_path / "cohort" / "summary.csv", newline="", encoding="utf-8") as handle:
