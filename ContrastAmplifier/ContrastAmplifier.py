@@ -158,6 +158,8 @@ def loadPhantomSample(source=None) -> Dict[str, object]:
 
 #: Labels of the quality presets (stored in the parameter node, shown in the Quality combo box).
 QUALITY_LABELS = ["Quick", "Balanced", "Paper"]
+#: The panel's Precision choices, as the command line's ``--precision`` (ContrastAmplifierLib.ensemble.PRECISIONS).
+PRECISIONS = ("auto", "exact", "fast", "int8")
 
 
 @parameterNodeWrapper
@@ -178,7 +180,8 @@ class ContrastAmplifierParameterNode:
             ALLOWED_WITHOUT_WIDGET).
     Quality - Quick / Balanced / Paper (QUALITY_PRESETS).
     Device - auto, cpu or cuda.
-    Precision - auto, exact (fp32) or fast (bf16).
+    Precision - auto, exact (fp32), fast (bf16) or int8 (OpenVINO + NNCF on the CPU only: each fold quantised
+                once, used only when its check on held-out phantoms passes; Apply offers OpenVINO and NNCF).
     Backend - runtime of HD-BET and the ensemble on the CPU: auto (OpenVINO when installed, else PyTorch;
               PyTorch on a GPU), torch or openvino (CPU only). OpenVINO is optional: Apply offers to
               install it (:meth:`ContrastAmplifierLogic.ensureOptionalDependencies`).
@@ -203,7 +206,7 @@ class ContrastAmplifierParameterNode:
     Model: str
     Quality: Annotated[str, Choice(QUALITY_LABELS)] = "Paper"
     Device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    Precision: Annotated[str, Choice(["auto", "exact", "fast"])] = "auto"
+    Precision: Annotated[str, Choice(list(PRECISIONS))] = "auto"
     Backend: Annotated[str, Choice(["auto", "torch", "openvino"])] = "auto"
     SkullStripMode: Annotated[str, Choice(["fast", "accurate"])] = "fast"
     QualityControl: bool = True
@@ -260,6 +263,7 @@ class AmplifyJob(BackgroundJob):
         importedToDatabase: whether that import happened.
         sendError: the command line's error when T1c-pro and its series were written but sending failed
             (the result is loaded all the same).
+        precision: the Precision asked for (auto, exact, fast, int8).
     """
 
     outputPath: Optional[Path] = None
@@ -277,6 +281,7 @@ class AmplifyJob(BackgroundJob):
     importToDatabase: bool = False
     importedToDatabase: bool = False
     sendError: Optional[str] = None
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -355,7 +360,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
     DEVICES = ("cpu", "cuda")
     #: Devices of amplification (resolved by the command line itself).
     PREDICT_DEVICES = ("auto", "cpu", "cuda", "mps")
-    PRECISIONS = ("auto", "exact", "fast")
+    PRECISIONS = PRECISIONS
     #: Runtimes of HD-BET and the ensemble (the command line's ``--backend``); OpenVINO is an optional package.
     BACKENDS = ("auto", "torch", "openvino")
     #: Settings key (Slicer's QSettings) remembering that the user declined the optional OpenVINO install.
@@ -373,6 +378,9 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         #: Asks the user before installing packages; the widget sets a dialog, batch mode logs and installs.
         self.confirmInstall: Optional[Callable[[str], bool]] = None
+        #: Installs optional packages (a list of pip requirements); ``None``: Slicer's pip with its shipped
+        #: packages pinned (ContrastAmplifierCommon.dependencies.slicer_pip_installer).
+        self.installOptional: Optional[Callable[[List[str]], None]] = None
         self._declined = False  # the optional OpenVINO install was declined (without Qt settings to keep it in)
 
     # -- parameters --------------------------------------------------------------------------
@@ -434,25 +442,70 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
     # -- the CPU runtime (PyTorch or the optional OpenVINO) -------------------------------------
 
     @staticmethod
-    def openvinoInstalled() -> bool:
-        """Whether the ``openvino`` package is installed in this Python (looked up, not imported: cheap)."""
+    def _packageInstalled(name: str) -> bool:
+        """Whether package ``name`` is installed in this Python (looked up, not imported: cheap)."""
         import importlib.util
 
         try:
-            return importlib.util.find_spec("openvino") is not None
+            return importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):
             return False
 
-    def resolveBackend(self, backend: str = "auto", device: str = "auto") -> str:
-        """The runtime (``"torch"`` or ``"openvino"``) the command line picks for ``backend`` on ``device``:
-        ``auto`` is OpenVINO on the CPU when it is installed, PyTorch otherwise and on a GPU.
+    @staticmethod
+    def openvinoInstalled() -> bool:
+        """Whether the ``openvino`` package is installed in this Python (looked up, not imported: cheap)."""
+        return ContrastAmplifierLogic._packageInstalled("openvino")
+
+    @staticmethod
+    def nncfInstalled() -> bool:
+        """Whether the ``nncf`` package (int8 quantisation) is installed in this Python (looked up, not imported)."""
+        return ContrastAmplifierLogic._packageInstalled("nncf")
+
+    def int8MissingPackages(self) -> List[str]:
+        """The packages precision int8 needs that are not installed: "OpenVINO", "NNCF" (empty: it can run)."""
+        return [name for name, installed in (("OpenVINO", self.openvinoInstalled()), ("NNCF", self.nncfInstalled()))
+                if not installed]
+
+    def validatePrecision(self, precision: str = "auto", backend: str = "auto", device: str = "auto") -> None:
+        """Refuse a precision that ``backend`` on ``device`` cannot run, before anything is exported or installed.
+
+        int8 follows the command line's rule (ContrastAmplifierLib.ensemble._int8_backend, mirrored here:
+        Slicer's Python may not have torch yet): OpenVINO on the CPU only, so a GPU device (cuda, mps, or
+        auto when it picks the GPU) and Backend torch are refused.
 
         Raises:
-            ValueError: an unknown backend, or OpenVINO with a GPU device (named in the message).
+            ValueError: an unknown precision, or int8 with a GPU or Backend torch (the message names the fix).
+        """
+        if precision not in self.PRECISIONS:
+            raise ValueError(_("Precision must be one of {choices} (got {value!r}).").format(
+                choices=", ".join(self.PRECISIONS), value=precision))
+        if precision != "int8":
+            return
+        if self._onGpu(device):
+            if device == "auto":
+                raise ValueError(_("Precision int8 runs on OpenVINO on the CPU only, and Device auto picks the GPU "
+                                   "here: choose Device cpu, or Precision fast (or auto) for the GPU."))
+            raise ValueError(_("Precision int8 runs on OpenVINO on the CPU only, not on {device}: choose Device cpu, "
+                               "or Precision fast (or auto) for the GPU.").format(device=device))
+        if backend == "torch":
+            raise ValueError(_("Precision int8 runs on OpenVINO (NNCF quantisation); PyTorch has no int8 path: "
+                               "choose Backend auto or openvino, or Precision exact or fast."))
+
+    def resolveBackend(self, backend: str = "auto", device: str = "auto", precision: str = "auto") -> str:
+        """The runtime (``"torch"`` or ``"openvino"``) the command line picks for ``backend`` on ``device``:
+        ``auto`` is OpenVINO on the CPU when it is installed, PyTorch otherwise and on a GPU. Precision
+        int8 always runs on OpenVINO (:meth:`validatePrecision`).
+
+        Raises:
+            ValueError: an unknown backend or precision, OpenVINO with a GPU device, or int8 with a GPU
+                or Backend torch (named in the message).
         """
         if backend not in self.BACKENDS:
             raise ValueError(_("Backend must be one of {choices} (got {value!r}).").format(
                 choices=", ".join(self.BACKENDS), value=backend))
+        self.validatePrecision(precision, backend, device)
+        if precision == "int8":
+            return "openvino"
         gpu = self._onGpu(device)
         if backend == "openvino" and gpu:
             raise ValueError(_("OpenVINO runs on the CPU only: choose Device cpu, or Backend auto or torch for the "
@@ -461,12 +514,19 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             return "openvino" if not gpu and self.openvinoInstalled() else "torch"
         return backend
 
-    def backendSummary(self, backend: str = "auto", device: str = "auto") -> str:
+    def backendSummary(self, backend: str = "auto", device: str = "auto", precision: str = "auto") -> str:
         """One line for the panel: which runtime runs skull stripping and the network, and why."""
         try:
-            runtime = self.resolveBackend(backend, device)
+            runtime = self.resolveBackend(backend, device, precision)
         except ValueError as exc:
             return str(exc)
+        if precision == "int8":
+            missing = self.int8MissingPackages()
+            if missing:
+                return _("int8 on OpenVINO: {packages} not installed: Apply offers to install them (or choose "
+                         "Precision exact or fast).").format(packages=_(" and ").join(missing))
+            return _("int8 on OpenVINO on the CPU: each fold is quantised once and used only if its check on "
+                     "held-out phantoms passes (the first run with a model takes minutes).")
         if backend == "openvino" and not self.openvinoInstalled():
             return _("OpenVINO is not installed: Apply offers to install it (or choose auto or torch).")
         if runtime == "openvino":
@@ -477,16 +537,23 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             return _("auto: PyTorch (on a GPU).")
         return _("auto: PyTorch (OpenVINO, optional and faster on the CPU, is not installed: Apply offers it).")
 
-    def ensureOptionalDependencies(self, backend: str = "auto", device: str = "auto") -> None:
+    def ensureOptionalDependencies(self, backend: str = "auto", device: str = "auto", precision: str = "auto") -> None:
         """Offer to install OpenVINO (optional) when ``backend`` would use it and it is missing.
 
         ``auto`` never fails for it: a declined (remembered, not asked again) or failed install keeps
-        PyTorch. ``openvino`` asks every time and raises when it is still missing afterwards.
+        PyTorch. ``openvino`` asks every time and raises when it is still missing afterwards. Precision
+        int8 needs OpenVINO and NNCF: whichever is missing is offered every time, and int8 is refused
+        while one is still missing.
 
         Raises:
-            ValueError: ``backend`` is "openvino" and OpenVINO could not be installed (names the fix).
+            ValueError: ``backend`` is "openvino" and OpenVINO could not be installed, or ``precision`` is
+                "int8" and OpenVINO or NNCF could not be (names the fix); a setting :meth:`resolveBackend` refuses.
         """
-        self.resolveBackend(backend, device)  # an unknown backend, or OpenVINO on a GPU: refused here
+        # an unknown backend or precision, OpenVINO or int8 on a GPU, int8 with torch: refused here
+        self.resolveBackend(backend, device, precision)
+        if precision == "int8":
+            self._ensureInt8Packages()
+            return
         if backend == "torch" or self.openvinoInstalled():
             return
         if backend == "auto" and (self._onGpu(device) or self._declinedOpenVINO()):
@@ -497,7 +564,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             asked.append(message)
             return self.confirmInstall(message) if self.confirmInstall is not None else True
 
-        installed = offer_optional_dependencies(confirm=confirm, module_title="Contrast Amplifier")
+        installed = offer_optional_dependencies(confirm=confirm, installer=self.installOptional,
+                                                module_title="Contrast Amplifier")
         if not installed and not self.openvinoInstalled():
             if asked and backend == "auto":
                 self._declinedOpenVINO(remember=True)
@@ -505,6 +573,22 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(_("Backend openvino needs the OpenVINO package, which is not installed (declined or "
                                    "failed: see the log). Choose Backend auto or torch, or install it from the Python "
                                    "console with slicer.util.pip_install('openvino')."))
+
+    def _ensureInt8Packages(self) -> None:
+        """Offer what precision int8 is missing of OpenVINO and NNCF (every time), then refuse int8 without them."""
+        if not self.int8MissingPackages():
+            return
+        from ContrastAmplifierCommon import dependencies
+
+        requirements = list(dependencies.OPTIONAL_REQUIREMENTS) + list(dependencies.INT8_REQUIREMENTS)
+        offer_optional_dependencies(requirements, confirm=self.confirmInstall, installer=self.installOptional,
+                                    module_title="Contrast Amplifier",
+                                    without=_("Without them Precision int8 cannot run (exact and fast can)."))
+        missing = self.int8MissingPackages()
+        if missing:
+            raise ValueError(_("Precision int8 needs {packages}, not installed (declined or failed: see the log). "
+                               "Choose Precision exact or fast, or install them from the Python console with "
+                               "slicer.util.pip_install('openvino nncf').").format(packages=_(" and ").join(missing)))
 
     def _onGpu(self, device: str) -> bool:
         return device == "mps" or self.resolvePreprocessDevice(device) == "cuda"
@@ -876,7 +960,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             folds: fold models to average (``None``: all).
             flips: mirrorings per fold.
             device: auto, cpu, cuda or mps.
-            precision: auto, exact (fp32) or fast (bf16).
+            precision: auto, exact (fp32), fast (bf16) or int8 (OpenVINO on the CPU; :meth:`validatePrecision`;
+                with device auto the child is told cpu).
             brainMask: brain mask on the T1c grid (skips HD-BET).
             threads: CPU threads of the child (default: all cores).
             dicomOutput: also write T1c-pro as a DICOM MR series into this new or empty folder (``--out-dicom``).
@@ -897,13 +982,14 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         if device not in self.PREDICT_DEVICES:
             raise ValueError(_("Device must be one of {choices} (got {value!r}).").format(
                 choices=", ".join(self.PREDICT_DEVICES), value=device))
-        if precision not in self.PRECISIONS:
-            raise ValueError(_("Precision must be one of {choices} (got {value!r}).").format(
-                choices=", ".join(self.PRECISIONS), value=precision))
         if int(flips) not in self.MIRRORINGS:
             raise ValueError(_("Mirrorings must be one of {choices} (got {value}).").format(
                 choices=", ".join(map(str, self.MIRRORINGS)), value=flips))
-        self.resolveBackend(backend, device)
+        self.resolveBackend(backend, device, precision)  # also refuses an unknown precision, int8 on a GPU or torch
+        if precision == "int8" and device == "auto":
+            # auto found no GPU (a GPU was refused above); the child's own auto would pick Apple's MPS, where
+            # int8 cannot run, so it is told the CPU outright.
+            device = "cpu"
         args: List[object] = ["predict"]
         for stem in self.INPUTS:
             if stem not in inputs:
@@ -1101,7 +1187,8 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         exchange folder only to be sent. ``importToDatabase`` adds the ``dicomOutput`` series to
         Slicer's DICOM database after success (:meth:`importDicomSeries`). ``backend`` (auto, torch,
         openvino) is the runtime of HD-BET and the ensemble; the optional OpenVINO is offered first
-        where it would be used (:meth:`ensureOptionalDependencies`).
+        where it would be used (:meth:`ensureOptionalDependencies`); precision int8 (OpenVINO + NNCF on
+        the CPU) is checked (:meth:`validatePrecision`) and its packages offered the same way.
 
         Raises:
             ValueError: a missing, duplicate or mismatched input, or an invalid setting (named).
@@ -1113,10 +1200,11 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
         if output is not None and output.GetID() in {n.GetID() for n in nodes.values()}:
             raise ValueError(_("Output volume '{name}' is one of the inputs; choose 'Create new volume' or another "
                                "volume in T1c-pro output.").format(name=output.GetName()))
+        self.resolveBackend(backend, device, precision)  # a refused setting (int8 on a GPU ...) before any install
         if installDependencies:
             self.ensureDependencies()
-            self.ensureOptionalDependencies(backend, device)
-        runtime = self.resolveBackend(backend, device)
+            self.ensureOptionalDependencies(backend, device, precision)
+        runtime = self.resolveBackend(backend, device, precision)
         chosenFolds, chosenFlips = self.ensembleChoice(quality, model, folds, flips)
         dicomFolder = self.dicomFolder(dicomOutput)
         sendTo = (sendTo or "").strip() or None
@@ -1149,7 +1237,7 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
                           outputPath=outputPath, t1cNode=t1c, outputNode=output, command=command, showResult=showResult,
                           dicomOutput=seriesFolder, keepDicom=dicomFolder is not None, sendTo=sendTo, t1cDicom=t1cDicom,
                           t1cDicomNote=t1cDicomNote, importToDatabase=importToDatabase and dicomFolder is not None,
-                          backend=runtime)
+                          backend=runtime, precision=precision)
 
     def startAmplifyFromParameters(self, parameterNode=None, **options) -> AmplifyJob:
         """:meth:`startAmplify` with the panel's choices (what Apply runs); ``options`` go to it.
@@ -1303,7 +1391,9 @@ class ContrastAmplifierLogic(ScriptedLoadableModuleLogic):
             model: registry name or bundle folder; ``None`` = the default model (``contrast-amplifier models list`` marks it).
             quality: ``"quick"`` (1 fold x 1 mirroring), ``"balanced"`` (all folds x 2) or ``"paper"`` (all x 8).
             device: auto, cpu, cuda or mps.
-            precision: auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16).
+            precision: auto (bf16 on CUDA, fp32 on CPU), exact (fp32), fast (bf16) or int8 (OpenVINO + NNCF on
+                the CPU: each fold quantised once, used only if its check on held-out phantoms passes, else
+                the run fails with the numbers; the first run with a model takes minutes).
             synchronous: wait and return the node; otherwise return the running :class:`AmplifyJob`
                 at once and call :meth:`pollAmplify` (e.g. from a ``qt.QTimer``) until it returns True.
             progress: called with each :class:`ContrastAmplifierCommon.process.ProgressEvent`
@@ -1725,7 +1815,8 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         except ValueError as exc:
             self.ui.qualityInfoLabel.text = str(exc)
         self.ui.backendInfoLabel.text = self.logic.backendSummary(pn.Backend if pn is not None else "auto",
-                                                                  pn.Device if pn is not None else "auto")
+                                                                  pn.Device if pn is not None else "auto",
+                                                                  pn.Precision if pn is not None else "auto")
 
     def _missingInputs(self) -> List[str]:
         pn = self._parameterNode
@@ -1842,6 +1933,8 @@ class ContrastAmplifierWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     @staticmethod
     def _startedText(started: str, job: BackgroundJob) -> str:
         runtime = _("OpenVINO") if job.backend == "openvino" else _("PyTorch")
+        if isinstance(job, AmplifyJob) and job.precision == "int8":
+            runtime = _("OpenVINO int8; the first run with a model quantises and checks each fold: minutes")
         return _("{started} ({runtime})...").format(started=started, runtime=runtime)
 
     def _startProgress(self, text: str) -> None:

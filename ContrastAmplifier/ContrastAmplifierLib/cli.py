@@ -15,7 +15,7 @@ import typer
 from ContrastAmplifierCommon.cliapp import cli_job, fail, run_cli
 from ContrastAmplifierCommon.progress import make_progress
 
-from .cli_options import BackendOpt
+from .cli_options import BackendOpt, PrecisionOpt
 from .pacs_cli import pacs_app
 
 if TYPE_CHECKING:  # preprocessing imports SimpleITK: only inside the commands, so --help stays instant
@@ -243,7 +243,6 @@ OUT_DICOM_HELP = ("Also write T1c-pro as a DICOM MR series (one file per T1c sli
                   "series of the T1c's study when --t1c is a DICOM series folder, else a new de-identified study. "
                   "Checked before any work. See README, DICOM output.")
 MappingOpt = typer.Option("auto", "--mapping", help="How T1c-pro returns to the T1c grid: auto, direct (the prediction itself) or residual (the T1c plus the network's change; keeps the T1c's resolution). See README.")
-PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32), fast (bf16; OpenVINO: only where the CPU has BF16, else fp32) or int8 (OpenVINO + NNCF on the CPU: each fold quantised once, calibrated on phantoms, used only if its accuracy check on held-out phantoms passes, else refused; see README, int8).")
 CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile each fold model (~1.3x faster per prediction on CPU, seconds to compile). Default: on for CPU at 1 mm sizes, off otherwise (see README).")
 
 

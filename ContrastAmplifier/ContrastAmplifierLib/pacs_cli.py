@@ -18,7 +18,7 @@ import typer
 from ContrastAmplifierCommon.cliapp import cli_job, fail, run_cli
 from ContrastAmplifierCommon.progress import make_progress
 
-from .cli_options import BackendOpt
+from .cli_options import BackendOpt, PrecisionOpt
 
 if TYPE_CHECKING:  # pacs itself is light, but keep the import graph of --help minimal
     from .pacs import Endpoint, PacsConfig, RetryPolicy, SendReport
@@ -250,7 +250,7 @@ def amplify(
     folds: Optional[list[int]] = typer.Option(None, "--folds", help="Fold models to average (repeat the option; default: all)."),
     flips: int = typer.Option(8, "--flips", help="Mirrorings per fold: 8 (paper), or 1, 2, 4 for a quicker look."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), exact (fp32) or fast (bf16)."),
+    precision: str = PrecisionOpt,
     backend: str = BackendOpt,
     brain_mask: Optional[Path] = typer.Option(None, "--brain-mask", help="Brain mask on the T1c grid; skips HD-BET."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all cores)."),

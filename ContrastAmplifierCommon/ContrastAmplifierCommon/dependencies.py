@@ -20,7 +20,9 @@ Inside Slicer (5.6 and 5.8 embed Python 3.9.10; see Testing/InstalledExtension/S
 
 Optional packages (:data:`OPTIONAL_REQUIREMENTS`: OpenVINO, a faster CPU runtime for HD-BET and the
 ensemble) are offered the same way by :func:`offer_optional_dependencies`, but never required: a
-declined or failed install is logged and the module goes on with PyTorch.
+declined or failed install is logged and the module goes on with PyTorch. Precision int8 needs
+:data:`INT8_REQUIREMENTS` (NNCF) too; the module offers them only when int8 is chosen, and without
+them refuses int8 (the other precisions still run).
 
 Outside Slicer the project is installed with pip (``pip install -e .``), so nothing here runs.
 """
@@ -68,6 +70,13 @@ TORCH = "torch"
 #: (the ``onnx``/``onnxscript``/``nncf`` of the extra serve the command line's exporter and int8).
 OPTIONAL_REQUIREMENTS = {
     "openvino>=2024.0": "OpenVINO, a faster CPU runtime for skull stripping (HD-BET) and the network ensemble",
+}
+
+#: What precision "int8" needs besides :data:`OPTIONAL_REQUIREMENTS`: NNCF quantises each fold network to
+#: int8 (post-training quantisation of the OpenVINO model). Offered only when int8 is chosen, as it brings
+#: several packages OpenVINO alone does not need; in the ``[openvino]`` extra with the same specifier too.
+INT8_REQUIREMENTS = {
+    "nncf>=2.10": "NNCF, which quantises each fold network to int8 once (Precision int8)",
 }
 
 ConfirmCallback = Callable[[str], bool]
@@ -267,14 +276,23 @@ def _shipped_too_old(requirements: Sequence[str]) -> str:
     )
 
 
+#: What :func:`optional_install_message` says by default about going on without the optional packages.
+WITHOUT_OPTIONAL = "Without them it runs on PyTorch, only slower on the CPU."
+
+
 def optional_install_message(missing: Sequence[str], module_title: str = "Contrast Amplifier",
-                              purposes: Optional[dict] = None) -> str:
-    """The question asked before installing optional packages (their purpose, and that they are optional)."""
-    purposes = OPTIONAL_REQUIREMENTS if purposes is None else purposes
+                              purposes: Optional[dict] = None, without: Optional[str] = None) -> str:
+    """The question asked before installing optional packages (their purpose, and what happens without them).
+
+    Args:
+        purposes: requirement -> what it gives; default :data:`OPTIONAL_REQUIREMENTS` and :data:`INT8_REQUIREMENTS`.
+        without: what the module does without them; default :data:`WITHOUT_OPTIONAL`.
+    """
+    purposes = {**OPTIONAL_REQUIREMENTS, **INT8_REQUIREMENTS} if purposes is None else purposes
     listed = "\n".join(f"  - {r}: {purposes[r]}" if r in purposes else f"  - {r}" for r in missing)
     return (
         f"{module_title} can use these optional Python packages, not installed in Slicer yet:\n{listed}\n\n"
-        "Without them it runs on PyTorch, only slower on the CPU. Download and install them into Slicer's Python "
+        f"{WITHOUT_OPTIONAL if without is None else without} Download and install them into Slicer's Python "
         "now (a few minutes)? Slicer may need a restart afterwards."
     )
 
@@ -284,6 +302,7 @@ def offer_optional_dependencies(
     confirm: Optional[ConfirmCallback] = None,
     installer: Optional[Installer] = None,
     module_title: str = "Contrast Amplifier",
+    without: Optional[str] = None,
 ) -> list[str]:
     """Offer the missing optional packages (default :data:`OPTIONAL_REQUIREMENTS`) and install them if accepted.
 
@@ -298,6 +317,7 @@ def offer_optional_dependencies(
         installer: installs a list of specifiers; default :func:`slicer_pip_installer` (inside Slicer;
             outside it nothing is installed: pip installs the ``[openvino]`` extra there).
         module_title: module name used in the message.
+        without: what the module does without them, said in the question (default :data:`WITHOUT_OPTIONAL`).
 
     Returns:
         The requirements now installed (empty when nothing was missing, or nothing was installed).
@@ -308,7 +328,7 @@ def offer_optional_dependencies(
         logger.warning("Not installing optional %s: it would replace a package 3D Slicer ships", skipped)
     if not missing:
         return []
-    message = optional_install_message(missing, module_title)
+    message = optional_install_message(missing, module_title, without=without)
     if confirm is not None:
         if not confirm(message):
             logger.info("%s: optional packages not installed (declined): %s", module_title, ", ".join(missing))

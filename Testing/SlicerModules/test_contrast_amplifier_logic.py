@@ -182,6 +182,184 @@ def test_openvino_is_offered_once_for_auto_and_required_for_openvino(ca, monkeyp
     assert len(asked) == 2
 
 
+def _cpu_unless(gpu_for_auto: bool):
+    """resolvePreprocessDevice as on a machine with (``True``) or without an NVIDIA GPU: explicit devices unchanged."""
+    return staticmethod(lambda device: ("cuda" if gpu_for_auto else "cpu") if device == "auto" else device)
+
+
+def test_int8_runs_on_openvino_on_the_cpu_and_reaches_the_command_line(ca, tmp_path, monkeypatch):
+    """Precision int8 (the panel's choice, the command line's --precision int8): OpenVINO on the CPU, with Backend
+    auto or openvino; Device auto without a GPU is passed as cpu (the child's auto could pick Apple's MPS)."""
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "resolvePreprocessDevice", _cpu_unless(gpu_for_auto=False))
+    logic = ca.ContrastAmplifierLogic()
+    files = {stem: tmp_path / f"{stem}.nrrd" for stem in ("t1", "flair", "adc", "t1c")}
+    out = tmp_path / "out.nrrd"
+    for device, backend in (("cpu", "auto"), ("cpu", "openvino"), ("auto", "auto")):
+        joined = " ".join(map(str, logic.predictCommand(files, out, flips=8, device=device, precision="int8", backend=backend)))
+        assert f"--device cpu --precision int8 --backend {backend}" in joined
+        assert logic.resolveBackend(backend, device, "int8") == "openvino"
+    assert "--device auto --precision exact" in " ".join(map(str, logic.predictCommand(files, out, precision="exact")))
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "openvinoInstalled", staticmethod(lambda: True))
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "nncfInstalled", staticmethod(lambda: True))
+    assert logic.backendSummary("auto", "cpu", "int8") == (
+        "int8 on OpenVINO on the CPU: each fold is quantised once and used only if its check on held-out phantoms "
+        "passes (the first run with a model takes minutes).")
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "nncfInstalled", staticmethod(lambda: False))
+    assert logic.backendSummary("openvino", "cpu", "int8") == (
+        "int8 on OpenVINO: NNCF not installed: Apply offers to install them (or choose Precision exact or fast).")
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "openvinoInstalled", staticmethod(lambda: False))
+    assert logic.backendSummary("auto", "cpu", "int8").startswith("int8 on OpenVINO: OpenVINO and NNCF not installed")
+    assert logic.resolveBackend("auto", "cpu", "int8") == "openvino", "int8 is OpenVINO's even before it is installed"
+    assert logic.resolveBackend("auto", "cpu", "exact") == "torch"
+
+
+def test_int8_is_refused_on_a_gpu_and_with_torch_naming_the_fix(ca, tmp_path, monkeypatch):
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "resolvePreprocessDevice", _cpu_unless(gpu_for_auto=False))
+    logic = ca.ContrastAmplifierLogic()
+    asked = []
+    logic.confirmInstall = lambda message: asked.append(message) or False
+    files = {stem: tmp_path / f"{stem}.nrrd" for stem in ("t1", "flair", "adc", "t1c")}
+    out = tmp_path / "out.nrrd"
+    for device in ("cuda", "mps"):
+        gpu = f"Precision int8 runs on OpenVINO on the CPU only, not on {device}: choose Device cpu, or Precision fast"
+        with pytest.raises(ValueError, match=gpu):
+            logic.predictCommand(files, out, device=device, precision="int8")
+        with pytest.raises(ValueError, match=gpu):
+            logic.ensureOptionalDependencies("auto", device, "int8")
+        assert logic.backendSummary("auto", device, "int8").startswith(gpu)
+    torch_fix = "PyTorch has no int8 path: choose Backend auto or openvino, or Precision exact or fast"
+    with pytest.raises(ValueError, match=torch_fix):
+        logic.predictCommand(files, out, device="cpu", precision="int8", backend="torch")
+    with pytest.raises(ValueError, match=torch_fix):
+        logic.ensureOptionalDependencies("torch", "cpu", "int8")
+    assert torch_fix in logic.backendSummary("torch", "cpu", "int8")
+    with pytest.raises(ValueError, match="Precision must be one of auto, exact, fast, int8 .got 'int4'"):
+        logic.resolveBackend("auto", "cpu", "int4")
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "resolvePreprocessDevice", _cpu_unless(gpu_for_auto=True))
+    with pytest.raises(ValueError, match="Precision int8 runs on OpenVINO on the CPU only, and Device auto picks the GPU "
+                                         "here: choose Device cpu"):
+        logic.predictCommand(files, out, device="auto", precision="int8")
+    assert asked == [], "a refused setting offers no install"
+
+
+def test_the_modules_int8_rule_is_the_command_lines(ca, monkeypatch):
+    """The Logic mirrors ensemble._int8_backend (Slicer's Python may lack torch): both refuse the same settings."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import torch
+
+    from ContrastAmplifierLib import ensemble
+
+    assert ca.ContrastAmplifierLogic.PRECISIONS == ca.PRECISIONS == ensemble.PRECISIONS
+    assert ca.ContrastAmplifierLogic.BACKENDS == ensemble.BACKENDS
+    logic = ca.ContrastAmplifierLogic()
+    for device in ("cpu", "cuda", "mps"):
+        for backend in ensemble.BACKENDS:
+            try:
+                cli = ensemble._int8_backend(backend, torch.device(device), None)
+            except ValueError:
+                cli = None
+            try:
+                module = logic.resolveBackend(backend, device, "int8")
+            except ValueError:
+                module = None
+            assert module == cli, (device, backend)
+
+
+def test_int8_offers_openvino_and_nncf_every_time_and_refuses_without_them(ca, monkeypatch):
+    """Precision int8 offers what it lacks of OpenVINO and NNCF each time (the real offer, stand-in package names);
+    declined or not importable afterwards, Apply stops with the two ways out."""
+    from ContrastAmplifierCommon import dependencies
+
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]["openvino"]
+    assert list(dependencies.INT8_REQUIREMENTS) and set(dependencies.INT8_REQUIREMENTS) <= set(extra)
+    assert not any(dependencies.is_slicer_shipped(r) for r in dependencies.INT8_REQUIREMENTS)
+    real = ca.ContrastAmplifierLogic()
+    if real.openvinoInstalled() and real.nncfInstalled():  # nothing missing: nothing asked
+        real.confirmInstall = lambda message: pytest.fail(f"asked: {message}")
+        real.ensureOptionalDependencies("auto", "cpu", "int8")
+    monkeypatch.setattr(dependencies, "OPTIONAL_REQUIREMENTS", {"no-such-openvino-xyz>=1": "a stand-in for OpenVINO"})
+    monkeypatch.setattr(dependencies, "INT8_REQUIREMENTS", {"no-such-nncf-xyz>=1": "a stand-in for NNCF"})
+    have = {"openvino": False, "nncf": False}
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "openvinoInstalled", staticmethod(lambda: have["openvino"]))
+    monkeypatch.setattr(ca.ContrastAmplifierLogic, "nncfInstalled", staticmethod(lambda: have["nncf"]))
+    logic = ca.ContrastAmplifierLogic()
+    asked, installed = [], []
+    logic.confirmInstall = lambda message: asked.append(message) or False  # the user declines
+    logic.installOptional = installed.append
+    logic.ensureOptionalDependencies("auto", "cpu")  # Backend auto, Precision auto: declined and remembered
+    assert len(asked) == 1
+    refused = (r"Precision int8 needs OpenVINO and NNCF, not installed \(declined or failed: see the log\)\. Choose "
+               r"Precision exact or fast, or install them from the Python console with "
+               r"slicer\.util\.pip_install\('openvino nncf'\)\.")
+    for attempt in (2, 3):  # int8 asks every time, though Backend auto's offer was declined
+        with pytest.raises(ValueError, match=refused):
+            logic.ensureOptionalDependencies("auto", "cpu", "int8")
+        assert len(asked) == attempt
+    assert "no-such-openvino-xyz>=1: a stand-in for OpenVINO" in asked[-1]
+    assert "no-such-nncf-xyz>=1: a stand-in for NNCF" in asked[-1]
+    assert "Without them Precision int8 cannot run (exact and fast can)." in asked[-1] and "PyTorch" not in asked[-1]
+    assert installed == [], "declined: nothing installed"
+    # OpenVINO there, NNCF not: only NNCF is offered; accepted, the installer gets it
+    monkeypatch.setattr(dependencies, "OPTIONAL_REQUIREMENTS", {"pytest>=1": "installed, so never offered"})
+    have["openvino"] = True
+    logic.confirmInstall = lambda message: asked.append(message) or True
+
+    def install(requirements):
+        installed.append(requirements)
+        have["nncf"] = True  # stands for pip's effect
+
+    logic.installOptional = install
+    logic.ensureOptionalDependencies("openvino", "cpu", "int8")
+    assert installed == [["no-such-nncf-xyz>=1"]] and "pytest" not in asked[-1]
+    have["nncf"] = False
+    logic.installOptional = installed.append  # "installs", yet NNCF is still not importable
+    with pytest.raises(ValueError, match="Precision int8 needs NNCF, not installed"):
+        logic.ensureOptionalDependencies("auto", "cpu", "int8")
+    assert installed[-1] == ["no-such-nncf-xyz>=1"]
+
+
+@pytest.mark.slow
+def test_int8_runs_for_real_and_its_verdict_reaches_the_user(ca, scene, small_case_dir, random_bundle_dir, exchange_root,
+                                                             tmp_path, monkeypatch):
+    """The real command line with --precision int8 (the tiny random bundle, Quick: 1 fold x 1 mirroring): calibrated,
+    checked on the held-out phantoms, accepted (that bundle barely depends on its input), its verdict passed to the
+    progress callback; T1c-pro loaded on the T1c grid, no file left. About 35 s here, most of it the phantoms."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    cache = tmp_path / "openvino-cache"
+    monkeypatch.setenv("CA_OPENVINO_CACHE", str(cache))  # the child's OpenVINO cache: not the user's
+    logic = ca.ContrastAmplifierLogic()
+    nodes, mask = case_nodes(scene, small_case_dir)
+    events = []
+    result = logic.process(nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"], model=str(random_bundle_dir),
+                           brainMask=mask, progress=events.append, timeout=600, **{**QUICK, "precision": "int8"})
+    assert result.GetName() == "T1c routine T1c-pro"
+    np.testing.assert_allclose(mrml_bridge.ijk_to_ras_matrix(result), mrml_bridge.ijk_to_ras_matrix(nodes["t1c"]), atol=1e-6)
+    assert np.isfinite(slicer.util.arrayFromVolume(result)).all()
+    assert "--device cpu --precision int8 --backend auto" in result.GetAttribute("ContrastAmplifier.Command")
+    verdicts = [e.message for e in events if e.message.startswith("int8 accepted: 1 fold x 1 mirroring on 3 held-out")]
+    assert len(verdicts) == 1 and "limit +-2 % in every case" in verdicts[0]
+    assert any("quantised to int8" in e.message for e in events if e.stage == "ensemble")
+    assert len(list((cache / "int8-verdicts").glob("*.json"))) == 1, "the verdict is cached for the next run"
+    assert list(exchange_root.iterdir()) == []
+
+
+def test_int8_is_refused_before_any_export_or_install(ca, scene, small_case_dir, exchange_root):
+    logic = ca.ContrastAmplifierLogic()
+    asked = []
+    logic.confirmInstall = lambda message: asked.append(message) or False
+    nodes, mask = case_nodes(scene, small_case_dir)
+    args = (nodes["t1"], nodes["flair"], nodes["adc"], nodes["t1c"])
+    with pytest.raises(ValueError, match="Precision int8 runs on OpenVINO on the CPU only, not on cuda"):
+        logic.process(*args, quality="quick", device="cuda", precision="int8", brainMask=mask)
+    with pytest.raises(ValueError, match="PyTorch has no int8 path"):
+        logic.process(*args, quality="quick", device="cpu", precision="int8", backend="torch", brainMask=mask)
+    assert asked == [] and list(exchange_root.iterdir()) == []
+    assert not any(name.endswith("T1c-pro") for name in volume_names(scene))
+
+
 def test_inputs_mask_and_output_are_validated_before_anything_runs(ca, scene, small_case_dir, exchange_root):
     logic = ca.ContrastAmplifierLogic()
     nodes, mask = case_nodes(scene, small_case_dir)
@@ -206,6 +384,13 @@ def test_parameter_node_holds_every_amplification_setting(ca, scene):
     assert node.GetParameter("Precision") == "auto" and node.GetParameter("Model") == ""
     assert node.GetParameter("Backend") == "auto"
     assert {"InputBrainMask", "OutputVolume"} <= set(ca.ContrastAmplifierParameterNode.allParameters)
+    parameters = logic.getParameterNode()
+    for precision in logic.PRECISIONS:  # the panel's Precision choices: every one the Logic and the CLI take
+        parameters.Precision = precision
+        assert node.GetParameter("Precision") == precision
+    assert parameters.Precision == "int8"
+    with pytest.raises(ValueError):
+        parameters.Precision = "int4"
     assert logic.resolvePreprocessDevice("auto") in ("cpu", "cuda")
     assert "--device cpu" in " ".join(logic.preprocessCommand(Path("c"), Path("o"), device="cpu"))
 

@@ -678,3 +678,38 @@ def test_dicom_output_and_pacs_widgets_are_in_the_outputs_section():
     assert "DICOM" in prop(folder, "toolTip") and "PACS" in prop(pacs, "toolTip")
     assert prop(widgets["dicomOutputFolderLabel"], "text") == "DICOM output folder:"
     assert prop(widgets["pacsTargetLabel"], "text") == "Send to PACS:"
+
+
+# -- 10. Precision int8 (OpenVINO + NNCF on the CPU) ----------------------------------------------------
+
+
+def test_apply_with_precision_int8_passes_it_and_says_openvino(ca, scene, recording_predict, exchange_root):
+    """The panel's Precision int8 reaches the command line Apply runs, and the status line names OpenVINO int8."""
+    logic = ca.ContrastAmplifierLogic()
+    parameters = logic.getParameterNode()
+    select(parameters, patient(scene, "Patient I", 9))
+    parameters.Device, parameters.Precision, parameters.Backend = "cpu", "int8", "auto"
+    result, job = run_apply(logic, parameters)
+    (call,) = recording_predict.calls
+    assert call.options["precision"] == "int8" and call.options["device"] == "cpu" and call.options["backend"] == "auto"
+    assert "--device cpu --precision int8 --backend auto" in " ".join(map(str, call.command))
+    assert (job.backend, job.precision) == ("openvino", "int8") and result.GetName() == "Patient I T1C T1c-pro"
+    assert ca.ContrastAmplifierWidget._startedText("Amplification started", job) == (
+        "Amplification started (OpenVINO int8; the first run with a model quantises and checks each fold: minutes)...")
+    parameters.Backend = "torch"
+    with pytest.raises(ValueError, match="PyTorch has no int8 path"):
+        logic.startAmplifyFromParameters(parameters, installDependencies=False)
+    assert len(recording_predict.calls) == 1 and list(exchange_root.iterdir()) == []
+
+
+def test_precision_tooltip_says_what_int8_is():
+    root = ET.parse(REPO / "ContrastAmplifier" / "Resources" / "UI" / "ContrastAmplifier.ui").getroot()
+    combo = next(w for w in root.iter("widget") if w.get("name") == "precisionComboBox")
+    assert combo.get("class") == "QComboBox" and combo.find("item") is None, "the items come from the parameter's Choice"
+    tip = next(p for p in combo.findall("property") if p.get("name") == "toolTip")[0].text
+    from ContrastAmplifierLib import openvino_int8  # the accuracy rule the tooltip quotes
+
+    for part in ("int8: OpenVINO on the CPU only", "Backend auto or openvino", "OpenVINO and NNCF", "quantised to int8 once",
+                 "check on held-out phantoms", f"within {openvino_int8.CNR_TOLERANCE * 100:g} %",
+                 f"more than {openvino_int8.MAX_DIFF_BOUND:g})", "Apply stops", "takes minutes"):
+        assert part in tip, part
