@@ -99,6 +99,7 @@ def test_an_unknown_study_is_one_error_line_and_writes_nothing(empty_orthanc, ra
 @pytest.mark.parametrize("options, named", [
     (["--backend", "onnx"], "backend must be one of auto, torch, openvino"),
     (["--backend", "openvino", "--precision", "slow"], "precision must be one of"),
+    (["--backend", "torch", "--precision", "int8"], "--precision int8 is OpenVINO's"),
 ])
 def test_backend_and_precision_are_checked_before_the_pacs_is_asked(tmp_path, options, named):
     """``pacs amplify --backend`` (as ``predict``'s): a wrong choice is one error line, nothing fetched or written."""
@@ -108,3 +109,13 @@ def test_backend_and_precision_are_checked_before_the_pacs_is_asked(tmp_path, op
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and named in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_pacs_amplify_help_lists_int8():
+    """``pacs amplify --precision`` documents the same choices as ``predict --precision`` (int8 included)."""
+    from ContrastAmplifierLib.cli_options import PRECISION_HELP
+
+    done = subprocess.run([sys.executable, "-m", "ContrastAmplifierLib.cli", "pacs", "amplify", "--help"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    assert done.returncode == 0 and "int8 (OpenVINO + NNCF on the CPU" in done.stdout, done.stdout
+    assert "int8" in PRECISION_HELP
