@@ -700,6 +700,7 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace this command's own output files in OUT_DIR (phantom cases there are always reused)."),
+    record: bool = typer.Option(False, "--record", help="Also record the summary in BUNDLE's bundle.json (key `evaluation`), replacing an earlier one made with the same seeds/cohort and settings."),
     progress: str = ProgressOpt,
 ) -> None:
     """Evaluate a bundle on phantoms with known lesions: CNR/LBR/CEP per lesion and size band, PSNR/SSIM, false enhancement."""
@@ -716,8 +717,8 @@ def evaluate(
     report = make_progress(progress)
     try:
         settings = AmplifySettings(hdbet=hdbet, flips=flips, folds=fold_list, device=device, threads=threads)
-        run_evaluation(bundle, out_dir, seeds=seeds, cohort=cohort, spacing=spacing, protocol=protocol, settings=settings,
-                       overwrite=overwrite, progress=report, cancel=cancel)
+        result = run_evaluation(bundle, out_dir, seeds=seeds, cohort=cohort, spacing=spacing, protocol=protocol,
+                                settings=settings, overwrite=overwrite, record=record, progress=report, cancel=cancel)
     except Cancelled:
         getattr(report, "close", lambda: None)()
         if progress == "json":
@@ -728,9 +729,13 @@ def evaluate(
         _fail(str(exc), progress)
     getattr(report, "close", lambda: None)()
     summary = (out_dir / "summary.md").read_text(encoding="utf-8")
+    recorded = Path(result["bundle"]["path"]) / "bundle.json" if record else None
     if progress == "json":
-        _json_line({"stage": "done", "fraction": 1.0, "message": f"wrote {out_dir / 'summary.md'}", "out_dir": str(out_dir)})
+        _json_line({"stage": "done", "fraction": 1.0, "message": f"wrote {out_dir / 'summary.md'}", "out_dir": str(out_dir),
+                    **({"recorded": str(recorded)} if recorded is not None else {})})
     typer.echo(summary, err=progress == "json")
+    if recorded is not None:
+        typer.echo(f"recorded the summary in {recorded} (key `evaluation`)", err=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

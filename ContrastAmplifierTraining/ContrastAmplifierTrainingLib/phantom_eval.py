@@ -663,9 +663,39 @@ def summarise(lesions: Sequence[Mapping[str, Any]], cases: Sequence[Mapping[str,
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: floats to ``digits`` decimals; NaN, infinities and ``None`` (JSON's null) as ``n/a``."""
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+def contrast_table(bands: Mapping[str, Any]) -> list[str]:
+    """The lesion-contrast table of ``summary.md`` (one row per size band and ``all``), as Markdown lines.
+
+    ``bands`` is a summary's ``size_bands``, from :func:`summarise` (NaN) or read back from JSON (``null``).
+    """
+    lines = [
+        "| lesions | n | " + " | ".join(f"CNR {name}" for name in IMAGES.values()) + " | gap fraction T1c-pro (mean / median) "
+        "| gap fraction T1c-lin (mean) |",
+        "|---|---:|" + "---:|" * len(IMAGES) + "---:|---:|",
+    ]
+    for band, entry in bands.items():
+        pro, lin = entry["gap_fraction_t1c_pro"], entry["gap_fraction_t1c_lin"]
+        lines.append(f"| {band} | {entry['n_lesions']} | " + " | ".join(_fmt(entry["cnr"][k]) for k in IMAGES)
+                     + f" | {_fmt(pro['mean'])} / {_fmt(pro['median'])} (n={pro['n_defined']}) | {_fmt(lin['mean'])} |")
+    return lines
+
+
+def similarity_table(per_case: Mapping[str, Any]) -> list[str]:
+    """The against-T1c-x4 table of ``summary.md`` (mean PSNR, SSIM, false enhancement per image), as Markdown lines."""
+    lines = ["| image | mean PSNR (dB) | mean SSIM | false enhancement mean / max |", "|---|---:|---:|---:|"]
+    for key in COMPARED:
+        fe = per_case.get(f"false_enhancement_{key}", {"mean": math.nan, "max": math.nan})
+        fe_text = "0 (by definition)" if key == "t1c" else f"{_fmt(fe['mean'])} / {_fmt(fe['max'])}"
+        lines.append(f"| {IMAGES[key]} | {_fmt(per_case[f'psnr_{key}'])} | {_fmt(per_case[f'ssim_{key}'], 4)} | {fe_text} |")
+    return lines
 
 
 def summary_markdown(summary: Mapping[str, Any], bundle_info: Mapping[str, Any], source: str) -> str:
@@ -679,14 +709,8 @@ def summary_markdown(summary: Mapping[str, Any], bundle_info: Mapping[str, Any],
         "",
         "## Lesion contrast (CNR, paper formula) per size band (long axis)",
         "",
-        "| lesions | n | " + " | ".join(f"CNR {name}" for name in IMAGES.values()) + " | gap fraction T1c-pro (mean / median) "
-        "| gap fraction T1c-lin (mean) |",
-        "|---|---:|" + "---:|" * len(IMAGES) + "---:|---:|",
+        *contrast_table(bands),
     ]
-    for band, entry in bands.items():
-        pro, lin = entry["gap_fraction_t1c_pro"], entry["gap_fraction_t1c_lin"]
-        lines.append(f"| {band} | {entry['n_lesions']} | " + " | ".join(_fmt(entry["cnr"][k]) for k in IMAGES)
-                     + f" | {_fmt(pro['mean'])} / {_fmt(pro['median'])} (n={pro['n_defined']}) | {_fmt(lin['mean'])} |")
     overall = bands["all"]
     lines += [
         "",
@@ -699,13 +723,8 @@ def summary_markdown(summary: Mapping[str, Any], bundle_info: Mapping[str, Any],
         "",
         f"## Against T1c-x4, per case ({n} cases, inside the brain mask)",
         "",
-        "| image | mean PSNR (dB) | mean SSIM | false enhancement mean / max |",
-        "|---|---:|---:|---:|",
+        *similarity_table(per_case),
     ]
-    for key in COMPARED:
-        fe = per_case.get(f"false_enhancement_{key}", {"mean": math.nan, "max": math.nan})
-        fe_text = "0 (by definition)" if key == "t1c" else f"{_fmt(fe['mean'])} / {_fmt(fe['max'])}"
-        lines.append(f"| {IMAGES[key]} | {_fmt(per_case[f'psnr_{key}'])} | {_fmt(per_case[f'ssim_{key}'], 4)} | {fe_text} |")
     fe_x4 = per_case["false_enhancement_t1c_x4"]
     lines += [
         "",
@@ -732,16 +751,16 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities become null (strict JSON)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 
@@ -788,7 +807,7 @@ def write_outputs(out_dir: Path, lesions: Sequence[Mapping[str, Any]], cases: Se
     write_text_atomic(summary_markdown(report["summary"], bundle_info, report["source"]), out_dir / "summary.md")
     write_figure(lesions, out_dir / "evaluation.png",
                  f"SYNTHETIC PHANTOMS - model '{bundle_info['name']}': {bundle_info['intended_use']}")
-    write_text_atomic(json.dumps(_json_safe({**report, "cases": list(cases), "lesions": list(lesions)}), indent=2) + "\n",
+    write_text_atomic(json.dumps(json_safe({**report, "cases": list(cases), "lesions": list(lesions)}), indent=2) + "\n",
                       out_dir / "evaluation.json")
 
 
@@ -824,13 +843,15 @@ def check_arguments(seeds: Optional[Sequence[int]], cohort: Optional[Union[str, 
 
 def run_evaluation(bundle: Union[str, Path], out_dir: Union[str, Path], seeds: Optional[Sequence[int]] = None,
                    cohort: Optional[Union[str, Path]] = None, spacing: float = 1.0, protocol: str = "paper",
-                   settings: Optional[AmplifySettings] = None, overwrite: bool = False,
+                   settings: Optional[AmplifySettings] = None, overwrite: bool = False, record: bool = False,
                    progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> dict[str, Any]:
     """Evaluate ``bundle`` on phantom ``seeds`` (generated into ``out_dir/cases``) or on a ``cohort`` folder.
 
-    Everything is checked before the pipeline runs (output folder, bundle, every case's inputs);
-    the outputs are written once all cases are measured. Returns what ``evaluation.json`` holds
-    (without the per-case and per-lesion rows).
+    Everything is checked before the pipeline runs (output folder, bundle, every case's inputs,
+    with ``record`` that the bundle's ``bundle.json`` can be written); the outputs are written once
+    all cases are measured, then, with ``record``, the summary is recorded in the bundle
+    (:mod:`.evaluation_record`). Returns what ``evaluation.json`` holds (without the per-case and
+    per-lesion rows).
 
     Raises:
         ValueError: bad input (the message names it and the fix).
@@ -839,6 +860,10 @@ def run_evaluation(bundle: Union[str, Path], out_dir: Union[str, Path], seeds: O
     from ContrastAmplifierLib.registry import resolve_model
 
     check_arguments(seeds, cohort, spacing, protocol)
+    if record:
+        from .evaluation_record import check_recordable
+
+        check_recordable(bundle)
     settings = settings or AmplifySettings()
     report = progress or null_progress
     out_dir = Path(out_dir)
@@ -883,6 +908,10 @@ def run_evaluation(bundle: Union[str, Path], out_dir: Union[str, Path], seeds: O
         "summary": summarise(lesions, case_rows),
     }
     write_outputs(out_dir, lesions, case_rows, result)
+    if record:
+        from .evaluation_record import evaluation_entry, record_evaluation
+
+        record_evaluation(model.path, model.manifest, evaluation_entry(result, bundle, out_dir, model.folds))
     report("done", 1.0, f"{len(cases)} cases, {len(lesions)} lesions: {out_dir / 'summary.md'}")
     return result
 

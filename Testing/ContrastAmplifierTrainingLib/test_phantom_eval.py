@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 import shutil
 import signal
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -182,12 +184,29 @@ def _array(path: Path) -> np.ndarray:
 
 
 FAST = ("--flips", "1", "--folds", "0", "--device", "cpu", "--threads", "1", "--progress", "none")
+MODELS_ENV = "CONTRAST_AMPLIFIER_MODELS"
 
 
-def test_evaluate_phantom_seeds_end_to_end(tmp_path, random_bundle_dir, invoke):
-    out = tmp_path / "eval"
-    # 730001 has no lesion: it counts for PSNR/SSIM/false enhancement only
-    result = invoke(random_bundle_dir, out, "--phantom-seeds", "730000-730001", "--spacing", "4", *FAST)
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory, random_bundle_dir):
+    """``(bundle, out, result)``: one ``evaluate --record`` of phantom seeds 730000-730001 at 4 mm by an
+    installed copy of the tiny random bundle (``$CONTRAST_AMPLIFIER_MODELS/random-tiny``), named by its path.
+    The end-to-end test checks the outputs, the record test what was recorded."""
+    root = tmp_path_factory.mktemp("recorded")
+    bundle = Path(shutil.copytree(random_bundle_dir, root / "models" / "random-tiny"))
+    out = root / "eval"
+    saved = signal.getsignal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(MODELS_ENV, str(root / "models"))
+        # 730001 has no lesion: it counts for PSNR/SSIM/false enhancement only
+        args = ["evaluate", str(bundle), str(out), "--phantom-seeds", "730000-730001", "--spacing", "4", "--record", *FAST]
+        result = CliRunner().invoke(app, expand_multi_value_options(args))
+    signal.signal(signal.SIGTERM, saved)
+    return bundle, out, result
+
+
+def test_evaluate_phantom_seeds_end_to_end(recorded_run, random_bundle_dir, invoke):
+    _, out, result = recorded_run
     assert result.exit_code == 0, result.output
     assert all((out / name).is_file() and (out / name).stat().st_size > 0 for name in pe.OUTPUT_FILES)
     summary = (out / "summary.md").read_text(encoding="utf-8")
@@ -229,6 +248,124 @@ def test_evaluate_phantom_seeds_end_to_end(tmp_path, random_bundle_dir, invoke):
     assert (case_dir / "phantom.json").stat().st_mtime_ns == stamp  # the generated cases are kept as they were
 
 
+def _reuse_cases(out: Path, target: Path, seeds: tuple[int, ...]) -> Path:
+    """A new evaluation folder holding copies of ``out``'s generated phantom cases (reused, not regenerated)."""
+    for seed in seeds:
+        shutil.copytree(out / "cases" / f"seed_{seed}", target / "cases" / f"seed_{seed}")
+    return target
+
+
+def _table_rows(table: str, first_cells: tuple[str, ...]) -> dict[str, list[str]]:
+    """The Markdown table rows whose first cell is one of ``first_cells``: first cell -> the other cells."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in first_cells:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _cell(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def test_record_evaluation_in_the_bundle(recorded_run, random_bundle_dir, tmp_path, monkeypatch):
+    from ContrastAmplifierLib.bundle import BundleError, load_bundle, read_manifest, validate_manifest
+    from ContrastAmplifierTrainingLib import evaluation_record as er
+
+    bundle, out, result = recorded_run
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv(MODELS_ENV, str(bundle.parent))
+    manifest_path = bundle / "bundle.json"
+    original = json.loads((random_bundle_dir / "bundle.json").read_text(encoding="utf-8"))
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    assert {k: v for k, v in manifest.items() if k != "evaluation"} == original  # only the record was added
+    assert load_bundle(bundle).folds == [0, 1]  # schema, cross-field rules, SHA-256 and tensors of both weight files
+    assert read_manifest(bundle)["evaluation"] == manifest["evaluation"]
+
+    report = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
+    [entry] = manifest["evaluation"]
+    assert entry["summary"] == report["summary"]
+    assert entry["settings"] == {k: v for k, v in report["settings"].items() if k != "device"}
+    assert entry["source"] == report["source"] == "phantom seeds 730000-730001 (2 cases, 4 mm, paper protocol)"
+    assert entry["label"] == pe.PHANTOM_LABEL and entry["package_version"] == "0.1.0"
+    assert (entry["n_cases"], entry["n_lesions"]) == (2, len(_read_csv(out / "lesions.csv")))
+    recorded_at = datetime.fromisoformat(entry["date"])
+    assert recorded_at.utcoffset() == timedelta(0) and abs(datetime.now(timezone.utc) - recorded_at) < timedelta(hours=1)
+    # an installed model (given by its path): the command names it by its registry name; --folds 0 is not all folds
+    assert entry["command"] == shlex.join(["contrast-amplifier-train", "evaluate", "random-tiny", "--phantom-seeds",
+                                           "730000-730001", "--spacing", "4", "--protocol", "paper", "--folds", "0",
+                                           "--flips", "1", str(out)])
+    assert er.bundle_reference(str(random_bundle_dir), "random-tiny", random_bundle_dir) == str(random_bundle_dir)
+
+    # the recorded table: summary.md's two tables, numbers as in the summary
+    table = er.recorded_table(manifest)
+    bands = _table_rows(table, (*pe.SIZE_BANDS, "all"))
+    assert list(bands) == [*pe.SIZE_BANDS, "all"]
+    for band, cells in bands.items():
+        values = entry["summary"]["size_bands"][band]
+        pro, lin = values["gap_fraction_t1c_pro"], values["gap_fraction_t1c_lin"]
+        assert cells == [str(values["n_lesions"]), *(_cell(values["cnr"][k]) for k in pe.IMAGES),
+                         f"{_cell(pro['mean'])} / {_cell(pro['median'])} (n={pro['n_defined']})", _cell(lin["mean"])]
+        assert all(math.isclose(float(c), values["cnr"][k], abs_tol=0.005)
+                   for c, k in zip(cells[1:6], pe.IMAGES) if c != "n/a")
+    per_case = entry["summary"]["cases"]
+    images = _table_rows(table, tuple(pe.IMAGES[k] for k in pe.COMPARED))
+    for key in pe.COMPARED:
+        psnr, ssim, fe = images[pe.IMAGES[key]]
+        assert float(psnr) == pytest.approx(per_case[f"psnr_{key}"], abs=0.005)
+        assert float(ssim) == pytest.approx(per_case[f"ssim_{key}"], abs=0.00005)
+        if key != "t1c":
+            fe_mean, fe_max = (float(v) for v in fe.split(" / "))
+            assert (fe_mean, fe_max) == pytest.approx((per_case[f"false_enhancement_{key}"]["mean"],
+                                                       per_case[f"false_enhancement_{key}"]["max"]), abs=0.005)
+    assert entry["command"] in table and er.recorded_table(original) == ""
+
+    # the recorded command, rerun (cases reused): the same source and settings replace the entry
+    again = _reuse_cases(out, tmp_path / "again", (730000, 730001))
+    command = shlex.split(entry["command"])[1:-1] + [str(again), "--device", "cpu", "--threads", "1", "--progress", "none",
+                                                     "--record"]
+    rerun = CliRunner().invoke(app, expand_multi_value_options(command))
+    assert rerun.exit_code == 0, rerun.output
+    [replaced] = read_manifest(bundle)["evaluation"]
+    assert replaced["command"] == shlex.join(shlex.split(entry["command"])[:-1] + [str(again)])
+    assert replaced["summary"] == json.loads((again / "evaluation.json").read_text(encoding="utf-8"))["summary"]
+    assert replaced["date"] >= entry["date"] and replaced["n_lesions"] == entry["n_lesions"]
+    # another seed range adds an entry after it
+    one = _reuse_cases(out, tmp_path / "one", (730000,))
+    added = CliRunner().invoke(app, expand_multi_value_options(
+        ["evaluate", str(bundle), str(one), "--phantom-seeds", "730000-730000", "--spacing", "4", "--record", *FAST]))
+    assert added.exit_code == 0, added.output
+    records = load_bundle(bundle).manifest["evaluation"]
+    assert [r["source"] for r in records] == [entry["source"], "phantom seeds 730000-730000 (1 cases, 4 mm, paper protocol)"]
+    assert records[0] == replaced and records[1]["n_cases"] == 1
+    assert records[1]["summary"] == json.loads((one / "evaluation.json").read_text(encoding="utf-8"))["summary"]
+    assert [line for line in er.recorded_table(read_manifest(bundle)).splitlines() if line.startswith("### ")] == \
+        [f"### {r['source']}" for r in records]
+    broken = read_manifest(bundle)
+    del broken["evaluation"][1]["summary"]
+    with pytest.raises(BundleError, match="evaluation/1"):
+        validate_manifest(broken)
+
+    # refused before any work: a read-only bundle.json, or a bundle that is not a folder
+    before = manifest_path.read_bytes()
+    manifest_path.chmod(0o444)
+    try:
+        refused = CliRunner().invoke(app, expand_multi_value_options(
+            ["evaluate", str(bundle), str(tmp_path / "refused"), "--phantom-seeds", "730002-730003", "--spacing", "4", "--record", *FAST]))
+    finally:
+        manifest_path.chmod(0o644)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "read-only" in refused.output and f"chmod u+w {manifest_path}" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    assert manifest_path.read_bytes() == before and not (tmp_path / "refused").exists()  # no phantom generated
+    archive = Path(shutil.make_archive(str(tmp_path / "bundle"), "zip", bundle))
+    refused = CliRunner().invoke(app, expand_multi_value_options(
+        ["evaluate", str(archive), str(tmp_path / "refused"), "--phantom-seeds", "730002-730003", "--spacing", "4", "--record", *FAST]))
+    assert refused.exit_code == 2 and "needs a bundle folder" in refused.output and "models import" in refused.output
+    assert not (tmp_path / "refused").exists()
+
+
 def test_evaluate_a_clinical_cohort_and_its_input_errors(tmp_path, small_case_dir, random_bundle_dir, invoke):
     from ContrastAmplifierLib.phantom import generate_cohort, read_signal
 
@@ -236,8 +373,16 @@ def test_evaluate_a_clinical_cohort_and_its_input_errors(tmp_path, small_case_di
     shutil.copytree(small_case_dir, cohort / "case_a")  # seed 31: no lesion
     generated = generate_cohort(tmp_path / "gen", cases=1, seed=730002, spacing=4.0, protocol="clinical")[0]
     case_b = Path(shutil.copytree(generated, cohort / "case_b"))  # a glioma; own gain and offset per sequence
-    result = invoke(random_bundle_dir, tmp_path / "eval", "--cohort", cohort, *FAST)
+    bundle = Path(shutil.copytree(random_bundle_dir, tmp_path / "bundle"))  # not installed: named by its path
+    result = invoke(bundle, tmp_path / "eval", "--cohort", cohort, "--record", *FAST)
     assert result.exit_code == 0, result.output
+    [entry] = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))["evaluation"]
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text(encoding="utf-8"))
+    assert entry["summary"] == report["summary"] and report["source"] == f"cohort {cohort} (2 cases)"
+    assert entry["source"] == "cohort cohort (2 cases)" and entry["settings"]["cohort"] == "cohort"  # no machine path
+    assert str(tmp_path) not in json.dumps({k: v for k, v in entry.items() if k != "command"})
+    assert entry["command"] == shlex.join(["contrast-amplifier-train", "evaluate", str(bundle), "--cohort", str(cohort),
+                                           "--folds", "0", "--flips", "1", str(tmp_path / "eval")])
     lesions, cases = _read_csv(tmp_path / "eval" / "lesions.csv"), _read_csv(tmp_path / "eval" / "cases.csv")
     assert [(c["case"], c["n_lesions"]) for c in cases] == [("case_a", "0"), ("case_b", str(len(lesions)))]
     assert lesions and {r["case"] for r in lesions} == {"case_b"}
