@@ -45,7 +45,7 @@ def test_import_from_folder_then_resolve_by_name(tmp_path, user_dir):
     bundle = registry.import_model(source)
     assert bundle.path == user_dir / "tiny"
     names = [e.name for e in registry.list_models()]
-    assert names[0] == "tiny" and registry.default_model_name() == registry.shipped_default_name() == "phantom-demo"
+    assert names[0] == "tiny" and registry.default_model_name() == registry.shipped_default_name() == "phantom-demo-1.5mm"
     assert registry.resolve_model("tiny").folds == [0, 1]
     assert registry.resolve_model(str(source)).name == "tiny"  # a path works too
     with pytest.raises(BundleError, match="already installed"):
@@ -170,8 +170,8 @@ def test_importing_bundles_keeps_the_shipped_default(tmp_path, user_dir):
     for name in ("aaa-first", "zzz-last"):
         registry.import_model(_make_bundle(tmp_path / name, name=name))
     assert [e.name for e in registry.list_models()][:2] == ["aaa-first", "zzz-last"]
-    assert registry.default_model_name() == "phantom-demo"
-    assert registry.resolve_model(None).name == "phantom-demo"
+    assert registry.default_model_name() == "phantom-demo-1.5mm"
+    assert registry.resolve_model(None).name == "phantom-demo-1.5mm"
     assert not registry.default_model_file().exists()  # importing never writes a default
 
 
@@ -184,7 +184,7 @@ def test_set_default_survives_and_a_missing_default_is_an_error_not_a_fallback(t
     registry.import_model(_make_bundle(tmp_path / "other", name="aaa-other"))  # another import: the choice stays
     assert registry.default_model_name() == "tiny" and registry.resolve_model(None).name == "tiny"
     listing = runner.invoke(app, ["models", "list"]).output.splitlines()
-    assert any(line.startswith("* tiny\t") for line in listing) and any(line.startswith("  phantom-demo\t") for line in listing)
+    assert any(line.startswith("* tiny\t") for line in listing) and any(line.startswith("  phantom-demo-1.5mm\t") for line in listing)
 
     shutil.rmtree(user_dir / "tiny")  # the chosen default is gone: say so, never use another model
     for call in (registry.default_model_name, registry.resolve_model):
@@ -193,8 +193,8 @@ def test_set_default_survives_and_a_missing_default_is_an_error_not_a_fallback(t
     assert runner.invoke(app, ["models", "verify"]).exit_code == 1
 
     result = runner.invoke(app, ["models", "set-default", "--shipped"])
-    assert result.exit_code == 0 and "phantom-demo (the shipped one)" in result.output
-    assert not registry.default_model_file().exists() and registry.default_model_name() == "phantom-demo"
+    assert result.exit_code == 0 and "phantom-demo-1.5mm (the shipped one)" in result.output
+    assert not registry.default_model_file().exists() and registry.default_model_name() == "phantom-demo-1.5mm"
 
 
 def test_set_default_refuses_unknown_or_bad_models_and_reads_a_broken_choice_file_loudly(random_bundle_dir, tmp_path, user_dir):
@@ -223,7 +223,7 @@ def test_shipped_models_are_the_module_resources_beside_the_lib():
     root = registry.builtin_models_dir()
     assert root == Path(registry.__file__).resolve().parent.parent / "Resources" / "Models"
     assert root == REPO / "ContrastAmplifier" / "Resources" / "Models"
-    assert registry.shipped_default_name() == "phantom-demo"
+    assert registry.shipped_default_name() == "phantom-demo-1.5mm"
 
 
 def _lib_copy_lists(tmp_path: Path, models_at: list) -> str:
@@ -310,8 +310,9 @@ def test_models_are_listed_without_platformdirs_or_jsonschema(tmp_path):
     assert done.returncode == 0, done.stderr
     folder, listing, default = done.stdout.splitlines()
     assert Path(folder) == user_dir
-    assert listing.split(" | ") == ["mine:user:[0, 1]:[4.0, 4.0, 4.0]", "phantom-demo:builtin:[0, 1, 2, 3, 4]:[3.0, 3.0, 3.0]"]
-    assert default == "phantom-demo"
+    assert listing.split(" | ") == ["mine:user:[0, 1]:[4.0, 4.0, 4.0]", "phantom-demo-1.5mm:builtin:[0, 4]:[1.5, 1.5, 1.5]",
+                                   "phantom-demo:builtin:[0, 1, 2, 3, 4]:[3.0, 3.0, 3.0]"]
+    assert default == "phantom-demo-1.5mm"
 
 
 def test_read_entry_describes_a_bundle_from_plain_json(tmp_path):

@@ -348,7 +348,7 @@ def test_panel_lists_and_describes_models_without_platformdirs_or_jsonschema(tmp
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     default, info, quick = done.stdout.splitlines()
-    assert default == "phantom-demo" and "folds 0, 1, 2, 3, 4" in info and quick == "([0], 1)"
+    assert default == "phantom-demo-1.5mm" and info.startswith("phantom-demo-1.5mm ") and "folds 0, 4" in info and quick == "([0], 1)"
 
 
 # -- 7. Slicer 5.x conventions ------------------------------------------------------------------------
