@@ -25,6 +25,8 @@ from ContrastAmplifierLib.phantom_clinical import ClinicalOptions
 torch.set_num_threads(1)
 #: 2D T1c, 5.5 mm slices (2 mm in-plane at the 2 mm floor), tilted 18 degrees, cut at the skull base.
 SEED = 4244
+#: The 3 mm shipped demo (the default is the 1.5 mm one): the mapping and numbers below are its own.
+COARSE_DEMO = "phantom-demo"
 MODALITIES = ("t1", "flair", "adc", "t1c")
 
 
@@ -39,7 +41,7 @@ def case_dir(tmp_path_factory) -> Path:
 def amplified(case_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("clinical-pro") / "T1c-pro.nii.gz"
     result = amplify_case(**{m: case_dir / f"{m}.nii.gz" for m in MODALITIES}, out_path=out, device="cpu",
-                          folds=[0, 1], n_mirrorings=2, brain_mask=case_dir / "brain_mask.nii.gz", threads=2)
+                          bundle=COARSE_DEMO, folds=[0, 1], n_mirrorings=2, brain_mask=case_dir / "brain_mask.nii.gz", threads=2)
     return result, out
 
 
@@ -97,7 +99,7 @@ def test_t1c_pro_follows_the_t1c_storage(case_dir, amplified, tmp_path):
     t1c = read_image(case_dir / "t1c.nii.gz", "T1c")
     rescaled = sitk.Cast(t1c * 2.5 - 1700.0, sitk.sitkFloat32)
     again = amplify_case(**{m: case_dir / f"{m}.nii.gz" for m in MODALITIES[:3]}, t1c=rescaled, device="cpu",
-                         folds=[0, 1], n_mirrorings=2, brain_mask=case_dir / "brain_mask.nii.gz", threads=2)
+                         bundle=COARSE_DEMO, folds=[0, 1], n_mirrorings=2, brain_mask=case_dir / "brain_mask.nii.gz", threads=2)
     first = sitk.GetArrayFromImage(result.image).astype(np.float64)
     second = sitk.GetArrayFromImage(again.image).astype(np.float64)
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(case_dir / "brain_mask.nii.gz"))) > 0
