@@ -52,6 +52,9 @@ SLURM_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFI
 LOCAL_CONTROLLER_LOG = "local-controllers.log"
 #: Seconds between two looks at the fold folders while waiting.
 POLL_S = 1.0
+#: Seconds a job may take to exit once its fold has finished before waiting stops anyway (SLURM may report
+#: COMPLETING for a while; a local job exits within a second).
+END_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -418,6 +421,9 @@ def wait_for_folds(out_dir: Path, handles: Sequence[FoldHandle], epochs: int, pr
                    poll_s: float = POLL_S) -> dict[int, Optional[str]]:
     """Follow the fold jobs until each has ended; fold -> ``None`` (finished) or the job's error.
 
+    A job whose fold has finished is waited for until its process ends (so that ``status`` run
+    next says ENDED), at most :data:`END_GRACE_S` after the fold's ``done.json`` appeared.
+
     Every epoch a job finishes (its ``log.csv`` row) goes to ``on_epoch``; ``progress`` gets the
     share of all epochs done. ``cancel`` stops the waiting (the jobs are not touched).
     """
@@ -425,6 +431,7 @@ def wait_for_folds(out_dir: Path, handles: Sequence[FoldHandle], epochs: int, pr
     out_dir = Path(out_dir)
     shown = {h.fold: read_fold_status(fold_dir(out_dir, h.fold), h.fold).epochs_done for h in handles}
     outcome: dict[int, Optional[str]] = {}
+    finished_seen: dict[int, float] = {}
     while True:
         for handle in handles:
             if handle.fold in outcome:
@@ -435,8 +442,11 @@ def wait_for_folds(out_dir: Path, handles: Sequence[FoldHandle], epochs: int, pr
                     shown[handle.fold] = row["epoch"]
                     if on_epoch is not None:
                         on_epoch(row)
-            if ended or fold_finished(out_dir, handle.fold, epochs):
-                outcome[handle.fold] = None if fold_finished(out_dir, handle.fold, epochs) else handle.error()
+            finished = fold_finished(out_dir, handle.fold, epochs)
+            if finished:  # the job exits moments after its fold's done.json: wait for that, within a grace
+                finished_seen.setdefault(handle.fold, time.monotonic())
+            if ended or (finished and time.monotonic() - finished_seen[handle.fold] > END_GRACE_S):
+                outcome[handle.fold] = None if finished else handle.error()
         done = sum(min(shown[h.fold], epochs) for h in handles)
         progress("fit", done / max(1, epochs * len(handles)),
                  f"{len(outcome)}/{len(handles)} fold jobs ended; " + ", ".join(f"fold {h.fold} {shown[h.fold]}/{epochs}" for h in handles))
