@@ -26,11 +26,12 @@ def apply_umask(path: Union[str, os.PathLike], directory: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Union[str, os.PathLike], suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: Union[str, os.PathLike], suffix: str = "", mode: Optional[int] = None) -> Iterator[Path]:
     """Yield a hidden temporary path beside ``path`` to write to; when the block succeeds it gets a
-    plain file's permissions and is renamed onto ``path``, when it fails it is removed.
+    plain file's permissions (or ``mode``) and is renamed onto ``path``, when it fails it is removed.
 
-    ``suffix`` keeps the extension that format-sniffing writers need (``.nii.gz``).
+    ``suffix`` keeps the extension that format-sniffing writers need (``.nii.gz``); ``mode``
+    (permission bits) lets a rewritten file keep its own, already in place when it appears.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,16 +39,19 @@ def atomic_path(path: Union[str, os.PathLike], suffix: str = "") -> Iterator[Pat
     os.close(fd)
     try:
         yield Path(tmp)
-        apply_umask(tmp)
+        if mode is None:
+            apply_umask(tmp)
+        else:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_text_atomic(text: str, path: Union[str, os.PathLike]) -> Path:
-    """Atomically write a UTF-8 text file (JSON manifests, CSVs)."""
-    with atomic_path(path) as tmp:
+def write_text_atomic(text: str, path: Union[str, os.PathLike], mode: Optional[int] = None) -> Path:
+    """Atomically write a UTF-8 text file (JSON manifests, CSVs); ``mode``: as :func:`atomic_path`."""
+    with atomic_path(path, mode=mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 

@@ -200,9 +200,7 @@ def record_evaluation(folder: Union[str, Path], evaluated: Mapping[str, Any], en
                          "that bundle; nothing was recorded (the evaluation outputs are written): rerun the command.")
     updated = {**current, RECORD_KEY: merge_records(current.get(RECORD_KEY, []), entry)}
     validate_manifest(updated, str(manifest_path))
-    mode = stat.S_IMODE(manifest_path.stat().st_mode)
-    write_text_atomic(json.dumps(updated, indent=2) + "\n", manifest_path)
-    os.chmod(manifest_path, mode)
+    write_text_atomic(json.dumps(updated, indent=2) + "\n", manifest_path, mode=stat.S_IMODE(manifest_path.stat().st_mode))
     return manifest_path
 
 

@@ -22,6 +22,19 @@ def test_success_replaces_the_file_with_umask_permissions(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["notes.csv"]  # no temporary left
 
 
+def test_mode_keeps_a_rewritten_files_own_permissions(tmp_path):
+    """``mode``: the new file appears with the given bits (a rewrite keeps the old file's), whatever the umask."""
+    target = write_text_atomic("first\n", tmp_path / "bundle.json")
+    os.chmod(target, 0o664)
+    old = os.umask(0o077)
+    try:
+        write_text_atomic("second\n", target, mode=stat.S_IMODE(os.stat(target).st_mode))
+    finally:
+        os.umask(old)
+    assert target.read_text(encoding="utf-8") == "second\n" and stat.S_IMODE(os.stat(target).st_mode) == 0o664
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle.json"]
+
+
 def test_failure_keeps_the_old_file_and_removes_the_temporary(tmp_path):
     target = write_text_atomic("kept", tmp_path / "a.json")
     with pytest.raises(KeyboardInterrupt):
